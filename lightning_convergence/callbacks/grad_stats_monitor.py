@@ -1,0 +1,214 @@
+"""Log gradient norms and the gradient noise scale from any LightningModule, DDP and accumulation included."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.data import extract_batch_size
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_convergence import stats
+from lightning_convergence._metrics import log_metrics, should_log
+
+__all__ = ["GradientStatsMonitor"]
+
+_NORM_TYPES = ("l1", "l2")
+
+
+class GradientStatsMonitor(Callback):
+    """Log gradient norms and McCandlish et al.'s gradient noise scale every ``every_n_steps`` optimizer steps.
+
+    Paper: McCandlish, Kaplan, Amodei. *An Empirical Model of Large-Batch Training.* arXiv:1812.06162, 2018
+    (App. A: the unbiased two-batch-size estimator of ``B_simple = tr(Σ)/|G|²``).
+
+    How the two batch sizes arise without extra backward passes: a tensor hook on every parameter sees each
+    micro-batch's *local* gradient before DDP all-reduces it or accumulation sums it, and adds its squared norm up.
+    ``b_small`` is the per-device micro-batch, ``b_big`` the global batch (micro-batch × accumulation × world size)
+    whose gradient the optimizer sees. With one device and no accumulation the two coincide and no noise scale is
+    logged (use ``accumulate_grad_batches`` ≥ 2 or several devices).
+
+    Deviations: micro-batches of unequal size (a short last batch) are treated as if equal to their mean size, a
+    small bias on that one step. Norms are taken after AMP unscaling and before gradient clipping.
+
+    Args:
+        every_n_steps: measure and log every this many optimizer steps, ≥ 1. Default ``None``: the trainer's
+            ``log_every_n_steps``. Steps in between cost nothing (hooks return at once).
+        norm_types: which global gradient norms to log, a subset of ``("l1", "l2")``. Default both.
+        noise_scale: estimate the gradient noise scale. Default ``True``.
+        ema_beta: EMA factor for the noise-scale numerator and denominator, in [0, 1). Default ``0.9``: with one
+            measurement every few steps, 0.99 (gpt-neox's value) would react over thousands of steps.
+        log_per_item: also log each parameter's l2 norm as ``convergence/grad_stats/grad_l2_norm/<name>``.
+            Default ``False``.
+
+    State: the noise-scale EMAs, the count of skipped non-finite steps, and a ``version`` key.
+
+    Logs: ``convergence/grad_stats/grad_l2_norm``, ``convergence/grad_stats/grad_l1_norm``,
+    ``convergence/grad_stats/noise_scale`` (EMA), ``convergence/grad_stats/trace_cov``,
+    ``convergence/grad_stats/grad_sq_norm`` (the latest unbiased estimates), ``convergence/grad_stats/step_overhead_ms``,
+    ``convergence/grad_stats/nonfinite_skipped_total``, and with ``log_per_item``
+    ``convergence/grad_stats/grad_l2_norm/<param>``.
+
+    Raises:
+        ValueError: for ``every_n_steps`` < 1, an unknown norm type, or ``ema_beta`` outside [0, 1).
+
+    Example::
+
+        Trainer(callbacks=[GradientStatsMonitor(every_n_steps=10)], accumulate_grad_batches=4)
+    """
+
+    STATE_VERSION = 1
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        norm_types: tuple[str, ...] | list[str] = ("l1", "l2"),
+        noise_scale: bool = True,
+        ema_beta: float = 0.9,
+        log_per_item: bool = False,
+    ) -> None:
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(f"GradientStatsMonitor: `every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
+        bad = [t for t in norm_types if t not in _NORM_TYPES]
+        if bad:
+            raise ValueError(f"GradientStatsMonitor: `norm_types` entries must be in {_NORM_TYPES}, got {bad}.")
+        if not 0.0 <= float(ema_beta) < 1.0:
+            raise ValueError(f"GradientStatsMonitor: `ema_beta` must be in [0, 1), got {ema_beta}.")
+        self.every_n_steps = every_n_steps
+        self.norm_types = tuple(norm_types)
+        self.noise_scale = noise_scale
+        self.ema_beta = float(ema_beta)
+        self.log_per_item = log_per_item
+        self.tracker = stats.GradientNoiseScale(beta=self.ema_beta)
+        self.nonfinite_skipped_total = 0
+        self.last_metrics: dict[str, float] = {}
+        self._handles: list[Any] = []
+        self._capturing = False
+        self._local_sq: Tensor | None = None
+        self._micro_batches = 0
+        self._samples = 0
+        self._overhead_s = 0.0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, noise_scale=self.noise_scale)
+
+    # -- hooks ------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or not self.noise_scale or self._handles:
+            return
+        for p in pl_module.parameters():
+            if p.requires_grad:
+                self._handles.append(p.register_hook(self._capture))
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._capturing = self.noise_scale and should_log(trainer, self.every_n_steps)
+        if self._capturing:
+            self._samples += int(extract_batch_size(batch))
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._capturing:
+            self._micro_batches += 1
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not should_log(trainer, self.every_n_steps):
+            return
+        t0 = time.perf_counter()
+        grads = stats.grads_of(pl_module.parameters())
+        if not grads:
+            return
+        metrics: dict[str, float | Tensor] = {}
+        if not stats.all_finite(grads):
+            self.nonfinite_skipped_total += 1
+        else:
+            if "l2" in self.norm_types:
+                metrics["grad_l2_norm"] = stats.l2_norm(grads)
+            if "l1" in self.norm_types:
+                metrics["grad_l1_norm"] = stats.l1_norm(grads)
+            if self.log_per_item:
+                names = [n for n, p in pl_module.named_parameters() if p.grad is not None]
+                for name, norm in zip(names, stats.per_tensor_norms(grads, 2.0).tolist()):
+                    metrics[f"grad_l2_norm/{name}"] = norm
+            if self._capturing:
+                metrics.update(self._noise_metrics(trainer, grads))
+        self._reset_capture()
+        metrics["nonfinite_skipped_total"] = self.nonfinite_skipped_total
+        self._overhead_s += time.perf_counter() - t0
+        metrics["step_overhead_ms"] = 1e3 * self._overhead_s
+        self._overhead_s = 0.0
+        self.last_metrics = log_metrics(trainer, "grad_stats", metrics)
+
+    # -- internals --------------------------------------------------------------------------------------------
+    def _capture(self, grad: Tensor) -> Tensor:
+        """Tensor hook: add this micro-batch's local squared norm for one parameter (before any all-reduce)."""
+        if self._capturing:
+            t0 = time.perf_counter()
+            sq = grad.detach().float().pow(2).sum()
+            self._local_sq = sq if self._local_sq is None else self._local_sq + sq
+            self._overhead_s += time.perf_counter() - t0
+        return grad
+
+    def _noise_metrics(self, trainer: Trainer, grads: list[Tensor]) -> dict[str, float]:
+        if self._local_sq is None or self._micro_batches == 0:
+            return {}
+        world = trainer.world_size
+        n_micro = self._micro_batches
+        b_small = self._samples / n_micro
+        b_big = float(self._samples) * world
+        if b_big <= b_small:
+            return {}
+        # Lightning divides the loss by the accumulation factor, and AMP multiplies it by the loss scale.
+        factor = float(trainer.accumulate_grad_batches) / _grad_scale(trainer)
+        local = self._local_sq * factor**2 / n_micro
+        sq_small = trainer.strategy.reduce(local, reduce_op="mean") if world > 1 else local
+        est = stats.estimate_noise(sq_small, stats.sq_norm(grads), b_small, b_big)
+        ema = self.tracker.update(est)
+        return {"noise_scale": ema, "trace_cov": est.trace_cov, "grad_sq_norm": est.grad_sq_norm}
+
+    def _reset_capture(self) -> None:
+        self._local_sq = None
+        self._micro_batches = 0
+        self._samples = 0
+        self._capturing = False
+
+    # -- state ------------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.STATE_VERSION,
+            "tracker": self.tracker.state_dict(),
+            "nonfinite_skipped_total": self.nonfinite_skipped_total,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != self.STATE_VERSION:
+            raise RuntimeError(
+                f"GradientStatsMonitor: checkpoint state `version` {state_dict.get('version')!r} is not "
+                f"{self.STATE_VERSION}; it cannot be converted."
+            )
+        self.tracker.load_state_dict(state_dict["tracker"])
+        self.nonfinite_skipped_total = int(state_dict["nonfinite_skipped_total"])
+
+
+def _grad_scale(trainer: Trainer) -> float:
+    """The AMP loss scale in force for this step's backward passes (1 without a GradScaler)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())

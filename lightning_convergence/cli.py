@@ -1,0 +1,85 @@
+"""The ``lightning-convergence`` command: LightningCLI with W&B that never fails for lack of an API key."""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import WandbLogger
+
+import lightning_convergence  # noqa: F401  (registers strategy names before the config is parsed)
+
+__all__ = ["ConvergenceCLI", "main", "ensure_wandb_mode"]
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def ensure_wandb_mode() -> str:
+    """Set ``WANDB_MODE=offline`` when it is unset and no API key is configured; say so once.
+
+    The variable is inherited by DDP worker processes, so only the launching process prints the notice.
+    Returns the mode in force.
+    """
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    if _has_wandb_key():
+        return "online"
+    os.environ["WANDB_MODE"] = "offline"
+    print(
+        "lightning-convergence: no W&B API key found, logging to W&B offline "
+        "(set WANDB_MODE=online after `wandb login`, or sync later with `wandb sync <run dir>`).",
+        file=sys.stderr,
+    )
+    return "offline"
+
+
+class ConvergenceCLI(LightningCLI):
+    """LightningCLI that reports the final validation/test metrics and where each W&B run was written."""
+
+    def after_fit(self) -> None:
+        self._report("fit")
+
+    def after_validate(self) -> None:
+        self._report("validate")
+
+    def after_test(self) -> None:
+        self._report("test")
+
+    def _report(self, stage: str) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items()
+            if k.startswith(("val_", "test_")) and getattr(v, "numel", lambda: 1)() == 1
+        }
+        for key in sorted(metrics):
+            print(f"{_label(key)}: {metrics[key]:.4f}")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                run_dir = getattr(logger.experiment, "dir", None)
+                if run_dir:
+                    print(f"W&B run ({os.environ.get('WANDB_MODE', 'online')}) written to: {Path(run_dir).parent}")
+
+
+def _label(key: str) -> str:
+    """``val_acc`` -> ``validation accuracy``."""
+    words = {"val": "validation", "acc": "accuracy"}
+    return " ".join(words.get(w, w) for w in key.split("_"))
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``lightning-convergence`` and ``python -m lightning_convergence``."""
+    ensure_wandb_mode()
+    ConvergenceCLI(save_config_kwargs={"overwrite": True}, args=args)

@@ -1,0 +1,44 @@
+"""The single gradient-statistics core: norms, per-example variance, noise scale, batch-size tests.
+
+Imports torch only (never ``lightning``), so it is usable and testable outside a Trainer.
+"""
+
+from lightning_convergence.stats.noise_scale import (
+    BiasCorrectedEMA,
+    GradientNoiseScale,
+    NoiseEstimate,
+    estimate_noise,
+)
+from lightning_convergence.stats.norms import (
+    all_finite,
+    grads_of,
+    inner,
+    l1_norm,
+    l2_norm,
+    per_tensor_norms,
+    sq_norm,
+)
+from lightning_convergence.stats.variance import (
+    AllReduce,
+    SampleGradStats,
+    per_sample_grads,
+    sample_grad_stats,
+)
+
+__all__ = [
+    "AllReduce",
+    "BiasCorrectedEMA",
+    "GradientNoiseScale",
+    "NoiseEstimate",
+    "SampleGradStats",
+    "all_finite",
+    "estimate_noise",
+    "grads_of",
+    "inner",
+    "l1_norm",
+    "l2_norm",
+    "per_sample_grads",
+    "per_tensor_norms",
+    "sample_grad_stats",
+    "sq_norm",
+]

@@ -1,0 +1,29 @@
+"""Lightning strategies: thin adapters over the averaging, compression and federated cores.
+
+Each strategy module exposes ``register_strategies(registry)``; :func:`register_all` calls them once, when the
+package is imported. Lightning's registry raises on duplicate names, so registration checks first.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+__all__ = ["register_all", "register_strategy"]
+
+# Strategy modules that register names, in import order. Each later issue appends its module here.
+_STRATEGY_MODULES: tuple[str, ...] = ()
+
+
+def register_strategy(name: str, strategy_cls: type, description: str, **init_kwargs: object) -> None:
+    """Register ``name`` unless it already exists (importing twice, or another package owns it)."""
+    if name in StrategyRegistry:
+        return
+    StrategyRegistry.register(name, strategy_cls, description=description, **init_kwargs)
+
+
+def register_all() -> None:
+    """Import every strategy module and let it register its names."""
+    import importlib
+
+    for module in _STRATEGY_MODULES:
+        importlib.import_module(module).register_strategies()
