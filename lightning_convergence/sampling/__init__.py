@@ -1,0 +1,32 @@
+"""Budget allocation across data groups (GVM, Neyman, uniform, temperature/cooldown), per-group gradient statistics,
+importance weights and the distributed group-budget sampler. Torch only: no ``lightning`` import."""
+
+from lightning_convergence.sampling.allocation import (
+    POLICIES,
+    allocate_budget,
+    allocation_ratios,
+    cooldown_temperature,
+    gvm_scores,
+    integerize_preserve_sum,
+)
+from lightning_convergence.sampling.group_stats import GroupStats
+from lightning_convergence.sampling.sampler import GroupBudgetSampler
+from lightning_convergence.sampling.weights import (
+    effective_sample_size,
+    importance_weights,
+    weighted_estimator_variance,
+)
+
+__all__ = [
+    "POLICIES",
+    "GroupBudgetSampler",
+    "GroupStats",
+    "allocate_budget",
+    "allocation_ratios",
+    "cooldown_temperature",
+    "effective_sample_size",
+    "gvm_scores",
+    "importance_weights",
+    "integerize_preserve_sum",
+    "weighted_estimator_variance",
+]
