@@ -48,7 +48,8 @@ class GradientStatsMonitor(Callback):
 
     Logs: ``convergence/grad_stats/grad_l2_norm``, ``convergence/grad_stats/grad_l1_norm``,
     ``convergence/grad_stats/noise_scale`` (EMA), ``convergence/grad_stats/trace_cov``,
-    ``convergence/grad_stats/grad_sq_norm`` (the latest unbiased estimates), ``convergence/grad_stats/step_overhead_ms``,
+    ``convergence/grad_stats/grad_sq_norm`` (the latest unbiased estimates),
+    ``convergence/grad_stats/step_overhead_ms``,
     ``convergence/grad_stats/nonfinite_skipped_total``, and with ``log_per_item``
     ``convergence/grad_stats/grad_l2_norm/<param>``.
 
