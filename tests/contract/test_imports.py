@@ -25,7 +25,8 @@ def test_core_imports_with_lightning_blocked(module):
 def test_every_metric_key_follows_the_pattern():
     from lightning_convergence._metrics import metric_key
 
-    assert metric_key("grad_stats", "grad_l2_norm/layer.0.weight") == "convergence/grad_stats/grad_l2_norm/layer.0.weight"
+    key = metric_key("grad_stats", "grad_l2_norm/layer.0.weight")
+    assert key == "convergence/grad_stats/grad_l2_norm/layer.0.weight"
     with pytest.raises(ValueError, match="`part`"):
         metric_key("gradstats", "x")
     with pytest.raises(ValueError, match="`name`"):

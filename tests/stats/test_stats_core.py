@@ -91,7 +91,7 @@ def test_estimate_noise_is_unbiased_in_closed_form():
 
 
 def test_noise_scale_within_ten_percent_on_known_noise():
-    """Per-example gradients G + N(0, diag(s^2)): B_simple = sum(s^2)/|G|^2 is known; the EMA estimate lands within 10%."""
+    """Per-example gradients G + N(0, diag(s^2)): B_simple = sum(s^2)/|G|^2 is known; the estimate is within 10%."""
     gen = torch.Generator().manual_seed(1)
     d = 50
     G = torch.linspace(-1, 1, d)
