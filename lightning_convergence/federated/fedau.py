@@ -1,0 +1,127 @@
+"""FedAU: weight each participating client by its online-estimated mean participation interval ω_n (≈ 1/p_n)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from lightning_convergence.federated.base import ParamDict, ServerRule, weighted_sum
+
+__all__ = ["FedAU"]
+
+
+class FedAU(ServerRule):
+    """Round-based FedAvg with participation-interval weights: ``x ← x + η_g·(1/N)·Σ_{n∈S} ω_n·Δ_n``.
+
+    Paper:
+        Wang, Ji. *A Lightweight Method for Tackling Unknown Participation Statistics in Federated Averaging.*
+        ICLR 2024, arXiv:2306.03401 (Algorithm 1 with its online weight estimation).
+
+    Deviations:
+        None intended. Every round (closed when all expected participants reported, or by :meth:`close_round`),
+        each client's current interval grows by one; it closes when the client participates or reaches the cutoff
+        K, and ω_n is the running mean of the closed intervals (so ω_n → 1/p_n under Bernoulli(p_n) participation).
+        A participant whose update was lost counts as absent in that round.
+
+    Args:
+        num_clients: N, ≥ 1 (ids ``0..N-1``); the update divides by N, non-participants contribute 0.
+        cutoff_rounds: K, the longest interval counted, ≥ 1. Default ``50`` (bounds ω_n ≤ K for clients that
+            rarely or never participate; larger K is less biased but noisier).
+        server_lr: η_g, > 0. Default ``1.0``.
+
+    State:
+        Base state plus ω_n, the number of closed intervals M_n and the open interval length S_n per client, the
+        round's deltas and expected participants, and ``rounds_total``.
+
+    Logs:
+        Through the runner: ``convergence/fl/updates_applied_total``; ``convergence/fl/weight/client<n>`` with
+        ``log_per_item``.
+
+    Raises:
+        ValueError: for ``num_clients`` or ``cutoff_rounds`` < 1, or unknown ids in :meth:`begin_round`.
+
+    Example:
+        >>> import torch
+        >>> rule = FedAU(num_clients=2)
+        >>> rule.init_params({"w": torch.zeros(1)})
+        >>> rule.begin_round([0]); _ = rule.receive(0, {"w": torch.ones(1)}, 0)
+        >>> rule.params["w"].item()   # (1/N)·ω_0·Δ_0 with ω_0 = 1
+        0.5
+    """
+
+    name = "fedau"
+    synchronous = True
+
+    def __init__(self, num_clients: int, cutoff_rounds: int = 50, server_lr: float = 1.0) -> None:
+        super().__init__(server_lr=server_lr)
+        if not (isinstance(num_clients, int) and num_clients >= 1):
+            raise ValueError(f"FedAU: `num_clients` must be an int >= 1, got {num_clients!r}.")
+        if not (isinstance(cutoff_rounds, int) and cutoff_rounds >= 1):
+            raise ValueError(f"FedAU: `cutoff_rounds` must be an int >= 1, got {cutoff_rounds!r}.")
+        self.num_clients = num_clients
+        self.cutoff_rounds = cutoff_rounds
+        self.omega = [1.0] * num_clients
+        self.intervals = [0] * num_clients
+        self.open_interval = [0] * num_clients
+        self.rounds_total = 0
+        self.expected: set[int] = set(range(num_clients))
+        self.buffer: dict[int, ParamDict] = {}
+
+    def begin_round(self, participants: Iterable[int]) -> None:
+        ids = {int(i) for i in participants}
+        if any(not 0 <= i < self.num_clients for i in ids):
+            raise ValueError(f"FedAU: `participants` must be ids in [0, {self.num_clients}), got {ids}.")
+        self.expected = ids
+
+    def _admissible(self, client_id: int, staleness: int) -> bool:
+        return staleness == 0 and client_id in self.expected and client_id not in self.buffer
+
+    def _accept(self, client_id: int, delta: ParamDict, staleness: int, now: float) -> None:
+        self.buffer[client_id] = delta
+        if set(self.buffer) >= self.expected:
+            self._close()
+
+    def close_round(self, now: float = 0.0) -> bool:
+        self.advance(now)
+        changed = bool(self.buffer)
+        self._close()
+        return changed
+
+    def update_weights(self, participated: Iterable[int]) -> None:
+        """FedAU's online estimate, one round: grow every open interval; close it on participation or at K."""
+        part = set(participated)
+        for n in range(self.num_clients):
+            self.open_interval[n] += 1
+            if n in part or self.open_interval[n] >= self.cutoff_rounds:
+                m, s = self.intervals[n], self.open_interval[n]
+                self.omega[n] = float(s) if m == 0 else (m * self.omega[n] + s) / (m + 1)
+                self.intervals[n] = m + 1
+                self.open_interval[n] = 0
+
+    def _close(self) -> None:
+        self.update_weights(self.buffer)
+        self.rounds_total += 1
+        if self.buffer:
+            step = weighted_sum(self.buffer, {n: self.omega[n] / self.num_clients for n in self.buffer})
+            self._add_to_params(step, self.server_lr)
+            self._bump(len(self.buffer))
+        self.buffer.clear()
+        self.expected = set(range(self.num_clients))
+
+    def metrics(self, log_per_item: bool = False) -> dict[str, float]:
+        out = super().metrics(log_per_item)
+        if log_per_item:
+            out.update({f"weight/client{n}": w for n, w in enumerate(self.omega)})
+        return out
+
+    def _extra_state(self) -> dict:
+        return {"buffer": {i: {k: v.clone() for k, v in d.items()} for i, d in self.buffer.items()},
+                "expected": sorted(self.expected), "omega": list(self.omega), "intervals": list(self.intervals),
+                "open_interval": list(self.open_interval), "rounds_total": self.rounds_total}
+
+    def _load_extra_state(self, state: Mapping) -> None:
+        self.buffer = {int(i): dict(d) for i, d in state["buffer"].items()}
+        self.expected = {int(i) for i in state["expected"]}
+        self.omega = [float(w) for w in state["omega"]]
+        self.intervals = [int(m) for m in state["intervals"]]
+        self.open_interval = [int(s) for s in state["open_interval"]]
+        self.rounds_total = int(state["rounds_total"])
