@@ -1,5 +1,7 @@
 """Lightning callbacks: thin adapters that wire the cores to Trainer hooks."""
 
 from lightning_convergence.callbacks.grad_stats_monitor import GradientStatsMonitor
+from lightning_convergence.callbacks.schedule_free import ScheduleFreeModeSwitch
+from lightning_convergence.callbacks.schedule_refinement import ScheduleRefinement
 
-__all__ = ["GradientStatsMonitor"]
+__all__ = ["GradientStatsMonitor", "ScheduleFreeModeSwitch", "ScheduleRefinement"]

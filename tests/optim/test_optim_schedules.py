@@ -1,0 +1,132 @@
+"""Budget-aware schedules: closed forms at chosen steps, warm-up, reductions (UBA phi=2 == cosine), errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_convergence.optim import CosineDecay, LinearDecay, REXDecay, UBADecay, WSDSchedule
+
+
+def _opt(lr: float = 2.0) -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def _lrs(sched_cls, steps: int, lr: float = 2.0, **kw) -> list[float]:
+    opt = _opt(lr)
+    sched = sched_cls(opt, **kw)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_schedules_linear_closed_form():
+    lrs = _lrs(LinearDecay, 10, total_steps=10)
+    assert lrs == pytest.approx([2.0 * (1 - t / 10) for t in range(10)], rel=0, abs=1e-12)
+
+
+def test_schedules_linear_warmup_and_min_ratio():
+    lrs = _lrs(LinearDecay, 12, total_steps=10, warmup_steps=3, min_lr_ratio=0.1)
+    # warm-up (s+1)/(W+1) for s < W; then r + (1-r)(1 - (s-W)/(T-W)); past T the floor r.
+    expected = [2.0 * (s + 1) / 4 for s in range(3)]
+    expected += [2.0 * (0.1 + 0.9 * (1 - (s - 3) / 7)) for s in range(3, 10)]
+    expected += [2.0 * 0.1, 2.0 * 0.1]
+    assert lrs == pytest.approx(expected, rel=0, abs=1e-12)
+
+
+def test_schedules_cosine_matches_torch_closed_form():
+    # torch's CosineAnnealingLR closed form: eta_min + (eta_max - eta_min)(1 + cos(pi t / T_max)) / 2.
+    ours = _lrs(CosineDecay, 20, total_steps=20, min_lr_ratio=0.05)
+    ref = [0.1 + (2.0 - 0.1) * (1 + math.cos(math.pi * t / 20)) / 2 for t in range(20)]
+    assert ours == pytest.approx(ref, rel=0, abs=1e-12)
+
+
+def test_schedules_uba_phi2_is_cosine_exactly():
+    uba = _lrs(UBADecay, 25, total_steps=25, warmup_steps=4, phi=2.0)
+    cos = _lrs(CosineDecay, 25, total_steps=25, warmup_steps=4)
+    assert uba == pytest.approx(cos, rel=1e-15, abs=1e-15)  # identical formula up to float rounding
+
+
+@pytest.mark.parametrize(
+    ("phi", "table"),
+    [(0.5, [1, 0.959, 0.800, 0.407, 0.091]), (1.0, [1, 0.921, 0.667, 0.255, 0.048]),
+     (4.0, [1, 0.745, 0.333, 0.079, 0.012])],
+)
+def test_schedules_uba_matches_reference_table(phi, table):
+    # Values from ALGORITHMS.md section 3 (3 decimals) at t/T = 0, .25, .5, .75, .9.
+    lrs = _lrs(UBADecay, 100, lr=1.0, total_steps=100, phi=phi)
+    got = [lrs[t] for t in (0, 25, 50, 75, 90)]
+    assert got == pytest.approx(table, abs=6e-4)  # the table is rounded to 3 decimals
+
+
+def test_schedules_rex_closed_form():
+    lrs = _lrs(REXDecay, 8, lr=1.0, total_steps=8)
+    for t in (0, 2, 4, 7):
+        z = t / 8
+        assert lrs[t] == pytest.approx((1 - z) / (1 - z / 2), abs=1e-12)
+    assert lrs[4] == pytest.approx(0.5 / 0.75, abs=1e-12)  # hand value at z = 1/2: 2/3
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])
+def test_schedules_wsd_phases(shape):
+    # T=22, W=2: 20 post-warm-up steps, decay over the last 25% = 5 steps starting at step 2 + 15 = 17.
+    lrs = _lrs(WSDSchedule, 22, lr=1.0, total_steps=22, warmup_steps=2, decay_fraction=0.25, decay_shape=shape)
+    assert lrs[:2] == pytest.approx([1 / 3, 2 / 3])
+    assert lrs[2:18] == [1.0] * 16  # stable phase (u = 0 at step 17 gives exactly 1 too)
+    u = {18: 0.2, 20: 0.6, 21: 0.8}
+    f = {"linear": lambda x: 1 - x, "cosine": lambda x: (1 + math.cos(math.pi * x)) / 2,
+         "1-sqrt": lambda x: 1 - math.sqrt(x)}[shape]
+    for s, x in u.items():
+        assert lrs[s] == pytest.approx(f(x), abs=1e-9)
+
+
+def test_schedules_wsd_full_linear_is_linear_decay():
+    assert _lrs(WSDSchedule, 15, total_steps=15, decay_fraction=1.0, decay_shape="linear") == pytest.approx(
+        _lrs(LinearDecay, 15, total_steps=15), abs=1e-12)
+
+
+def test_schedules_state_dict_resume_continues_sequence():
+    full = _lrs(REXDecay, 30, total_steps=30, warmup_steps=5)
+    opt = _opt()
+    sched = REXDecay(opt, total_steps=30, warmup_steps=5)
+    for _ in range(13):
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    opt2 = _opt()
+    sched2 = REXDecay(opt2, total_steps=30, warmup_steps=5)
+    sched2.load_state_dict(state)
+    opt2.param_groups[0]["lr"] = sched2.get_last_lr()[0]  # what Lightning's optimizer-state restore does
+    rest = []
+    for _ in range(17):
+        rest.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert rest == full[13:]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"total_steps": 0}, "total_steps"), ({"total_steps": 10, "warmup_steps": 10}, "warmup_steps"),
+     ({"total_steps": 10, "min_lr_ratio": 1.5}, "min_lr_ratio")],
+)
+def test_schedules_errors_name_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        LinearDecay(_opt(), **kwargs)
+
+
+def test_schedules_subclass_errors():
+    with pytest.raises(ValueError, match="phi"):
+        UBADecay(_opt(), total_steps=10, phi=0.0)
+    with pytest.raises(ValueError, match="decay_fraction"):
+        WSDSchedule(_opt(), total_steps=10, decay_fraction=0.0)
+    with pytest.raises(ValueError, match="decay_shape"):
+        WSDSchedule(_opt(), total_steps=10, decay_shape="exp")
+    sched = LinearDecay(_opt(), total_steps=10)
+    with pytest.raises(RuntimeError, match="version"):
+        sched.load_state_dict({**sched.state_dict(), "version": 99})
