@@ -1,0 +1,159 @@
+"""The compressor interface: a tensor becomes a :class:`Payload` (what goes on the wire) and back.
+
+A compressor knows nothing about error feedback, and every feedback rule accepts any compressor. Class attributes
+tell a rule whether a compressor fits its theory:
+
+* ``unbiased``: ``E[C(x)] = x`` over the compressor's randomness.
+* ``alpha``: a contraction factor valid for every tensor size, ``||C(x) − x||² ≤ (1 − alpha)·||x||²`` (in
+  expectation for random compressors). ``0.0`` means "not a contraction" (or only a size-dependent one: see
+  :meth:`Compressor.contraction`).
+* ``summable``: payloads of different ranks can be summed entry-wise on the wire and the sum decompresses to the sum
+  of the decompressed tensors (the compressor is linear and its randomness is shared), so an all-reduce can carry
+  them. Otherwise the payloads are all-gathered and each rank decompresses every rank's payload.
+
+Randomness comes from a fresh ``torch.Generator`` seeded by ``(seed, step, key)`` (:func:`generator_for`): every
+rank draws alike for the same parameter and step, a resumed run replays the same draws, and the training's own
+global RNG is never touched (the idea of torch's PowerSGD hook).
+
+Imports torch only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Compressor", "Payload", "generator_for", "pack_bits", "unpack_bits", "check_fraction"]
+
+
+@dataclass
+class Payload:
+    """A compressed tensor.
+
+    Attributes:
+        tensors: the tensors that go on the wire, by name (their bytes are the message).
+        shape: shape of the tensor that was compressed.
+        dtype: dtype of the tensor that was compressed.
+        compressor: the compressor that decodes it (local, not sent).
+        meta: local-only data every rank can rebuild without communication (e.g. Rand-K's shared indices).
+    """
+
+    tensors: dict[str, Tensor]
+    shape: torch.Size
+    dtype: torch.dtype
+    compressor: Compressor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on the wire: the sum of the wire tensors' sizes (counted, not estimated)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n
+
+    def replace(self, tensors: dict[str, Tensor]) -> Payload:
+        """The same payload structure with other wire tensors (another rank's, or a reduced sum)."""
+        return Payload(tensors, self.shape, self.dtype, self.compressor, self.meta)
+
+    def decompress(self) -> Tensor:
+        return self.compressor.decompress(self)
+
+
+class Compressor:
+    """Base class: ``compress(tensor, step, key) -> Payload`` and ``decompress(payload) -> Tensor``.
+
+    Subclasses set the class attributes below, validate their arguments in ``__init__`` and keep no state that
+    changes during training (a stateful compressor, such as low-rank warm start, implements ``state_dict``).
+
+    Attributes:
+        unbiased: ``E[C(x)] = x``.
+        alpha: size-independent contraction factor in [0, 1] (``0.0``: none guaranteed).
+        summable: payloads may be summed by an all-reduce (linear, shared randomness).
+    """
+
+    unbiased: bool = False
+    alpha: float = 0.0
+    summable: bool = False
+
+    def compress(self, tensor: Tensor, step: int = 0, key: str = "") -> Payload:  # pragma: no cover - abstract
+        """Compress ``tensor`` at training ``step`` for the parameter named ``key`` (seeds random draws)."""
+        raise NotImplementedError
+
+    def decompress(self, payload: Payload) -> Tensor:  # pragma: no cover - abstract
+        """The dense tensor the payload stands for, in the payload's shape, dtype float32 or the input dtype."""
+        raise NotImplementedError
+
+    def contraction(self, numel: int) -> float:
+        """Contraction factor for a tensor of ``numel`` entries (at least :attr:`alpha`)."""
+        return self.alpha
+
+    def state_dict(self) -> dict[str, Any]:
+        """Training state (none for stateless compressors)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        skip = ("_", "alpha", "unbiased", "summable")
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith(skip))
+        return f"{type(self).__name__}({args})"
+
+
+def generator_for(seed: int, step: int, key: str = "", device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded by ``(seed, step, key)``: identical on every rank and process, independent of the global RNG.
+
+    A stable hash (not Python's salted ``hash``) mixes the three, so different parameters and steps get unrelated
+    streams.
+    """
+    digest = hashlib.blake2b(f"{int(seed)}:{int(step)}:{key}".encode(), digest_size=8).digest()
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return gen
+
+
+def check_fraction(owner: str, name: str, value: float) -> float:
+    """Validate a fraction in (0, 1] (accepting ints from YAML); raise naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: `{name}` must be a number in (0, 1], got {type(value).__name__} {value!r}.")
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{owner}: `{name}` must be in (0, 1], got {value}.")
+    return float(value)
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """Pack non-negative integer ``codes`` (< 2**bits, bits in {1, 2, 4, 8}) into a uint8 tensor, LSB first.
+
+    The last byte is zero-padded; :func:`unpack_bits` needs the count.
+    """
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"pack_bits: `bits` must be one of 1, 2, 4, 8, got {bits}.")
+    codes = codes.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return codes
+    per_byte = 8 // bits
+    pad = (-codes.numel()) % per_byte
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    codes = codes.view(-1, per_byte).to(torch.int32)
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    return (codes << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: the first ``count`` codes as int64."""
+    if bits == 8:
+        return packed.reshape(-1)[:count].to(torch.int64)
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(-1)[:count].to(torch.int64)

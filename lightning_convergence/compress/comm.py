@@ -1,0 +1,98 @@
+"""Average payloads across workers: summable ones by one all-reduce, the rest by one all-gather of their bytes.
+
+The collectives are passed in as callables (``all_reduce_sum(t) -> t``, ``all_gather(t) -> [t_0, ..., t_{W-1}]``),
+so tests can use fakes and the same code runs under a DDP comm hook on gloo or NCCL
+(:func:`dist_collectives` builds the real ones). Every payload of one call must have the same wire size on every
+rank (true for every compressor here: sizes depend only on the tensor's size).
+
+Imports torch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_convergence.compress.base import Payload
+
+__all__ = ["average_payloads", "dist_collectives", "AllReduce", "AllGather"]
+
+AllReduce = Callable[[Tensor], Tensor]
+AllGather = Callable[[Tensor], list[Tensor]]
+
+
+def dist_collectives(group: object = None) -> tuple[AllReduce, AllGather]:
+    """Blocking ``torch.distributed`` all-reduce (sum) and all-gather over ``group`` (works on gloo and NCCL)."""
+
+    def all_reduce(t: Tensor) -> Tensor:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t
+
+    def all_gather(t: Tensor) -> list[Tensor]:
+        out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, t, group=group)
+        return out
+
+    return all_reduce, all_gather
+
+
+def _to_bytes(payloads: Sequence[Payload]) -> Tensor:
+    parts = [t.detach().reshape(-1).contiguous().view(torch.uint8) for p in payloads for t in p.tensors.values()]
+    return torch.cat(parts)
+
+
+def _from_bytes(blob: Tensor, template: Payload, offset: int) -> tuple[Payload, int]:
+    tensors = {}
+    for name, t in template.tensors.items():
+        nb = t.numel() * t.element_size()
+        tensors[name] = blob[offset : offset + nb].clone().view(t.dtype).reshape(t.shape)
+        offset += nb
+    return template.replace(tensors), offset
+
+
+def average_payloads(
+    payloads: Sequence[Payload], world_size: int, all_reduce: AllReduce | None, all_gather: AllGather | None,
+    rank: int = 0,
+) -> list[Tensor]:
+    """``(1/W) Σ_r decompress(payload_r)`` for each payload position, in float32.
+
+    Summable payloads (all their wire tensors must share one floating dtype) go into one all-reduce; the others are
+    concatenated as bytes into one all-gather and every rank's payload is decompressed locally.
+    """
+    out: list[Tensor | None] = [None] * len(payloads)
+    summ = [i for i, p in enumerate(payloads) if p.compressor.summable]
+    gath = [i for i, p in enumerate(payloads) if not p.compressor.summable]
+    if summ:
+        parts = [t.reshape(-1) for i in summ for t in payloads[i].tensors.values()]
+        if len({t.dtype for t in parts}) != 1 or not parts[0].is_floating_point():
+            raise RuntimeError("average_payloads: summable payloads must share one floating dtype.")
+        flat = torch.cat(parts)
+        if world_size > 1:
+            flat = all_reduce(flat)  # type: ignore[misc]
+        flat = flat / world_size
+        offset = 0
+        for i in summ:
+            tensors = {}
+            for name, t in payloads[i].tensors.items():
+                tensors[name] = flat[offset : offset + t.numel()].reshape(t.shape)
+                offset += t.numel()
+            out[i] = payloads[i].replace(tensors).decompress().float()
+    if gath:
+        mine = [payloads[i] for i in gath]
+        blobs = all_gather(_to_bytes(mine)) if world_size > 1 else [None]  # type: ignore[misc]
+        for i in gath:
+            out[i] = payloads[i].decompress().float().clone()
+        for r, blob in enumerate(blobs):
+            if r == rank or blob is None:
+                continue
+            offset = 0
+            for j, i in enumerate(gath):
+                theirs, offset = _from_bytes(blob, mine[j], offset)
+                out[i].add_(theirs.decompress().float())  # type: ignore[union-attr]
+        if world_size > 1:
+            for i in gath:
+                out[i].div_(world_size)  # type: ignore[union-attr]
+    return out  # type: ignore[return-value]

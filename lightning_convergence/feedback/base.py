@@ -1,0 +1,179 @@
+"""What every error-feedback rule shares: the rule interface, state (de)serialisation and non-finite handling.
+
+A rule turns one worker's gradient for one parameter into a compressed message (:meth:`FeedbackRule.message`) and
+turns the average of all workers' decompressed messages into the gradient the optimizer uses
+(:meth:`FeedbackRule.update`). State is keyed by parameter *name*, never by DDP bucket index, so it survives bucket
+rebuilds and resumes with other bucket sizes. Communication is not done here: the caller averages the messages
+(a DDP comm hook, or a fake all-reduce in tests).
+
+Non-finite gradients: a parameter whose local gradient holds NaN/inf sends an all-zero message of the usual shape
+(so collectives still match across ranks), leaves its state untouched and is counted in
+``nonfinite_skipped_total``.
+
+Imports torch only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_convergence.compress.base import Compressor, Payload
+from lightning_convergence.compress.identity import Identity
+from lightning_convergence.stats import all_finite, sq_norm
+
+__all__ = ["FeedbackRule", "NoFeedback", "FEEDBACK_STATE_VERSION", "DENSE", "check_eta"]
+
+FEEDBACK_STATE_VERSION = 1
+DENSE = Identity()  # the codec of uncompressed first-step messages
+
+
+def check_eta(owner: str, name: str, value: float, low_open: bool) -> float:
+    """Validate a factor in (0, 1] (``low_open``) or [0, 1]; accept ints from YAML; raise naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: `{name}` must be a number, got {type(value).__name__} {value!r}.")
+    v = float(value)
+    ok = (0.0 < v <= 1.0) if low_open else (0.0 <= v <= 1.0)
+    if not ok:
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise ValueError(f"{owner}: `{name}` must be in {interval}, got {value}.")
+    return v
+
+
+def get_buffer(buffers: dict[str, Tensor], key: str, like: Tensor) -> Tensor | None:
+    """``buffers[key]`` moved to ``like``'s device and dtype once (state loaded from a checkpoint sits on CPU)."""
+    buf = buffers.get(key)
+    if buf is not None and (buf.device != like.device or buf.dtype != like.dtype):
+        buf = buffers[key] = buf.to(device=like.device, dtype=like.dtype)
+    return buf
+
+
+def zero_message(compressor: Compressor, like: Tensor, step: int, key: str, dense: bool) -> Payload:
+    """A message that decompresses to zero with the same wire structure as a real one."""
+    return (DENSE if dense else compressor).compress(torch.zeros_like(like), step, key)
+
+
+class FeedbackRule:
+    """Base class of the rules. Subclasses define ``name``, the buffers they keep and ``_message``/``update``.
+
+    Attributes:
+        name: registered short name (``"ef21"``, ...).
+        buffer_names: names of the per-parameter tensor dicts in the state.
+        needs_contraction: the rule's theory assumes a contractive compressor (``alpha > 0``).
+    """
+
+    name = "base"
+    buffer_names: tuple[str, ...] = ()
+    needs_contraction = True
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, dict[str, Tensor]] = {b: {} for b in self.buffer_names}
+        self.steps: dict[str, int] = {}
+        self.residual_sq: dict[str, Tensor] = {}
+        self.nonfinite_skipped_total = 0
+
+    # -- the two steps -------------------------------------------------------------------------------------------
+    def message(self, key: str, grad: Tensor, compressor: Compressor, finite: bool | None = None) -> Payload:
+        """This worker's message for parameter ``key`` (updates the worker-side state)."""
+        x = grad.detach().to(torch.float32)
+        step = self.steps.get(key, 0)
+        self.steps[key] = step + 1
+        if finite is None:
+            finite = all_finite([x])
+        if not finite:
+            self.nonfinite_skipped_total += 1
+            return self._skip(key, x, compressor, step)
+        return self._message(key, x, compressor, step)
+
+    def update(self, key: str, mean: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The gradient estimate for ``key`` given the average of all workers' decompressed messages."""
+        raise NotImplementedError
+
+    def _message(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:  # pragma: no cover
+        raise NotImplementedError
+
+    def _skip(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:
+        return zero_message(compressor, x, step, key, dense=False)
+
+    # -- diagnostics ---------------------------------------------------------------------------------------------
+    def residual_sq_total(self) -> Tensor:
+        """Sum over parameters of this worker's squared error-state norm (see each rule's ``State:``)."""
+        if not self.residual_sq:
+            return torch.zeros(())
+        vals = list(self.residual_sq.values())
+        return torch.stack([v.to(vals[0].device) for v in vals]).sum()
+
+    def _set_residual(self, key: str, tensor: Tensor) -> None:
+        self.residual_sq[key] = sq_norm([tensor])
+
+    def check_compressor(self, compressor: Compressor) -> None:
+        """Warn when ``compressor`` does not fit the rule's theory (not contractive)."""
+        if self.needs_contraction and compressor.contraction(1_000_000) <= 0.0:
+            warnings.warn(
+                f"{type(self).__name__}: `compressor` {compressor!r} is not a contraction (alpha = 0), which this "
+                "rule's theory assumes; it may diverge. Use a contractive compressor (TopK, RandK(rescale=False), "
+                "ScaledSign) or `feedback='none'` for unbiased ones.",
+                stacklevel=3,
+            )
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def hparams(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and Python scalars only (``torch.load(weights_only=True)`` can read it)."""
+        return {
+            "version": FEEDBACK_STATE_VERSION,
+            "rule": self.name,
+            "hparams": self.hparams(),
+            "steps": dict(self.steps),
+            "nonfinite_skipped_total": self.nonfinite_skipped_total,
+            "buffers": {b: {k: v.detach().clone() for k, v in d.items()} for b, d in self.buffers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore training state; hyperparameters stay as configured (a warning names any that differ).
+
+        Raises:
+            RuntimeError: for an unknown ``version`` or a state written by another rule.
+        """
+        owner = type(self).__name__
+        if state.get("version") != FEEDBACK_STATE_VERSION:
+            raise RuntimeError(f"{owner}: feedback state `version` {state.get('version')!r} is not supported.")
+        if state.get("rule") != self.name:
+            raise RuntimeError(f"{owner}: checkpoint holds state of rule {state.get('rule')!r}, not {self.name!r}.")
+        for field, old in state.get("hparams", {}).items():
+            new = self.hparams().get(field)
+            if new != old:
+                warnings.warn(f"{owner}: `{field}` is {new!r} now but was {old!r} in the checkpoint.", stacklevel=2)
+        self.steps = {k: int(v) for k, v in state["steps"].items()}
+        self.nonfinite_skipped_total = int(state["nonfinite_skipped_total"])
+        for b in self.buffer_names:
+            self.buffers[b] = {k: v.clone() for k, v in state["buffers"].get(b, {}).items()}
+        self.residual_sq = {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+        return f"{type(self).__name__}({args})"
+
+
+class NoFeedback(FeedbackRule):
+    """Compressed averaging without error feedback: ``g = (1/n) Σ_i C(∇f_i)``.
+
+    The baseline the feedback rules are measured against. Converges with unbiased compressors (Rand-K with
+    rescaling, QSGD) at a higher variance; with biased ones (Top-K, sign) it generally does not reach the optimum.
+
+    Args: none.  State: step counts only.  Example: ``CompressedDDPStrategy(feedback="none", compressor=QSGD())``
+    """
+
+    name = "none"
+    needs_contraction = False
+
+    def _message(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:
+        return compressor.compress(x, step, key)
+
+    def update(self, key: str, mean: Tensor) -> Tensor:
+        return mean

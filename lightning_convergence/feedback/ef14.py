@@ -1,0 +1,58 @@
+"""Classic error feedback (error accumulation): compress the gradient plus the error left over so far."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_convergence.compress.base import Compressor, Payload
+from lightning_convergence.feedback.base import FeedbackRule, get_buffer
+
+__all__ = ["EF14", "ef14_worker_step"]
+
+
+def ef14_worker_step(
+    e: dict[str, Tensor], key: str, grad: Tensor, compressor: Compressor, step: int
+) -> tuple[Payload, Tensor]:
+    """Worker ``i``: ``p = ∇f_i + e_i``, ``c_i = C(p)``, ``e_i ← p − c_i``. Returns the message and the new ``e_i``."""
+    old = get_buffer(e, key, grad)
+    p = grad if old is None else grad + old
+    payload = compressor.compress(p, step, key)
+    e[key] = p - payload.decompress().reshape(grad.shape).to(grad.dtype)
+    return payload, e[key]
+
+
+class EF14(FeedbackRule):
+    """Classic error feedback: every worker adds its accumulated compression error before compressing.
+
+    Papers: Seide, Fu, Droppo, Li, Yu. *1-Bit Stochastic Gradient Descent and its Application to Data-Parallel
+    Distributed Training of Speech DNNs.* Interspeech 2014 (the "EF14" of the EF21 paper); analysed by Stich,
+    Cordonnier, Jaggi, NeurIPS 2018 (arXiv:1809.07599) and Karimireddy et al., ICML 2019 (arXiv:1901.09847)::
+
+        p_i = ∇f_i(x) + e_i;   c_i = C(p_i);   e_i ← p_i − c_i;   x ← x − γ (1/n) Σ_i c_i
+
+    Deviations: the error is kept in gradient units (like torch's PowerSGD hook), not multiplied by the learning
+    rate as in Karimireddy et al. (``p = γ g + e``). The two agree for a constant learning rate; under a schedule
+    the stored error is re-scaled implicitly by the new rate. Minibatch gradients replace ``∇f_i``.
+
+    Args: none (the compressor is the only choice).
+
+    State: per-parameter error ``e_i`` (buffer ``e``) by parameter name, step counts, the non-finite skip count, a
+    ``version`` key. The logged residual is ``||e_i||²``.
+
+    Example::
+
+        CompressedDDPStrategy(feedback=EF14(), compressor=ScaledSign())
+    """
+
+    name = "ef14"
+    buffer_names = ("e",)
+
+    def _message(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:
+        payload, e = ef14_worker_step(self.buffers["e"], key, x, compressor, step)
+        self._set_residual(key, e)
+        return payload
+
+    def update(self, key: str, mean: Tensor) -> Tensor:
+        return mean
+
+
