@@ -11,7 +11,10 @@ from lightning.pytorch.strategies import StrategyRegistry
 __all__ = ["register_all", "register_strategy"]
 
 # Strategy modules that register names, in import order. Each later issue appends its module here.
-_STRATEGY_MODULES: tuple[str, ...] = ("lightning_convergence.strategies.compressed_ddp",)
+_STRATEGY_MODULES: tuple[str, ...] = (
+    "lightning_convergence.strategies.compressed_ddp",
+    "lightning_convergence.strategies.local_sgd",
+)
 
 
 def register_strategy(name: str, strategy_cls: type, description: str, **init_kwargs: object) -> None:

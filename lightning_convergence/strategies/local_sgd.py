@@ -1,0 +1,414 @@
+"""``LocalSGDStrategy``: every rank trains H steps on its own, then the replicas meet through a pluggable outer step.
+
+The adapter holds no math: the outer steps live in :mod:`lightning_convergence.averaging` and the schedules in
+:mod:`lightning_convergence.averaging.schedules`. Decision on DDP: the module is **not** wrapped in
+``DistributedDataParallel`` (no reducer, no gradient buckets): gradients are never all-reduced during the local phase,
+and during a DDP warm-up (``schedule.start_step``) this strategy all-reduces the gradients itself in
+``post_backward`` (one flat buffer, mean). Initial parameters and buffers are broadcast from rank 0 at setup, as
+DDP's constructor would.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_convergence._metrics import log_metrics
+from lightning_convergence._rank_state import PerRankStateMixin
+from lightning_convergence.averaging import OUTER_STEPS
+from lightning_convergence.averaging.base import (
+    Communicator,
+    OuterStep,
+    SyncStats,
+    TorchDistCommunicator,
+    allreduce_bytes,
+    flatten,
+    unflatten_into,
+)
+from lightning_convergence.averaging.diloco import DiLoCo
+from lightning_convergence.averaging.periodic import PeriodicAveraging
+from lightning_convergence.averaging.schedules import FixedPeriod, SyncSchedule
+
+__all__ = ["LocalSGDStrategy", "register_strategies"]
+
+_OPTIMIZER_STATE = ("keep", "average", "reset")
+_REJECTED_KWARGS = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
+STATE_VERSION = 1
+
+
+class _SingleProcess(Communicator):
+    """World size 1 (no process group): every mean is the tensor itself."""
+
+    def all_reduce_mean_(self, tensor: Tensor) -> None:
+        return None
+
+    def all_reduce_mean_async(self, tensor: Tensor) -> Any:
+        class _Done:
+            def wait(self) -> Tensor:
+                return tensor
+
+        return _Done()
+
+    def exchange(self, tensor: Tensor, peer: int) -> Tensor:  # pragma: no cover - never paired alone
+        return tensor
+
+
+def _resolve_outer(outer: str | OuterStep) -> OuterStep:
+    if isinstance(outer, OuterStep):
+        return outer
+    if isinstance(outer, str):
+        if outer in OUTER_STEPS:
+            return OUTER_STEPS[outer]()
+        if "." in outer:
+            module, _, name = outer.rpartition(".")
+            cls = getattr(importlib.import_module(module), name)
+            if isinstance(cls, type) and issubclass(cls, OuterStep):
+                return cls()
+        raise ValueError(
+            f"LocalSGDStrategy: `outer` must be one of {sorted(OUTER_STEPS)}, a dotted path to an OuterStep "
+            f"subclass, or an OuterStep instance, got {outer!r}."
+        )
+    raise TypeError(f"LocalSGDStrategy: `outer` must be a str or an OuterStep, got {type(outer).__name__}.")
+
+
+class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
+    """Local SGD on Lightning: H local optimizer steps per rank, then an outer step (average, DiLoCo, NoLoCo, CO2).
+
+    Papers: Stich, *Local SGD Converges Fast and Communicates Little*, ICLR 2019, arXiv:1805.09767; Lin, Stich,
+    Patel, Jaggi, *Don't Use Large Mini-Batches, Use Local SGD*, ICLR 2020, arXiv:1808.07217 (post-local SGD);
+    Douillard et al., *DiLoCo*, arXiv:2311.08105; Kolehmainen et al., *NoLoCo*, arXiv:2506.10911; Sun et al., *CO2*,
+    ICLR 2024, arXiv:2401.16265; *A Single Merging Suffices* (2025) for the late-merging schedules.
+
+    Every rank runs the user's optimizer on its own shard with no gradient all-reduce; after the optimizer steps
+    where ``schedule.should_sync(step)`` is true, the ``outer`` step mixes the replicas. Validation runs on the mean
+    of the replicas (swapped in for the evaluation loop, then swapped back), and checkpoints' ``state_dict`` holds
+    that mean, while each rank's own replica, optimizer state, outer state and counters go into the checkpoint per
+    rank (:class:`PerRankStateMixin`), so a resume mid-round continues exactly. At the end of ``fit`` the replicas
+    are merged (plain mean; CO2 first applies what is in flight) unless ``final_merge=False``.
+
+    Deviations: the module is not wrapped in ``DistributedDataParallel`` (see the module docstring); the DDP warm-up
+    all-reduces gradients after each backward (same mean as DDP, no bucketing or overlap). The final merge is a plain
+    average (not an outer step). Logging a round costs one extra 8-byte all-reduce of two scalars (also for NoLoCo,
+    whose sync itself uses point-to-point only); validation's averaging all-reduce is not counted in
+    ``bytes_sent_total`` (it is not training communication).
+
+    Args:
+        outer: the outer step: ``"average"`` (:class:`~lightning_convergence.averaging.PeriodicAveraging`),
+            ``"diloco"``, ``"noloco"``, ``"co2"`` (defaults of each class), a dotted path to an ``OuterStep``
+            subclass, or an instance (``class_path`` in YAML). Default ``"average"``.
+        schedule: an int H (:class:`~lightning_convergence.averaging.FixedPeriod` with that period) or a
+            :class:`~lightning_convergence.averaging.SyncSchedule` (``FixedPeriod(period, start_step)`` for post-local
+            SGD, ``IncreasingFrequency``, ``SingleFinalMerge``). Default 8.
+        sync_buffers: average floating-point buffers (BatchNorm running statistics) at every sync with the same
+            pattern as the parameters (NoLoCo: with the partner). Default ``True``. Integer buffers are left alone.
+        optimizer_state: what happens to the inner optimizer's state at a sync: ``"keep"`` (default; DiLoCo and NoLoCo
+            keep it), ``"average"`` (floating-point state tensors such as Adam moments are averaged like the
+            parameters; ``step`` counters are left alone) or ``"reset"`` (cleared).
+        final_merge: merge the replicas at the end of ``fit``. Default ``True``.
+        average_for_eval: validate on the mean of the replicas. Default ``True``; ``False`` validates each rank's
+            own replica (Lightning then reduces the metrics across ranks).
+        **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``start_method``, ``timeout``,
+            ``process_group_backend``...). DDP communication hooks are rejected.
+
+    State (per rank): ``step``, ``sync_rounds_total``, ``bytes_sent_total``, ``nonfinite_skipped_total``, the outer
+    step's ``state_dict``, this rank's parameters and float buffers (flat), the inner optimizer's ``state_dict``,
+    ``version``.
+
+    Logs: ``convergence/local_sgd/sync_rounds_total``, ``convergence/local_sgd/bytes_sent_total`` (payload bytes of
+    all ranks together: ring all-reduce ``2·(W−1)·n``, point-to-point the sum sent; warm-up gradient all-reduces
+    included), ``convergence/local_sgd/pseudo_grad_norm``, ``convergence/local_sgd/replica_divergence`` (root mean
+    over ranks of ``||θ_i − θ̄||²`` before mixing, θ̄ the mean the round averages over: all ranks, or the NoLoCo pair),
+    ``convergence/local_sgd/nonfinite_skipped_total``; at sync rounds, at most every ``log_every_n_steps``.
+
+    Raises:
+        ValueError: unknown ``outer`` or ``optimizer_state``; a DDP comm hook or ``model_averaging_period`` given.
+        TypeError: ``outer`` or ``schedule`` of the wrong type.
+        RuntimeError: more than one optimizer (at setup).
+
+    Example:
+        >>> from lightning_convergence.averaging import DiLoCo, FixedPeriod
+        >>> strategy = LocalSGDStrategy(outer=DiLoCo(lr=0.7, momentum=0.9), schedule=FixedPeriod(period=32))
+        >>> # Trainer(accelerator="cpu", devices=2, strategy=strategy)   or   Trainer(strategy="diloco")
+    """
+
+    rank_state_key = "convergence/local_sgd"
+
+    def __init__(
+        self,
+        outer: str | OuterStep = "average",
+        schedule: int | SyncSchedule = 8,
+        sync_buffers: bool = True,
+        optimizer_state: str = "keep",
+        final_merge: bool = True,
+        average_for_eval: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        for key in _REJECTED_KWARGS:
+            if kwargs.get(key) is not None:
+                raise ValueError(
+                    f"LocalSGDStrategy: `{key}` is not supported (there is no DDP reducer: the local phase sends no "
+                    "gradients); use `schedule` and `outer` instead."
+                )
+        self.outer = _resolve_outer(outer)
+        if isinstance(schedule, bool) or not isinstance(schedule, (int, SyncSchedule)):
+            raise TypeError(
+                f"LocalSGDStrategy: `schedule` must be an int or a SyncSchedule, got {type(schedule).__name__}."
+            )
+        self.schedule = FixedPeriod(period=schedule) if isinstance(schedule, int) else schedule
+        if optimizer_state not in _OPTIMIZER_STATE:
+            raise ValueError(
+                f"LocalSGDStrategy: `optimizer_state` must be one of {_OPTIMIZER_STATE}, got {optimizer_state!r}."
+            )
+        super().__init__(**kwargs)
+        self.sync_buffers = bool(sync_buffers)
+        self.optimizer_state = optimizer_state
+        self.final_merge = bool(final_merge)
+        self.average_for_eval = bool(average_for_eval)
+        self._params: list[Tensor] | None = None
+        self._buffers: list[Tensor] = []
+        self._comm: Communicator | None = None
+        self._eval_backup: tuple[Tensor, Tensor] | None = None
+        self._in_sync = True  # replicas known to be identical (no averaging needed for eval/checkpoints)
+        self._step = 0
+        self._rounds = 0
+        self._bytes = 0
+        self._skipped = 0
+        self._last_log_step = -math.inf
+
+    # ------------------------------------------------------------------ wiring
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:  # type: ignore[override]
+        return model  # no DDP wrapper: the local phase must not all-reduce gradients
+
+    def _register_ddp_hooks(self) -> None:
+        return None
+
+    def setup(self, trainer: Any) -> None:
+        super().setup(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if len(self.optimizers) != 1:
+            raise RuntimeError(f"LocalSGDStrategy: needs exactly one optimizer, got {len(self.optimizers)}.")
+        module = self.lightning_module
+        distributed = dist.is_available() and dist.is_initialized()
+        self._comm = TorchDistCommunicator() if distributed else _SingleProcess()
+        if distributed and self._comm.world_size > 1:
+            with torch.no_grad():
+                for t in list(module.parameters()) + list(module.buffers()):
+                    dist.broadcast(t.data, src=0)
+        self._params = list(module.parameters())
+        self._buffers = [b for b in module.buffers() if b.is_floating_point()]
+        self.outer.init_state(self._params)
+        self._in_sync = True
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.apply_pending_rank_state()
+
+    @property
+    def _world(self) -> int:
+        return 1 if self._comm is None else self._comm.world_size
+
+    # ------------------------------------------------------------------ training
+    def post_backward(self, closure_loss: Tensor) -> None:
+        super().post_backward(closure_loss)
+        if self._params is None or self._world == 1 or not self.schedule.in_warmup(self._step):
+            return
+        grads = [p.grad for p in self._params if p.grad is not None]
+        flat = flatten(grads, dtype=None)
+        self._comm.all_reduce_mean_(flat)  # type: ignore[union-attr]
+        unflatten_into(flat, grads)
+        self._bytes += allreduce_bytes(flat.numel() * flat.element_size(), self._world)
+
+    def optimizer_step(
+        self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any
+    ) -> Any:
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._params is None:
+            return out
+        self._step += 1
+        if self.schedule.in_warmup(self._step - 1):  # that was a DDP step: replicas stay identical
+            if not self.schedule.in_warmup(self._step):
+                self.outer.init_state(self._params)  # the local phase starts from here
+            return out
+        self._in_sync = False
+        if self.schedule.should_sync(self._step):
+            self._sync_round()
+        return out
+
+    def _sync_round(self) -> None:
+        assert self._params is not None and self._comm is not None
+        stats = self.outer.sync(self._params, self._comm, self._step)
+        extra = self._mix_extras()
+        self._rounds += 1
+        self._bytes += stats.bytes_sent + extra
+        self._skipped += int(stats.skipped)
+        self._in_sync = isinstance(self.outer, (PeriodicAveraging, DiLoCo))
+        self._maybe_log(stats)
+
+    def _optimizer_state_tensors(self) -> list[Tensor]:
+        optimizer = self.optimizers[0]
+        out = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                out += [v for k, v in sorted(state.items()) if k != "step" and torch.is_tensor(v)
+                        and v.is_floating_point()]
+        return out
+
+    def _mix_extras(self) -> int:
+        """Average float buffers and (optionally) optimizer state like the parameters; reset state if asked."""
+        assert self._comm is not None
+        sent = 0
+        groups = [self._buffers] if self.sync_buffers and self._buffers else []
+        if self.optimizer_state == "average":
+            groups.append(self._optimizer_state_tensors())
+        elif self.optimizer_state == "reset":
+            self.optimizers[0].state.clear()
+        for tensors in groups:
+            if tensors:
+                flat = flatten(tensors, dtype=None)
+                sent += self.outer.average_(flat, self._comm, self._step)
+                unflatten_into(flat, tensors)
+        return sent
+
+    def _maybe_log(self, stats: SyncStats) -> None:
+        trainer = self.lightning_module.trainer
+        every = max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
+        if self._step - self._last_log_step < every:
+            return
+        self._last_log_step = self._step
+        vals = torch.stack([stats.pseudo_grad_sq.float().cpu(), stats.divergence_sq.float().cpu()])
+        vals = vals.to(self.root_device)
+        if self._world > 1:
+            dist.all_reduce(vals)  # logging only: two scalars
+            vals /= self._world
+        log_metrics(trainer, "local_sgd", {
+            "sync_rounds_total": self._rounds,
+            "bytes_sent_total": self._bytes,
+            "pseudo_grad_norm": vals[0].clamp_min(0).sqrt(),
+            "replica_divergence": vals[1].clamp_min(0).sqrt(),
+            "nonfinite_skipped_total": self._skipped,
+        }, step=self._step)
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self._params is None or not self.final_merge:
+            return
+        assert self._comm is not None
+        stats = self.outer.finalize(self._params, self._comm)
+        if stats is not None:
+            self._rounds += 1
+            self._bytes += stats.bytes_sent
+        if not self._in_sync or stats is not None:
+            n = self._average_in_place()
+            self._rounds += 1
+            self._bytes += n
+        self._in_sync = True
+        self.outer.init_state(self._params)  # a later fit() continues from the merged model
+
+    def _average_in_place(self) -> int:
+        """Plain global mean of parameters and float buffers, in place; returns bytes sent."""
+        assert self._params is not None and self._comm is not None
+        sent = 0
+        for tensors in (self._params, self._buffers):
+            if tensors:
+                flat = flatten(tensors, dtype=None)
+                self._comm.all_reduce_mean_(flat)
+                unflatten_into(flat, tensors)
+                sent += allreduce_bytes(flat.numel() * flat.element_size(), self._world)
+        return sent
+
+    # ------------------------------------------------------------------ evaluation and checkpoints
+    def _needs_average(self) -> bool:
+        return self._params is not None and self._world > 1 and not self._in_sync
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        if self.average_for_eval and self._needs_average() and self._eval_backup is None:
+            assert self._params is not None
+            self._eval_backup = (flatten(self._params, dtype=None), flatten(self._buffers, dtype=None))
+            self._average_in_place()
+
+    def on_validation_end(self) -> None:
+        super().on_validation_end()
+        if self._eval_backup is not None:
+            assert self._params is not None
+            params, buffers = self._eval_backup
+            self._eval_backup = None
+            unflatten_into(params, self._params)
+            unflatten_into(buffers, self._buffers)
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The module's state with parameters and float buffers replaced by their mean over ranks (collective)."""
+        state = super().lightning_module_state_dict()
+        if not self._needs_average() or self._eval_backup is not None:
+            return state  # already identical (or the mean is swapped in for validation)
+        module = self.lightning_module
+        named = [(k, v) for k, v in list(module.named_parameters()) + list(module.named_buffers())
+                 if k in state and v.is_floating_point()]
+        tensors = [v.detach().clone() for _, v in named]
+        flat = flatten(tensors, dtype=None)
+        self._comm.all_reduce_mean_(flat)  # type: ignore[union-attr]
+        unflatten_into(flat, tensors)
+        state = dict(state)
+        for (k, _), t in zip(named, tensors):
+            state[k] = t
+        return state
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        if self._params is None:
+            return {"version": STATE_VERSION, "empty": True}
+        if self._eval_backup is not None:
+            params, buffers = self._eval_backup
+        else:
+            params, buffers = flatten(self._params, dtype=None), flatten(self._buffers, dtype=None)
+        return {
+            "version": STATE_VERSION,
+            "step": self._step,
+            "sync_rounds_total": self._rounds,
+            "bytes_sent_total": self._bytes,
+            "nonfinite_skipped_total": self._skipped,
+            "in_sync": self._in_sync,
+            "outer": self.outer.state_dict(),
+            "params": params.clone(),
+            "buffers": buffers.clone(),
+            "optimizer": self.optimizers[0].state_dict(),
+        }
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise RuntimeError(f"LocalSGDStrategy: checkpoint `version` must be {STATE_VERSION}, got "
+                               f"{state.get('version')!r}.")
+        if state.get("empty") or self._params is None:
+            return
+        self._step = int(state["step"])
+        self._rounds = int(state["sync_rounds_total"])
+        self._bytes = int(state["bytes_sent_total"])
+        self._skipped = int(state["nonfinite_skipped_total"])
+        self._in_sync = bool(state["in_sync"])
+        self.outer.load_state_dict(state["outer"])
+        unflatten_into(state["params"].to(self.root_device), self._params)
+        unflatten_into(state["buffers"].to(self.root_device), self._buffers)
+        self.optimizers[0].load_state_dict(state["optimizer"])
+
+
+def register_strategies() -> None:
+    """Register ``local_sgd``, ``diloco``, ``noloco`` and ``co2`` with Lightning's strategy registry."""
+    from lightning_convergence.strategies import register_strategy
+
+    register_strategy("local_sgd", LocalSGDStrategy, "Local SGD: average replicas every 8 steps",
+                      outer="average", schedule=8)
+    register_strategy("diloco", LocalSGDStrategy, "DiLoCo: outer Nesterov SGD (lr 0.7, momentum 0.9) every 32 steps",
+                      outer="diloco", schedule=32)
+    register_strategy("noloco", LocalSGDStrategy, "NoLoCo: random-pair outer Nesterov step every 32 steps, no "
+                      "all-reduce", outer="noloco", schedule=32)
+    register_strategy("co2", LocalSGDStrategy, "CO2: overlapped one-round-stale outer momentum every 32 steps",
+                      outer="co2", schedule=32)
