@@ -3,6 +3,14 @@
 Imports torch only (never ``lightning``), so it is usable and testable outside a Trainer.
 """
 
+from lightning_convergence.stats.batch_tests import (
+    augmented_test_batch_size,
+    inner_product_test_batch_size,
+    next_batch_size,
+    noise_estimate,
+    norm_test_batch_size,
+    orthogonality_test_batch_size,
+)
 from lightning_convergence.stats.noise_scale import (
     BiasCorrectedEMA,
     GradientNoiseScale,
@@ -32,11 +40,17 @@ __all__ = [
     "NoiseEstimate",
     "SampleGradStats",
     "all_finite",
+    "augmented_test_batch_size",
     "estimate_noise",
     "grads_of",
     "inner",
+    "inner_product_test_batch_size",
     "l1_norm",
     "l2_norm",
+    "next_batch_size",
+    "noise_estimate",
+    "norm_test_batch_size",
+    "orthogonality_test_batch_size",
     "per_sample_grads",
     "per_tensor_norms",
     "sample_grad_stats",

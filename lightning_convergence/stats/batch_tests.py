@@ -1,0 +1,165 @@
+"""Adaptive batch-size tests of AdAdaGrad, the noise-scale rule, and the bounded batch-size update.
+
+Paper: Lau, Liu, Kolar. *AdAdaGrad: Adaptive Batch Size Schemes for Adaptive Gradient Methods.* arXiv:2402.11215,
+2024 (the norm, inner-product, orthogonality and augmented inner-product tests; checked against the authors' code,
+``timlautk/AdAdaGrad`` ``tests.py``). Gradient noise scale: McCandlish, Kaplan, Amodei. *An Empirical Model of
+Large-Batch Training.* arXiv:1812.06162, 2018.
+
+Every test maps the per-example gradient statistics of one batch (:class:`~lightning_convergence.stats.SampleGradStats`,
+computed once by :func:`~lightning_convergence.stats.sample_grad_stats`) to the batch size it demands::
+
+    norm test:           b = ceil( tr Σ̂ / (η² ‖ḡ‖²) )
+    inner-product test:  b = ceil( Var̂[⟨∇f_i, ḡ⟩] / (θ² ‖ḡ‖⁴) )
+    orthogonality test:  b = ceil( tr Σ̂_⊥ / (ν² ‖ḡ‖²) )        (Σ̂_⊥: covariance of ∇f_i minus its ḡ component)
+    augmented test:      b = max(inner-product, orthogonality)
+    noise-scale rule:    b = ceil( B_simple ),  B_simple = tr Σ / |G|²,  |G|² ≈ ‖ḡ‖² − tr Σ̂ / B
+
+A zero (or non-positive) mean gradient demands an infinite batch (``math.inf``); callers clip with
+:func:`next_batch_size`. Non-finite statistics give ``math.nan``: callers must skip that measurement.
+"""
+
+from __future__ import annotations
+
+import math
+
+from lightning_convergence.stats.noise_scale import NoiseEstimate
+from lightning_convergence.stats.variance import SampleGradStats
+
+__all__ = [
+    "augmented_test_batch_size",
+    "inner_product_test_batch_size",
+    "next_batch_size",
+    "noise_estimate",
+    "norm_test_batch_size",
+    "orthogonality_test_batch_size",
+]
+
+
+def _finite(stats: SampleGradStats) -> bool:
+    return all(math.isfinite(v) for v in (stats.trace_cov, stats.grad_sq_norm, stats.inner_var))
+
+
+def _check_positive(name: str, value: float) -> float:
+    value = float(value)
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"batch_tests: `{name}` must be a finite number > 0, got {value}.")
+    return value
+
+
+def _ceil_ratio(num: float, den: float) -> float:
+    if den <= 0:
+        return math.inf if num > 0 else 1.0
+    return float(max(math.ceil(num / den), 1))
+
+
+def norm_test_batch_size(stats: SampleGradStats, eta: float) -> float:
+    """AdAdaGrad's norm test: ``ceil(tr Σ̂ / (η² ‖ḡ‖²))``.
+
+    Args:
+        stats: per-example gradient statistics of the current batch.
+        eta: η > 0, the allowed relative error ``E‖g_B − ∇F‖² ≤ η²‖∇F‖²``. Paper default 0.1; larger η
+            demands smaller batches (η 0.5 is a milder schedule).
+
+    Returns:
+        The demanded batch size as a float (an integer ≥ 1, ``inf`` if ``‖ḡ‖² = 0``, ``nan`` if non-finite).
+    """
+    eta = _check_positive("eta", eta)
+    if not _finite(stats):
+        return math.nan
+    return _ceil_ratio(stats.trace_cov, eta**2 * stats.grad_sq_norm)
+
+
+def inner_product_test_batch_size(stats: SampleGradStats, theta: float) -> float:
+    """AdAdaGrad's inner-product test: ``ceil(Var̂[⟨∇f_i, ḡ⟩] / (θ² ‖ḡ‖⁴))``.
+
+    Args:
+        stats: per-example gradient statistics of the current batch.
+        theta: θ > 0, the allowed relative variance of the gradient's component along ``ḡ``. Paper default 0.1,
+            README examples 0.5. It controls only the descent-direction noise, so it demands smaller batches than
+            the norm test at the same value.
+    """
+    theta = _check_positive("theta", theta)
+    if not _finite(stats):
+        return math.nan
+    return _ceil_ratio(stats.inner_var, theta**2 * stats.grad_sq_norm**2)
+
+
+def orthogonality_test_batch_size(stats: SampleGradStats, nu: float) -> float:
+    """AdAdaGrad's orthogonality test: ``ceil(tr Σ̂_⊥ / (ν² ‖ḡ‖²))`` with ``tr Σ̂_⊥ = tr Σ̂ − Var̂[⟨∇f_i,ḡ⟩]/‖ḡ‖²``.
+
+    Args:
+        stats: per-example gradient statistics of the current batch.
+        nu: ν > 0, the allowed relative size of the noise orthogonal to ``ḡ``. Paper default 0.1, README examples
+            1.0 (the orthogonal part is usually most of the noise, so ν is set larger than θ).
+    """
+    nu = _check_positive("nu", nu)
+    if not _finite(stats):
+        return math.nan
+    return _ceil_ratio(stats.orthogonal_trace, nu**2 * stats.grad_sq_norm)
+
+
+def augmented_test_batch_size(stats: SampleGradStats, theta: float, nu: float) -> float:
+    """AdAdaGrad's augmented inner-product test: ``max(inner-product test, orthogonality test)``."""
+    return max(inner_product_test_batch_size(stats, theta), orthogonality_test_batch_size(stats, nu))
+
+
+def noise_estimate(stats: SampleGradStats) -> NoiseEstimate:
+    """Unbiased ``(|G|², tr Σ)`` from batch statistics, for :class:`~lightning_convergence.stats.GradientNoiseScale`.
+
+    ``E‖ḡ‖² = |G|² + tr Σ / B`` for a mean over ``B = stats.count`` examples, so ``|G|² ≈ ‖ḡ‖² − tr Σ̂ / B``
+    (McCandlish et al., App. A). With micro-batch statistics this equals
+    :func:`~lightning_convergence.stats.estimate_noise` fed the mean micro-batch squared norm.
+    """
+    return NoiseEstimate(
+        grad_sq_norm=stats.grad_sq_norm - stats.trace_cov / max(stats.count, 1), trace_cov=stats.trace_cov
+    )
+
+
+def next_batch_size(
+    current: int,
+    demanded: float,
+    min_batch_size: int = 1,
+    max_batch_size: int | None = None,
+    max_growth_factor: float | None = None,
+    allow_shrink: bool = False,
+) -> int:
+    """The next global batch size: ``demanded``, bounded by the growth cap and ``[min_batch_size, max_batch_size]``.
+
+    AdAdaGrad's update is ``b_{k+1} = min(max(b_k, b_new), b_max)``: the batch never shrinks. With
+    ``allow_shrink`` it may, by at most the same factor per test (``current / max_growth_factor``).
+
+    Args:
+        current: the current global batch size, ≥ 1.
+        demanded: what the test demands; ``nan`` keeps ``current`` (within the bounds), and ``inf`` with neither
+            a growth cap nor a maximum keeps it too.
+        min_batch_size: lower bound, ≥ 1.
+        max_batch_size: upper bound, or ``None`` for none.
+        max_growth_factor: at most this factor per test (> 1), or ``None`` for no cap.
+        allow_shrink: let the batch decrease when the test demands less.
+
+    Raises:
+        ValueError: for ``current`` < 1, ``min_batch_size`` < 1, ``max_batch_size`` < ``min_batch_size`` or a
+            ``max_growth_factor`` ≤ 1.
+    """
+    if current < 1:
+        raise ValueError(f"next_batch_size: `current` must be >= 1, got {current}.")
+    if min_batch_size < 1:
+        raise ValueError(f"next_batch_size: `min_batch_size` must be >= 1, got {min_batch_size}.")
+    if max_batch_size is not None and max_batch_size < min_batch_size:
+        raise ValueError(
+            f"next_batch_size: `max_batch_size` must be >= `min_batch_size` ({min_batch_size}), got {max_batch_size}."
+        )
+    if max_growth_factor is not None and not max_growth_factor > 1:
+        raise ValueError(f"next_batch_size: `max_growth_factor` must be > 1, got {max_growth_factor}.")
+    target = float(current) if math.isnan(demanded) else float(demanded)
+    if not allow_shrink:
+        target = max(target, float(current))
+    if max_growth_factor is not None:
+        target = min(target, math.ceil(current * max_growth_factor))
+        if allow_shrink:
+            target = max(target, math.floor(current / max_growth_factor))
+    upper = math.inf if max_batch_size is None else float(max_batch_size)
+    target = min(max(target, float(min_batch_size)), upper)
+    if math.isinf(target):  # an infinite demand with no bound at all: nothing sensible to grow to
+        return max(current, min_batch_size)
+    return int(math.ceil(target))
