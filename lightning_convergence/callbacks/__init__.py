@@ -3,5 +3,11 @@
 from lightning_convergence.callbacks.grad_stats_monitor import GradientStatsMonitor
 from lightning_convergence.callbacks.schedule_free import ScheduleFreeModeSwitch
 from lightning_convergence.callbacks.schedule_refinement import ScheduleRefinement
+from lightning_convergence.callbacks.variance_sampling import GradientVarianceSampling
 
-__all__ = ["GradientStatsMonitor", "ScheduleFreeModeSwitch", "ScheduleRefinement"]
+__all__ = [
+    "GradientStatsMonitor",
+    "GradientVarianceSampling",
+    "ScheduleFreeModeSwitch",
+    "ScheduleRefinement",
+]

@@ -138,7 +138,7 @@ class GroupBudgetSampler(DistributedSampler):
         self._window_counts: list[Tensor] = []
         self._consumed = 0
         self._start = 0
-        self._queue: list[Tensor] = []
+        self._queue: list[tuple[Tensor, Tensor]] = []
         self._queue_pos = 0
 
     # -- allocation ---------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ class GroupBudgetSampler(DistributedSampler):
             idx, grp = idx[self.rank :: self.num_replicas], grp[self.rank :: self.num_replicas]
             offset = start - w * per_rank if w == start // per_rank else 0
             idx, grp = idx[offset:], grp[offset:]
-            self._queue.append(importance_weights(self.group_sizes, counts).float()[grp])
+            self._queue.append((importance_weights(self.group_sizes, counts).float()[grp], grp))
             yield from idx.tolist()
 
     def pop_weights(self, n: int) -> Tensor:
@@ -217,7 +217,12 @@ class GroupBudgetSampler(DistributedSampler):
             RuntimeError: if fewer than ``n`` indices have been drawn but not yet popped (the loader and the
                 consumer disagree on the order of samples).
         """
-        out: list[Tensor] = []
+        return self.pop(n)[0]
+
+    def pop(self, n: int) -> tuple[Tensor, Tensor]:
+        """Like :meth:`pop_weights`, returning ``(weights, group_ids)`` of the next ``n`` indices."""
+        weights: list[Tensor] = []
+        groups: list[Tensor] = []
         need = n
         while need > 0:
             if not self._queue:
@@ -225,16 +230,19 @@ class GroupBudgetSampler(DistributedSampler):
                     f"GroupBudgetSampler: asked for {n} weights but only {n - need} drawn indices are pending; "
                     "was the batch drawn by this sampler?"
                 )
-            head = self._queue[0][self._queue_pos :]
-            take = head[:need]
-            out.append(take)
-            need -= take.numel()
-            self._queue_pos += take.numel()
-            if self._queue_pos >= self._queue[0].numel():
+            w_all, g_all = self._queue[0]
+            take = min(need, w_all.numel() - self._queue_pos)
+            weights.append(w_all[self._queue_pos : self._queue_pos + take])
+            groups.append(g_all[self._queue_pos : self._queue_pos + take])
+            need -= take
+            self._queue_pos += take
+            if self._queue_pos >= w_all.numel():
                 self._queue.pop(0)
                 self._queue_pos = 0
         self._consumed += n
-        return torch.cat(out) if out else torch.zeros(0)
+        if not weights:
+            return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        return torch.cat(weights), torch.cat(groups)
 
     # -- state --------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

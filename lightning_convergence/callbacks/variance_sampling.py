@@ -1,0 +1,466 @@
+"""Sample data groups by a gradient-variance-aware budget (GVM, Neyman, temperature cooldown), importance-weighted."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.data import extract_batch_size
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from typing_extensions import override
+
+from lightning_convergence import stats
+from lightning_convergence._metrics import log_metrics
+from lightning_convergence.data import rebuild_dataloader, wrap_train_dataloader
+from lightning_convergence.sampling import (
+    POLICIES,
+    GroupBudgetSampler,
+    GroupStats,
+    allocate_budget,
+    cooldown_temperature,
+    effective_sample_size,
+    weighted_estimator_variance,
+)
+
+__all__ = ["GradientVarianceSampling", "resolve_groups"]
+
+_GROUP_ATTRS = ("groups", "targets", "labels")
+
+
+def resolve_groups(dataset: Dataset, group_fn: Callable[[Dataset, int], int] | None = None) -> Tensor:
+    """Group id of every example: ``group_fn(dataset, i)`` if given, else the first of the dataset attributes
+    ``groups``, ``targets``, ``labels``, else (``TensorDataset``) its last tensor when it is 1-D integer labels.
+
+    Raises:
+        TypeError: if none of these applies (pass ``group_fn``).
+    """
+    if group_fn is not None:
+        return torch.tensor([int(group_fn(dataset, i)) for i in range(len(dataset))], dtype=torch.long)
+    for attr in _GROUP_ATTRS:
+        if hasattr(dataset, attr):
+            return torch.as_tensor(getattr(dataset, attr)).long().flatten()
+    if isinstance(dataset, TensorDataset):
+        last = dataset.tensors[-1]
+        if last.ndim == 1 and not last.is_floating_point():
+            return last.long()
+    raise TypeError(
+        f"GradientVarianceSampling: cannot tell the groups of a {type(dataset).__name__}: pass `group_fn(dataset, "
+        f"index) -> int`, or give the dataset a `groups`/`targets`/`labels` attribute."
+    )
+
+
+def _default_inputs(batch: Any) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        "GradientVarianceSampling: the probe batch is not an (inputs, targets) pair; pass `batch_to_inputs`."
+    )
+
+
+class GradientVarianceSampling(Callback):
+    """Re-allocate each data group's share of the sampled examples from gradient statistics; deliver importance
+    weights so the weighted loss stays an unbiased estimate of the uniform full-data objective.
+
+    Paper: Yao, Hao, Zhang, Dong, Xiong, Jiang, Zhang. *Optimizing Chain-of-Thought Reasoners via Gradient Variance
+    Minimization in Rejection Sampling and RL* (GVM-RAFT), arXiv:2505.02391, 2025 (``gvm``:
+    ``n_i ∝ G_i / sqrt(p_i + α/p_i^(β−1))``, verified against RLHFlow/GVM). Neyman, *On the Two Different Aspects
+    of the Representative Method*, JRSS 1934 (``neyman``: ``n_i ∝ π_i σ_i``). Li, Xu, Tan, Murray, Khashabi.
+    *Upsample or Upweight? Balanced Training on Heavily Imbalanced Datasets*, NAACL 2025, arXiv:2410.04579
+    (``temperature``: ``n_i ∝ N_i^(1/T)`` with a cooldown of ``T``). Formulas: :mod:`lightning_convergence.sampling`.
+
+    How it works: in ``setup`` it replaces the train loader's sampler by a :class:`GroupBudgetSampler` (a
+    ``DistributedSampler`` subclass, so Lightning keeps it under DDP; each rank draws a disjoint share of every
+    window). Every ``every_n_steps`` optimizer steps it *probes*: ``probe_per_group`` seeded examples per group, exact
+    per-example gradients (``stats.per_sample_grads``), per-group statistics (``GroupStats``: mean norm ``G_i``,
+    second moment, within-group variance ``σ_i²``; EMA), then sets the next windows' allocation. A window is the
+    ``every_n_steps × batch_size × accumulate_grad_batches × world_size`` draws between two re-allocations.
+
+    Importance weights: before each training batch it sets ``pl_module.sample_weights`` (``[batch]`` float tensor,
+    ``w = (N_i/N)/(n_i/n)``; all ones with ``reweight=False``). The module applies them with one line::
+
+        loss = (F.cross_entropy(logits, y, reduction="none") * self.sample_weights).mean()
+
+    and declares ``uses_sample_weights = True`` (otherwise a warning names the field). A callback cannot apply
+    per-example weights to a loss the module has already reduced: rescaling the gradient by one factor is exact only
+    for a batch from a single group, so it is not offered. ``pl_module.sample_groups`` holds the batch's group ids.
+
+    Generate-and-filter training (GVM's ``p_i``): call :meth:`record_acceptance` from ``training_step`` with each
+    candidate's group and whether it passed the filter; counts are summed across ranks at each re-allocation.
+
+    Deviations: (1) GVM's ``G_i`` is measured on accepted samples of an LLM's embedding gradients; here it is the
+    mean per-example gradient norm on a small stratified probe of the parameters named in ``probe_params`` (all by
+    default). (2) Groups of unequal size get ``π_i``-weighted scores (the paper's prompts weigh equally; with equal
+    sizes the allocation is exactly the paper's). (3) A new allocation applies from the next window the loader has not
+    drawn yet (a prefetching loader may have drawn one ahead). (4) ``min_per_group`` draws per group keep the
+    weighted estimator unbiased. (5) An epoch is ``ceil(len(dataset)/window)`` whole windows; it fixes the sample
+    budget, not the coverage (under a skewed allocation some examples repeat and others wait).
+
+    Args:
+        policy: ``"gvm"`` (default), ``"neyman"``, ``"uniform"`` or ``"temperature"``.
+        every_n_steps: optimizer steps between re-allocations (and probes, and logs), ≥ 1. Default ``50``. Smaller
+            adapts faster but probes more often.
+        group_fn: ``group_fn(dataset, index) -> int``; default: the dataset's ``groups``/``targets``/``labels``
+            attribute, or a ``TensorDataset``'s last (integer label) tensor. Called once per example at setup.
+        num_groups: K; default ``max(group id) + 1``.
+        group_names: names used in the per-group log keys; default the group ids.
+        probe_per_group: examples per group in each probe, ≥ 2 (variances need two), or 0 to never probe (only with
+            ``uniform``/``temperature``). Default ``8``. Cost per probe: one ``vmap`` per-example gradient over
+            ``K × probe_per_group`` examples, memory ``K × probe_per_group × #probed parameters`` floats, identical on
+            every rank (no communication).
+        probe_params: parameter-name prefixes to differentiate in the probe (e.g. ``["net.4"]`` for the last layer,
+            GVM's cheap-proxy idea); default all trainable parameters.
+        loss_fn: ``loss_fn(output, target)`` for a batch of one example, mean-reduced. Default cross-entropy.
+        batch_to_inputs: maps a collated probe batch to ``(inputs, targets)``; default ``(batch[0], batch[1])``.
+        reweight: deliver importance weights (default ``True``: unbiased for the uniform objective). ``False``
+            trains on the sampling mixture itself (the paper setting of temperature sampling).
+        ema_beta: EMA factor of the group statistics, in [0, 1). Default ``0.9``.
+        alpha: GVM's α ≥ 0. Default ``1e-3`` (paper/code).
+        beta: GVM's β. Default ``2.0`` (paper/code).
+        min_per_group: draws per non-empty group per window, ≥ 0 (≥ 1 with ``reweight``). Default ``1``.
+        start_temperature: ``T`` at the start of training (``temperature``), > 0. Default ``5.0``. ``T = 1`` is
+            uniform; large values give every group an equal share.
+        end_temperature: ``T`` after the cooldown, > 0. Default ``1.0`` (back to proportional sampling).
+        cooldown_start_step: optimizer step where the cooldown starts, ≥ 0. Default ``0``.
+        cooldown_steps: length of the cooldown in optimizer steps, ≥ 0 (0 = a jump). Default ``1000``.
+        cooldown_shape: ``"linear"`` (default) or ``"cosine"`` (our choices; the paper fixes no shape).
+        seed: seed of the sampler and of the probes, same on all ranks. Default ``0``.
+        log_per_item: also log each group's budget as ``convergence/sampling/budget/<group>``. Default ``False``.
+
+    State: group statistics (EMAs), the sampler's position (epoch, consumed, per-window allocations of the epoch),
+    the current allocation and its version, acceptance counts not yet folded in, ESS accumulators, the step of the
+    last re-allocation, and ``version``; ``policy``, ``every_n_steps`` and ``seed`` are checked on load.
+
+    Logs (at each re-allocation): ``convergence/sampling/grad_variance`` (estimated per-example trace covariance of
+    the (weighted) gradient under the current allocation), ``convergence/sampling/grad_variance_uniform`` (the same
+    under uniform sampling), ``convergence/sampling/effective_sample_size`` (mean Kish ESS of the batches since the
+    last log, in examples), ``convergence/sampling/temperature`` (``temperature`` policy),
+    ``convergence/sampling/nonfinite_skipped_total``, ``convergence/sampling/step_overhead_ms``, and with
+    ``log_per_item`` ``convergence/sampling/budget/<group>``.
+
+    Raises:
+        ValueError: for an unknown ``policy`` or ``cooldown_shape``, or a value out of its range (named).
+        TypeError: at setup, if the groups cannot be derived or the train loader has no ``batch_size``.
+        RuntimeError: on a checkpoint state of another ``version``.
+
+    Example::
+
+        Trainer(callbacks=[GradientVarianceSampling(policy="gvm", every_n_steps=20)])
+    """
+
+    STATE_VERSION = 1
+
+    def __init__(
+        self,
+        policy: str = "gvm",
+        every_n_steps: int = 50,
+        group_fn: Callable[[Dataset, int], int] | None = None,
+        num_groups: int | None = None,
+        group_names: Sequence[str] | None = None,
+        probe_per_group: int = 8,
+        probe_params: Sequence[str] | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        batch_to_inputs: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
+        reweight: bool = True,
+        ema_beta: float = 0.9,
+        alpha: float = 1e-3,
+        beta: float = 2.0,
+        min_per_group: int = 1,
+        start_temperature: float = 5.0,
+        end_temperature: float = 1.0,
+        cooldown_start_step: int = 0,
+        cooldown_steps: int = 1000,
+        cooldown_shape: str = "linear",
+        seed: int = 0,
+        log_per_item: bool = False,
+    ) -> None:
+        name = type(self).__name__
+        if policy not in POLICIES:
+            raise ValueError(f"{name}: `policy` must be one of {POLICIES}, got {policy!r}.")
+        ints = (
+            ("every_n_steps", every_n_steps, 1), ("min_per_group", min_per_group, 0),
+            ("cooldown_start_step", cooldown_start_step, 0), ("cooldown_steps", cooldown_steps, 0),
+        )
+        for field, value, low in ints:
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}: `{field}` must be an int >= {low}, got {value!r}.")
+        if not isinstance(probe_per_group, int) or probe_per_group < 0 or probe_per_group == 1:
+            raise ValueError(f"{name}: `probe_per_group` must be 0 or an int >= 2, got {probe_per_group!r}.")
+        if probe_per_group == 0 and policy in ("gvm", "neyman"):
+            raise ValueError(f"{name}: `probe_per_group` = 0 leaves policy {policy!r} without statistics; use >= 2.")
+        if reweight and min_per_group < 1:
+            raise ValueError(f"{name}: `min_per_group` must be >= 1 with `reweight=True` (unbiasedness), got 0.")
+        if not 0.0 <= float(ema_beta) < 1.0:
+            raise ValueError(f"{name}: `ema_beta` must be in [0, 1), got {ema_beta}.")
+        if float(alpha) < 0:
+            raise ValueError(f"{name}: `alpha` must be >= 0, got {alpha}.")
+        for field, value in (("start_temperature", start_temperature), ("end_temperature", end_temperature)):
+            if not float(value) > 0:
+                raise ValueError(f"{name}: `{field}` must be > 0, got {value}.")
+        if cooldown_shape not in ("linear", "cosine"):
+            raise ValueError(f"{name}: `cooldown_shape` must be 'linear' or 'cosine', got {cooldown_shape!r}.")
+        self.policy = policy
+        self.every_n_steps = every_n_steps
+        self.group_fn = group_fn
+        self.num_groups = num_groups
+        self.group_names = list(group_names) if group_names is not None else None
+        self.probe_per_group = probe_per_group
+        self.probe_params = tuple(probe_params) if probe_params is not None else None
+        self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+        self.batch_to_inputs = batch_to_inputs if batch_to_inputs is not None else _default_inputs
+        self.reweight = reweight
+        self.ema_beta = float(ema_beta)
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.min_per_group = min_per_group
+        self.start_temperature, self.end_temperature = float(start_temperature), float(end_temperature)
+        self.cooldown_start_step, self.cooldown_steps = cooldown_start_step, cooldown_steps
+        self.cooldown_shape = cooldown_shape
+        self.seed = seed
+        self.log_per_item = log_per_item
+        self.sampler: GroupBudgetSampler | None = None
+        self.group_stats: GroupStats | None = None
+        self.last_metrics: dict[str, float] = {}
+        self._dataset: Dataset | None = None
+        self._collate: Callable[[list[Any]], Any] | None = None
+        self._undo: Callable[[], None] | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._accept = torch.zeros(2, 0, dtype=torch.float64)  # [accepted; generated] per group, not yet folded
+        self._ess = [0.0, 0]  # sum of batch ESS, number of batches since the last log
+        self._last_step = -1
+        self._overhead_s = 0.0
+        self._warned = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(policy=self.policy, every_n_steps=self.every_n_steps)
+
+    # -- hooks ----------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and self._undo is None:
+            self._undo = wrap_train_dataloader(trainer, lambda loader: self._install(trainer, loader))
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.reweight and not getattr(pl_module, "uses_sample_weights", False) and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"GradientVarianceSampling: `reweight=True` but {type(pl_module).__name__} does not declare "
+                "`uses_sample_weights = True`: unless its loss multiplies per-example losses by "
+                "`self.sample_weights`, training follows the sampling mixture, not the uniform objective.",
+                stacklevel=2,
+            )
+        if trainer.global_step == 0 and self._last_step < 0:
+            self._reallocate(trainer, pl_module)  # allocate from a first probe before the first window is drawn
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        weights, groups = self._require_sampler().pop(int(extract_batch_size(batch)))
+        if not self.reweight:
+            weights = torch.ones_like(weights)
+        self._ess[0] += effective_sample_size(weights)
+        self._ess[1] += 1
+        pl_module.sample_weights = weights.to(pl_module.device)
+        pl_module.sample_groups = groups.to(pl_module.device)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._reallocate(trainer, pl_module)
+
+    # -- generate-and-filter ----------------------------------------------------------------------------------------
+    def record_acceptance(self, groups: Tensor, accepted: Tensor) -> None:
+        """Count generated candidates (``groups``: their group ids) and which passed the filter (``accepted``:
+        bools), for GVM's acceptance rates ``p_i``. Call from ``training_step``; folded in at the next re-allocation.
+        """
+        k = self._require_sampler().num_groups
+        groups = torch.as_tensor(groups).long().flatten().cpu()
+        accepted = torch.as_tensor(accepted).flatten().cpu().double()
+        if self._accept.shape[1] != k:
+            self._accept = torch.zeros(2, k, dtype=torch.float64)
+        self._accept[0] += torch.bincount(groups, weights=accepted, minlength=k)
+        self._accept[1] += torch.bincount(groups, minlength=k).double()
+
+    # -- internals ----------------------------------------------------------------------------------------------------
+    def _require_sampler(self) -> GroupBudgetSampler:
+        if self.sampler is None:
+            raise RuntimeError(
+                "GradientVarianceSampling: the train loader was not re-sampled; was the callback attached before fit?"
+            )
+        return self.sampler
+
+    def _install(self, trainer: Trainer, loader: DataLoader) -> DataLoader:
+        """Build (once) the group sampler for ``loader``'s dataset and return the loader re-sampled by it."""
+        if loader.batch_size is None:
+            raise TypeError(
+                "GradientVarianceSampling: the train DataLoader has a custom `batch_sampler`; give it `batch_size` "
+                "instead (the variance sampler must be the index sampler)."
+            )
+        if self.sampler is None or self._dataset is not loader.dataset:
+            groups = resolve_groups(loader.dataset, self.group_fn)
+            world = trainer.world_size
+            window = self.every_n_steps * loader.batch_size * trainer.accumulate_grad_batches * world
+            self.sampler = GroupBudgetSampler(
+                loader.dataset, groups, num_groups=self.num_groups, window_size=window,
+                num_replicas=world, rank=trainer.global_rank, seed=self.seed,
+            )
+            self.group_stats = GroupStats(self.sampler.num_groups, beta=self.ema_beta)
+            self._dataset = loader.dataset
+            if self._pending_state is not None:
+                self._apply_state(self._pending_state)
+                self._pending_state = None
+        self._collate = loader.collate_fn
+        return rebuild_dataloader(loader, sampler=self.sampler)
+
+    def _probe(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        sampler, gs = self._require_sampler(), self.group_stats
+        if self.probe_per_group == 0 or gs is None or self._dataset is None:
+            return
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.global_step)
+        idx, grp = [], []
+        for g, members in enumerate(sampler._members):  # a stratified probe, identical on every rank
+            if members.numel():
+                take = members[torch.randperm(members.numel(), generator=gen)[: self.probe_per_group]]
+                idx.append(take)
+                grp.append(torch.full((take.numel(),), g, dtype=torch.long))
+        indices = torch.cat(idx)
+        batch = self._collate([self._dataset[i] for i in indices.tolist()])
+        x, y = self.batch_to_inputs(batch)
+        params = {
+            n: p for n, p in pl_module.named_parameters()
+            if p.requires_grad and (self.probe_params is None or n.startswith(self.probe_params))
+        }
+        was_training = pl_module.training
+        pl_module.eval()  # deterministic probe (no dropout draws; vmap refuses random ops by default)
+        try:
+            grads = stats.per_sample_grads(
+                pl_module, self.loss_fn, x.to(pl_module.device), y.to(pl_module.device), params
+            )
+        finally:
+            pl_module.train(was_training)
+        share = sampler.group_sizes.double() / sampler.group_sizes.sum()
+        gs.update_grads(torch.cat(grp), list(grads.values()), group_weights=share)
+
+    def _fold_acceptance(self, trainer: Trainer) -> None:
+        if self._accept.shape[1] == 0 and trainer.world_size == 1:
+            return
+        k = self._require_sampler().num_groups
+        counts = self._accept if self._accept.shape[1] == k else torch.zeros(2, k, dtype=torch.float64)
+        if trainer.world_size > 1:  # every rank re-allocates at the same step, so this collective is matched
+            counts = trainer.strategy.reduce(counts.clone(), reduce_op="sum")
+        if counts[1].sum() > 0 and self.group_stats is not None:
+            self.group_stats.update_acceptance(counts[0].cpu(), counts[1].cpu())
+        self._accept = torch.zeros(2, k, dtype=torch.float64)
+
+    def _temperature(self, step: int) -> float:
+        return cooldown_temperature(
+            step, self.start_temperature, self.end_temperature, self.cooldown_start_step, self.cooldown_steps,
+            self.cooldown_shape,
+        )
+
+    def _reallocate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        t0 = time.perf_counter()
+        sampler, gs = self._require_sampler(), self.group_stats
+        assert gs is not None  # created with the sampler
+        self._last_step = trainer.global_step
+        self._probe(trainer, pl_module)
+        self._fold_acceptance(trainer)
+        temperature = self._temperature(trainer.global_step)
+        counts = allocate_budget(
+            self.policy, sampler.window_size, sampler.group_sizes,
+            grad_norms=gs.value("grad_norm"), grad_stds=gs.value("grad_var").clamp_min(0).sqrt(),
+            accept_rates=gs.value("accept_rate", default=1.0), temperature=temperature,
+            alpha=self.alpha, beta=self.beta, min_per_group=self.min_per_group,
+        )
+        sampler.set_allocation(counts)
+        self._overhead_s += time.perf_counter() - t0
+        self._log(trainer, counts, temperature)
+
+    def _log(self, trainer: Trainer, counts: Tensor, temperature: float) -> None:
+        sampler, gs = self._require_sampler(), self.group_stats
+        assert gs is not None
+        share = sampler.group_sizes.double() / sampler.group_sizes.sum()
+        metrics: dict[str, float] = {
+            "nonfinite_skipped_total": gs.nonfinite_skipped_total,
+            "step_overhead_ms": 1e3 * self._overhead_s,
+        }
+        if gs.measured("grad_sq").any():
+            q = counts.double() / counts.sum() if self.reweight else share
+            m, full = gs.value("grad_sq"), gs.full_grad_sq
+            metrics["grad_variance"] = weighted_estimator_variance(share, q, m, full)
+            metrics["grad_variance_uniform"] = weighted_estimator_variance(share, share, m, full)
+        if self._ess[1]:
+            metrics["effective_sample_size"] = self._ess[0] / self._ess[1]
+        if self.policy == "temperature":
+            metrics["temperature"] = temperature
+        if self.log_per_item:
+            names = self.group_names or [str(g) for g in range(sampler.num_groups)]
+            metrics.update({f"budget/{names[g]}": float(c) for g, c in enumerate(counts.tolist())})
+        self.last_metrics = log_metrics(trainer, "sampling", metrics)
+        self._ess = [0.0, 0]
+        self._overhead_s = 0.0
+
+    # -- state --------------------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "version": self.STATE_VERSION,
+            "policy": self.policy,
+            "every_n_steps": self.every_n_steps,
+            "seed": self.seed,
+            "last_step": self._last_step,
+            "accept": self._accept.clone(),
+            "ess": torch.tensor([self._ess[0], float(self._ess[1])], dtype=torch.float64),
+        }
+        if self.sampler is not None and self.group_stats is not None:
+            state["sampler"] = self.sampler.state_dict()
+            state["group_stats"] = self.group_stats.state_dict()
+        elif self._pending_state is not None:
+            state["sampler"] = self._pending_state.get("sampler")
+            state["group_stats"] = self._pending_state.get("group_stats")
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != self.STATE_VERSION:
+            raise RuntimeError(
+                f"GradientVarianceSampling: checkpoint state `version` {state_dict.get('version')!r} is not "
+                f"{self.STATE_VERSION}; it cannot be converted."
+            )
+        for field in ("policy", "every_n_steps", "seed"):
+            if state_dict[field] != getattr(self, field):
+                warnings.warn(
+                    f"GradientVarianceSampling: `{field}` is {getattr(self, field)!r} but the checkpoint was written "
+                    f"with {state_dict[field]!r}; keeping the configured value.",
+                    stacklevel=2,
+                )
+        self._last_step = int(state_dict["last_step"])
+        self._accept = state_dict["accept"].clone().double()
+        ess = state_dict["ess"]
+        self._ess = [float(ess[0]), int(ess[1])]
+        if self.sampler is not None:
+            self._apply_state(state_dict)
+        else:
+            self._pending_state = state_dict
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        if state.get("sampler") is None or self.sampler is None or self.group_stats is None:
+            return
+        self.sampler.load_state_dict(state["sampler"])
+        self.group_stats.load_state_dict(state["group_stats"])
+
+
