@@ -1,0 +1,111 @@
+"""ResizableBatchSampler: resizing through the controller, resumable position, DistributedSampler as inner sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler, TensorDataset
+
+from lightning_convergence.data.resizable import BatchSizeController, EpochShuffleSampler, ResizableBatchSampler
+
+
+def test_batch_size_is_read_at_every_batch():
+    controller = BatchSizeController(3)
+    sampler = ResizableBatchSampler(SequentialSampler(range(20)), 3, False, controller)
+    out = []
+    for batch in sampler:
+        out.append(batch)
+        if len(out) == 2:
+            controller.set_batch_size(5)
+    assert [len(b) for b in out] == [3, 3, 5, 5, 4]
+    assert sum(out, []) == list(range(20))
+    assert controller.exhausted and controller.yielded == 20
+
+
+def test_len_and_drop_last():
+    controller = BatchSizeController(6)
+    keep = ResizableBatchSampler(SequentialSampler(range(20)), 6, False, controller)
+    drop = ResizableBatchSampler(SequentialSampler(range(20)), 6, True, controller)
+    assert len(keep) == 4 and len(drop) == 3
+    assert [len(b) for b in drop] == [6, 6, 6]
+    controller.set_batch_size(10)
+    assert len(keep) == 2  # the length follows the controller
+
+
+def test_controller_wins_over_init_batch_size():
+    """A re-instantiated sampler (Lightning under DDP) keeps the controller's current size, not its saved arg."""
+    controller = BatchSizeController(4)
+    controller.set_batch_size(8)
+    again = ResizableBatchSampler(SequentialSampler(range(16)), 4, False, controller)
+    assert [len(b) for b in again] == [8, 8]
+
+
+def _consume(sampler: ResizableBatchSampler, n_batches: int) -> list[list[int]]:
+    it = iter(sampler)
+    taken = []
+    for _ in range(n_batches):
+        batch = next(it)
+        sampler.controller.consume(len(batch))
+        taken.append(batch)
+    next(it)  # a prefetched batch that training never consumed: it must be replayed after the resume
+    return taken
+
+
+def test_mid_epoch_resume_skips_consumed_indices_and_keeps_the_epoch_order():
+    data = range(30)
+    ref_ctrl = BatchSizeController(4)
+    ref_ctrl.epoch = 2
+    reference = list(ResizableBatchSampler(EpochShuffleSampler(data, seed=7), 4, False, ref_ctrl))
+
+    ctrl = BatchSizeController(4)
+    ctrl.epoch = 2
+    first = _consume(ResizableBatchSampler(EpochShuffleSampler(data, seed=7), 4, False, ctrl), 3)
+    state = ctrl.state_dict()
+    assert state == {"version": 1, "batch_size": 4, "epoch": 2, "consumed": 12}
+
+    fresh = BatchSizeController(1)
+    fresh.load_state_dict(state)
+    rest = list(ResizableBatchSampler(EpochShuffleSampler(data, seed=7), 1, False, fresh))
+    assert first + rest == reference
+    assert fresh.batch_size == 4
+
+
+def test_resume_after_a_fully_consumed_epoch_starts_the_next_one():
+    ctrl = BatchSizeController(5)
+    ctrl.epoch = 0
+    for batch in ResizableBatchSampler(SequentialSampler(range(10)), 5, False, ctrl):
+        ctrl.consume(len(batch))
+    assert ctrl.state_dict()["epoch"] == 1 and ctrl.state_dict()["consumed"] == 0
+
+
+def test_epoch_shuffle_sampler_is_a_function_of_seed_and_epoch():
+    a, b = EpochShuffleSampler(range(50), seed=1), EpochShuffleSampler(range(50), seed=1)
+    assert list(a) == list(b)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first and sorted(a) == list(range(50))
+
+
+def test_distributed_inner_sampler_shards_and_resumes_per_rank():
+    ds = TensorDataset(torch.arange(32))
+    seen = []
+    for rank in range(2):
+        ctrl = BatchSizeController(4)
+        ctrl.epoch = 3
+        inner = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=5)
+        loader = DataLoader(ds, batch_sampler=ResizableBatchSampler(inner, 4, False, ctrl))
+        seen.append(torch.cat([b[0] for b in loader]).tolist())
+        # The controller set the DistributedSampler's epoch before iterating.
+        assert inner.epoch == 3
+    assert set(seen[0]).isdisjoint(seen[1]) and sorted(seen[0] + seen[1]) == list(range(32))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="`batch_size`"):
+        BatchSizeController(0)
+    with pytest.raises(ValueError, match="`batch_size`"):
+        ResizableBatchSampler(SequentialSampler(range(4)), 2.5, False)
+    with pytest.raises(ValueError, match="`batch_size`"):
+        BatchSizeController(2).set_batch_size(-1)
+    with pytest.raises(RuntimeError, match="`version`"):
+        BatchSizeController(2).load_state_dict({"version": 99})
