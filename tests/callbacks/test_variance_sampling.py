@@ -1,0 +1,172 @@
+"""GradientVarianceSampling in a real Trainer: allocation = the GVM formula on the callback's own statistics, weights
+delivered per batch, group resolution, temperature cooldown, acceptance rates, errors, and identical resume."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import Dataset, TensorDataset
+
+from lightning_convergence.callbacks import GradientVarianceSampling
+from lightning_convergence.callbacks.variance_sampling import resolve_groups
+from lightning_convergence.examples import DigitsDataModule, MLPClassifier
+from lightning_convergence.sampling import GroupBudgetSampler, allocate_budget, importance_weights
+from tests.helpers.loggers import MemoryLogger
+
+
+class WeightedMLP(MLPClassifier):
+    """The documented one-line hook: per-example losses times ``self.sample_weights``."""
+
+    uses_sample_weights = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen_weights: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen_weights.append(self.sample_weights.clone())
+        return (F.cross_entropy(self(x), y, reduction="none") * self.sample_weights).mean()
+
+
+def _trainer(max_steps, callbacks, logger=False, **kwargs):
+    return Trainer(
+        max_steps=max_steps, callbacks=callbacks, logger=logger, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", limit_val_batches=0, num_sanity_val_steps=0,
+        log_every_n_steps=1, **kwargs,
+    )
+
+
+def test_allocation_follows_gvm_formula_and_weights_reach_the_module():
+    seed_everything(0)
+    cb = GradientVarianceSampling(policy="gvm", every_n_steps=3, probe_per_group=4, log_per_item=True)
+    model, logger = WeightedMLP(hidden=(16,)), MemoryLogger()
+    trainer = _trainer(6, [cb], logger=logger, enable_checkpointing=False)
+    trainer.fit(model, DigitsDataModule(batch_size=16))
+    sampler = cb.sampler
+    assert isinstance(trainer.train_dataloader.sampler, GroupBudgetSampler) and sampler is not None
+    assert sampler.window_size == 3 * 16
+    # The allocation in force is the GVM formula applied to the callback's own statistics (p_i = 1: no filtering).
+    expected = allocate_budget(
+        "gvm", 48, sampler.group_sizes, grad_norms=cb.group_stats.value("grad_norm"), min_per_group=1
+    )
+    assert torch.equal(sampler.counts, expected)
+    assert not torch.equal(expected, allocate_budget("uniform", 48, sampler.group_sizes, min_per_group=1))
+    # Every batch got weights; each is one of the window's importance weights.
+    assert len(model.seen_weights) == 6 and all(w.numel() == 16 for w in model.seen_weights)
+    allowed = set()
+    for counts in sampler.state_dict()["window_counts"]:
+        allowed |= {round(v, 5) for v in importance_weights(sampler.group_sizes, counts).tolist()}
+    assert {round(v, 5) for w in model.seen_weights for v in w.tolist()} <= allowed
+    for key in ("grad_variance", "grad_variance_uniform", "effective_sample_size", "budget/0", "step_overhead_ms"):
+        assert logger.values(f"convergence/sampling/{key}"), key
+    assert sum(logger.values(f"convergence/sampling/budget/{g}")[-1] for g in range(10)) == 48
+
+
+def test_resume_is_identical(tmp_path):
+    def run(max_steps, ckpt_path=None, save=False):
+        seed_everything(0)
+        cb = GradientVarianceSampling(policy="gvm", every_n_steps=3, probe_per_group=4, seed=5)
+        model = WeightedMLP(hidden=(16,))
+        extra = [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=7, save_top_k=-1)] if save else []
+        trainer = _trainer(max_steps, [cb, *extra], enable_checkpointing=save)
+        trainer.fit(model, DigitsDataModule(batch_size=16), ckpt_path=ckpt_path)
+        return model, cb
+
+    straight, cb_a = run(14)
+    run(7, save=True)
+    ckpt = next(tmp_path.glob("*step=7.ckpt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's "dataloader is not resumable" warning: our callback is
+        resumed, cb_b = run(14, ckpt_path=str(ckpt))
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    sa, sb = cb_a.state_dict(), cb_b.state_dict()
+    assert sa["sampler"]["consumed"] == sb["sampler"]["consumed"] == 14 * 16
+    torch.testing.assert_close(sa["sampler"]["window_counts"], sb["sampler"]["window_counts"], rtol=0, atol=0)
+    for field in ("avg", "count"):
+        for k, v in sa["group_stats"][field].items():
+            torch.testing.assert_close(v, sb["group_stats"][field][k], rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat(straight.seen_weights[7:]), torch.cat(resumed.seen_weights))
+
+
+def test_temperature_cooldown_and_no_reweighting():
+    seed_everything(0)
+    cb = GradientVarianceSampling(
+        policy="temperature", every_n_steps=2, probe_per_group=0, reweight=False, min_per_group=0,
+        start_temperature=4.0, end_temperature=1.0, cooldown_start_step=2, cooldown_steps=4,
+    )
+    model, logger = WeightedMLP(hidden=(8,)), MemoryLogger()
+    _trainer(6, [cb], logger=logger, enable_checkpointing=False).fit(model, DigitsDataModule(batch_size=16))
+    # Re-allocations at steps 0, 2, 4, 6: T = 4, 4, 2.5, 1.
+    assert logger.values("convergence/sampling/temperature") == pytest.approx([4.0, 4.0, 2.5, 1.0])
+    assert torch.equal(cb.sampler.counts, allocate_budget("uniform", 32, cb.sampler.group_sizes))
+    assert all(torch.equal(w, torch.ones(16)) for w in model.seen_weights)
+
+
+def test_acceptance_rates_enter_the_gvm_allocation():
+    class Filtering(WeightedMLP):
+        def training_step(self, batch, batch_idx):
+            cb = self.trainer.callbacks[0]
+            groups = self.sample_groups
+            cb.record_acceptance(groups, groups >= 5)  # groups 0-4 never pass the filter: p = 0
+            return super().training_step(batch, batch_idx)
+
+    seed_everything(0)
+    cb = GradientVarianceSampling(policy="gvm", every_n_steps=2, probe_per_group=4)
+    _trainer(4, [cb], enable_checkpointing=False).fit(Filtering(hidden=(8,)), DigitsDataModule(batch_size=16))
+    p = cb.group_stats.value("accept_rate", default=1.0)
+    assert p.tolist() == [0.0] * 5 + [1.0] * 5
+    assert cb.sampler.counts[:5].tolist() == [1] * 5  # p = 0 -> r = 0: only the floor of one draw
+
+
+class _Labelled(Dataset):
+    targets = [0, 1, 1, 2]
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return i
+
+
+def test_group_resolution():
+    assert resolve_groups(_Labelled()).tolist() == [0, 1, 1, 2]
+    assert resolve_groups(_Labelled(), lambda ds, i: i % 2).tolist() == [0, 1, 0, 1]
+    assert resolve_groups(TensorDataset(torch.zeros(3, 2), torch.tensor([2, 0, 1]))).tolist() == [2, 0, 1]
+    with pytest.raises(TypeError, match="group_fn"):
+        resolve_groups(TensorDataset(torch.zeros(3, 2), torch.zeros(3)))
+
+
+def test_module_without_weights_is_warned():
+    seed_everything(0)
+    cb = GradientVarianceSampling(every_n_steps=2, probe_per_group=2)
+    with pytest.warns(UserWarning, match="uses_sample_weights"):
+        _trainer(1, [cb], enable_checkpointing=False).fit(MLPClassifier(hidden=(8,)), DigitsDataModule(batch_size=16))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"policy": "gvmm"}, "policy"),
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"probe_per_group": 1}, "probe_per_group"),
+        ({"probe_per_group": 0}, "probe_per_group"),
+        ({"min_per_group": 0}, "min_per_group"),
+        ({"ema_beta": 1.0}, "ema_beta"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"start_temperature": 0.0}, "start_temperature"),
+        ({"cooldown_shape": "step"}, "cooldown_shape"),
+    ],
+)
+def test_callback_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        GradientVarianceSampling(**kwargs)
+
+
+def test_state_version_is_checked():
+    with pytest.raises(RuntimeError, match="version"):
+        GradientVarianceSampling().load_state_dict({"version": 99})
