@@ -1,11 +1,13 @@
 """Lightning callbacks: thin adapters that wire the cores to Trainer hooks."""
 
 from lightning_convergence.callbacks.grad_stats_monitor import GradientStatsMonitor
+from lightning_convergence.callbacks.gradient_early_stopping import GradientEarlyStopping
 from lightning_convergence.callbacks.schedule_free import ScheduleFreeModeSwitch
 from lightning_convergence.callbacks.schedule_refinement import ScheduleRefinement
 from lightning_convergence.callbacks.variance_sampling import GradientVarianceSampling
 
 __all__ = [
+    "GradientEarlyStopping",
     "GradientStatsMonitor",
     "GradientVarianceSampling",
     "ScheduleFreeModeSwitch",
