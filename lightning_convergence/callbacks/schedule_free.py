@@ -23,10 +23,13 @@ class ScheduleFreeModeSwitch(Callback):
 
     When each is called:
 
-    - ``train()``: at every training-epoch start, and after each validation run during ``fit`` (so mid-epoch
-      validation with ``val_check_interval`` resumes training on ``y``).
+    - ``train()``: at train start (after a checkpoint is restored), at every training-epoch and training-batch
+      start (a no-op when already training; a run resumed mid-epoch skips ``on_train_epoch_start``), and after each
+      validation run during ``fit`` (so mid-epoch validation with ``val_check_interval`` resumes on ``y``).
     - ``eval()``: before validation (including the sanity check), test and predict, and at the end of training (the
-      module left in memory after ``fit`` holds the ``x`` weights, ready for export or ``trainer.test``).
+      module left in memory after ``fit`` holds the ``x`` weights, ready for export or ``trainer.test``). A
+      ``validate``/``test``/``predict`` call after ``fit`` attaches no optimizer, so the callback keeps the
+      optimizers it saw during ``fit`` and switches those.
     - **Checkpoints hold the eval weights** (decision): in ``on_save_checkpoint`` the optimizer is switched to eval,
       the checkpoint's ``state_dict`` and ``optimizer_states`` are replaced by copies taken in eval mode, and the
       optimizer is switched back. A checkpoint is therefore a usable model on its own (``load_from_checkpoint``
@@ -51,8 +54,12 @@ class ScheduleFreeModeSwitch(Callback):
         Trainer(callbacks=[ScheduleFreeModeSwitch()])   # model.configure_optimizers returns AdamWScheduleFree
     """
 
+    def __init__(self) -> None:
+        self._fit_optimizers: list[torch.optim.Optimizer] = []
+
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._fit_optimizers = list(trainer.optimizers)
         for opt in trainer.optimizers:
             if not (callable(getattr(opt, "train", None)) and callable(getattr(opt, "eval", None))):
                 raise TypeError(
@@ -61,7 +68,17 @@ class ScheduleFreeModeSwitch(Callback):
                 )
 
     @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._set(trainer, train=True)
+
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._set(trainer, train=True)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # A no-op loop over the param groups when already training; it covers every path into a training step
+        # (a run resumed mid-epoch skips ``on_train_epoch_start``).
         self._set(trainer, train=True)
 
     @override
@@ -102,7 +119,8 @@ class ScheduleFreeModeSwitch(Callback):
             opt.train()
 
     def _set(self, trainer: Trainer, train: bool) -> None:
-        for opt in trainer.optimizers:
+        # ``trainer.validate/test/predict`` after ``fit`` attach no optimizer: use the ones seen during fit.
+        for opt in trainer.optimizers or self._fit_optimizers:
             fn = getattr(opt, "train" if train else "eval", None)
             if callable(fn):
                 fn()

@@ -20,6 +20,8 @@ from lightning_convergence.optim.schedules import (
 
 __all__ = [
     "AdaGradNorm",
+    "AdamWScheduleFree",
+    "SGDScheduleFree",
     "BudgetSchedule",
     "CosineDecay",
     "LinearDecay",
@@ -33,3 +35,23 @@ __all__ = [
     "refine_schedule",
     "save_norms",
 ]
+
+_SCHEDULE_FREE = ("AdamWScheduleFree", "SGDScheduleFree", "RAdamScheduleFree")
+
+
+def __getattr__(name: str):
+    """Lazy re-exports of the ``schedulefree`` package's optimizers (the optional ``optim`` extra).
+
+    ``lightning_convergence.optim.AdamWScheduleFree`` works as a YAML ``class_path`` and raises an ImportError naming
+    the extra when ``schedulefree`` is not installed; importing this package never needs it.
+    """
+    if name in _SCHEDULE_FREE:
+        try:
+            import schedulefree
+        except ImportError as err:
+            raise ImportError(
+                f"lightning_convergence.optim.{name} needs the `schedulefree` package: "
+                "pip install 'lightning-convergence[optim]' (or pip install schedulefree)."
+            ) from err
+        return getattr(schedulefree, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
