@@ -79,6 +79,8 @@ class ServerRule:
     name = "base"
     #: True when a client receives its next model only after the next aggregation (rounds, fixed windows).
     synchronous = False
+    #: True for rules that run in rounds with a known participant set (FedAvg, FedProx, FedAU).
+    round_based = False
     STATE_VERSION = 1
 
     def __init__(self, server_lr: float = 1.0, max_staleness: int | None = None) -> None:

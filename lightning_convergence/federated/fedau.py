@@ -50,6 +50,7 @@ class FedAU(ServerRule):
 
     name = "fedau"
     synchronous = True
+    round_based = True
 
     def __init__(self, num_clients: int, cutoff_rounds: int = 50, server_lr: float = 1.0) -> None:
         super().__init__(server_lr=server_lr)

@@ -61,6 +61,7 @@ class FedAvg(ServerRule):
 
     name = "fedavg"
     synchronous = True
+    round_based = True
 
     def __init__(
         self, num_clients: int, server_lr: float = 1.0, client_weights: Sequence[float] | None = None
