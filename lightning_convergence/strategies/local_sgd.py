@@ -169,7 +169,7 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
             )
         super().__init__(**kwargs)
         self.sync_buffers = bool(sync_buffers)
-        self.optimizer_state = optimizer_state
+        self.optimizer_state_mode = optimizer_state
         self.final_merge = bool(final_merge)
         self.average_for_eval = bool(average_for_eval)
         self._params: list[Tensor] | None = None
@@ -268,9 +268,9 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
         assert self._comm is not None
         sent = 0
         groups = [self._buffers] if self.sync_buffers and self._buffers else []
-        if self.optimizer_state == "average":
+        if self.optimizer_state_mode == "average":
             groups.append(self._optimizer_state_tensors())
-        elif self.optimizer_state == "reset":
+        elif self.optimizer_state_mode == "reset":
             self.optimizers[0].state.clear()
         for tensors in groups:
             if tensors:
