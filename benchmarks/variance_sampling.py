@@ -60,7 +60,9 @@ class WeightedMLP(MLPClassifier):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def make_data(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+def make_data(
+    seed: int = 0, feature_noise: float = 0.6, label_noise: float = 0.2
+) -> tuple[TensorDataset, TensorDataset]:
     dm = DigitsDataModule(batch_size=BATCH, seed=0)
     dm.setup()
     x, y = (t.clone() for t in dm.train_set.tensors)
@@ -69,8 +71,8 @@ def make_data(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     keep = ~minority | (torch.rand(len(y), generator=gen) < 0.25)
     x, y = x[keep], y[keep]
     minority = y >= 5
-    x[minority] = x[minority] + 0.6 * torch.randn(int(minority.sum()), x.shape[1], generator=gen)
-    flip = minority & (torch.rand(len(y), generator=gen) < 0.2)
+    x[minority] = x[minority] + feature_noise * torch.randn(int(minority.sum()), x.shape[1], generator=gen)
+    flip = minority & (torch.rand(len(y), generator=gen) < label_noise)
     y[flip] = torch.randint(5, 10, (int(flip.sum()),), generator=gen)
     return TensorDataset(x, y), dm.val_set
 
@@ -150,6 +152,8 @@ def variance_table(model, train_set, n_batches: int, label: str):
         "uniform": allocate_budget("uniform", window, sizes, min_per_group=1),
         "gvm": allocate_budget("gvm", window, sizes, grad_norms=g_norm, min_per_group=1),
         "neyman": allocate_budget("neyman", window, sizes, grad_stds=sigma, min_per_group=1),
+        # The i.i.d. importance-sampling optimum q ∝ π·sqrt(M): the ceiling for any allocation on this data.
+        "oracle_sqrt_m": allocate_budget("gvm", window, sizes, grad_norms=m.sqrt(), min_per_group=1),
     }
     out = {}
     for name, counts in allocs.items():
@@ -179,14 +183,19 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=1500)
     parser.add_argument("--target", type=float, default=0.85, help="clean validation accuracy to reach")
     parser.add_argument("--every", type=int, default=20, help="re-allocation period (optimizer steps)")
+    parser.add_argument("--feature-noise", type=float, default=0.6, help="feature noise sd on classes 5-9")
+    parser.add_argument("--label-noise", type=float, default=0.2, help="label-noise share on classes 5-9")
     args = parser.parse_args()
     seeds = 1 if args.quick else args.seeds
     max_steps = 400 if args.quick else args.max_steps
     n_batches = 100 if args.quick else 400
     torch.set_num_threads(1)
-    train_set, val_set = make_data(0)
+    train_set, val_set = make_data(0, args.feature_noise, args.label_noise)
     sizes = torch.bincount(train_set.tensors[1], minlength=10).tolist()
-    print(f"train groups (observed labels) sizes: {sizes}; val: {len(val_set)} clean balanced examples")
+    print(
+        f"train groups (observed labels) sizes: {sizes}; val: {len(val_set)} clean balanced examples; "
+        f"feature noise {args.feature_noise}, label noise {args.label_noise}, SGD lr {LR}, batch {BATCH}"
+    )
 
     # 1. Gradient variance at equal sample budget, at three points of a uniform run.
     var_rows = []

@@ -68,7 +68,7 @@ class GradientVarianceSampling(Callback):
     weights so the weighted loss stays an unbiased estimate of the uniform full-data objective.
 
     Paper: Yao, Hao, Zhang, Dong, Xiong, Jiang, Zhang. *Optimizing Chain-of-Thought Reasoners via Gradient Variance
-    Minimization in Rejection Sampling and RL* (GVM-RAFT), arXiv:2505.02391, 2025 (``gvm``:
+    Minimization in Rejection Sampling and RL* (GVM-RAFT), NeurIPS 2025, arXiv:2505.02391 (``gvm``:
     ``n_i ∝ G_i / sqrt(p_i + α/p_i^(β−1))``, verified against RLHFlow/GVM). Neyman, *On the Two Different Aspects
     of the Representative Method*, JRSS 1934 (``neyman``: ``n_i ∝ π_i σ_i``). Li, Xu, Tan, Murray, Khashabi.
     *Upsample or Upweight? Balanced Training on Heavily Imbalanced Datasets*, NAACL 2025, arXiv:2410.04579

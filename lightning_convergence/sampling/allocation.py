@@ -8,7 +8,7 @@ Policies (``π_i = N_i / N`` is group ``i``'s share of the data, i.e. of the uni
 * ``uniform``: ``n_i ∝ N_i`` — what uniform sampling over examples draws in expectation.
 * ``gvm``: ``n_i ∝ π_i · G_i / sqrt(p_i + α / p_i^(β−1))`` (``0`` where ``G_i = 0`` or ``p_i = 0``).
   Yao, Hao, Zhang, Dong, Xiong, Jiang, Zhang. *Optimizing Chain-of-Thought Reasoners via Gradient Variance
-  Minimization in Rejection Sampling and RL* (GVM-RAFT), arXiv:2505.02391, 2025; the official code
+  Minimization in Rejection Sampling and RL* (GVM-RAFT), NeurIPS 2025, arXiv:2505.02391; the official code
   (RLHFlow/GVM, ``em/stage_2_calc_sample_size.py``) computes ``r_i = G_i / sqrt(p_i + α/p_i^(β−1))`` with
   ``α = 1e-3``, ``β = 2`` and ``n_i = N · r_i / Σ_j r_j``. ``G_i`` is the group's mean per-example gradient norm and
   ``p_i`` its acceptance rate (1 when nothing is filtered).
