@@ -58,6 +58,14 @@ class ClientStream:
         self.position += len(chunk)
         return default_collate([self.dataset[i] for i in chunk])
 
+    def seek(self, num_batches: int) -> None:
+        """Jump to the position reached after ``num_batches`` calls of :meth:`next_batch` from the start."""
+        per_epoch = -(-len(self.indices) // self.batch_size)
+        epoch, rest = divmod(int(num_batches), per_epoch)
+        if epoch != self.epoch:
+            self._perm = self._permutation(epoch)
+        self.epoch, self.position = epoch, rest * self.batch_size
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
 

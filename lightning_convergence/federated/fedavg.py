@@ -71,6 +71,7 @@ class FedAvg(ServerRule):
         self.weights = _check_clients(type(self).__name__, num_clients, client_weights)
         self.expected: set[int] = set(range(num_clients))
         self.buffer: dict[int, ParamDict] = {}
+        self.rounds_total = 0
 
     def begin_round(self, participants: Iterable[int]) -> None:
         ids = {int(i) for i in participants}
@@ -91,11 +92,14 @@ class FedAvg(ServerRule):
     def close_round(self, now: float = 0.0) -> bool:
         self.advance(now)
         if not self.buffer:
+            self.rounds_total += 1
+            self.expected = set(range(self.num_clients))
             return False
         self._aggregate()
         return True
 
     def _aggregate(self) -> None:
+        self.rounds_total += 1
         total = sum(self.weights[i] for i in self.buffer)
         step = weighted_sum(self.buffer, {i: self.weights[i] / total for i in self.buffer})
         self._add_to_params(step, self.server_lr)
@@ -105,8 +109,9 @@ class FedAvg(ServerRule):
 
     def _extra_state(self) -> dict:
         return {"buffer": {i: {k: v.clone() for k, v in d.items()} for i, d in self.buffer.items()},
-                "expected": sorted(self.expected)}
+                "expected": sorted(self.expected), "rounds_total": self.rounds_total}
 
     def _load_extra_state(self, state: Mapping) -> None:
         self.buffer = {int(i): dict(d) for i, d in state["buffer"].items()}
         self.expected = {int(i) for i in state["expected"]}
+        self.rounds_total = int(state["rounds_total"])

@@ -183,13 +183,12 @@ class FederatedSimulation:
         while not self._done(max_versions, max_time, stop) and r < max_rounds:
             ids = self.participation.participants(r) if self.participation else list(range(len(self.streams)))
             self.rule.begin_round(ids)
-            v0, rounds0 = self.rule.version, getattr(self.rule, "rounds_total", None)
+            rounds0 = self.rule.rounds_total
             for cid in ids:
                 delta, base, seq = self._train(cid)
                 self._deliver(cid, delta, base, seq)
             self.time += max((self.local_steps * self.speeds[c] for c in ids), default=0.0)
-            closed = self.rule.version != v0 or getattr(self.rule, "rounds_total", None) != rounds0
-            if not closed:  # nobody expected, or a rejected update left the round open: close it as a timeout would
+            if self.rule.rounds_total == rounds0:  # nobody came, or a rejected update left the round open
                 self.rule.close_round(self.time)
             r += 1
             self._record(trainer)

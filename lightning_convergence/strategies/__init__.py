@@ -14,6 +14,7 @@ __all__ = ["register_all", "register_strategy"]
 _STRATEGY_MODULES: tuple[str, ...] = (
     "lightning_convergence.strategies.compressed_ddp",
     "lightning_convergence.strategies.local_sgd",
+    "lightning_convergence.strategies.async_fl",
 )
 
 

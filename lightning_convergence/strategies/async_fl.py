@@ -1,0 +1,311 @@
+"""``AsyncFederatedStrategy``: a federated server (this process) and N client processes over gloo point-to-point.
+
+The process that runs ``Trainer.fit`` is the server (rank 0). At ``setup`` the strategy forks N client processes
+(ranks 1..N); each runs the user's unchanged ``LightningModule`` (its ``training_step`` and the first optimizer of
+``configure_optimizers``) for K local steps on its own shard and pushes ``Δ = w_local − w_global``. One Lightning
+training step on the server is one server model update of the chosen rule; the server's validation loop evaluates the
+global model, and checkpoints hold the global model, the rule's state and the version counter.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lightning_convergence._metrics import log_metrics, should_log
+from lightning_convergence.federated.base import ServerRule
+from lightning_convergence.federated.client import ClientStream, load_params, module_params
+from lightning_convergence.federated.fedbuff import FedBuff
+from lightning_convergence.federated.partition import Participation
+from lightning_convergence.federated.server import FederatedServer
+from lightning_convergence.federated.transport import ClientFault, ParamLayout, ServerTransport, run_client
+from lightning_convergence.strategies.fl_data import FederatedDataModule
+
+__all__ = ["AsyncFederatedStrategy", "FederatedDataModule", "register_strategies"]
+
+_STATE_KEY = "convergence/fl"
+_STATE_VERSION = 1
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _client_entry(cid: int, world: int, port: int, timeout_s: float, module: Any, stream: ClientStream,
+                  layout: ParamLayout, local_steps: int, prox_mu: float, delay_s: float,
+                  fault: ClientFault | None) -> None:
+    code = 0
+    try:
+        torch.set_num_threads(1)
+        if hasattr(module, "trainer"):
+            module.trainer = None  # self.log() inside training_step becomes a no-op on clients
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=cid + 1, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+        run_client(cid, module, stream, layout, local_steps, prox_mu, delay_s, fault)
+    except BaseException:  # the server sees the dropped connection; the traceback goes to stderr
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)  # never run the parent's Lightning/pytest teardown in a forked child
+
+
+class AsyncFederatedStrategy(SingleDeviceStrategy):
+    """Asynchronous (FedAsync, FedBuff, FedFix) or synchronous (FedAvg, FedProx, FedAU) federated training.
+
+    Paper:
+        Nguyen et al. *Federated Learning with Buffered Asynchronous Aggregation.* AISTATS 2022, arXiv:2106.06639;
+        Xie, Koyejo, Gupta. *Asynchronous Federated Optimization.* arXiv:1903.03934; Fraboni, Vidal, Kameni, Lorenzi.
+        *A General Theory for Federated Optimization with Asynchronous and Heterogeneous Clients Updates.* JMLR 2023,
+        arXiv:2206.10189; Wang, Ji. *A Lightweight Method for Tackling Unknown Participation Statistics in Federated
+        Averaging.* ICLR 2024, arXiv:2306.03401; Li et al. *Federated Optimization in Heterogeneous Networks.* MLSys
+        2020, arXiv:1812.06127. The rule itself is the ``rule`` core; this class only wires processes and Lightning.
+
+    Deviations:
+        Clients are forked from the server process (``fork`` start method, one machine); no Lightning ``Trainer``
+        runs per client (manual loop: ``training_step`` → ``backward`` → ``optimizer.step``, with a fresh optimizer from
+        ``configure_optimizers`` every local round; schedulers, clipping, accumulation and hooks are not applied on
+        clients). Only trainable parameters are federated. The server's own optimizer is created but never stepped.
+        Updates still in flight when the run ends are discarded (they were never accepted), and after a resume the
+        clients restart from the restored global model (in-flight work is not part of any checkpoint).
+        ``speeds`` slow clients by sleeping ``step_delay_s·speed`` per local step (emulated heterogeneity).
+
+    Args:
+        rule: the server rule (YAML: ``class_path`` + ``init_args``). Default ``FedBuff(buffer_size=max(1, N//2))``.
+        num_clients: N client processes, ≥ 1; must equal the datamodule's ``num_clients``. Default ``4``.
+        local_steps: K local optimizer steps per update, ≥ 1. Default ``5``. More steps: fewer messages, more drift.
+        speeds: per-client slowdown factors (≥ 0), multiplied by ``step_delay_s``. Default all ``1``.
+        step_delay_s: emulated seconds per local step at speed 1, ≥ 0. Default ``0.0`` (run at native speed).
+        participation_probs: round-based rules only: per-client Bernoulli p_n of joining a round. Default all join.
+        round_timeout_s: round-based rules: a round closes after this many seconds without all reports. Default 30.
+        serve_timeout_s: the server stops training (with a warning) when no server update happened for this long.
+            Default ``120``.
+        shutdown_timeout_s: how long the server waits for clients to acknowledge STOP before killing them.
+            Default ``10``.
+        process_group_timeout_s: gloo timeout, > 0. Default ``60``.
+        seed: seed of the clients' batch streams and of participation draws. Default ``0``.
+        log_per_item: also log ``convergence/fl/participation/client<n>``. Default ``False``.
+        event_order: asynchronous rules only: force the arrival order (client ids), for equivalence tests.
+        faults: fault injection for tests: ``{client_id: ["crash" | "stall", after_updates]}``.
+
+    State:
+        Checkpoint key ``convergence/fl``: ``{"version", "rule": rule.state_dict(), "server": {"round_idx",
+        "order_pos", "clock"}}``; the global model is also the LightningModule's weights.
+
+    Logs:
+        From the server, at ``log_every_n_steps``: ``convergence/fl/staleness_steps`` (mean),
+        ``convergence/fl/updates_applied_total``, ``convergence/fl/updates_accepted_total``,
+        ``convergence/fl/updates_received_total``, ``convergence/fl/updates_pending``, ``convergence/fl/version``,
+        ``convergence/fl/nonfinite_skipped_total``, ``convergence/fl/duplicate_skipped_total``,
+        ``convergence/fl/stale_rejected_total``, ``convergence/fl/clients_alive``,
+        ``convergence/fl/updates_discarded_total``, ``convergence/fl/client_loss``; with ``log_per_item``
+        ``convergence/fl/participation/client<n>``; at the end of training ``convergence/fl/staleness_count/<τ>``.
+        Validation metrics are the user's own (``val_*``), computed on the global model.
+
+    Raises:
+        ValueError: for out-of-range arguments (named), ``participation_probs`` with a non-round rule,
+            ``event_order`` with a synchronous rule, or a datamodule with a different ``num_clients``.
+        TypeError: if ``rule`` is not a ``ServerRule`` or the datamodule has no ``client_dataset``.
+
+    Example:
+        >>> # Trainer(strategy=AsyncFederatedStrategy(rule=FedBuff(buffer_size=4), num_clients=8), max_steps=200,
+        >>> #         accelerator="cpu", devices=1).fit(model, FederatedDataModule(DigitsDataModule(), num_clients=8))
+    """
+
+    strategy_name = "async_fl"
+
+    def __init__(
+        self, rule: ServerRule | None = None, num_clients: int = 4, local_steps: int = 5,
+        speeds: Sequence[float] | None = None, step_delay_s: float = 0.0,
+        participation_probs: Sequence[float] | None = None, round_timeout_s: float = 30.0,
+        serve_timeout_s: float = 120.0, shutdown_timeout_s: float = 10.0, process_group_timeout_s: float = 60.0,
+        seed: int = 0, log_per_item: bool = False, event_order: Sequence[int] | None = None,
+        faults: dict[int, Sequence[Any]] | None = None,
+    ) -> None:
+        super().__init__(device="cpu")
+        owner = "AsyncFederatedStrategy"
+        if not (isinstance(num_clients, int) and num_clients >= 1):
+            raise ValueError(f"{owner}: `num_clients` must be an int >= 1, got {num_clients!r}.")
+        if rule is None:
+            rule = FedBuff(buffer_size=max(1, num_clients // 2))
+        if not isinstance(rule, ServerRule):
+            raise TypeError(f"{owner}: `rule` must be a ServerRule (e.g. FedBuff), got {type(rule).__name__}.")
+        if not (isinstance(local_steps, int) and local_steps >= 1):
+            raise ValueError(f"{owner}: `local_steps` must be an int >= 1, got {local_steps!r}.")
+        speeds = [1.0] * num_clients if speeds is None else [float(s) for s in speeds]
+        if len(speeds) != num_clients or any(not (s >= 0 and math.isfinite(s)) for s in speeds):
+            raise ValueError(f"{owner}: `speeds` must be {num_clients} finite numbers >= 0, got {speeds}.")
+        for name, value in (("step_delay_s", step_delay_s), ("round_timeout_s", round_timeout_s),
+                            ("serve_timeout_s", serve_timeout_s), ("shutdown_timeout_s", shutdown_timeout_s),
+                            ("process_group_timeout_s", process_group_timeout_s)):
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{owner}: `{name}` must be a finite number >= 0, got {value!r}.")
+        self.participation = None
+        if participation_probs is not None:
+            if not rule.round_based:
+                raise ValueError(f"{owner}: `participation_probs` needs a round-based rule (FedAvg, FedProx, FedAU), "
+                                 f"got {type(rule).__name__}.")
+            if len(participation_probs) != num_clients:
+                raise ValueError(f"{owner}: `participation_probs` must have {num_clients} entries, "
+                                 f"got {len(participation_probs)}.")
+            self.participation = Participation(probs=participation_probs, seed=seed)
+        if event_order is not None and rule.synchronous:
+            raise ValueError(f"{owner}: `event_order` needs an asynchronous rule (FedAsync, FedBuff), "
+                             f"got {type(rule).__name__}.")
+        self.faults: dict[int, ClientFault] = {}
+        for cid, spec in (faults or {}).items():
+            kind, after = spec
+            if kind not in ("crash", "stall"):
+                raise ValueError(f"{owner}: `faults` kinds must be 'crash' or 'stall', got {kind!r}.")
+            self.faults[int(cid)] = ClientFault(kind, int(after))
+        self.rule, self.num_clients, self.local_steps, self.speeds = rule, num_clients, local_steps, speeds
+        self.step_delay_s, self.round_timeout_s = float(step_delay_s), float(round_timeout_s)
+        self.serve_timeout_s, self.shutdown_timeout_s = float(serve_timeout_s), float(shutdown_timeout_s)
+        self.process_group_timeout_s, self.seed, self.log_per_item = float(process_group_timeout_s), seed, log_per_item
+        self.event_order = None if event_order is None else [int(c) for c in event_order]
+        self.server: FederatedServer | None = None
+        self._procs: list[Any] = []
+        self._restored: dict | None = None
+        self.stuck_clients: set[int] = set()
+        self.deaths: dict[int, str] = {}
+        self.discarded_total = 0
+
+    # --------------------------------------------------------------- launching
+    @override
+    def setup(self, trainer: Any) -> None:
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING and self.server is None:
+            self._launch(trainer)
+
+    def _launch(self, trainer: Any) -> None:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "client_dataset"):
+            raise TypeError("AsyncFederatedStrategy: the datamodule must give client shards (`client_dataset`); "
+                            "wrap it: FederatedDataModule(your_datamodule, num_clients=...).")
+        if getattr(dm, "num_clients", self.num_clients) != self.num_clients:
+            raise ValueError(f"AsyncFederatedStrategy: `num_clients`={self.num_clients} must equal the datamodule's "
+                             f"num_clients={dm.num_clients}.")
+        module = self.lightning_module
+        server_state = None
+        if self._restored is not None:
+            self.rule.load_state_dict(self._restored["rule"])
+            server_state = self._restored["server"]
+        elif not self.rule.params:
+            self.rule.init_params(module_params(module))
+        load_params(module, self.rule.params)
+        layout = ParamLayout(self.rule.params)
+        batch_size = int(getattr(dm, "client_batch_size", 32))
+        port, world = _free_port(), self.num_clients + 1
+        ctx = mp.get_context("fork")
+        for cid in range(self.num_clients):
+            dataset, indices = dm.client_dataset(cid)
+            stream = ClientStream(dataset, indices, batch_size, seed=self.seed, client_id=cid)
+            args = (cid, world, port, self.process_group_timeout_s, module, stream, layout, self.local_steps,
+                    self.rule.prox_mu, self.step_delay_s * self.speeds[cid], self.faults.get(cid))
+            proc = ctx.Process(target=_client_entry, args=args, daemon=True)
+            proc.start()
+            self._procs.append(proc)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world,
+                                timeout=timedelta(seconds=self.process_group_timeout_s))
+        self.server = FederatedServer(self.rule, ServerTransport(layout, self.num_clients), self.participation,
+                                      round_timeout_s=self.round_timeout_s, event_order=self.event_order,
+                                      state=server_state)
+        self.server.start()
+
+    # --------------------------------------------------------------- training
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """One server model update: serve clients until the rule's version advances, then load the global model."""
+        assert self.server is not None  # set in setup (internal invariant, not user input)
+        trainer = self.lightning_module.trainer
+        ok = self.server.serve_until(self.rule.version + 1, timeout_s=self.serve_timeout_s)
+        if not ok:
+            rank_zero_warn(f"AsyncFederatedStrategy: no server update possible (clients alive: "
+                           f"{sorted(self.server.alive)}, deaths: {self.server.deaths}); stopping training.")
+            trainer.should_stop = True
+        load_params(self.lightning_module, self.rule.params)
+        losses = [x for x in self.server.pop_losses() if math.isfinite(x)]
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        if should_log(trainer):
+            metrics = self.rule.metrics(self.log_per_item)
+            metrics.update(self.server.metrics())
+            if math.isfinite(loss):
+                metrics["client_loss"] = loss
+            log_metrics(trainer, "fl", metrics)
+        return torch.tensor(loss)
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return closure_loss  # the server computes no gradients: clients did the training
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        return closure()  # runs training_step (one server update); the server's own optimizer never steps
+
+    @override
+    def on_train_end(self) -> None:
+        trainer = self.lightning_module.trainer
+        hist = {f"staleness_count/{s}": float(c) for s, c in sorted(self.rule.staleness_hist.items())}
+        final = self.rule.metrics(self.log_per_item)
+        final.update(hist)
+        log_metrics(trainer, "fl", final)
+
+    # ------------------------------------------------------------- checkpoints
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        checkpoint[_STATE_KEY] = {
+            "version": _STATE_VERSION, "rule": self.rule.state_dict(),
+            "server": self.server.state_dict() if self.server else {"round_idx": 0, "order_pos": 0, "clock": 0.0},
+        }
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
+        entry = checkpoint.get(_STATE_KEY)
+        if entry is not None:
+            if entry.get("version") != _STATE_VERSION:
+                raise RuntimeError(f"AsyncFederatedStrategy: checkpoint `{_STATE_KEY}` version "
+                                   f"{entry.get('version')!r} is not supported (expected {_STATE_VERSION}).")
+            self._restored = entry
+        return checkpoint
+
+    # ---------------------------------------------------------------- teardown
+    @override
+    def teardown(self) -> None:
+        if self.server is not None:
+            self.stuck_clients = self.server.shutdown(self.shutdown_timeout_s)
+            self.deaths, self.discarded_total = dict(self.server.deaths), self.server.discarded_total
+            for proc in self._procs:
+                proc.join(timeout=0.5 if proc.pid is None else 2.0)
+                if proc.is_alive():
+                    proc.kill()  # a stalled client we forked: ours to end
+                    proc.join(timeout=5.0)
+            self.server.transport.join(timeout_s=5.0)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.server = None
+            self._procs = []
+        super().teardown()
+
+
+def register_strategies() -> None:
+    """Register ``async_fl`` (FedBuff with a buffer of half the clients, 4 clients) in Lightning's registry."""
+    from lightning_convergence.strategies import register_strategy
+
+    register_strategy("async_fl", AsyncFederatedStrategy,
+                      "Asynchronous federated learning (FedBuff server, 4 forked gloo clients)")
