@@ -1,5 +1,6 @@
 """Lightning callbacks: thin adapters that wire the cores to Trainer hooks."""
 
+from lightning_convergence.callbacks.adaptive_batch import AdaptiveBatchSize
 from lightning_convergence.callbacks.grad_stats_monitor import GradientStatsMonitor
 from lightning_convergence.callbacks.gradient_early_stopping import GradientEarlyStopping
 from lightning_convergence.callbacks.schedule_free import ScheduleFreeModeSwitch
@@ -7,6 +8,7 @@ from lightning_convergence.callbacks.schedule_refinement import ScheduleRefineme
 from lightning_convergence.callbacks.variance_sampling import GradientVarianceSampling
 
 __all__ = [
+    "AdaptiveBatchSize",
     "GradientEarlyStopping",
     "GradientStatsMonitor",
     "GradientVarianceSampling",

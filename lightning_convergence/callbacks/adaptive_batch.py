@@ -1,0 +1,566 @@
+"""Grow the global batch size during training from gradient statistics (AdAdaGrad tests or the noise scale)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.utilities.data import extract_batch_size
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from typing_extensions import override
+
+from lightning_convergence import stats
+from lightning_convergence._metrics import log_metrics
+from lightning_convergence.callbacks.grad_stats_monitor import _grad_scale
+from lightning_convergence.data import rebuild_dataloader, wrap_train_dataloader
+from lightning_convergence.data.resizable import BatchSizeController, EpochShuffleSampler, ResizableBatchSampler
+
+__all__ = ["AdaptiveBatchSize", "plan_batch"]
+
+_TESTS = ("norm", "inner_product", "augmented", "noise_scale")
+_ESTIMATORS = ("microbatch", "per_sample")
+_LR_SCALING = ("none", "linear", "sqrt")
+
+
+def plan_batch(
+    target: int, world_size: int, per_device: int, accumulation: int, max_per_device: int | None,
+    max_batch_size: int | None, resize_device: bool,
+) -> tuple[int, int]:
+    """The ``(per_device, accumulation)`` whose global batch ``per_device × world_size × accumulation`` is the
+    smallest achievable one ≥ ``target`` (or the largest ≤ ``max_batch_size`` when rounding up would pass it).
+
+    With ``resize_device`` (at an epoch boundary) the per-device batch may change, up to ``max_per_device``, and
+    accumulation is the smallest that fits; otherwise only the accumulation changes.
+    """
+    if resize_device and max_per_device is not None:
+        accumulation = max(math.ceil(target / (world_size * max_per_device)), 1)
+        per_device = max(min(math.ceil(target / (world_size * accumulation)), max_per_device), 1)
+        if max_batch_size is not None and per_device * world_size * accumulation > max_batch_size:
+            per_device = max(max_batch_size // (world_size * accumulation), 1)
+        return per_device, accumulation
+    k = max(math.ceil(target / (world_size * per_device)), 1)
+    if max_batch_size is not None and k > 1 and per_device * world_size * k > max_batch_size:
+        k -= 1
+    return per_device, k
+
+
+class AdaptiveBatchSize(Callback):
+    """Grow the global batch size when the gradient gets noisy relative to its norm (AdAdaGrad's tests).
+
+    Paper: Lau, Liu, Kolar. *AdAdaGrad: Adaptive Batch Size Schemes for Adaptive Gradient Methods.*
+    arXiv:2402.11215, 2024 (norm, inner-product and augmented inner-product tests; batch update
+    ``b ← min(max(b, b_test), b_max)``). LR scaling: linear for SGD, square root for Adam-type optimizers as the
+    batch grows (Goyal et al. 2017, arXiv:1706.02677; Malladi et al., *On the SDEs and Scaling Rules for Adaptive
+    Gradient Algorithms*, NeurIPS 2022). Noise-scale rule: McCandlish, Kaplan, Amodei, *An Empirical Model of
+    Large-Batch Training*, arXiv:1812.06162 (batch = ``B_simple``).
+
+    How the batch changes (Lightning has no public API for it, issues #19286 and #21448): the global batch is
+    ``per_device × devices × accumulate_grad_batches``. Mid-epoch only ``trainer.accumulate_grad_batches`` changes
+    (memory stays flat): it is set right after an optimizer step, and only once the epoch's batch count is a
+    multiple of the new value, because Lightning decides "step now" from ``batch_idx % accumulate_grad_batches``
+    (a change at another point would give one short, mis-scaled step; the wait is at most ``new / gcd(old, new)``
+    steps, and an epoch start always qualifies). With ``max_per_device_batch_size`` the per-device batch also
+    grows, at epoch boundaries, through a :class:`~lightning_convergence.data.ResizableBatchSampler` this callback
+    installs in the train DataLoader (requires ``reload_dataloaders_every_n_epochs=1`` so Lightning recounts the
+    epoch's batches; a mid-epoch change would make it skip end-of-epoch validation). Achievable sizes are
+    multiples of ``per_device × devices``: the target is rounded up (down if that would pass ``max_batch_size``)
+    and the real global batch is logged.
+
+    Statistics. ``variance_estimator="microbatch"`` (default): tensor hooks capture each micro-batch's local
+    gradient before accumulation and DDP's all-reduce (as :class:`GradientStatsMonitor` does); the ``k × devices``
+    micro-batch means are the samples, with ``scale`` = per-device batch, reduced across ranks by the law of total
+    variance in :func:`~lightning_convergence.stats.sample_grad_stats`. No extra backward pass; the cost is one
+    copy of the gradient per micro-batch on test steps and one all-reduce of a gradient-sized vector. It needs at
+    least 2 samples per step: ``accumulate_grad_batches ≥ 2`` or ≥ 2 devices (checked at setup).
+    ``"per_sample"``: exact per-example gradients with ``torch.func`` on the first ``per_sample_max_examples``
+    examples of the step's last micro-batch on each rank (AdAdaGrad's estimator; costs a vmapped backward); they
+    give the covariance terms, and ``‖ḡ‖²`` is the step's whole gradient. The batch must be
+    ``(inputs, targets, ...)`` and a per-example loss ``loss_fn(output, target)`` is taken from the ``loss_fn``
+    argument or a ``per_sample_loss`` method of the LightningModule.
+
+    Decisions are computed from all-reduced statistics and broadcast from rank 0, so every rank acts alike.
+    Single-process runs get a deterministic sampler: a plain ``RandomSampler`` is replaced by an
+    :class:`~lightning_convergence.data.EpochShuffleSampler` seeded with ``seed`` (DDP runs use Lightning's
+    ``DistributedSampler``), which makes a mid-epoch resume continue with the same batches.
+
+    Deviations: (1) the test runs in ``on_before_optimizer_step`` on the step's own gradients (the paper tests
+    after the step, at the same weights the gradient was taken at, which is the same point). (2) ``smoothing``
+    (default 0.9) averages the statistics with a bias-corrected EMA before the test; the paper uses each batch
+    alone. With the micro-batch estimator a step gives only ``k × devices`` samples, and the never-shrink rule
+    would ratchet up on noise without it; set 0 for the paper's behaviour. (3) LR scaling also multiplies the
+    schedulers' ``base_lrs`` and ``initial_lr``, so schedulers that recompute from them keep the scaling.
+    (4) micro-batches of unequal size (a short last batch) count as their mean size. (5) ``per_sample`` with
+    accumulation or a sub-batch: the covariance terms come from the sub-batch (inner products against the
+    sub-batch mean), ``‖ḡ‖²`` from the whole step's gradient; with one micro-batch of at most
+    ``per_sample_max_examples`` examples on one device this is exactly the paper's estimator.
+
+    Args:
+        test: ``"norm"`` (η), ``"inner_product"`` (θ), ``"augmented"`` (max of inner-product and orthogonality, θ
+            and ν) or ``"noise_scale"`` (batch = ``noise_scale_factor × B_simple``). Default ``"norm"``.
+        eta: η > 0 of the norm test. Default ``0.1`` (paper); larger η grows the batch less (0.5 is milder).
+        theta: θ > 0 of the inner-product test. Default ``0.1`` (paper default; README examples use 0.5).
+        nu: ν > 0 of the orthogonality test. Default ``0.1`` (paper default; README examples use 1.0).
+        noise_scale_factor: multiplier of ``B_simple`` for ``test="noise_scale"``, > 0. Default ``1.0``.
+        test_interval: run the test every this many optimizer steps, ≥ 1. Default ``1`` (paper).
+        min_batch_size: lower bound of the global batch, ≥ 1; applied at the start of training. Default ``None``
+            (the initial global batch).
+        max_batch_size: upper bound of the global batch (``b_max``). Default ``None`` (unbounded: set one).
+        max_growth_factor: at most this growth per test, > 1, or ``None`` (paper: no cap). Default ``2.0``.
+        allow_shrink: let the batch decrease when the test demands less. Default ``False`` (paper).
+        max_per_device_batch_size: the largest per-device batch; ``None`` (default) keeps the per-device batch and
+            grows only accumulation.
+        lr_scaling: ``"none"``, ``"linear"`` (SGD) or ``"sqrt"`` (Adam-type); on a batch change of ``×k`` every
+            param group's lr is multiplied by ``k`` or ``√k``. Default ``"none"``.
+        variance_estimator: ``"microbatch"`` or ``"per_sample"`` (see above). Default ``"microbatch"``.
+        loss_fn: per-example loss for ``"per_sample"``, ``loss_fn(output, target) -> scalar`` on a batch of one
+            (e.g. ``torch.nn.CrossEntropyLoss()``). Default ``None``: use ``pl_module.per_sample_loss``.
+        per_sample_max_examples: examples per rank used by ``"per_sample"``, ≥ 2. Default ``64``.
+        smoothing: EMA factor in [0, 1) for the statistics before the test. Default ``0.9`` (see Deviations).
+        noise_ema_beta: EMA factor in [0, 1) of the gradient-noise-scale numerator and denominator. Default ``0.9``.
+        seed: seed of the single-process shuffling sampler. Default ``0``.
+
+    State: the global batch, its target, per-device batch and accumulation (and a pending accumulation change),
+    the sampler position (epoch, examples consumed), samples seen, the statistics and noise-scale EMAs, the count
+    of skipped non-finite steps, and a ``version`` key. Hyperparameters come from the config.
+
+    Logs (on test steps): ``convergence/batch/batch_size`` (real global batch),
+    ``convergence/batch/samples_seen_total``,
+    ``convergence/batch/test_statistic`` (the batch the test demands), ``convergence/batch/noise_scale``,
+    ``convergence/batch/accumulate_grad_batches``, ``convergence/batch/per_device_batch_size``,
+    ``convergence/batch/step_overhead_ms``, ``convergence/batch/nonfinite_skipped_total``.
+
+    Raises:
+        ValueError: for an unknown ``test``/``lr_scaling``/``variance_estimator``, a parameter out of range, or at
+            setup: the micro-batch estimator with one micro-batch per step and one device; per-device growth
+            without ``reload_dataloaders_every_n_epochs=1``; ``per_sample`` without a loss function.
+        RuntimeError: at setup, with manual optimization, a ``GradientAccumulationScheduler``, or a strategy that
+            accumulates gradients itself (DeepSpeed).
+        TypeError: if the train loader has a custom batch sampler (it cannot be resized).
+
+    Example::
+
+        Trainer(accumulate_grad_batches=2, callbacks=[AdaptiveBatchSize(test="norm", eta=0.5, max_batch_size=1024,
+                                                                        lr_scaling="sqrt")])
+    """
+
+    STATE_VERSION = 1
+
+    def __init__(
+        self,
+        test: str = "norm",
+        eta: float = 0.1,
+        theta: float = 0.1,
+        nu: float = 0.1,
+        noise_scale_factor: float = 1.0,
+        test_interval: int = 1,
+        min_batch_size: int | None = None,
+        max_batch_size: int | None = None,
+        max_growth_factor: float | None = 2.0,
+        allow_shrink: bool = False,
+        max_per_device_batch_size: int | None = None,
+        lr_scaling: str = "none",
+        variance_estimator: str = "microbatch",
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        per_sample_max_examples: int = 64,
+        smoothing: float = 0.9,
+        noise_ema_beta: float = 0.9,
+        seed: int = 0,
+    ) -> None:
+        name = type(self).__name__
+        for field, value, choices in (
+            ("test", test, _TESTS), ("lr_scaling", lr_scaling, _LR_SCALING),
+            ("variance_estimator", variance_estimator, _ESTIMATORS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}: `{field}` must be one of {choices}, got {value!r}.")
+        for field, value in (("eta", eta), ("theta", theta), ("nu", nu), ("noise_scale_factor", noise_scale_factor)):
+            if not float(value) > 0 or not math.isfinite(float(value)):
+                raise ValueError(f"{name}: `{field}` must be a finite number > 0, got {value!r}.")
+        for field, value, low in (
+            ("test_interval", test_interval, 1), ("min_batch_size", min_batch_size, 1),
+            ("max_batch_size", max_batch_size, 1), ("max_per_device_batch_size", max_per_device_batch_size, 1),
+            ("per_sample_max_examples", per_sample_max_examples, 2),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"{name}: `{field}` must be an int >= {low}, got {value!r}.")
+        if min_batch_size is not None and max_batch_size is not None and max_batch_size < min_batch_size:
+            raise ValueError(
+                f"{name}: `max_batch_size` must be >= `min_batch_size` ({min_batch_size}), got {max_batch_size}."
+            )
+        if max_growth_factor is not None and not float(max_growth_factor) > 1:
+            raise ValueError(f"{name}: `max_growth_factor` must be > 1 or None, got {max_growth_factor!r}.")
+        for field, value in (("smoothing", smoothing), ("noise_ema_beta", noise_ema_beta)):
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"{name}: `{field}` must be in [0, 1), got {value!r}.")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"{name}: `loss_fn` must be callable, got {type(loss_fn).__name__}.")
+        self.test, self.eta, self.theta, self.nu = test, float(eta), float(theta), float(nu)
+        self.noise_scale_factor = float(noise_scale_factor)
+        self.test_interval = test_interval
+        self.min_batch_size, self.max_batch_size = min_batch_size, max_batch_size
+        self.max_growth_factor = None if max_growth_factor is None else float(max_growth_factor)
+        self.allow_shrink = allow_shrink
+        self.max_per_device_batch_size = max_per_device_batch_size
+        self.lr_scaling = lr_scaling
+        self.variance_estimator = variance_estimator
+        self.loss_fn = loss_fn
+        self.per_sample_max_examples = per_sample_max_examples
+        self.smoothing = float(smoothing)
+        self.seed = int(seed)
+        # -- state --
+        self.controller = BatchSizeController(1)
+        self.tracker = stats.GradientNoiseScale(beta=float(noise_ema_beta))
+        self._emas = {k: stats.BiasCorrectedEMA(self.smoothing) for k in ("trace_cov", "grad_sq_norm", "inner_var")}
+        self.global_batch_size = 0  # the real global batch (0 until training starts)
+        self.target_batch_size = 0
+        self.accumulation = 0
+        self.pending_accumulation: int | None = None
+        self.samples_seen_total = 0
+        self.nonfinite_skipped_total = 0
+        self.last_demanded = math.nan
+        self.history: list[dict[str, float]] = []  # one entry per test: step, demanded, target, batch_size
+        self.last_metrics: dict[str, float] = {}
+        self._controller_ready = False
+        self._restored = False
+        # -- per-step scratch --
+        self._undo: Callable[[], None] | None = None
+        self._handles: list[Any] = []
+        self._capturing = False
+        self._row: list[Tensor | None] = []
+        self._rows: list[list[Tensor | None]] = []
+        self._micro_sizes: list[int] = []
+        self._last_batch: Any = None
+        self._step_at_batch_start = -1
+        self._overhead_s = 0.0
+        self._params: list[torch.nn.Parameter] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(test=self.test, variance_estimator=self.variance_estimator)
+
+    # -- setup ------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._check_trainer(trainer, pl_module)
+        self._params = [p for p in pl_module.parameters() if p.requires_grad]
+        if self.variance_estimator == "microbatch" and not self._handles:
+            for i, p in enumerate(self._params):
+                self._handles.append(p.register_hook(self._make_hook(i)))
+        self._undo = wrap_train_dataloader(trainer, self._install_sampler)
+
+    def _check_trainer(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        name = type(self).__name__
+        if not pl_module.automatic_optimization:
+            raise RuntimeError(f"{name}: needs automatic optimization (`automatic_optimization=True`).")
+        if trainer.strategy.handles_gradient_accumulation:
+            raise RuntimeError(f"{name}: the strategy accumulates gradients itself; use a DDP-type strategy.")
+        if any(isinstance(cb, GradientAccumulationScheduler) for cb in trainer.callbacks):
+            raise RuntimeError(
+                f"{name}: cannot be combined with `GradientAccumulationScheduler`: both set `accumulate_grad_batches`."
+            )
+        if self.variance_estimator == "microbatch" and trainer.accumulate_grad_batches * trainer.world_size < 2:
+            raise ValueError(
+                f"{name}: `variance_estimator='microbatch'` needs >= 2 gradient samples per step: set "
+                f"`accumulate_grad_batches` >= 2 or use >= 2 devices, or use `variance_estimator='per_sample'`; got "
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches} on {trainer.world_size} device(s)."
+            )
+        if self.max_per_device_batch_size is not None and trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ValueError(
+                f"{name}: `max_per_device_batch_size` needs `Trainer(reload_dataloaders_every_n_epochs=1)` so "
+                f"Lightning recounts the batches after a resize; got {trainer.reload_dataloaders_every_n_epochs}."
+            )
+        if self.variance_estimator == "per_sample" and self._loss_fn(pl_module) is None:
+            raise ValueError(
+                f"{name}: `variance_estimator='per_sample'` needs `loss_fn` or a `per_sample_loss(output, target)` "
+                f"method on {type(pl_module).__name__}."
+            )
+
+    def _loss_fn(self, pl_module: LightningModule) -> Callable[[Tensor, Tensor], Tensor] | None:
+        return self.loss_fn if self.loss_fn is not None else getattr(pl_module, "per_sample_loss", None)
+
+    def _install_sampler(self, loader: DataLoader) -> DataLoader:
+        """The DataLoader transform: the same loader, batched by a ResizableBatchSampler on our controller."""
+        if loader.batch_size is None or type(loader.batch_sampler) is not BatchSampler:
+            raise TypeError(
+                f"{type(self).__name__}: the train DataLoader must use `batch_size` (not a custom `batch_sampler`) so "
+                f"its batches can be resized; got batch_sampler {type(loader.batch_sampler).__name__}."
+            )
+        if not self._controller_ready and not self._restored:
+            self.controller.set_batch_size(int(loader.batch_size))
+        self._controller_ready = True
+        inner = loader.sampler
+        if isinstance(inner, RandomSampler) and not inner.replacement and inner._num_samples is None:
+            inner = EpochShuffleSampler(loader.dataset, seed=self.seed)
+        batch_sampler = ResizableBatchSampler(inner, self.controller.batch_size, loader.drop_last, self.controller)
+        return rebuild_dataloader(loader, batch_sampler=batch_sampler)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        world = trainer.world_size
+        if self._restored and self.accumulation:
+            trainer.accumulate_grad_batches = self.accumulation
+        else:
+            self.accumulation = int(trainer.accumulate_grad_batches)
+            self.global_batch_size = self.controller.batch_size * world * self.accumulation
+            self.target_batch_size = self.global_batch_size
+            if self.min_batch_size is not None and self.global_batch_size < self.min_batch_size:
+                self.target_batch_size = self.min_batch_size
+                self._replan(trainer, resize_device=self.max_per_device_batch_size is not None, apply_now=True)
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.controller.epoch = trainer.current_epoch
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The next epoch starts with batch_idx 0: any accumulation fits, and the per-device batch may change.
+        if self.target_batch_size != self.global_batch_size or self.pending_accumulation is not None:
+            self._replan(trainer, resize_device=self.max_per_device_batch_size is not None, apply_now=True)
+
+    # -- per step ---------------------------------------------------------------------------------------------
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        n = int(extract_batch_size(batch))
+        self.controller.consume(n)
+        self.samples_seen_total += n * trainer.world_size
+        self._step_at_batch_start = trainer.global_step
+        self._capturing = trainer.global_step % self.test_interval == 0
+        if self._capturing:
+            self._micro_sizes.append(n)
+            if self.variance_estimator == "per_sample":
+                self._last_batch = batch
+
+    def _make_hook(self, index: int) -> Callable[[Tensor], Tensor]:
+        def hook(grad: Tensor) -> Tensor:
+            if self._capturing:
+                t0 = time.perf_counter()
+                if not self._row:
+                    self._row = [None] * len(self._params)
+                g = grad.detach().float()
+                prev = self._row[index]
+                self._row[index] = g.clone() if prev is None else prev + g
+                self._overhead_s += time.perf_counter() - t0
+            return grad
+
+        return hook
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._capturing and self.variance_estimator == "microbatch":
+            self._rows.append(self._row or [None] * len(self._params))
+            self._row = []
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not self._capturing:
+            return
+        t0 = time.perf_counter()
+        sample_stats = self._sample_stats(trainer, pl_module)
+        self._reset_capture()
+        demanded = math.nan
+        if sample_stats is not None:
+            values = (sample_stats.trace_cov, sample_stats.grad_sq_norm, sample_stats.inner_var)
+            if all(math.isfinite(v) for v in values):
+                demanded = self._demand(sample_stats)
+            else:
+                self.nonfinite_skipped_total += 1
+        demanded = float(trainer.strategy.broadcast(demanded, src=0))
+        self.last_demanded = demanded
+        target = stats.next_batch_size(
+            self.global_batch_size, demanded, self.min_batch_size or 1, self.max_batch_size,
+            self.max_growth_factor, self.allow_shrink,
+        )
+        self.target_batch_size = target
+        if target != self.global_batch_size:
+            self._replan(trainer, resize_device=False, apply_now=False)
+        self.history.append({
+            "step": trainer.global_step, "demanded": demanded, "target": target, "batch_size": self.global_batch_size,
+        })
+        self._overhead_s += time.perf_counter() - t0
+        self._log(trainer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        stepped = trainer.global_step > self._step_at_batch_start
+        if stepped and self.pending_accumulation is not None and (batch_idx + 1) % self.pending_accumulation == 0:
+            self._set_batch(trainer, self.controller.batch_size, self.pending_accumulation)
+
+    # -- internals --------------------------------------------------------------------------------------------
+    def _sample_stats(self, trainer: Trainer, pl_module: LightningModule) -> stats.SampleGradStats | None:
+        all_reduce = _all_reduce if trainer.world_size > 1 else None
+        if self.variance_estimator == "per_sample":
+            return self._per_sample_stats(pl_module, all_reduce)
+        rows = self._rows
+        if len(rows) * trainer.world_size < 2:
+            return None  # a lone micro-batch (the short last step of an epoch): no variance, no measurement
+        # Lightning divides each micro-batch loss by the accumulation factor; AMP multiplies it by the loss scale.
+        factor = float(trainer.accumulate_grad_batches) / _grad_scale(trainer)
+        samples = []
+        for i, p in enumerate(self._params):
+            parts = [r[i] if r[i] is not None else torch.zeros(p.shape, device=p.device) for r in rows]
+            samples.append(torch.stack(parts) * factor)
+        scale = sum(self._micro_sizes) / len(self._micro_sizes)
+        return stats.sample_grad_stats(samples, scale=scale, all_reduce=all_reduce)
+
+    def _per_sample_stats(self, pl_module: LightningModule, all_reduce: Any) -> stats.SampleGradStats | None:
+        batch = self._last_batch
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise TypeError(
+                f"{type(self).__name__}: `variance_estimator='per_sample'` needs batches of (inputs, targets, ...), "
+                f"got {type(batch).__name__}."
+            )
+        m = self.per_sample_max_examples
+        inputs, targets = batch[0][:m], batch[1][:m]
+        grads = stats.per_sample_grads(pl_module, self._loss_fn(pl_module), inputs, targets)
+        names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+        sub = stats.sample_grad_stats([grads[n] for n in names], scale=1.0, all_reduce=all_reduce)
+        # The tests' denominator is the norm of the step's whole gradient (all micro-batches and ranks, already
+        # all-reduced and unscaled here), as in AdAdaGrad where the per-example gradients cover the whole batch.
+        full = stats.grads_of(self._params)
+        if not full:
+            return None
+        return dataclasses.replace(sub, grad_sq_norm=float(stats.sq_norm(full)), count=self.global_batch_size)
+
+    def _demand(self, s: stats.SampleGradStats) -> float:
+        self.tracker.update(stats.noise_estimate(s))
+        if self.smoothing > 0:
+            sm = {k: ema.update(getattr(s, k)) for k, ema in self._emas.items()}
+            s = stats.SampleGradStats(count=s.count, **sm)
+        if self.test == "norm":
+            return stats.norm_test_batch_size(s, self.eta)
+        if self.test == "inner_product":
+            return stats.inner_product_test_batch_size(s, self.theta)
+        if self.test == "augmented":
+            return stats.augmented_test_batch_size(s, self.theta, self.nu)
+        b_simple = self.tracker.noise_scale
+        if math.isnan(b_simple):
+            return math.nan
+        return math.inf if math.isinf(b_simple) else float(max(math.ceil(self.noise_scale_factor * b_simple), 1))
+
+    def _replan(self, trainer: Trainer, resize_device: bool, apply_now: bool) -> None:
+        per_device, k = plan_batch(
+            self.target_batch_size, trainer.world_size, self.controller.batch_size, self.accumulation,
+            self.max_per_device_batch_size, self.max_batch_size, resize_device,
+        )
+        if not self.allow_shrink and per_device * k * trainer.world_size < self.global_batch_size:
+            return  # rounding down (at max_batch_size) must not shrink a batch that may not shrink
+        if apply_now:
+            self.pending_accumulation = None
+            self._set_batch(trainer, per_device, k)
+        elif k != self.accumulation:
+            self.pending_accumulation = k
+        else:
+            self.pending_accumulation = None
+
+    def _set_batch(self, trainer: Trainer, per_device: int, accumulation: int) -> None:
+        new = per_device * trainer.world_size * accumulation
+        old = self.global_batch_size
+        if per_device != self.controller.batch_size:
+            self.controller.set_batch_size(per_device)
+        trainer.accumulate_grad_batches = accumulation
+        self.accumulation = accumulation
+        self.global_batch_size = new
+        if self.pending_accumulation == accumulation:
+            self.pending_accumulation = None
+        if old > 0 and new != old and self.lr_scaling != "none":
+            ratio = new / old if self.lr_scaling == "linear" else math.sqrt(new / old)
+            _scale_lrs(trainer, ratio)
+
+    def _reset_capture(self) -> None:
+        self._rows = []
+        self._row = []
+        self._micro_sizes = []
+        self._last_batch = None
+        self._capturing = False
+
+    def _log(self, trainer: Trainer) -> None:
+        metrics = {
+            "batch_size": self.global_batch_size,
+            "samples_seen_total": self.samples_seen_total,
+            "test_statistic": self.last_demanded,
+            "noise_scale": self.tracker.noise_scale,
+            "accumulate_grad_batches": self.accumulation,
+            "per_device_batch_size": self.controller.batch_size,
+            "step_overhead_ms": 1e3 * self._overhead_s,
+            "nonfinite_skipped_total": self.nonfinite_skipped_total,
+        }
+        self._overhead_s = 0.0
+        self.last_metrics = log_metrics(trainer, "batch", metrics)
+
+    # -- state ------------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.STATE_VERSION,
+            "global_batch_size": self.global_batch_size,
+            "target_batch_size": self.target_batch_size,
+            "accumulate_grad_batches": self.accumulation,
+            "pending_accumulation": self.pending_accumulation,
+            "per_device_batch_size": self.controller.batch_size,
+            "sampler": self.controller.state_dict(),
+            "samples_seen_total": self.samples_seen_total,
+            "noise": self.tracker.state_dict(),
+            "smoothing": {k: ema.state_dict() for k, ema in self._emas.items()},
+            "nonfinite_skipped_total": self.nonfinite_skipped_total,
+            "last_demanded": self.last_demanded,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != self.STATE_VERSION:
+            raise RuntimeError(
+                f"{type(self).__name__}: checkpoint state `version` {state_dict.get('version')!r} is not "
+                f"{self.STATE_VERSION}; it cannot be converted."
+            )
+        self.global_batch_size = int(state_dict["global_batch_size"])
+        self.target_batch_size = int(state_dict["target_batch_size"])
+        self.accumulation = int(state_dict["accumulate_grad_batches"])
+        pending = state_dict["pending_accumulation"]
+        self.pending_accumulation = None if pending is None else int(pending)
+        self.controller.load_state_dict(state_dict["sampler"])
+        self.samples_seen_total = int(state_dict["samples_seen_total"])
+        self.tracker.load_state_dict(state_dict["noise"])
+        for k, ema in self._emas.items():
+            ema.load_state_dict(state_dict["smoothing"][k])
+        self.nonfinite_skipped_total = int(state_dict["nonfinite_skipped_total"])
+        self.last_demanded = float(state_dict["last_demanded"])
+        self._restored = True
+
+
+def _all_reduce(t: Tensor) -> None:
+    torch.distributed.all_reduce(t)
+
+
+def _scale_lrs(trainer: Trainer, ratio: float) -> None:
+    """Multiply every param group's lr (and ``initial_lr``) and every scheduler's ``base_lrs`` by ``ratio``."""
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * ratio
+            if "initial_lr" in group:
+                group["initial_lr"] = group["initial_lr"] * ratio
+    for config in trainer.lr_scheduler_configs:
+        base = getattr(config.scheduler, "base_lrs", None)
+        if base is not None:
+            config.scheduler.base_lrs = [lr * ratio for lr in base]
