@@ -170,3 +170,31 @@ def test_callback_errors_name_the_field(kwargs, field):
 def test_state_version_is_checked():
     with pytest.raises(RuntimeError, match="version"):
         GradientVarianceSampling().load_state_dict({"version": 99})
+
+
+def test_loader_with_batch_sampler_and_bad_probe_batch_are_refused():
+    from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+
+    from lightning_convergence.callbacks.variance_sampling import _default_inputs
+
+    ds = TensorDataset(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]))
+    loader = DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 2, False))
+    with pytest.raises(TypeError, match="batch_size"):
+        GradientVarianceSampling()._install(None, loader)
+    with pytest.raises(TypeError, match="batch_to_inputs"):
+        _default_inputs(torch.zeros(3))
+    with pytest.raises(RuntimeError, match="before fit"):
+        GradientVarianceSampling().record_acceptance(torch.tensor([0]), torch.tensor([True]))
+
+
+def test_sampling_core_imports_without_lightning():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for k in ('lightning', 'lightning.pytorch', 'lightning_fabric', 'pytorch_lightning'): sys.modules[k] = None\n"
+        "import lightning_convergence.sampling as s\n"
+        "assert s.allocate_budget('gvm', 4, [1, 1], grad_norms=[1, 3]).tolist() == [1, 3]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -71,3 +71,42 @@ def test_two_ranks_draw_disjoint_shares(tmp_path):
         assert set(a).isdisjoint(b)
         union = torch.tensor(a + b)
         assert torch.bincount(groups[union], minlength=3).tolist() == r0["state"]["window_counts"][w].tolist()
+
+
+def _dump_resume(trainer, module):
+    cb = trainer.callbacks[0]
+    return {
+        "params": {k: v.detach().clone() for k, v in module.named_parameters()},
+        "drawn": module.drawn,
+        "sampler": cb.sampler.state_dict(),
+        "stats": cb.group_stats.state_dict(),
+    }
+
+
+def test_resume_is_identical_on_two_ranks(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(out, max_steps, ckpt_path=None, save=False):
+        seed_everything(0)
+        cb = GradientVarianceSampling(policy="neyman", every_n_steps=EVERY, probe_per_group=4, seed=3)
+        extra = [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)] if save else []
+        trainer = Trainer(
+            strategy=ddp_fork_strategy(), devices=2, accelerator="cpu", max_steps=max_steps, logger=False,
+            enable_checkpointing=save, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[cb, DumpOnRanks(tmp_path / out, _dump_resume), *extra],
+        )
+        trainer.fit(IndexedLinear(), ckpt_path=ckpt_path)
+        return load_rank_results(tmp_path / out, 2)
+
+    straight = run("straight", 8)
+    run("first", 3, save=True)
+    resumed = run("resumed", 8, ckpt_path=str(next((tmp_path / "ckpt").glob("*step=3.ckpt"))))
+    for rank in range(2):
+        a, b = straight[rank], resumed[rank]
+        for k, v in a["params"].items():
+            assert torch.equal(v, b["params"][k]), (rank, k)
+        assert a["drawn"][3:] == b["drawn"]  # the same examples, in the same order, after the checkpoint
+        assert a["sampler"]["consumed"] == b["sampler"]["consumed"] == 8 * BATCH
+        torch.testing.assert_close(a["sampler"]["window_counts"], b["sampler"]["window_counts"], rtol=0, atol=0)
+        for k, v in a["stats"]["avg"].items():
+            torch.testing.assert_close(v, b["stats"]["avg"][k], rtol=0, atol=0)
