@@ -1,0 +1,201 @@
+"""CompressedDDPStrategy with two real gloo ranks (ddp_fork): reductions to DDP, convergence, bytes, buckets, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_convergence._metrics import KEY_PATTERN
+from lightning_convergence.compress import Identity, RandK, TopK
+from lightning_convergence.examples import LinearModel, MLPClassifier, SyntheticRegressionDataModule
+from lightning_convergence.feedback import EF21SGDM
+from lightning_convergence.strategies.compressed_ddp import CompressedDDPStrategy
+from tests.helpers.dist import DumpOnRanks, ddp_fork_strategy, fork_strategy_kwargs, load_rank_results, params_snapshot
+
+TRAINER = dict(
+    accelerator="cpu", devices=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+    num_sanity_val_steps=0, limit_val_batches=0,
+)
+
+
+def _dump(trainer, module):
+    s = trainer.strategy
+    out = {"params": params_snapshot(module), "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+    if isinstance(s, CompressedDDPStrategy):
+        out["rule"] = s.rule.state_dict()
+        out["counters"] = dict(s.hook_state.counters)
+    return out
+
+
+class _MLPData(L.LightningDataModule):
+    """Deterministic random inputs for the MLP classifier (64 features, 10 classes)."""
+
+    def __init__(self, n: int = 64, batch_size: int = 8) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        x, y = torch.randn(n, 64, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+        self.ds = torch.utils.data.TensorDataset(x, y)
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.ds, batch_size=self.batch_size, shuffle=False)
+
+
+def fit(tmp: Path, strategy, *, mlp: bool = False, callbacks=(), ckpt_path=None, **kwargs):
+    L.seed_everything(0, verbose=False)
+    if mlp:
+        model, data = MLPClassifier(hidden=[16, 16], lr=0.05), _MLPData()
+    else:
+        model = LinearModel(dim=10, lr=kwargs.pop("lr", 0.05))
+        data = kwargs.pop("data", None) or SyntheticRegressionDataModule(n_samples=128, dim=10, batch_size=16)
+    opts = {**TRAINER, "enable_checkpointing": False, **kwargs}
+    trainer = L.Trainer(strategy=strategy, callbacks=[*callbacks, DumpOnRanks(tmp, _dump)], **opts)
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return load_rank_results(tmp, 2)
+
+
+def ours(feedback="ef21", compressor=None, **kwargs):
+    return CompressedDDPStrategy(feedback=feedback, compressor=compressor, **fork_strategy_kwargs(), **kwargs)
+
+
+def _assert_params_close(a, b, atol):
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def plain_mlp(tmp_path_factory):
+    return fit(tmp_path_factory.mktemp("plain"), ddp_fork_strategy(), mlp=True, max_steps=6)
+
+
+@pytest.mark.parametrize("feedback", ["none", "ef14", "ef21", "ef21_sgdm", "econtrol"])
+def test_identity_compressor_equals_plain_ddp(tmp_path, plain_mlp, feedback):
+    rule = EF21SGDM(momentum=1.0) if feedback == "ef21_sgdm" else feedback  # momentum < 1 filters: not DDP
+    # several buckets (1 KiB each) on a 3-layer MLP: the hook handles any bucketing, before and after DDP's rebuild
+    got = fit(tmp_path, ours(rule, Identity(), bucket_cap_mb=0.001), mlp=True, max_steps=6)
+    for rank in range(2):
+        # float32: EF21-type rules carry g = g + mean(grad - g_i), which rounds differently from mean(grad)
+        _assert_params_close(got[rank]["params"], plain_mlp[rank]["params"], atol=1e-5)
+    assert got[0]["counters"]["hook_calls_total"] > 6  # more than one bucket per step
+
+
+def test_topk_result_does_not_depend_on_bucketing(tmp_path):
+    one = fit(tmp_path / "one", ours("ef21", TopK(0.1), bucket_cap_mb=25), mlp=True, max_steps=5)
+    many = fit(tmp_path / "many", ours("ef21", TopK(0.1), bucket_cap_mb=0.001), mlp=True, max_steps=5)
+    assert one[0]["counters"]["hook_calls_total"] == 5 < many[0]["counters"]["hook_calls_total"]
+    for rank in range(2):
+        _assert_params_close(one[rank]["params"], many[rank]["params"], atol=1e-6)
+        assert one[rank]["rule"]["buffers"]["g_i"].keys() == many[rank]["rule"]["buffers"]["g_i"].keys()
+    g_i = [one[r]["rule"]["buffers"]["g_i"]["net.0.weight"] for r in range(2)]
+    assert not torch.equal(g_i[0], g_i[1])  # per-rank state really is per rank
+
+
+class _RepeatedData(L.LightningDataModule):
+    """32 noisy least-squares samples; rank r always gets the same 16 as one full batch (no distributed sampler).
+
+    Each rank's gradient at the optimum x* is far from 0 (noise 2.0, 16 samples in 10 dimensions), the setting where
+    compression without feedback fails.
+    """
+
+    def __init__(self, repeats: int = 200) -> None:
+        super().__init__()
+        self.base = SyntheticRegressionDataModule(n_samples=32, dim=10, noise_std=2.0)
+        self.repeats = repeats
+
+    def train_dataloader(self):
+        rank = torch.distributed.get_rank()
+        x, y = self.base.x[rank::2].repeat(self.repeats, 1), self.base.y[rank::2].repeat(self.repeats)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=False)
+
+
+def test_ef21_topk_converges_to_the_optimum_in_a_trainer(tmp_path):
+    data = _RepeatedData()
+    opt = data.base.optimum
+    kw = dict(data=data, lr=0.1, max_steps=150, use_distributed_sampler=False)
+    ef21 = fit(tmp_path / "ef21", ours("ef21", TopK(0.3)), **kw)
+    none = fit(tmp_path / "none", ours("none", TopK(0.3)), **kw)
+    d_ef21 = (ef21[0]["params"]["linear.weight"].squeeze(0) - opt).norm() / opt.norm()
+    d_none = (none[0]["params"]["linear.weight"].squeeze(0) - opt).norm() / opt.norm()
+    assert d_ef21 < 1e-2  # measured 1.6e-3 (the pure-core simulation of the same problem agrees)
+    assert d_none > 0.2  # Top-K without feedback stops at a biased point (measured 0.51)
+    _assert_params_close(ef21[0]["params"], ef21[1]["params"], atol=0)  # replicas identical after every sync
+
+
+class _CountWire(Callback):
+    """Wraps the hook's collectives to count the bytes they carry."""
+
+    def __init__(self):
+        self.wire = 0
+
+    def on_train_start(self, trainer, module):
+        hs = trainer.strategy.hook_state
+        gather, reduce = hs.all_gather, hs.all_reduce
+
+        def g(t):
+            self.wire += t.numel() * t.element_size()
+            return gather(t)
+
+        def r(t):
+            self.wire += t.numel() * t.element_size()
+            return reduce(t)
+
+        hs.all_gather, hs.all_reduce = g, r
+
+    def on_train_end(self, trainer, module):
+        trainer.callback_metrics["wire_bytes"] = torch.tensor(float(self.wire))
+
+
+@pytest.mark.parametrize(("compressor", "per_step"), [(TopK(0.2), 2 * (4 + 4)), (RandK(0.3, rescale=False), 3 * 4)])
+def test_bytes_on_wire_equal_payload_sizes(tmp_path, compressor, per_step):
+    steps = 6
+    got = fit(tmp_path, ours("ef21", compressor, every_n_steps=1), callbacks=[_CountWire()], max_steps=steps)
+    per_rank = 10 * 4 + (steps - 1) * per_step  # dense first step (10 float32), then k values (+ int32 indices)
+    for rank in range(2):
+        assert got[rank]["counters"]["bytes_sent_total"] == per_rank
+        assert got[rank]["counters"]["dense_bytes_total"] == steps * 40
+        assert got[rank]["metrics"]["wire_bytes"] == per_rank  # what the collectives carried
+    m = got[0]["metrics"]
+    # logged at the last step (before its own hook ran? no: after) -> totals over all ranks
+    assert m["convergence/compress/bytes_sent_total"] == 2 * per_rank
+    assert m["convergence/compress/ratio"] == pytest.approx(steps * 40 / per_rank)
+    assert m["convergence/compress/residual_norm"] > 0
+    assert m["convergence/compress/nonfinite_skipped_total"] == 0
+    assert all(KEY_PATTERN.match(k) for k in m if k.startswith("convergence/"))
+
+
+def test_gradient_accumulation_runs_the_hook_on_sync_steps_only(tmp_path, plain_mlp):
+    got = fit(tmp_path / "acc", ours("ef21", Identity()), mlp=True, max_steps=3, accumulate_grad_batches=2)
+    assert got[0]["counters"]["hook_calls_total"] == 3  # one bucket, three optimizer steps, six micro-batches
+    base = fit(tmp_path / "base", ddp_fork_strategy(), mlp=True, max_steps=3, accumulate_grad_batches=2)
+    _assert_params_close(got[0]["params"], base[0]["params"], atol=1e-5)
+
+
+def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
+    def strategy():
+        return ours("ef21_sgdm", TopK(0.2), bucket_cap_mb=0.001)
+
+    # 64 samples / 2 ranks / batch 8 = 4 steps per epoch; checkpoint at the end of epoch 1
+    kw = dict(mlp=True, max_epochs=2)
+    straight = fit(tmp_path / "straight", strategy(), **kw)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    fit(tmp_path / "first", strategy(), mlp=True, max_epochs=1, callbacks=[ckpt], enable_checkpointing=True)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    entry = saved["convergence/compressed_ddp"]
+    assert entry["world_size"] == 2 and len(entry["ranks"]) == 2
+    assert not torch.equal(
+        entry["ranks"][0]["feedback"]["buffers"]["v"]["net.0.weight"],
+        entry["ranks"][1]["feedback"]["buffers"]["v"]["net.0.weight"],
+    )  # per-rank state really differs, so losing rank 1's slice would show
+    resumed = fit(tmp_path / "resumed", strategy(), ckpt_path=tmp_path / "ckpt" / "last.ckpt", **kw)
+    for rank in range(2):
+        _assert_params_close(resumed[rank]["params"], straight[rank]["params"], atol=0)
+        for buf, tensors in straight[rank]["rule"]["buffers"].items():
+            for name, t in tensors.items():
+                assert torch.equal(resumed[rank]["rule"]["buffers"][buf][name], t), (buf, name)
+        assert resumed[rank]["rule"]["steps"] == straight[rank]["rule"]["steps"]
+        for key in ("bytes_sent_total", "dense_bytes_total"):  # hook calls depend on DDP's first-step bucketing
+            assert resumed[rank]["counters"][key] == straight[rank]["counters"][key]
