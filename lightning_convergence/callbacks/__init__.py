@@ -1,6 +1,7 @@
 """Lightning callbacks: thin adapters that wire the cores to Trainer hooks."""
 
 from lightning_convergence.callbacks.adaptive_batch import AdaptiveBatchSize
+from lightning_convergence.callbacks.convergence_stop import ConvergenceEarlyStopping, ConvergenceStopReason
 from lightning_convergence.callbacks.grad_stats_monitor import GradientStatsMonitor
 from lightning_convergence.callbacks.gradient_early_stopping import GradientEarlyStopping
 from lightning_convergence.callbacks.schedule_free import ScheduleFreeModeSwitch
@@ -9,6 +10,8 @@ from lightning_convergence.callbacks.variance_sampling import GradientVarianceSa
 
 __all__ = [
     "AdaptiveBatchSize",
+    "ConvergenceEarlyStopping",
+    "ConvergenceStopReason",
     "GradientEarlyStopping",
     "GradientStatsMonitor",
     "GradientVarianceSampling",

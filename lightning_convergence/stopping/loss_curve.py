@@ -7,8 +7,9 @@ Paper: Tissue, Wang, Wang, Liu, Liu (2024). *Scaling Law with Learning Rate Anne
     S2(s) = Σ_{i≤s} m_i,  m_i = λ · m_{i−1} + (η_{i−1} − η_i)   (annealing area with momentum λ; paper λ ≈ 0.999)
 
 Given the recorded ``(S1, S2, loss)`` triples, :func:`fit_scaling_law` finds ``(L0, A, α, C)`` by variable
-projection: for a fixed α the model is linear in ``(L0, A, C)`` (solved exactly by least squares), and α is found
-by a log-spaced grid followed by golden-section refinement. This needs neither scipy nor a starting guess, and is
+projection: for a fixed α the model is linear in ``(L0, A, C)`` (solved exactly by least squares on *relative*
+residuals ``(L̂ − L)/L``, so the early large losses do not dominate, with ``A, C ≥ 0``), and α is found by a
+log-spaced grid followed by golden-section refinement. This needs neither scipy nor a starting guess, and is
 deterministic. :meth:`LRAreas.project` carries the areas forward over a planned LR sequence, so the loss at the
 end of the budget can be predicted under the current schedule.
 """
@@ -90,7 +91,7 @@ class LRAreas:
 
 @dataclass(frozen=True)
 class ScalingLawFit:
-    """Fitted ``L(S1, S2) = l0 + a·S1^(−alpha) − c·S2`` and its root-mean-square residual."""
+    """Fitted ``L(S1, S2) = l0 + a·S1^(−alpha) − c·S2`` and its root-mean-square relative residual."""
 
     l0: float
     a: float
@@ -103,14 +104,25 @@ class ScalingLawFit:
 
 
 def _solve_linear(s1: torch.Tensor, s2: torch.Tensor, y: torch.Tensor, alpha: float, use_s2: bool):
-    cols = [torch.ones_like(s1), s1.pow(-alpha)]
+    """Weighted (relative-error) least squares for ``(L0, A, C)`` at fixed α, with ``A ≥ 0`` and ``C ≥ 0`` enforced
+    by dropping a term whose unconstrained coefficient is negative (a tiny active-set method)."""
+    w = 1.0 / y.abs().clamp_min(1e-12)
+    cols = {"l0": torch.ones_like(s1), "a": s1.pow(-alpha)}
     if use_s2:
-        cols.append(-s2)
-    x = torch.stack(cols, dim=1)
-    scale = x.abs().amax(dim=0).clamp_min(1e-300)
-    coef = torch.linalg.lstsq(x / scale, y.unsqueeze(1), driver="gelsd").solution.squeeze(1) / scale
-    rss = float((x @ coef - y).pow(2).sum())
-    return coef, rss
+        cols["c"] = -s2
+    while True:
+        names = list(cols)
+        x = torch.stack([cols[n] for n in names], dim=1)
+        scale = x.abs().amax(dim=0).clamp_min(1e-300)
+        sol = torch.linalg.lstsq((x * w[:, None]) / scale, (y * w).unsqueeze(1), driver="gelsd").solution
+        coef = sol.squeeze(1) / scale
+        negative = [n for n, c in zip(names, coef.tolist()) if n != "l0" and c < 0]
+        if not negative:
+            break
+        del cols[negative[0]]
+    full = {n: float(c) for n, c in zip(names, coef.tolist())}
+    rss = float(((x @ coef - y) * w).pow(2).sum())
+    return torch.tensor([full.get("l0", 0.0), full.get("a", 0.0), full.get("c", 0.0)], dtype=torch.float64), rss
 
 
 def fit_scaling_law(
@@ -158,8 +170,7 @@ def fit_scaling_law(
     candidates = [(errs[i], grid[i]), (f1, x1), (f2, x2)]
     _, alpha = min(candidates)
     coef, best = _solve_linear(t1, t2, ty, alpha, use_s2)
-    c = float(coef[2]) if use_s2 else 0.0
-    return ScalingLawFit(float(coef[0]), float(coef[1]), float(alpha), c, math.sqrt(best / t1.numel()))
+    return ScalingLawFit(float(coef[0]), float(coef[1]), float(alpha), float(coef[2]), math.sqrt(best / t1.numel()))
 
 
 class LossCurveRule:
@@ -169,9 +180,9 @@ class LossCurveRule:
     Paper: Tissue et al., *Scaling Law with Learning Rate Annealing*, arXiv:2408.11029 (Eq. 1 and the S1/S2
     definitions; see the module docstring).
 
-    Deviations: the paper fits the law offline on complete curves (with a Huber loss on log-loss); here it is fitted
-    online by plain least squares on the losses averaged between checks, and only used to extrapolate the current
-    run to its own budget. The improvement is measured between two points of the *fitted* curve (now and at the
+    Deviations: the paper fits the law offline on complete curves; here it is fitted online by least squares on
+    relative residuals (with ``A, C ≥ 0``) to the losses averaged between checks, and only used to extrapolate the
+    current run to its own budget. The improvement is measured between two points of the *fitted* curve (now and at the
     end), so the per-step noise of the observed loss does not enter it.
 
     Args:

@@ -1,0 +1,390 @@
+"""Statistical early stopping: stop when the gradient is below the dataset's noise, or when the fitted loss curve
+predicts too little further improvement."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from enum import Enum
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from typing_extensions import override
+
+from lightning_convergence._metrics import log_metrics
+from lightning_convergence.callbacks.grad_stats_monitor import GradientStatsMonitor
+from lightning_convergence.stopping.loss_curve import LossCurveRule, validate_curve_args
+from lightning_convergence.stopping.statistical import NoiseDominatedRule, validate_noise_args
+
+__all__ = ["ConvergenceEarlyStopping", "ConvergenceStopReason", "RULES", "FUTURE_LR"]
+
+RULES = ("noise_dominated", "loss_curve")
+FUTURE_LR = ("scheduler", "constant")
+
+
+class ConvergenceStopReason(Enum):
+    """Why :class:`ConvergenceEarlyStopping` stopped (``NOT_STOPPED`` while training goes on)."""
+
+    NOT_STOPPED = "not_stopped"
+    NOISE_DOMINATED = "noise_dominated"
+    LOSS_CURVE = "loss_curve"
+
+
+class ConvergenceEarlyStopping(Callback):
+    """Stop training on statistical evidence of convergence instead of metric patience.
+
+    Two rules, either or both (the first to fire stops training):
+
+    * ``"noise_dominated"``: the AdAdaGrad norm test would demand a batch larger than the whole dataset,
+      ``tr(Σ)/(η²‖g‖²) > N``, for ``patience`` consecutive checks: the gradient signal is below the noise of the
+      dataset itself. ``tr(Σ)`` and ``‖g‖²`` come from McCandlish et al.'s unbiased two-batch-size estimator over
+      micro-batch and per-rank gradients (captured by an internal :class:`GradientStatsMonitor`, no extra backward
+      pass), smoothed by EMAs. Needs two batch sizes: ``accumulate_grad_batches`` ≥ 2 or several devices.
+    * ``"loss_curve"``: the LR-annealing scaling law ``L = L0 + A·S1^(−α) − C·S2``, fitted online to the training
+      loss, predicts less than ``min_delta`` improvement between now and the end of the step budget under the
+      current LR schedule, for ``patience`` consecutive checks.
+
+    Papers: Lau, Liu, Kolar. *AdAdaGrad: Adaptive Batch Size Schemes for Adaptive Gradient Methods.*
+    arXiv:2402.11215, 2024 (norm test). McCandlish, Kaplan, Amodei. *An Empirical Model of Large-Batch Training.*
+    arXiv:1812.06162, 2018 (estimator). Tissue, Wang, Wang, Liu, Liu. *Scaling Law with Learning Rate Annealing.*
+    arXiv:2408.11029, 2024 (loss curve).
+
+    Deviations: the norm test is used as a stopping rule, not to grow the batch; its statistics are micro-batch /
+    per-rank estimates, not exact per-example gradients. The scaling law is fitted online by least squares on the
+    training loss averaged over each check interval (paired with the LR areas at the interval's end), not offline
+    with a Huber loss. Future learning rates come from stepping a copy of the first LR scheduler whose optimizer is
+    replaced by a parameter-free stand-in (``future_lr="scheduler"``; ``ReduceLROnPlateau`` counts as constant), or
+    are assumed constant at the current value (``future_lr="constant"``); the first param group's LR is used.
+
+    Args:
+        rules: which rules may stop training, a non-empty subset of ``("noise_dominated", "loss_curve")``. Default
+            ``("noise_dominated",)``.
+        every_n_steps: check every this many optimizer steps, ≥ 1. Default ``10``.
+        patience: consecutive firing checks before stopping (each rule counts its own), ≥ 1. Default ``3``.
+        min_step: never stop before this optimizer step, ≥ 0. Default ``0``.
+        eta: η of the norm test, > 0. Default ``1.0`` (gradient norm below the standard error of the dataset-mean
+            gradient). Smaller values stop earlier: the rule fires once the noise scale exceeds η²·N.
+        dataset_size: N, training examples per epoch over all ranks, ≥ 2. Default ``None``: the length of the
+            training dataloader's dataset.
+        ema_beta: EMA factor of the ``tr(Σ)`` and ``‖g‖²`` estimates, in [0, 1). Default ``0.0`` (each check uses
+            its own unbiased estimates; ``patience`` does the smoothing). Separate EMAs of numerator and denominator
+            lag badly while the gradient shrinks by orders of magnitude: measured on least squares, β = 0.9 stopped
+            at step 200 where β = 0 stopped at step 58, right after convergence.
+        min_delta: the loss-curve rule stops when the predicted remaining improvement is below this, in loss
+            units, ≥ 0. Default ``0.01``. Set it to the smallest gain worth the rest of the budget.
+        min_points: checks recorded before the first loss-curve fit, ≥ 4. Default ``8``.
+        future_lr: ``"scheduler"`` or ``"constant"`` (see Deviations). Default ``"scheduler"``.
+        annealing_decay: λ, the momentum of the annealing area S2, in [0, 1). Default ``0.999`` (paper).
+        verbose: print the stop reason on rank 0. Default ``True``.
+
+    State: both rules (incl. the loss-curve history of ``(step, S1, S2, loss)``), the noise-estimator EMAs, the
+    stop step and reason, ``version``.
+
+    Logs (at checks): ``convergence/stop/required_batch`` (norm test, ``tr Σ/(η²‖g‖²)``),
+    ``convergence/stop/noise_streak``, ``convergence/stop/predicted_improvement``,
+    ``convergence/stop/predicted_final_loss``, ``convergence/stop/curve_streak``, ``convergence/stop/stopped``;
+    the internal monitor also logs ``convergence/grad_stats/noise_scale``, ``.../trace_cov``, ``.../grad_sq_norm``,
+    ``.../nonfinite_skipped_total`` and ``.../step_overhead_ms`` when ``noise_dominated`` is on.
+
+    Raises:
+        ValueError: for empty or unknown ``rules``, ``every_n_steps`` < 1, ``patience`` < 1, ``min_step`` < 0,
+            ``eta`` ≤ 0, ``dataset_size`` < 2, ``ema_beta`` outside [0, 1), ``min_delta`` < 0, ``min_points`` < 4,
+            unknown ``future_lr``, or ``annealing_decay`` outside [0, 1).
+        RuntimeError: at fit start, for ``noise_dominated`` with one device and ``accumulate_grad_batches=1``, for
+            ``loss_curve`` with an unknown step budget (``max_steps=-1`` and ``max_epochs=-1``) or manual
+            optimization, or when the dataset size cannot be read (pass ``dataset_size``).
+
+    Example::
+
+        Trainer(accumulate_grad_batches=4, max_steps=5000,
+                callbacks=[ConvergenceEarlyStopping(rules=["noise_dominated", "loss_curve"], min_delta=0.005)])
+    """
+
+    STATE_VERSION = 1
+
+    def __init__(
+        self,
+        rules: tuple[str, ...] | list[str] = ("noise_dominated",),
+        every_n_steps: int = 10,
+        patience: int = 3,
+        min_step: int = 0,
+        eta: float = 1.0,
+        dataset_size: int | None = None,
+        ema_beta: float = 0.0,
+        min_delta: float = 0.01,
+        min_points: int = 8,
+        future_lr: str = "scheduler",
+        annealing_decay: float = 0.999,
+        verbose: bool = True,
+    ) -> None:
+        name = type(self).__name__
+        rules = tuple([rules] if isinstance(rules, str) else rules)
+        if not rules or any(r not in RULES for r in rules):
+            raise ValueError(f"{name}: `rules` must be a non-empty subset of {RULES}, got {list(rules)!r}.")
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"{name}: `every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
+        validate_noise_args(name, eta, patience, min_step)
+        validate_curve_args(name, min_delta, patience, min_step, min_points)
+        if dataset_size is not None and (isinstance(dataset_size, bool) or not isinstance(dataset_size, int)
+                                         or dataset_size < 2):
+            raise ValueError(f"{name}: `dataset_size` must be None or an int >= 2, got {dataset_size!r}.")
+        if not isinstance(ema_beta, (int, float)) or not 0.0 <= ema_beta < 1.0:
+            raise ValueError(f"{name}: `ema_beta` must be in [0, 1), got {ema_beta!r}.")
+        if future_lr not in FUTURE_LR:
+            raise ValueError(f"{name}: `future_lr` must be one of {FUTURE_LR}, got {future_lr!r}.")
+        if not isinstance(annealing_decay, (int, float)) or not 0.0 <= annealing_decay < 1.0:
+            raise ValueError(f"{name}: `annealing_decay` must be in [0, 1), got {annealing_decay!r}.")
+        self.rules, self.every_n_steps, self.patience, self.min_step = rules, every_n_steps, patience, min_step
+        self.eta, self.dataset_size, self.ema_beta = float(eta), dataset_size, float(ema_beta)
+        self.min_delta, self.min_points, self.future_lr = float(min_delta), min_points, future_lr
+        self.annealing_decay, self.verbose = float(annealing_decay), verbose
+        self.monitor = (GradientStatsMonitor(every_n_steps=every_n_steps, norm_types=(), noise_scale=True,
+                                             ema_beta=self.ema_beta) if "noise_dominated" in rules else None)
+        self.noise_rule: NoiseDominatedRule | None = None  # built when N is known (train start)
+        self.curve_rule = (LossCurveRule(self.min_delta, patience, min_step, min_points, self.annealing_decay)
+                           if "loss_curve" in rules else None)
+        self.stopped_step: int | None = None
+        self.stopping_reason = ConvergenceStopReason.NOT_STOPPED
+        self.stopping_reason_message: str | None = None
+        self._pending_noise_state: dict[str, Any] | None = None
+        self._loss_sum: Tensor | None = None
+        self._loss_count = 0
+        self._noise_fired = False
+        self._lr_cache: tuple[int, list[float]] | None = None  # (first step, predicted LRs from that step on)
+        self._check_done_at = -1
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(rules=self.rules, eta=self.eta, min_delta=self.min_delta)
+
+    # -- hooks ------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.monitor is not None:
+            self.monitor.setup(trainer, pl_module, stage)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.monitor is not None:
+            self.monitor.teardown(trainer, pl_module, stage)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        name = type(self).__name__
+        if not pl_module.automatic_optimization:
+            raise RuntimeError(f"{name} needs automatic optimization; the LightningModule disables it.")
+        if self.monitor is not None and trainer.world_size == 1 and trainer.accumulate_grad_batches < 2:
+            raise RuntimeError(
+                f"{name}: the `noise_dominated` rule needs two batch sizes: set the Trainer's "
+                "`accumulate_grad_batches` >= 2 or train on several devices (or drop it from `rules`)."
+            )
+        if self.curve_rule is not None and not math.isfinite(float(trainer.estimated_stepping_batches)):
+            raise RuntimeError(
+                f"{name}: the `loss_curve` rule predicts the loss at the end of the budget, which is unknown: set "
+                "the Trainer's `max_steps` or `max_epochs`."
+            )
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.monitor is None or self.noise_rule is not None:
+            return
+        n = self.dataset_size
+        if n is None:
+            dataset = getattr(trainer.train_dataloader, "dataset", None)
+            try:
+                n = len(dataset)  # type: ignore[arg-type]
+            except TypeError as err:
+                raise RuntimeError(
+                    f"{type(self).__name__}: cannot read the training set's size; pass `dataset_size`."
+                ) from err
+        self.noise_rule = NoiseDominatedRule(int(n), self.eta, self.patience, self.min_step)
+        if self._pending_noise_state is not None:
+            self.noise_rule.load_state_dict(self._pending_noise_state)
+            self._pending_noise_state = None
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.monitor is not None:
+            self.monitor.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.monitor is not None:
+            self.monitor.on_after_backward(trainer, pl_module)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.curve_rule is not None:
+            self.curve_rule.areas.step(float(optimizer.param_groups[0]["lr"]))
+        if self.monitor is None or self.noise_rule is None:
+            return
+        before = self.monitor.tracker.grad_sq_ema.count
+        self.monitor.on_before_optimizer_step(trainer, pl_module, optimizer)
+        if self.monitor.tracker.grad_sq_ema.count > before:  # a fresh measurement was folded in
+            tracker = self.monitor.tracker
+            self._noise_fired = self.noise_rule.update(
+                trainer.global_step, tracker.trace_ema.value, tracker.grad_sq_ema.value
+            )
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.curve_rule is not None:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if isinstance(loss, Tensor):
+                # Lightning divides the returned loss by the accumulation factor.
+                value = loss.detach().float() * trainer.accumulate_grad_batches
+                self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+                self._loss_count += 1
+        step = trainer.global_step
+        if step == 0 or step % self.every_n_steps != 0 or self._check_done_at == step:
+            return
+        self._check_done_at = step
+        self._check(trainer, step)
+
+    # -- decisions --------------------------------------------------------------------------------------------
+    def _check(self, trainer: Trainer, step: int) -> None:
+        metrics: dict[str, float] = {}
+        reason = ConvergenceStopReason.NOT_STOPPED
+        if self.noise_rule is not None:
+            metrics["required_batch"] = self.noise_rule.last_required_batch
+            metrics["noise_streak"] = float(self.noise_rule.streak)
+            if self._noise_fired:
+                reason = ConvergenceStopReason.NOISE_DOMINATED
+        if self.curve_rule is not None and self._loss_count > 0:
+            mean = self._loss_sum / self._loss_count
+            if trainer.world_size > 1:
+                mean = trainer.strategy.reduce(mean, reduce_op="mean")
+            self._loss_sum, self._loss_count = None, 0
+            self.curve_rule.record(step, float(mean))
+            remaining = max(int(trainer.estimated_stepping_batches) - step, 0)
+            fired = self.curve_rule.check(step, self._future_lrs(trainer, step, remaining))
+            metrics["predicted_improvement"] = self.curve_rule.predicted_improvement
+            metrics["predicted_final_loss"] = self.curve_rule.predicted_final_loss
+            metrics["curve_streak"] = float(self.curve_rule.streak)
+            if fired and reason is ConvergenceStopReason.NOT_STOPPED:
+                reason = ConvergenceStopReason.LOSS_CURVE
+        stop = trainer.strategy.reduce_boolean_decision(reason is not ConvergenceStopReason.NOT_STOPPED, all=False)
+        if stop and self.stopped_step is None:
+            self._record_stop(step, reason if reason is not ConvergenceStopReason.NOT_STOPPED
+                              else ConvergenceStopReason.NOISE_DOMINATED)
+        if stop:
+            trainer.should_stop = True
+        metrics["stopped"] = float(self.stopped_step is not None)
+        log_metrics(trainer, "stop", {k: v for k, v in metrics.items() if not math.isnan(v)})
+
+    def _record_stop(self, step: int, reason: ConvergenceStopReason) -> None:
+        self.stopped_step, self.stopping_reason = step, reason
+        if reason is ConvergenceStopReason.NOISE_DOMINATED:
+            b_req = self.noise_rule.last_required_batch if self.noise_rule else math.nan
+            self.stopping_reason_message = (
+                f"Gradient below its noise for the whole dataset: the norm test needs a batch of {b_req:.4g} > "
+                f"N={self.noise_rule.dataset_size if self.noise_rule else '?'} (eta={self.eta}) for "
+                f"{self.patience} checks. Stopping at step {step}."
+            )
+        else:
+            curve = self.curve_rule
+            self.stopping_reason_message = (
+                f"Loss-curve fit predicts an improvement of {curve.predicted_improvement:.4g} < "
+                f"min_delta={self.min_delta} by the end of the budget (final loss "
+                f"{curve.predicted_final_loss:.4g}) for {self.patience} checks. Stopping at step {step}."
+            )
+        if self.verbose:
+            rank_zero_info(f"{type(self).__name__}: {self.stopping_reason_message}")
+
+    def _future_lrs(self, trainer: Trainer, step: int, remaining: int) -> list[float]:
+        optimizer = trainer.optimizers[0]
+        lr_now = float(optimizer.param_groups[0]["lr"])
+        configs = trainer.lr_scheduler_configs
+        if self.future_lr == "constant" or not configs or isinstance(configs[0].scheduler, ReduceLROnPlateau):
+            return [lr_now] * remaining
+        cached = self._lr_cache
+        if cached is not None:
+            start, lrs = cached
+            offset = step - start
+            if 0 <= offset < len(lrs) and math.isclose(lrs[offset], lr_now, rel_tol=1e-9, abs_tol=1e-15):
+                return lrs[offset:offset + remaining]
+        lrs = _simulate_scheduler(trainer, configs[0], optimizer, step, remaining)
+        self._lr_cache = (step, lrs)
+        return lrs
+
+    # -- state ------------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        noise_state = self.noise_rule.state_dict() if self.noise_rule is not None else self._pending_noise_state
+        return {
+            "version": self.STATE_VERSION,
+            "noise_rule": noise_state,
+            "monitor": self.monitor.state_dict() if self.monitor is not None else None,
+            "curve_rule": self.curve_rule.state_dict() if self.curve_rule is not None else None,
+            "stopped_step": self.stopped_step,
+            "stopping_reason": self.stopping_reason.value,
+            "stopping_reason_message": self.stopping_reason_message,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != self.STATE_VERSION:
+            raise RuntimeError(
+                f"{type(self).__name__}: checkpoint state `version` {state_dict.get('version')!r} is not "
+                f"{self.STATE_VERSION}; it cannot be converted."
+            )
+        if self.monitor is not None and state_dict.get("monitor") is not None:
+            self.monitor.load_state_dict(state_dict["monitor"])
+        if self.curve_rule is not None and state_dict.get("curve_rule") is not None:
+            self.curve_rule.load_state_dict(state_dict["curve_rule"])
+        if state_dict.get("noise_rule") is not None:
+            self._pending_noise_state = state_dict["noise_rule"]
+            if self.noise_rule is not None:
+                self.noise_rule.load_state_dict(self._pending_noise_state)
+                self._pending_noise_state = None
+        self.stopped_step = state_dict["stopped_step"]
+        self.stopping_reason = ConvergenceStopReason(state_dict["stopping_reason"])
+        self.stopping_reason_message = state_dict["stopping_reason_message"]
+
+
+class _ShadowOptimizer:
+    """A parameter-free stand-in for an optimizer: LR schedulers only read and write ``param_groups``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.param_groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} | {"params": []}
+                             for g in optimizer.param_groups]
+        self.defaults = dict(optimizer.defaults)
+
+    def step(self) -> None:  # pragma: no cover - never called; present for schedulers that inspect it
+        pass
+
+
+def _simulate_scheduler(trainer: Trainer, config: Any, optimizer: torch.optim.Optimizer, step: int,
+                        remaining: int) -> list[float]:
+    """The first param group's LR for each of the next ``remaining`` optimizer steps, by stepping a copy of the
+    scheduler bound to a :class:`_ShadowOptimizer` (the real optimizer and its state are never copied)."""
+    shadow = _ShadowOptimizer(optimizer)
+    sched = config.scheduler
+    try:
+        twin = copy.deepcopy(sched, memo={id(optimizer): shadow})
+    except Exception as err:
+        rank_zero_warn(f"ConvergenceEarlyStopping: cannot copy the LR scheduler ({err}); `future_lr`='constant'.")
+        return [float(optimizer.param_groups[0]["lr"])] * remaining
+    freq = max(int(config.frequency), 1)
+    per_epoch = max(int(trainer.num_training_batches) // max(trainer.accumulate_grad_batches, 1), 1)
+    out: list[float] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(remaining):
+            out.append(float(shadow.param_groups[0]["lr"]))
+            done = step + k + 1  # optimizer steps completed after this one
+            if config.interval == "step":
+                if done % freq == 0:
+                    twin.step()
+            elif done % per_epoch == 0 and (done // per_epoch) % freq == 0:
+                twin.step()
+    return out

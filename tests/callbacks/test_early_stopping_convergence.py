@@ -1,0 +1,163 @@
+"""ConvergenceEarlyStopping in real Trainers: the noise-dominated rule on least squares with a known optimum (stops
+after convergence, not before; single process with accumulation and 2-rank DDP), the loss-curve rule with a real LR
+scheduler, state round trip, errors."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_convergence.callbacks.convergence_stop import (
+    ConvergenceEarlyStopping,
+    ConvergenceStopReason,
+    _simulate_scheduler,
+)
+from lightning_convergence.examples import LinearModel, SyntheticRegressionDataModule
+from tests.helpers.dist import DumpOnRanks, ddp_fork_strategy, load_rank_results
+from tests.helpers.loggers import MemoryLogger
+
+N, DIM, NOISE = 1024, 10, 0.1
+# Least squares with x ~ N(0, I): excess loss = |w - w*|^2 (up to sampling of X), and the ERM itself is only
+# accurate to sigma^2 d / N. "Converged" = excess below twice that statistical error (factor 2: the norm-test
+# statistic is estimated from 4 micro-batches per step, so it fires within noise of the exact crossing).
+EPS = 2 * NOISE**2 * DIM / N
+
+
+class ExcessLoss(L.Callback):
+    """Full-data excess loss over the exact optimum before each optimizer step."""
+
+    def __init__(self, dm: SyntheticRegressionDataModule) -> None:
+        self.x, self.y, self.w_opt = dm.x, dm.y, dm.optimum
+        self.excess: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step not in self.excess:
+            with torch.no_grad():
+                w = pl_module.linear.weight.squeeze(0)
+                loss = (self.x @ w - self.y).pow(2).mean() - (self.x @ self.w_opt - self.y).pow(2).mean()
+            self.excess[trainer.global_step] = float(loss)
+
+
+def _trainer(callbacks, max_steps: int, **kwargs) -> L.Trainer:
+    kwargs.setdefault("logger", False)
+    return L.Trainer(
+        max_steps=max_steps, accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks, **kwargs,
+    )
+
+
+def _first_converged(excess: dict[int, float]) -> int:
+    return min(s for s, v in excess.items() if v < EPS and all(excess[t] < EPS for t in excess if t > s))
+
+
+def test_noise_rule_stops_after_convergence_not_before() -> None:
+    L.seed_everything(0)
+    dm = SyntheticRegressionDataModule(n_samples=N, dim=DIM, noise_std=NOISE, batch_size=256)
+    logger = MemoryLogger()
+    cb = ConvergenceEarlyStopping(rules=["noise_dominated"], every_n_steps=2, patience=3, eta=1.0)
+    excess = ExcessLoss(dm)
+    trainer = _trainer([cb, excess], max_steps=400, accumulate_grad_batches=4, logger=logger, log_every_n_steps=2)
+    trainer.fit(LinearModel(dim=DIM, lr=0.05), dm)
+    converged = _first_converged(excess.excess)
+    assert cb.stopping_reason is ConvergenceStopReason.NOISE_DOMINATED and "norm test" in cb.stopping_reason_message
+    assert cb.stopped_step is not None and trainer.global_step == cb.stopped_step < 400
+    # After convergence ...
+    assert cb.stopped_step >= converged
+    # ... and not long after: the excess is still above 1/100 of the threshold 10 steps before the stop.
+    assert excess.excess[cb.stopped_step - 10] > EPS / 100
+    assert logger.values("convergence/stop/stopped")[-1] == 1.0
+    assert logger.values("convergence/stop/required_batch")[0] < N
+
+
+def test_noise_rule_two_ranks_without_accumulation(tmp_path) -> None:
+    # The two batch sizes come from the ranks (128 per rank, 256 per step): the cross-rank estimator.
+    L.seed_everything(0)
+    dm = SyntheticRegressionDataModule(n_samples=N, dim=DIM, noise_std=NOISE, batch_size=128)
+    cb = ConvergenceEarlyStopping(rules=["noise_dominated"], every_n_steps=2, patience=3, eta=1.0)
+    excess = ExcessLoss(dm)
+
+    def dump(trainer, pl_module):
+        return {"stopped": cb.stopped_step, "step": trainer.global_step, "excess": excess.excess,
+                "reason": cb.stopping_reason.value}
+
+    trainer = _trainer([cb, excess, DumpOnRanks(tmp_path, dump)], max_steps=600, devices=2,
+                       strategy=ddp_fork_strategy())
+    trainer.fit(LinearModel(dim=DIM, lr=0.05), dm)
+    r0, r1 = load_rank_results(tmp_path, 2)
+    assert r0["stopped"] == r1["stopped"] is not None and r0["step"] == r1["step"] < 600
+    assert r0["reason"] == "noise_dominated"
+    # With 256 examples per step the final iterates jitter at the SGD noise floor, so check the smoothed excess:
+    # the mean over the 10 steps before the stop is within the statistical error of the ERM (x 5 for SGD noise).
+    window = [r0["excess"][s] for s in range(r0["stopped"] - 10, r0["stopped"])]
+    assert sum(window) / len(window) < 5 * EPS
+    assert r0["excess"][0] > 100 * EPS  # it did have something to converge
+
+
+def test_noise_rule_requires_two_batch_sizes() -> None:
+    cb = ConvergenceEarlyStopping(rules=["noise_dominated"])
+    with pytest.raises(RuntimeError, match="accumulate_grad_batches"):
+        _trainer([cb], max_steps=2).fit(LinearModel(dim=DIM), SyntheticRegressionDataModule(dim=DIM))
+
+
+class _Scheduled(LinearModel):
+    def __init__(self, total: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.total = total
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, 1.0 - (s - 100) / (self.total - 100))
+                                                  if s > 100 else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_future_lrs_come_from_a_copy_of_the_scheduler() -> None:
+    model = _Scheduled(total=200, dim=DIM, lr=0.01)
+    cb = ConvergenceEarlyStopping(rules=["loss_curve"], every_n_steps=5, min_delta=0.0)
+    trainer = _trainer([cb], max_steps=50)
+    trainer.fit(model, SyntheticRegressionDataModule(dim=DIM))
+    opt = trainer.optimizers[0]
+    state_before = {k: v.clone() for k, v in opt.state[model.linear.weight].items()}
+    lrs = _simulate_scheduler(trainer, trainer.lr_scheduler_configs[0], opt, 50, 150)
+    expected = [0.01 * (min(1.0, 1.0 - (s - 100) / 100) if s > 100 else 1.0) for s in range(50, 200)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    # The real optimizer and scheduler are untouched.
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 50
+    assert all(torch.equal(v, opt.state[model.linear.weight][k]) for k, v in state_before.items())
+
+
+def test_loss_curve_rule_stops_and_reports_why() -> None:
+    # Least squares with plain SGD: the training loss flattens at the noise floor well before 600 steps.
+    L.seed_everything(0)
+    dm = SyntheticRegressionDataModule(n_samples=N, dim=DIM, noise_std=NOISE, batch_size=64)
+    logger = MemoryLogger()
+    cb = ConvergenceEarlyStopping(rules=["loss_curve"], every_n_steps=10, patience=2, min_delta=1e-3, min_points=5)
+    trainer = _trainer([cb], max_steps=600, logger=logger, log_every_n_steps=10)
+    trainer.fit(_Scheduled(total=600, dim=DIM, lr=0.01), dm)
+    assert cb.stopping_reason is ConvergenceStopReason.LOSS_CURVE and "Loss-curve fit" in cb.stopping_reason_message
+    assert trainer.global_step == cb.stopped_step < 600
+    assert cb.curve_rule.predicted_improvement < 1e-3
+    assert len(cb.curve_rule.history) == cb.stopped_step // 10
+    assert logger.values("convergence/stop/predicted_improvement")[-1] < 1e-3
+    # State round trip: the history and stop reason survive.
+    other = ConvergenceEarlyStopping(rules=["loss_curve"], every_n_steps=10, patience=2, min_delta=1e-3, min_points=5)
+    other.load_state_dict(cb.state_dict())
+    assert other.curve_rule.history == cb.curve_rule.history and other.stopping_reason is cb.stopping_reason
+    assert other.stopped_step == cb.stopped_step
+    with pytest.raises(RuntimeError, match="version"):
+        other.load_state_dict({"version": 0})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"rules": []}, "rules"), ({"rules": ["patience"]}, "rules"), ({"every_n_steps": 0}, "every_n_steps"),
+     ({"patience": 0}, "patience"), ({"min_step": -1}, "min_step"), ({"eta": 0.0}, "eta"), ({"eta": -1}, "eta"),
+     ({"dataset_size": 1}, "dataset_size"), ({"ema_beta": 1.0}, "ema_beta"), ({"min_delta": -0.1}, "min_delta"),
+     ({"min_points": 2}, "min_points"), ({"future_lr": "cosine"}, "future_lr"),
+     ({"annealing_decay": 1.0}, "annealing_decay")],
+)
+def test_refuses_nonsense_arguments(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=f"ConvergenceEarlyStopping: `{field}`"):
+        ConvergenceEarlyStopping(**kwargs)
