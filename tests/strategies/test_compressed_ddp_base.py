@@ -1,0 +1,98 @@
+"""HookedDDPStrategy plumbing: the Lightning private API it overrides, registration errors, names, argument checks."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_convergence.compress import QSGD, Identity
+from lightning_convergence.feedback import EF21, EControl
+from lightning_convergence.strategies import _STRATEGY_MODULES
+from lightning_convergence.strategies._ddp_base import HookedDDPStrategy
+from lightning_convergence.strategies.compressed_ddp import CompressedDDPStrategy, compressed_comm_hook
+from tests.helpers.dist import run_processes
+
+
+def test_lightning_private_hook_registration_is_what_we_override():
+    """Fails if Lightning renames `_register_ddp_hooks`, stops calling it from `configure_ddp`, or starts registering
+    comm hooks on CPU itself (then our override in `_ddp_base.py` should be revisited)."""
+    assert callable(getattr(DDPStrategy, "_register_ddp_hooks", None))
+    assert "self._register_ddp_hooks()" in inspect.getsource(DDPStrategy.configure_ddp)
+    assert 'self.root_device.type == "cuda"' in inspect.getsource(DDPStrategy._register_ddp_hooks)
+    assert HookedDDPStrategy._register_ddp_hooks is not DDPStrategy._register_ddp_hooks
+
+
+def _register(rank: int, world_size: int, which: str):
+    model = DistributedDataParallel(torch.nn.Linear(3, 1))
+
+    class Bad(HookedDDPStrategy):
+        def build_comm_hook(self, m):
+            if which == "annotation":
+                def hook(state, bucket: int):  # DDP rejects a wrong annotation
+                    return None
+                return None, hook
+            return None, compressed_comm_hook
+
+    strategy = Bad(process_group_backend="gloo")
+    strategy.model = model
+    if which == "twice":
+        strategy._register_ddp_hooks()  # the second registration is refused by DDP
+    try:
+        strategy._register_ddp_hooks()
+    except RuntimeError as err:
+        return str(err)
+    return "no error"
+
+
+@pytest.mark.parametrize("which", ["annotation", "twice"])
+def test_failed_registration_raises(which):
+    (msg,) = run_processes(_register, 1, which)
+    assert "registering the DDP comm hook failed" in msg
+
+
+def test_registration_needs_a_ddp_model():
+    strategy = CompressedDDPStrategy()
+    strategy.model = torch.nn.Linear(2, 1)
+    with pytest.raises(RuntimeError, match="DistributedDataParallel"):
+        strategy._register_ddp_hooks()
+
+
+def test_registered_names():
+    assert "lightning_convergence.strategies.compressed_ddp" in _STRATEGY_MODULES
+    for name, rule in (("ddp_ef21", "ef21"), ("ddp_ef21_sgdm", "ef21_sgdm"), ("ddp_econtrol", "econtrol"),
+                       ("ddp_ef14", "ef14")):
+        assert name in StrategyRegistry
+        strategy = StrategyRegistry.get(name)
+        assert isinstance(strategy, CompressedDDPStrategy) and strategy.rule.name == rule
+    assert StrategyRegistry.get("ddp_ef21").rule is not StrategyRegistry.get("ddp_ef21").rule  # fresh state each
+
+
+def test_rule_instance_and_compressor_are_used():
+    rule = EControl(eta=0.3)
+    s = CompressedDDPStrategy(feedback=rule, compressor=Identity())
+    assert s.rule is rule and isinstance(s.compressor, Identity)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"feedback": "ef22"}, ValueError, "feedback"),
+        ({"feedback": 1}, TypeError, "feedback"),
+        ({"compressor": "topk"}, TypeError, "compressor"),
+        ({"every_n_steps": 0}, ValueError, "every_n_steps"),
+        ({"ddp_comm_hook": lambda s, b: None}, ValueError, "ddp_comm_hook"),
+        ({"ddp_comm_state": object()}, ValueError, "ddp_comm_state"),
+    ],
+)
+def test_bad_strategy_arguments_fail_at_construction(kwargs, exc, match):
+    with pytest.raises(exc, match=f"`{match}`"):
+        CompressedDDPStrategy(**kwargs)
+
+
+def test_non_contractive_compressor_warns_for_ef21():
+    with pytest.warns(UserWarning, match="not a contraction"):
+        CompressedDDPStrategy(feedback=EF21(), compressor=QSGD(levels=1))

@@ -1,0 +1,47 @@
+"""Every recipe under configs/compressed_ddp/ parses with LightningCLI; one runs fast_dev_run on two forked ranks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_convergence.cli import ConvergenceCLI
+from lightning_convergence.compress import ScaledSign, TopK
+from lightning_convergence.feedback import EF14, EF21, EF21SGDM, EControl
+from lightning_convergence.strategies.compressed_ddp import CompressedDDPStrategy
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "compressed_ddp"
+EXPECTED = {
+    "ef21_topk.yaml": (EF21, TopK),
+    "ef21_sgdm_topk.yaml": (EF21SGDM, TopK),
+    "econtrol_topk.yaml": (EControl, TopK),
+    "ef14_sign.yaml": (EF14, ScaledSign),
+}
+
+
+def test_every_recipe_is_listed():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_recipe_parses(name, tmp_path):
+    cli = ConvergenceCLI(
+        args=["--config", str(CONFIGS / name), f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"],
+        run=False, save_config_callback=None,
+    )
+    strategy = cli.trainer.strategy
+    rule_cls, comp_cls = EXPECTED[name]
+    assert isinstance(strategy, CompressedDDPStrategy)
+    assert type(strategy.rule) is rule_cls and type(strategy.compressor) is comp_cls
+
+
+def test_recipe_runs_fast_dev_run_on_two_ranks(tmp_path):
+    ConvergenceCLI(
+        args=[
+            "fit", "--config", str(CONFIGS / "ef21_topk.yaml"), f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false", "--trainer.fast_dev_run=2", "--trainer.enable_progress_bar=false",
+            "--trainer.strategy.init_args.start_method=fork",
+        ],
+        run=True, save_config_callback=None,
+    )
