@@ -119,6 +119,9 @@ class GradientVarianceSampling(Callback):
         batch_to_inputs: maps a collated probe batch to ``(inputs, targets)``; default ``(batch[0], batch[1])``.
         reweight: deliver importance weights (default ``True``: unbiased for the uniform objective). ``False``
             trains on the sampling mixture itself (the paper setting of temperature sampling).
+        gvm_statistic: ``G_i`` for ``gvm``: ``"mean_norm"`` (default, the paper's ``E‖∇f‖``) or ``"rms_norm"``
+            (``sqrt(E‖∇f‖²)``, which makes the allocation the exact variance optimum ``q ∝ π·sqrt(M)`` for i.i.d.
+            draws; prefer it when per-example norms inside a group are heavy-tailed).
         ema_beta: EMA factor of the group statistics, in [0, 1). Default ``0.9``.
         alpha: GVM's α ≥ 0. Default ``1e-3`` (paper/code).
         beta: GVM's β. Default ``2.0`` (paper/code).
@@ -167,6 +170,7 @@ class GradientVarianceSampling(Callback):
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         batch_to_inputs: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
         reweight: bool = True,
+        gvm_statistic: str = "mean_norm",
         ema_beta: float = 0.9,
         alpha: float = 1e-3,
         beta: float = 2.0,
@@ -202,6 +206,8 @@ class GradientVarianceSampling(Callback):
         for field, value in (("start_temperature", start_temperature), ("end_temperature", end_temperature)):
             if not float(value) > 0:
                 raise ValueError(f"{name}: `{field}` must be > 0, got {value}.")
+        if gvm_statistic not in ("mean_norm", "rms_norm"):
+            raise ValueError(f"{name}: `gvm_statistic` must be 'mean_norm' or 'rms_norm', got {gvm_statistic!r}.")
         if cooldown_shape not in ("linear", "cosine"):
             raise ValueError(f"{name}: `cooldown_shape` must be 'linear' or 'cosine', got {cooldown_shape!r}.")
         self.policy = policy
@@ -214,6 +220,7 @@ class GradientVarianceSampling(Callback):
         self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
         self.batch_to_inputs = batch_to_inputs if batch_to_inputs is not None else _default_inputs
         self.reweight = reweight
+        self.gvm_statistic = gvm_statistic
         self.ema_beta = float(ema_beta)
         self.alpha, self.beta = float(alpha), float(beta)
         self.min_per_group = min_per_group
@@ -382,7 +389,8 @@ class GradientVarianceSampling(Callback):
         temperature = self._temperature(trainer.global_step)
         counts = allocate_budget(
             self.policy, sampler.window_size, sampler.group_sizes,
-            grad_norms=gs.value("grad_norm"), grad_stds=gs.value("grad_var").clamp_min(0).sqrt(),
+            grad_norms=gs.value("grad_norm") if self.gvm_statistic == "mean_norm" else gs.value("grad_sq").sqrt(),
+            grad_stds=gs.value("grad_var").clamp_min(0).sqrt(),
             accept_rates=gs.value("accept_rate", default=1.0), temperature=temperature,
             alpha=self.alpha, beta=self.beta, min_per_group=self.min_per_group,
         )

@@ -66,6 +66,14 @@ def test_allocation_follows_gvm_formula_and_weights_reach_the_module():
     assert sum(logger.values(f"convergence/sampling/budget/{g}")[-1] for g in range(10)) == 48
 
 
+def test_rms_norm_statistic_gives_the_iid_optimum():
+    seed_everything(0)
+    cb = GradientVarianceSampling(policy="gvm", gvm_statistic="rms_norm", every_n_steps=2, probe_per_group=4)
+    _trainer(2, [cb], enable_checkpointing=False).fit(WeightedMLP(hidden=(8,)), DigitsDataModule(batch_size=16))
+    sizes, m = cb.sampler.group_sizes, cb.group_stats.value("grad_sq")
+    assert torch.equal(cb.sampler.counts, allocate_budget("gvm", 32, sizes, grad_norms=m.sqrt(), min_per_group=1))
+
+
 def test_resume_is_identical(tmp_path):
     def run(max_steps, ckpt_path=None, save=False):
         seed_everything(0)
@@ -160,6 +168,7 @@ def test_module_without_weights_is_warned():
         ({"alpha": -1.0}, "alpha"),
         ({"start_temperature": 0.0}, "start_temperature"),
         ({"cooldown_shape": "step"}, "cooldown_shape"),
+        ({"gvm_statistic": "max"}, "gvm_statistic"),
     ],
 )
 def test_callback_errors_name_the_field(kwargs, field):
