@@ -17,7 +17,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from typing_extensions import override
 
 from lightning_convergence import stats
-from lightning_convergence._metrics import log_metrics
+from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence.callbacks.grad_stats_monitor import _grad_scale
 from lightning_convergence.data import rebuild_dataloader, wrap_train_dataloader
 from lightning_convergence.data.resizable import BatchSizeController, EpochShuffleSampler, ResizableBatchSampler
@@ -31,16 +31,17 @@ _LR_SCALING = ("none", "linear", "sqrt")
 
 def plan_batch(
     target: int, world_size: int, per_device: int, accumulation: int, max_per_device: int | None,
-    max_batch_size: int | None, resize_device: bool,
+    max_batch_size: int | None, resize_device: bool, min_accumulation: int = 1,
 ) -> tuple[int, int]:
     """The ``(per_device, accumulation)`` whose global batch ``per_device × world_size × accumulation`` is the
     smallest achievable one ≥ ``target`` (or the largest ≤ ``max_batch_size`` when rounding up would pass it).
 
     With ``resize_device`` (at an epoch boundary) the per-device batch may change, up to ``max_per_device``, and
-    accumulation is the smallest that fits; otherwise only the accumulation changes.
+    accumulation is the smallest that fits, at least ``min_accumulation`` (2 keeps two micro-batch gradient samples
+    per step on one device); otherwise only the accumulation changes.
     """
     if resize_device and max_per_device is not None:
-        accumulation = max(math.ceil(target / (world_size * max_per_device)), 1)
+        accumulation = max(math.ceil(target / (world_size * max_per_device)), min_accumulation, 1)
         per_device = max(min(math.ceil(target / (world_size * accumulation)), max_per_device), 1)
         if max_batch_size is not None and per_device * world_size * accumulation > max_batch_size:
             per_device = max(max_batch_size // (world_size * accumulation), 1)
@@ -125,12 +126,15 @@ class AdaptiveBatchSize(Callback):
         smoothing: EMA factor in [0, 1) for the statistics before the test. Default ``0.9`` (see Deviations).
         noise_ema_beta: EMA factor in [0, 1) of the gradient-noise-scale numerator and denominator. Default ``0.9``.
         seed: seed of the single-process shuffling sampler. Default ``0``.
+        log_every_n_steps: log on test steps that fall on a multiple of this, ≥ 1. Default ``None``: the trainer's
+            ``log_every_n_steps``.
 
     State: the global batch, its target, per-device batch and accumulation (and a pending accumulation change),
     the sampler position (epoch, examples consumed), samples seen, the statistics and noise-scale EMAs, the count
     of skipped non-finite steps, and a ``version`` key. Hyperparameters come from the config.
 
-    Logs (on test steps): ``convergence/batch/batch_size`` (real global batch),
+    Logs (on test steps at multiples of ``log_every_n_steps``; ``step_overhead_ms`` is the mean over the tests since
+    the last log): ``convergence/batch/batch_size`` (real global batch),
     ``convergence/batch/samples_seen_total``,
     ``convergence/batch/test_statistic`` (the batch the test demands), ``convergence/batch/noise_scale``,
     ``convergence/batch/accumulate_grad_batches``, ``convergence/batch/per_device_batch_size``,
@@ -172,6 +176,7 @@ class AdaptiveBatchSize(Callback):
         smoothing: float = 0.9,
         noise_ema_beta: float = 0.9,
         seed: int = 0,
+        log_every_n_steps: int | None = None,
     ) -> None:
         name = type(self).__name__
         for field, value, choices in (
@@ -186,7 +191,7 @@ class AdaptiveBatchSize(Callback):
         for field, value, low in (
             ("test_interval", test_interval, 1), ("min_batch_size", min_batch_size, 1),
             ("max_batch_size", max_batch_size, 1), ("max_per_device_batch_size", max_per_device_batch_size, 1),
-            ("per_sample_max_examples", per_sample_max_examples, 2),
+            ("per_sample_max_examples", per_sample_max_examples, 2), ("log_every_n_steps", log_every_n_steps, 1),
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise ValueError(f"{name}: `{field}` must be an int >= {low}, got {value!r}.")
@@ -214,6 +219,7 @@ class AdaptiveBatchSize(Callback):
         self.per_sample_max_examples = per_sample_max_examples
         self.smoothing = float(smoothing)
         self.seed = int(seed)
+        self.log_every_n_steps = log_every_n_steps
         # -- state --
         self.controller = BatchSizeController(1)
         self.tracker = stats.GradientNoiseScale(beta=float(noise_ema_beta))
@@ -227,6 +233,7 @@ class AdaptiveBatchSize(Callback):
         self.last_demanded = math.nan
         self.history: list[dict[str, float]] = []  # one entry per test: step, demanded, target, batch_size
         self.last_metrics: dict[str, float] = {}
+        self.overhead_total_s = 0.0  # time spent in this callback's statistics (not checkpointed: a timing)
         self._controller_ready = False
         self._restored = False
         # -- per-step scratch --
@@ -238,7 +245,9 @@ class AdaptiveBatchSize(Callback):
         self._micro_sizes: list[int] = []
         self._last_batch: Any = None
         self._step_at_batch_start = -1
-        self._overhead_s = 0.0
+        self._overhead_s = 0.0  # statistics time since the last log (capture hooks included)
+        self._capture_s = 0.0
+        self._tests_since_log = 0
         self._params: list[torch.nn.Parameter] = []
 
     @property
@@ -338,7 +347,7 @@ class AdaptiveBatchSize(Callback):
     # -- per step ---------------------------------------------------------------------------------------------
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        n = int(extract_batch_size(batch))
+        n = _batch_size(batch)
         self.controller.consume(n)
         self.samples_seen_total += n * trainer.world_size
         self._step_at_batch_start = trainer.global_step
@@ -357,7 +366,9 @@ class AdaptiveBatchSize(Callback):
                 g = grad.detach().float()
                 prev = self._row[index]
                 self._row[index] = g.clone() if prev is None else prev + g
-                self._overhead_s += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                self._overhead_s += dt
+                self._capture_s += dt
             return grad
 
         return hook
@@ -397,7 +408,11 @@ class AdaptiveBatchSize(Callback):
             "step": trainer.global_step, "demanded": demanded, "target": target, "batch_size": self.global_batch_size,
         })
         self._overhead_s += time.perf_counter() - t0
-        self._log(trainer)
+        self.overhead_total_s += time.perf_counter() - t0 + self._capture_s
+        self._capture_s = 0.0
+        self._tests_since_log += 1
+        if should_log(trainer, self.log_every_n_steps):
+            self._log(trainer)
 
     @override
     def on_train_batch_end(
@@ -463,6 +478,7 @@ class AdaptiveBatchSize(Callback):
         per_device, k = plan_batch(
             self.target_batch_size, trainer.world_size, self.controller.batch_size, self.accumulation,
             self.max_per_device_batch_size, self.max_batch_size, resize_device,
+            min_accumulation=2 if self.variance_estimator == "microbatch" and trainer.world_size == 1 else 1,
         )
         if not self.allow_shrink and per_device * k * trainer.world_size < self.global_batch_size:
             return  # rounding down (at max_batch_size) must not shrink a batch that may not shrink
@@ -503,10 +519,11 @@ class AdaptiveBatchSize(Callback):
             "noise_scale": self.tracker.noise_scale,
             "accumulate_grad_batches": self.accumulation,
             "per_device_batch_size": self.controller.batch_size,
-            "step_overhead_ms": 1e3 * self._overhead_s,
+            "step_overhead_ms": 1e3 * self._overhead_s / max(self._tests_since_log, 1),
             "nonfinite_skipped_total": self.nonfinite_skipped_total,
         }
         self._overhead_s = 0.0
+        self._tests_since_log = 0
         self.last_metrics = log_metrics(trainer, "batch", metrics)
 
     # -- state ------------------------------------------------------------------------------------------------
@@ -547,6 +564,13 @@ class AdaptiveBatchSize(Callback):
         self.nonfinite_skipped_total = int(state_dict["nonfinite_skipped_total"])
         self.last_demanded = float(state_dict["last_demanded"])
         self._restored = True
+
+
+def _batch_size(batch: Any) -> int:
+    """Examples in ``batch``: the fast path for ``(tensor, ...)`` batches, else Lightning's pytree search."""
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor) and batch[0].dim() > 0:
+        return int(batch[0].shape[0])
+    return int(extract_batch_size(batch))
 
 
 def _all_reduce(t: Tensor) -> None:

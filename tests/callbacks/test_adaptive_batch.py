@@ -85,6 +85,11 @@ def test_plan_batch(args, expected):
     assert plan_batch(*args) == expected
 
 
+def test_plan_batch_keeps_two_micro_batches_for_the_microbatch_estimator():
+    assert plan_batch(100, 1, 8, 2, 128, None, True) == (100, 1)
+    assert plan_batch(100, 1, 8, 2, 128, None, True, min_accumulation=2) == (50, 2)
+
+
 # -- the test statistic against its analytic value -------------------------------------------------------------------
 
 
