@@ -1,0 +1,299 @@
+"""Compressed DDP vs plain DDP, torch's fp16 hook and PowerSGD, on a rate-limited link (2 CPU ranks, gloo).
+
+    /work/venv/bin/python benchmarks/compressed_ddp.py --quick          # ~5 minutes on 2 shared cores
+    /work/venv/bin/python benchmarks/compressed_ddp.py --rates 100mbit 1gbit
+
+For every link rate the script creates a fresh network namespace whose loopback is capped by ``tc tbf``
+(:mod:`benchmarks._netem`), launches ``torchrun --nproc_per_node=2`` inside it once per task (char LM, digits MLP),
+and the two ranks train every method in turn from the same seed with the same data order. Per method it measures:
+
+* bytes/step on the link: ``/proc/net/dev`` of the namespace's ``lo`` (all ranks, both directions), after
+  ``--warmup`` steps (excludes the parameter broadcast and the uncompressed first step of EF21-type rules);
+* bytes/step by our own accounting (payload bytes of all ranks; only for our strategy);
+* median step time, mean training loss over the last 10% of steps (equal steps for all methods), and the cumulative
+  step time until the smoothed loss first reaches a target: plain DDP's smoothed loss at 75% of its steps.
+
+All are printed as ratios to plain DDP measured in the same run, and plotted into ``benchmarks/out/``. Without root
+(no namespaces) pass ``--no-netem`` to run on the unlimited host loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._netem import RateLimitedNamespace, lo_tx_bytes
+
+OUT = Path(__file__).resolve().parent / "out"
+
+# name -> (kind, options). kind: ddp | fp16 | powersgd | ours
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddp": ("ddp", {}),
+    "fp16_hook": ("fp16", {}),
+    "powersgd_r1": ("powersgd", {"rank": 1}),
+    "powersgd_r4": ("powersgd", {"rank": 4}),
+    "ef21_topk1%": ("ours", {"feedback": "ef21", "compressor": "topk"}),
+    "ef21_sgdm_topk1%": ("ours", {"feedback": "ef21_sgdm", "compressor": "topk"}),
+    "econtrol_topk1%": ("ours", {"feedback": "econtrol", "compressor": "topk"}),
+    "ef14_topk1%": ("ours", {"feedback": "ef14", "compressor": "topk"}),
+    "ef21_topk1%_8bit": ("ours", {"feedback": "ef21", "compressor": "topk8"}),
+    "ef14_sign": ("ours", {"feedback": "ef14", "compressor": "sign"}),
+    "none_ternary": ("ours", {"feedback": "none", "compressor": "ternary"}),
+}
+QUICK = ["ddp", "fp16_hook", "powersgd_r1", "powersgd_r4", "ef21_topk1%", "ef21_sgdm_topk1%", "econtrol_topk1%",
+         "ef21_topk1%_8bit", "ef14_sign"]
+
+
+# ---------------------------------------------------------------------------------------------------------- worker
+def _compressor(name: str):
+    from lightning_convergence.compress import QSGD, Compose, ScaledSign, TopK
+
+    return {
+        "topk": lambda: TopK(k_fraction=0.01),
+        "topk8": lambda: Compose(TopK(k_fraction=0.01), QSGD(levels=127, norm="max")),
+        "sign": lambda: ScaledSign(),
+        "ternary": lambda: QSGD(levels=1, norm="max"),
+    }[name]()
+
+
+def _strategy(method: str):
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    from lightning_convergence.strategies._ddp_base import HookedDDPStrategy
+    from lightning_convergence.strategies.compressed_ddp import CompressedDDPStrategy
+
+    class TorchHookDDP(HookedDDPStrategy):
+        """Registers one of torch's hooks on CPU too (Lightning drops them off CUDA)."""
+
+        def __init__(self, state: Any, hook: Any, **kw: Any) -> None:
+            super().__init__(**kw)
+            self._bench_state, self._bench_hook = state, hook
+
+        def build_comm_hook(self, model: Any) -> tuple[Any, Any]:
+            state = self._bench_state() if callable(self._bench_state) else self._bench_state
+            return state, self._bench_hook
+
+        def rank_state_dict(self) -> dict[str, Any]:
+            return {}
+
+        def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+            return None
+
+    kind, opts = METHODS[method]
+    # one bucket for every method: torch's PowerSGD hook is unreliable on gloo with several (shared/NOTES.md)
+    common = {"process_group_backend": "gloo", "bucket_cap_mb": 64}
+    if kind == "ddp":
+        return DDPStrategy(**common)
+    if kind == "fp16":
+        return TorchHookDDP(None, default_hooks.fp16_compress_hook, **common)
+    if kind == "powersgd":
+        def make_state():
+            return powerSGD_hook.PowerSGDState(
+                process_group=dist.group.WORLD, matrix_approximation_rank=opts["rank"], start_powerSGD_iter=2,
+                min_compression_rate=2, use_error_feedback=True, warm_start=True, random_seed=0,
+            )
+        return TorchHookDDP(make_state, powerSGD_hook.powerSGD_hook, **common)
+    return CompressedDDPStrategy(feedback=opts["feedback"], compressor=_compressor(opts["compressor"]), **common)
+
+
+def _task(task: str):
+    from lightning_convergence.examples import CharTransformerLM, DigitsDataModule, MLPClassifier, StdlibTextDataModule
+
+    if task == "lm":
+        return CharTransformerLM(d_model=128, n_layers=2, lr=3e-3), StdlibTextDataModule(seq_len=64, batch_size=32)
+    return MLPClassifier(hidden=[128, 128], lr=3e-3), DigitsDataModule(batch_size=32)
+
+
+def _recorder(warmup: int):
+    from lightning.pytorch import Callback
+
+    class Recorder(Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+            self.times: list[float] = []
+            self.t0 = 0.0
+            self.net0 = self.ours0 = 0
+
+        def _ours(self, trainer: Any) -> int:
+            hs = getattr(trainer.strategy, "hook_state", None)
+            return hs.counters["bytes_sent_total"] if hs is not None and hasattr(hs, "counters") else 0
+
+        def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
+            if trainer.global_step == warmup:
+                self.net0, self.ours0 = lo_tx_bytes(), self._ours(trainer)
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            self.times.append(time.perf_counter() - self.t0)
+            self.losses.append(float(outputs["loss"]))
+
+        def on_train_end(self, trainer: Any, module: Any) -> None:
+            self.net1, self.ours1 = lo_tx_bytes(), self._ours(trainer)
+
+    return Recorder()
+
+
+def worker(args: argparse.Namespace) -> None:
+    import lightning as L
+    import torch
+
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    for method in args.methods:
+        L.seed_everything(0, verbose=False)
+        model, data = _task(args.task)
+        rec = _recorder(args.warmup)
+        trainer = L.Trainer(
+            accelerator="cpu", devices=world, strategy=_strategy(method), max_steps=args.steps, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0, num_sanity_val_steps=0, callbacks=[rec],
+        )
+        trainer.fit(model, data)
+        if rank == 0:
+            n = args.steps - args.warmup
+            row = {
+                "task": args.task, "method": method, "rate": args.rate, "steps": args.steps,
+                "params": sum(p.numel() for p in model.parameters()),
+                "net_bytes_per_step": (rec.net1 - rec.net0) / n,
+                "our_bytes_per_step": (rec.ours1 - rec.ours0) * world / n if rec.ours1 else None,
+                "losses": rec.losses, "times": rec.times,
+            }
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------- parent
+def _smooth(xs: list[float], w: int = 10) -> list[float]:
+    return [sum(xs[max(0, i - w + 1) : i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(xs))]
+
+
+def _summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    import statistics
+
+    out = []
+    for (task, rate) in sorted({(r["task"], r["rate"]) for r in rows}):
+        group = [r for r in rows if r["task"] == task and r["rate"] == rate]
+        base = next((r for r in group if r["method"] == "ddp"), None)
+        if base is None:
+            continue
+        sb = _smooth(base["losses"])
+        target = sb[int(0.75 * len(sb))]
+        for r in group:
+            s = _smooth(r["losses"])
+            tail = r["losses"][-max(1, len(r["losses"]) // 10) :]
+            cum, ttt = 0.0, None
+            for loss, t in zip(s, r["times"]):
+                cum += t
+                if loss <= target:
+                    ttt = cum
+                    break
+            out.append({
+                "task": task, "rate": rate, "method": r["method"],
+                "net_bytes": r["net_bytes_per_step"], "our_bytes": r["our_bytes_per_step"],
+                "step_s": statistics.median(r["times"][1:]), "loss": sum(tail) / len(tail), "ttt_s": ttt,
+            })
+        b = next(o for o in out if o["task"] == task and o["rate"] == rate and o["method"] == "ddp")
+        for o in out:
+            if o["task"] == task and o["rate"] == rate:
+                o["bytes_ratio"] = b["net_bytes"] / max(o["net_bytes"], 1.0)
+                o["step_ratio"] = o["step_s"] / b["step_s"]
+                o["loss_ratio"] = o["loss"] / b["loss"]
+                o["ttt_ratio"] = (o["ttt_s"] / b["ttt_s"]) if o["ttt_s"] and b["ttt_s"] else None
+    return out
+
+
+def _print_table(summary: list[dict[str, Any]]) -> None:
+    head = (f"{'task':<5} {'link':<8} {'method':<18} {'net B/step':>11} {'our B/step':>11} {'DDP/bytes':>9} "
+            f"{'step s':>7} {'step/DDP':>8} {'loss':>7} {'loss/DDP':>8} {'TTT s':>7} {'TTT/DDP':>7}")
+    print(head)
+    print("-" * len(head))
+    for o in summary:
+        ours = f"{o['our_bytes']:.0f}" if o["our_bytes"] else "-"
+        ttt = f"{o['ttt_s']:.1f}" if o["ttt_s"] else "never"
+        tr = f"{o['ttt_ratio']:.2f}" if o["ttt_ratio"] else "-"
+        print(f"{o['task']:<5} {o['rate']:<8} {o['method']:<18} {o['net_bytes']:>11.0f} {ours:>11} "
+              f"{o['bytes_ratio']:>9.1f} {o['step_s']:>7.3f} {o['step_ratio']:>8.2f} {o['loss']:>7.4f} "
+              f"{o['loss_ratio']:>8.3f} {ttt:>7} {tr:>7}")
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["task"], r["rate"]) for r in rows})
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    for ax, (task, rate) in zip(axes[0], keys):
+        for r in rows:
+            if (r["task"], r["rate"]) == (task, rate):
+                cum, xs = 0.0, []
+                for t in r["times"]:
+                    cum += t
+                    xs.append(cum)
+                ax.plot(xs, _smooth(r["losses"]), label=r["method"], lw=1)
+        ax.set(title=f"{task} @ {rate}", xlabel="cumulative step time (s)", ylabel="train loss (smoothed)")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer steps and methods")
+    p.add_argument("--rates", nargs="+", default=["100mbit"], help="tc rates of the emulated link")
+    p.add_argument("--tasks", nargs="+", default=["lm", "classifier"], choices=["lm", "classifier"])
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
+    p.add_argument("--steps", type=int, default=None, help="steps per method (default: task-dependent)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-netem", action="store_true", help="run on the host loopback without a rate limit")
+    # worker-only
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--task", default="lm", help=argparse.SUPPRESS)
+    p.add_argument("--rate", default="none", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results = OUT / f"compressed_ddp-{stamp}.jsonl"
+    methods = args.methods or (QUICK if args.quick else list(METHODS))
+    steps = {"lm": 60 if args.quick else 150, "classifier": 100 if args.quick else 300}
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for rate in args.rates:
+        for task in args.tasks:
+            argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                    "--master_port=29611", __file__, "--worker", "--task", task, "--rate", rate, "--out", str(results),
+                    "--steps", str(args.steps or steps[task]), "--warmup", str(args.warmup), "--methods", *methods]
+            t0 = time.time()
+            if args.no_netem:
+                subprocess.run(argv, check=True, env=env)
+            else:
+                with RateLimitedNamespace(rate) as ns:
+                    ns.run(argv, check=True, env=env)
+            print(f"[{task} @ {rate}: {time.time() - t0:.0f} s]", file=sys.stderr)
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    summary = _summarise(rows)
+    _print_table(summary)
+    png = OUT / f"compressed_ddp-{stamp}.png"
+    _plot(rows, png)
+    print(f"\nraw rows: {results}\nplot: {png}")
+
+
+if __name__ == "__main__":
+    main()
