@@ -15,12 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from _common import OUT, StepTimer, print_table, save_bar_plot  # noqa: E402
-from lightning.pytorch import Trainer, seed_everything  # noqa: E402
+import torch
+from _common import OUT, StepTimer, print_table, save_bar_plot
+from lightning.pytorch import Trainer, seed_everything
 
-from lightning_convergence.callbacks import GradientStatsMonitor  # noqa: E402
-from lightning_convergence.examples import CharTransformerLM, StdlibTextDataModule  # noqa: E402
+from lightning_convergence.callbacks import GradientStatsMonitor
+from lightning_convergence.examples import CharTransformerLM, StdlibTextDataModule
 
 
 def run(monitor: GradientStatsMonitor | None, steps: int, repeat: int = 1) -> tuple[float, float]:
