@@ -96,6 +96,10 @@ class Compressor:
         """Contraction factor for a tensor of ``numel`` entries (at least :attr:`alpha`)."""
         return self.alpha
 
+    def observe_mean(self, payload: Payload) -> None:
+        """Called on every rank with the averaged payload of a summable compressor (low-rank warm start uses it)."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Training state (none for stateless compressors)."""
         return {}

@@ -79,7 +79,9 @@ def average_payloads(
             for name, t in payloads[i].tensors.items():
                 tensors[name] = flat[offset : offset + t.numel()].reshape(t.shape)
                 offset += t.numel()
-            out[i] = payloads[i].replace(tensors).decompress().float()
+            mean = payloads[i].replace(tensors)
+            out[i] = mean.decompress().float()
+            payloads[i].compressor.observe_mean(mean)
     if gath:
         mine = [payloads[i] for i in gath]
         blobs = all_gather(_to_bytes(mine)) if world_size > 1 else [None]  # type: ignore[misc]

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_convergence._metrics import KEY_PATTERN
-from lightning_convergence.compress import Identity, RandK, TopK
+from lightning_convergence.compress import Identity, LowRank, RandK, TopK
 from lightning_convergence.examples import LinearModel, MLPClassifier, SyntheticRegressionDataModule
 from lightning_convergence.feedback import EF21SGDM
 from lightning_convergence.strategies.compressed_ddp import CompressedDDPStrategy
@@ -27,6 +27,7 @@ def _dump(trainer, module):
     out = {"params": params_snapshot(module), "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
     if isinstance(s, CompressedDDPStrategy):
         out["rule"] = s.rule.state_dict()
+        out["compressor"] = s.compressor.state_dict()
         out["counters"] = dict(s.hook_state.counters)
     return out
 
@@ -83,9 +84,10 @@ def test_identity_compressor_equals_plain_ddp(tmp_path, plain_mlp, feedback):
     assert got[0]["counters"]["hook_calls_total"] > 6  # more than one bucket per step
 
 
-def test_topk_result_does_not_depend_on_bucketing(tmp_path):
-    one = fit(tmp_path / "one", ours("ef21", TopK(0.1), bucket_cap_mb=25), mlp=True, max_steps=5)
-    many = fit(tmp_path / "many", ours("ef21", TopK(0.1), bucket_cap_mb=0.001), mlp=True, max_steps=5)
+@pytest.mark.parametrize("make", [lambda: TopK(0.1), lambda: LowRank(rank=2)], ids=["topk", "lowrank"])
+def test_compressed_result_does_not_depend_on_bucketing(tmp_path, make):
+    one = fit(tmp_path / "one", ours("ef21", make(), bucket_cap_mb=25), mlp=True, max_steps=5)
+    many = fit(tmp_path / "many", ours("ef21", make(), bucket_cap_mb=0.001), mlp=True, max_steps=5)
     assert one[0]["counters"]["hook_calls_total"] == 5 < many[0]["counters"]["hook_calls_total"]
     for rank in range(2):
         _assert_params_close(one[rank]["params"], many[rank]["params"], atol=1e-6)
@@ -174,9 +176,14 @@ def test_gradient_accumulation_runs_the_hook_on_sync_steps_only(tmp_path, plain_
     _assert_params_close(got[0]["params"], base[0]["params"], atol=1e-5)
 
 
-def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize(
+    ("feedback", "make"),
+    [("ef21_sgdm", lambda: TopK(0.2)), ("ef14", lambda: LowRank(rank=1))],  # LowRank: compressor state resumes too
+    ids=["ef21_sgdm-topk", "ef14-lowrank"],
+)
+def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path, feedback, make):
     def strategy():
-        return ours("ef21_sgdm", TopK(0.2), bucket_cap_mb=0.001)
+        return ours(feedback, make(), bucket_cap_mb=0.001)
 
     # 64 samples / 2 ranks / batch 8 = 4 steps per epoch; checkpoint at the end of epoch 1
     kw = dict(mlp=True, max_epochs=2)
@@ -186,9 +193,10 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     entry = saved["convergence/compressed_ddp"]
     assert entry["world_size"] == 2 and len(entry["ranks"]) == 2
+    buf = "v" if feedback == "ef21_sgdm" else "e"
     assert not torch.equal(
-        entry["ranks"][0]["feedback"]["buffers"]["v"]["net.0.weight"],
-        entry["ranks"][1]["feedback"]["buffers"]["v"]["net.0.weight"],
+        entry["ranks"][0]["feedback"]["buffers"][buf]["net.0.weight"],
+        entry["ranks"][1]["feedback"]["buffers"][buf]["net.0.weight"],
     )  # per-rank state really differs, so losing rank 1's slice would show
     resumed = fit(tmp_path / "resumed", strategy(), ckpt_path=tmp_path / "ckpt" / "last.ckpt", **kw)
     for rank in range(2):
@@ -197,5 +205,7 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
             for name, t in tensors.items():
                 assert torch.equal(resumed[rank]["rule"]["buffers"][buf][name], t), (buf, name)
         assert resumed[rank]["rule"]["steps"] == straight[rank]["rule"]["steps"]
+        for name, f in straight[rank]["compressor"].get("factors", {}).items():
+            assert torch.equal(resumed[rank]["compressor"]["factors"][name], f)
         for key in ("bytes_sent_total", "dense_bytes_total"):  # hook calls depend on DDP's first-step bucketing
             assert resumed[rank]["counters"][key] == straight[rank]["counters"][key]
