@@ -83,6 +83,9 @@ class GroupBudgetSampler(DistributedSampler):
     """
 
     STATE_VERSION = 1
+    #: Handshake for wrapping batch samplers (e.g. a resizable one): after ``load_state_dict`` this sampler itself
+    #: resumes at the consumed position, so a wrapper must not skip indices again.
+    restores_position = True
 
     def __init__(
         self,

@@ -207,3 +207,23 @@ def test_sampling_core_imports_without_lightning():
         "assert s.allocate_budget('gvm', 4, [1, 1], grad_norms=[1, 3]).tolist() == [1, 3]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_works_under_adaptive_batch_size():
+    from lightning_convergence.callbacks.adaptive_batch import AdaptiveBatchSize
+
+    class Recording(WeightedMLP):
+        def training_step(self, batch, batch_idx):
+            assert self.sample_weights.numel() == len(batch[1])
+            return super().training_step(batch, batch_idx)
+
+    seed_everything(0)
+    gvs = GradientVarianceSampling(every_n_steps=2, probe_per_group=2)
+    adaptive = AdaptiveBatchSize(test="norm", eta=0.05, max_batch_size=128)
+    model = Recording(hidden=(8,))
+    trainer = _trainer(6, [gvs, adaptive], enable_checkpointing=False, accumulate_grad_batches=2)
+    trainer.fit(model, DigitsDataModule(batch_size=16))
+    loader = trainer.train_dataloader
+    assert type(loader.batch_sampler).__name__ == "ResizableBatchSampler"
+    assert loader.batch_sampler.sampler is gvs.sampler  # their batch sampler draws from our index sampler
+    assert gvs.sampler.state_dict()["consumed"] == sum(w.numel() for w in model.seen_weights)
