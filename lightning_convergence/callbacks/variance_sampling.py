@@ -141,8 +141,8 @@ class GradientVarianceSampling(Callback):
 
     Logs (at each re-allocation): ``convergence/sampling/grad_variance`` (estimated per-example trace covariance of
     the (weighted) gradient under the current allocation), ``convergence/sampling/grad_variance_uniform`` (the same
-    under uniform sampling), ``convergence/sampling/effective_sample_size`` (mean Kish ESS of the batches since the
-    last log, in examples), ``convergence/sampling/temperature`` (``temperature`` policy),
+    under uniform sampling), ``convergence/sampling/effective_sample_size`` (mean Kish ESS of the per-device batches
+    since the last log, over all ranks, in examples), ``convergence/sampling/temperature`` (``temperature`` policy),
     ``convergence/sampling/nonfinite_skipped_total``, ``convergence/sampling/step_overhead_ms``, and with
     ``log_per_item`` ``convergence/sampling/budget/<group>``.
 
@@ -411,8 +411,11 @@ class GradientVarianceSampling(Callback):
             m, full = gs.value("grad_sq"), gs.full_grad_sq
             metrics["grad_variance"] = weighted_estimator_variance(share, q, m, full)
             metrics["grad_variance_uniform"] = weighted_estimator_variance(share, share, m, full)
-        if self._ess[1]:
-            metrics["effective_sample_size"] = self._ess[0] / self._ess[1]
+        ess = torch.tensor(self._ess, dtype=torch.float64)
+        if trainer.world_size > 1:  # every rank logs at the same re-allocation step, so the collective is matched
+            ess = trainer.strategy.reduce(ess, reduce_op="sum")
+        if ess[1] > 0:
+            metrics["effective_sample_size"] = float(ess[0] / ess[1])
         if self.policy == "temperature":
             metrics["temperature"] = temperature
         if self.log_per_item:
