@@ -204,3 +204,15 @@ def test_rules_warn_on_non_contractive_compressors():
 def test_bad_rule_arguments(factory, exc, match):
     with pytest.raises(exc, match=f"`{match}`"):
         factory()
+
+
+def test_cores_import_without_lightning():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for m in ('lightning', 'lightning.pytorch', 'pytorch_lightning', 'lightning_fabric'): sys.modules[m] = None\n"
+        "import lightning_convergence.compress, lightning_convergence.compress.comm, lightning_convergence.feedback\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
