@@ -202,3 +202,25 @@ def test_schedule_refinement_online_needs_finite_budget(tmp_path):
                       callbacks=[ScheduleRefinement(online=True)])
     with pytest.raises(ValueError, match="max_steps"):
         trainer.fit(_Regression(sched="none"))
+
+
+def _rank_view(trainer, pl_module):
+    ref = next(c for c in trainer.callbacks if isinstance(c, ScheduleRefinement))
+    rec = next(c for c in trainer.callbacks if isinstance(c, _Recorder))
+    return {"norms": ref.norms, "lrs": rec.lrs, "grad_l2": rec.grad_l2, "profile": ref.profile}
+
+
+def test_schedule_refinement_two_ranks_record_global_norms_and_agree(tmp_path):
+    from tests.helpers.dist import DumpOnRanks, ddp_fork_strategy, load_rank_results
+
+    seed_everything(0)
+    ref = ScheduleRefinement(online=True, refit_every_n_steps=4, log_plot=False,
+                             norms_path=str(tmp_path / "ddp_norms.json"))
+    trainer = _trainer(tmp_path, [ref, _Recorder(), DumpOnRanks(tmp_path / "dump", _rank_view)], max_steps=8,
+                       devices=2, strategy=ddp_fork_strategy())
+    trainer.fit(_Regression(total=8))
+    r0, r1 = load_rank_results(tmp_path / "dump", 2)
+    assert r0["grad_l2"] != [] and r0["grad_l2"] == r1["grad_l2"]  # the all-reduced (global) gradient
+    assert r0["norms"] == r1["norms"] and r0["norms"] == pytest.approx(r0["grad_l2"], rel=1e-6)
+    assert r0["lrs"] == r1["lrs"] and r0["profile"] is not None and r0["profile"] == r1["profile"]
+    assert json.loads((tmp_path / "ddp_norms.json").read_text())["norms"] == r0["norms"]
