@@ -81,6 +81,9 @@ class MLPClassifier(LightningModule):
         lr: learning rate of the default optimizer (Adam) used when the config names none. Default ``3e-3``.
     """
 
+    #: Declares that ``training_step`` applies ``self.sample_weights`` (set per batch by GradientVarianceSampling).
+    uses_sample_weights = True
+
     def __init__(
         self, num_features: int = 64, num_classes: int = 10, hidden: tuple[int, ...] | list[int] = (128, 128),
         lr: float = 3e-3,
@@ -101,7 +104,11 @@ class MLPClassifier(LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        # Importance weights from GradientVarianceSampling keep the weighted loss an unbiased estimate of the
+        # uniform one; without that callback there are none.
+        weights = getattr(self, "sample_weights", None)
+        losses = F.cross_entropy(self(x), y, reduction="none")
+        loss = (losses * weights).mean() if weights is not None else losses.mean()
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
