@@ -394,7 +394,8 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
         self._bytes = int(state["bytes_sent_total"])
         self._skipped = int(state["nonfinite_skipped_total"])
         self._in_sync = bool(state["in_sync"])
-        self.outer.load_state_dict(state["outer"])
+        device = self._params[0].device if self._params else self.root_device  # checkpoints hold CPU tensors
+        self.outer.load_state_dict({k: v.to(device) if torch.is_tensor(v) else v for k, v in state["outer"].items()})
         unflatten_into(state["params"].to(self.root_device), self._params)
         unflatten_into(state["buffers"].to(self.root_device), self._buffers)
         self.optimizers[0].load_state_dict(state["optimizer"])
