@@ -150,10 +150,13 @@ def test_group_resolution():
 
 
 def test_module_without_weights_is_warned():
+    class Unweighted(MLPClassifier):
+        uses_sample_weights = False  # a user module that reduces its loss without the weights
+
     seed_everything(0)
     cb = GradientVarianceSampling(every_n_steps=2, probe_per_group=2)
     with pytest.warns(UserWarning, match="uses_sample_weights"):
-        _trainer(1, [cb], enable_checkpointing=False).fit(MLPClassifier(hidden=(8,)), DigitsDataModule(batch_size=16))
+        _trainer(1, [cb], enable_checkpointing=False).fit(Unweighted(hidden=(8,)), DigitsDataModule(batch_size=16))
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,8 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "configs" / "variance_sa
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_runs(path, tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the example MLP does not declare `uses_sample_weights` (see the card)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         cli = ConvergenceCLI(
             args=[
                 "fit", "--config", str(path), "--trainer.fast_dev_run=2", "--trainer.logger=false",
@@ -22,6 +22,8 @@ def test_recipe_runs(path, tmp_path):
             ],
             run=True, save_config_callback=None,
         )
+    # The example MLP applies the importance weights, so the callback must not warn that they are ignored.
+    assert not [w for w in caught if "uses_sample_weights" in str(w.message)]
     cb = next(c for c in cli.trainer.callbacks if isinstance(c, GradientVarianceSampling))
     assert cb.sampler is not None and cb.sampler.state_dict()["consumed"] == 2 * 32
 
