@@ -340,9 +340,11 @@ class AdaptiveBatchSize(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # The next epoch starts with batch_idx 0: any accumulation fits, and the per-device batch may change.
-        if self.target_batch_size != self.global_batch_size or self.pending_accumulation is not None:
-            self._replan(trainer, resize_device=self.max_per_device_batch_size is not None, apply_now=True)
+        # The next epoch starts with batch_idx 0: any accumulation fits, and the per-device batch may change (then
+        # re-plan even at an unchanged target, to trade accumulation for a larger per-device batch).
+        resize = self.max_per_device_batch_size is not None
+        if resize or self.target_batch_size != self.global_batch_size or self.pending_accumulation is not None:
+            self._replan(trainer, resize_device=resize, apply_now=True)
 
     # -- per step ---------------------------------------------------------------------------------------------
     @override
