@@ -1,0 +1,47 @@
+"""Buffers and inner-optimizer state at a sync (keep / average / reset), and the late-merging schedules, on 2 ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_convergence.averaging import SingleFinalMerge
+from lightning_convergence.strategies.local_sgd import LocalSGDStrategy
+from tests.strategies._local_sgd_utils import fit
+
+ADAM_BN = {"opt": "adam", "lr": 0.01, "batchnorm": True}
+
+
+def _moments(dump):
+    return torch.cat([s["exp_avg"].flatten() for _, s in sorted(dump["optimizer"]["state"].items())])
+
+
+def _bn(dump):
+    return dump["params"]["net.1.running_mean"]
+
+
+@pytest.mark.parametrize("mode", ["keep", "average", "reset"])
+def test_local_sgd_optimizer_state_and_buffers_at_sync(tmp_path, mode):
+    # 6 steps, H=3: the run ends right after a sync, before any further local step
+    out = fit(LocalSGDStrategy, tmp_path / mode, 6, outer="average", schedule=3, optimizer_state=mode,
+              sync_buffers=(mode != "keep"), final_merge=False, module_kwargs=ADAM_BN)
+    r0, r1 = out
+    for k, v in r0["params"].items():
+        if k.endswith("weight") or k.endswith("bias"):
+            assert torch.equal(v, r1["params"][k]), k  # parameters were just averaged
+    if mode == "keep":
+        assert not torch.equal(_moments(r0), _moments(r1))  # each rank keeps its own Adam moments
+        assert not torch.equal(_bn(r0), _bn(r1))  # sync_buffers=False: BatchNorm statistics stay per rank
+    elif mode == "average":
+        assert torch.equal(_moments(r0), _moments(r1))
+        assert torch.equal(_bn(r0), _bn(r1))
+    else:
+        assert r0["optimizer"]["state"] == {} and r1["optimizer"]["state"] == {}
+        assert torch.equal(_bn(r0), _bn(r1))
+
+
+def test_local_sgd_single_final_merge_schedule_communicates_once(tmp_path):
+    out = fit(LocalSGDStrategy, tmp_path / "single", 6, outer="average", schedule=SingleFinalMerge(total_steps=6))
+    assert out[0]["strategy_state"]["sync_rounds_total"] == 1
+    for k, v in out[0]["params"].items():
+        assert torch.equal(v, out[1]["params"][k]), k
