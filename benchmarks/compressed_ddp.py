@@ -46,6 +46,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ef14_topk1%": ("ours", {"feedback": "ef14", "compressor": "topk"}),
     "ef21_topk1%_8bit": ("ours", {"feedback": "ef21", "compressor": "topk8"}),
     "ef14_sign": ("ours", {"feedback": "ef14", "compressor": "sign"}),
+    "ef14_lowrank_r4": ("ours", {"feedback": "ef14", "compressor": "lowrank4"}),
+    "ef21_lowrank_r4": ("ours", {"feedback": "ef21", "compressor": "lowrank4"}),
     "none_ternary": ("ours", {"feedback": "none", "compressor": "ternary"}),
 }
 QUICK = ["ddp", "fp16_hook", "powersgd_r1", "powersgd_r4", "ef21_topk1%", "ef21_sgdm_topk1%", "econtrol_topk1%",
@@ -54,13 +56,14 @@ QUICK = ["ddp", "fp16_hook", "powersgd_r1", "powersgd_r4", "ef21_topk1%", "ef21_
 
 # ---------------------------------------------------------------------------------------------------------- worker
 def _compressor(name: str):
-    from lightning_convergence.compress import QSGD, Compose, ScaledSign, TopK
+    from lightning_convergence.compress import QSGD, Compose, LowRank, ScaledSign, TopK
 
     return {
         "topk": lambda: TopK(k_fraction=0.01),
         "topk8": lambda: Compose(TopK(k_fraction=0.01), QSGD(levels=127, norm="max")),
         "sign": lambda: ScaledSign(),
         "ternary": lambda: QSGD(levels=1, norm="max"),
+        "lowrank4": lambda: LowRank(rank=4),
     }[name]()
 
 
@@ -106,12 +109,22 @@ def _strategy(method: str):
     return CompressedDDPStrategy(feedback=opts["feedback"], compressor=_compressor(opts["compressor"]), **common)
 
 
-def _task(task: str):
+def _task(task: str, optimizer: str = "adam", lr: float | None = None):
+    import torch
+
     from lightning_convergence.examples import CharTransformerLM, DigitsDataModule, MLPClassifier, StdlibTextDataModule
 
     if task == "lm":
-        return CharTransformerLM(d_model=128, n_layers=2, lr=3e-3), StdlibTextDataModule(seq_len=64, batch_size=32)
-    return MLPClassifier(hidden=[128, 128], lr=3e-3), DigitsDataModule(batch_size=32)
+        model = CharTransformerLM(d_model=128, n_layers=2, lr=3e-3)
+        data = StdlibTextDataModule(seq_len=64, batch_size=32)
+    else:
+        model, data = MLPClassifier(hidden=[128, 128], lr=3e-3), DigitsDataModule(batch_size=32)
+    if optimizer == "sgd":  # SGD with momentum for every method (EF21's analysis is for SGD steps)
+        sgd_lr = lr or (0.3 if task == "lm" else 0.1)
+        model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=sgd_lr, momentum=0.9)
+    elif lr:
+        model.lr = lr
+    return model, data
 
 
 def _recorder(warmup: int):
@@ -152,7 +165,7 @@ def worker(args: argparse.Namespace) -> None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     for method in args.methods:
         L.seed_everything(0, verbose=False)
-        model, data = _task(args.task)
+        model, data = _task(args.task, args.optimizer, args.lr)
         rec = _recorder(args.warmup)
         trainer = L.Trainer(
             accelerator="cpu", devices=world, strategy=_strategy(method), max_steps=args.steps, logger=False,
@@ -164,6 +177,7 @@ def worker(args: argparse.Namespace) -> None:
             n = args.steps - args.warmup
             row = {
                 "task": args.task, "method": method, "rate": args.rate, "steps": args.steps,
+                "optimizer": args.optimizer,
                 "params": sum(p.numel() for p in model.parameters()),
                 "net_bytes_per_step": (rec.net1 - rec.net0) / n,
                 "our_bytes_per_step": (rec.ours1 - rec.ours0) * world / n if rec.ours1 else None,
@@ -258,6 +272,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="steps per method (default: task-dependent)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-netem", action="store_true", help="run on the host loopback without a rate limit")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"],
+                   help="adam: the example models' Adam/AdamW; sgd: SGD with momentum 0.9 for every method")
+    p.add_argument("--lr", type=float, default=None, help="learning rate override")
     # worker-only
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--task", default="lm", help=argparse.SUPPRESS)
@@ -279,7 +296,8 @@ def main() -> None:
         for task in args.tasks:
             argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                     "--master_port=29611", __file__, "--worker", "--task", task, "--rate", rate, "--out", str(results),
-                    "--steps", str(args.steps or steps[task]), "--warmup", str(args.warmup), "--methods", *methods]
+                    "--steps", str(args.steps or steps[task]), "--warmup", str(args.warmup),
+                    "--optimizer", args.optimizer, *(["--lr", str(args.lr)] if args.lr else []), "--methods", *methods]
             t0 = time.time()
             if args.no_netem:
                 subprocess.run(argv, check=True, env=env)
