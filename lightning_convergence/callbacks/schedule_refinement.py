@@ -122,6 +122,10 @@ class ScheduleRefinement(Callback):
         self.saved_path: Path | None = None
         self._warned_loggers: set[str] = set()
 
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(online=self.online, norms_path=self.norms_path)
+
     # -- hooks ------------------------------------------------------------------------------------------------
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
