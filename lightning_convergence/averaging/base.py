@@ -57,6 +57,16 @@ class Communicator:
         """Send ``tensor`` to ``peer`` and return the tensor ``peer`` sent back (point-to-point, no collective)."""
         raise NotImplementedError
 
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """The sum of ``tensor`` over all ranks (in place; returned). Default: the mean times ``world_size``."""
+        self.all_reduce_mean_(tensor)
+        return tensor.mul_(self.world_size)
+
+    def all_gather(self, tensor: Tensor) -> list[Tensor]:
+        """Every rank's ``tensor`` (same shape everywhere), ordered by rank (compressed payloads that cannot be
+        summed)."""
+        raise NotImplementedError
+
 
 class _DistPending:
     def __init__(self, work: Any, tensor: Tensor, world_size: int) -> None:
@@ -101,6 +111,16 @@ class TorchDistCommunicator(Communicator):
             return _DistPending(None, tensor, 1)
         work = self._dist.all_reduce(tensor, group=self.group, async_op=True)
         return _DistPending(work, tensor, self.world_size)
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        if self.world_size > 1:
+            self._dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def all_gather(self, tensor: Tensor) -> list[Tensor]:
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        self._dist.all_gather(out, tensor.contiguous(), group=self.group)
+        return out
 
     def exchange(self, tensor: Tensor, peer: int) -> Tensor:
         out = torch.empty_like(tensor)

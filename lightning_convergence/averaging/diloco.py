@@ -21,6 +21,7 @@ from lightning_convergence.averaging.base import (
     sqn,
     unflatten_into,
 )
+from lightning_convergence.compress.base import Compressor
 
 __all__ = ["DiLoCo", "nesterov_outer_update"]
 
@@ -50,15 +51,23 @@ class DiLoCo(OuterStep):
 
     Deviations: none in the update. The anchor and momentum are float32 whatever the parameter dtype (the paper
     keeps the outer optimizer in full precision). A non-finite averaged pseudo-gradient drops the round: replicas
-    return to the anchor, momentum untouched.
+    return to the anchor, momentum untouched. With a ``compressor`` the pseudo-gradient is compressed before it is
+    averaged (Streaming DiLoCo quantises it to 4 bits; any :mod:`lightning_convergence.compress` compressor works),
+    optionally with error feedback (EF14: the part a rank's payload dropped is added to its next pseudo-gradient).
 
     Args:
         lr: outer learning rate (paper: 0.7), > 0. ``lr=1, momentum=0`` is plain periodic averaging. Tune in
             [0.3, 1.0]; lower it if the loss jumps after each sync.
         momentum: outer momentum μ in [0, 1) (paper: 0.9). 0 turns the outer step into scaled averaging.
         nesterov: Nesterov (paper, default ``True``) or heavy-ball momentum (the NoLoCo repo's DiLoCo baseline).
+        compressor: a :class:`~lightning_convergence.compress.Compressor` for the pseudo-gradient, or ``None``
+            (default: send it in float32). Summable compressors travel in one all-reduce, the others in one
+            all-gather. Bytes are counted from the payloads.
+        error_feedback: with a compressor, carry each rank's compression residual into its next round (EF14).
+            Default ``True``; keep it on for biased compressors such as Top-K.
 
-    State: ``anchor`` θ_anchor and ``momentum_buffer`` b (flat float32), ``version``.
+    State: ``anchor`` θ_anchor and ``momentum_buffer`` b (flat float32), ``residual`` (per rank, with a compressor
+    and error feedback), ``version``.
 
     Raises:
         ValueError: if ``lr`` ≤ 0 or ``momentum`` is outside [0, 1).
@@ -71,7 +80,10 @@ class DiLoCo(OuterStep):
 
     name = "diloco"
 
-    def __init__(self, lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True) -> None:
+    def __init__(
+        self, lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True, compressor: Compressor | None = None,
+        error_feedback: bool = True,
+    ) -> None:
         if not lr > 0:
             raise ValueError(f"DiLoCo: `lr` must be > 0, got {lr}.")
         if not 0.0 <= momentum < 1.0:
@@ -79,20 +91,41 @@ class DiLoCo(OuterStep):
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
+        self.compressor = compressor
+        self.error_feedback = bool(error_feedback)
+        self.residual: Tensor | None = None
         self.anchor: Tensor | None = None
         self.momentum_buffer: Tensor | None = None
 
     def init_state(self, params: list[Tensor]) -> None:
         self.anchor = flatten(params)
         self.momentum_buffer = torch.zeros_like(self.anchor)
+        self.residual = None
+
+    def _average(self, delta: Tensor, comm: Communicator, step: int) -> tuple[Tensor, int]:
+        """Mean over ranks of ``delta`` (compressed if asked) and the bytes all ranks sent."""
+        if self.compressor is None:
+            comm.all_reduce_mean_(delta)
+            return delta, allreduce_bytes(delta.numel() * delta.element_size(), comm.world_size)
+        from lightning_convergence.compress.comm import average_payloads
+
+        if self.error_feedback:
+            if self.residual is None:
+                self.residual = torch.zeros_like(delta)
+            delta = delta + self.residual
+        payload = self.compressor.compress(delta, step, "diloco")
+        if self.error_feedback:
+            self.residual = delta - payload.decompress().float()
+        (mean,) = average_payloads([payload], comm.world_size, comm.all_reduce_sum, comm.all_gather, comm.rank)
+        w = comm.world_size
+        nbytes = allreduce_bytes(payload.nbytes, w) if self.compressor.summable else w * (w - 1) * payload.nbytes
+        return mean.to(delta.dtype), nbytes
 
     def sync(self, params: list[Tensor], comm: Communicator, step: int) -> SyncStats:
         anchor = self._require_state(self.anchor)
         buf = self._require_state(self.momentum_buffer)
         local = flatten(params)
-        delta = anchor - local
-        comm.all_reduce_mean_(delta)
-        nbytes = allreduce_bytes(delta.numel() * delta.element_size(), comm.world_size)
+        delta, nbytes = self._average(anchor - local, comm, step)
         divergence_sq = sqn(local - (anchor - delta))
         if not finite(delta):
             unflatten_into(anchor, params)
@@ -107,9 +140,14 @@ class DiLoCo(OuterStep):
             "version": STATE_VERSION,
             "anchor": None if self.anchor is None else self.anchor.clone(),
             "momentum_buffer": None if self.momentum_buffer is None else self.momentum_buffer.clone(),
+            "residual": None if self.residual is None else self.residual.clone(),
+            "compressor": None if self.compressor is None else self.compressor.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._check_version(state)
         self.anchor = None if state["anchor"] is None else state["anchor"].clone()
         self.momentum_buffer = None if state["momentum_buffer"] is None else state["momentum_buffer"].clone()
+        self.residual = None if state.get("residual") is None else state["residual"].clone()
+        if self.compressor is not None and state.get("compressor") is not None:
+            self.compressor.load_state_dict(state["compressor"])

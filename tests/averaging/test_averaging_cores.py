@@ -46,6 +46,9 @@ class TwoRankFake(Communicator):
 
         return _Pending()
 
+    def all_gather(self, tensor):
+        return [tensor.clone(), self._other(tensor).clone()]
+
     def exchange(self, tensor, peer):
         self.exchanged.append(peer)
         return self._other(tensor).clone()
@@ -70,6 +73,36 @@ def test_averaging_diloco_outer_step_matches_hand_computation():
     params[0].copy_(torch.tensor([0.368, 1.136]))
     outer.sync(params, TwoRankFake(torch.tensor([0.1, -0.2])), step=6)
     torch.testing.assert_close(params[0], torch.tensor([0.468 - 0.7 * 0.514, 0.936 - 0.7 * 0.268]))
+
+
+def test_averaging_diloco_identity_compressor_equals_uncompressed():
+    from lightning_convergence.compress import Identity
+
+    a, b = DiLoCo(), DiLoCo(compressor=Identity())
+    pa, pb = _params([0.5, 1.0]), _params([0.5, 1.0])
+    a.init_state(_params([1.0, 2.0]))
+    b.init_state(_params([1.0, 2.0]))
+    sa = a.sync(pa, TwoRankFake(torch.tensor([0.3, 0.6])), step=1)
+    sb = b.sync(pb, TwoRankFake(torch.tensor([0.3, 0.6])), step=1)
+    torch.testing.assert_close(pa[0], pb[0])
+    assert sa.bytes_sent == sb.bytes_sent
+
+
+def test_averaging_diloco_topk_error_feedback_carries_the_dropped_part():
+    from lightning_convergence.compress import TopK
+
+    outer = DiLoCo(lr=1.0, momentum=0.0, compressor=TopK(k_fraction=0.5))
+    params = _params([0.0, 0.0, 0.0, 0.0])
+    outer.init_state(_params([4.0, 3.0, 2.0, 1.0]))  # own δ = [4, 3, 2, 1]; Top-2 keeps [4, 3, 0, 0]
+    from lightning_convergence.compress.comm import _to_bytes
+
+    # the other rank's δ = [0, 0, 2, 2]: its Top-2 payload arrives as bytes through the all-gather
+    other_blob = _to_bytes([TopK(k_fraction=0.5).compress(torch.tensor([0.0, 0.0, 2.0, 2.0]), 1, "diloco")])
+    stats = outer.sync(params, TwoRankFake(other_blob), step=1)
+    torch.testing.assert_close(outer.residual, torch.tensor([0.0, 0.0, 2.0, 1.0]))  # δ − C(δ)
+    # mean of decompressed payloads = ([4, 3, 0, 0] + [0, 0, 2, 2]) / 2; lr 1, μ 0: θ = anchor − mean
+    torch.testing.assert_close(params[0], torch.tensor([2.0, 1.5, 1.0, 0.0]))
+    assert stats.bytes_sent == 2 * 1 * (2 * 4 + 2 * 4)  # all-gather: each rank sends its 2 values + 2 int32 indices
 
 
 def test_averaging_diloco_equals_torch_nesterov_sgd_on_pseudo_gradient():

@@ -11,7 +11,7 @@ from lightning_convergence.averaging import OuterStep, SyncSchedule
 from lightning_convergence.cli import ConvergenceCLI
 from lightning_convergence.strategies.local_sgd import LocalSGDStrategy
 
-RUN = {"diloco_digits", "co2_char_lm"}
+RUN = {"diloco_digits", "diloco_topk_char_lm"}
 CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "local_sgd").glob("*.yaml"))
 
 

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_convergence.averaging import CO2, DiLoCo, FixedPeriod, NoLoCo
+from lightning_convergence.compress import TopK
 from lightning_convergence.strategies.local_sgd import LocalSGDStrategy
 from tests.strategies._local_sgd_utils import fit
 
@@ -17,6 +18,7 @@ OUTERS = {
     "average": lambda: "average",
     "diloco": lambda: DiLoCo(lr=0.7, momentum=0.9),
     "noloco": lambda: NoLoCo(lr=0.7, momentum=0.5),
+    "diloco_topk_ef": lambda: DiLoCo(lr=0.7, momentum=0.9, compressor=TopK(k_fraction=0.25), error_feedback=True),
     "co2": lambda: CO2(lr=1.0, momentum=0.2, gap_penalty=2.0, clip=True, clip_threshold=0.01),
 }
 
