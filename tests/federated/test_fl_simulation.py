@@ -16,6 +16,7 @@ from lightning_convergence.federated import (
     FedBuff,
     FederatedSimulation,
     FedFix,
+    FedProx,
     Participation,
     partition_indices,
     speed_factors,
@@ -189,3 +190,28 @@ def test_client_stream_resumes_exactly():
     b = ClientStream(ds, list(range(10)), batch_size=3, seed=1)
     b.load_state_dict(a.state_dict())
     assert all(torch.equal(a.next_batch()[0], b.next_batch()[0]) for _ in range(6))
+
+
+def test_fedprox_proximal_term_shrinks_client_drift():
+    def drift(rule):
+        sim = FederatedSimulation(LinearModel(dim=5, lr=0.05), rule, _regression_streams(2), local_steps=10)
+        sim.run(max_versions=1)
+        return rule.params["linear.weight"].norm().item()
+    # From w = 0 the first round's step is the clients' drift; μ = 5 pulls every local step back towards w_global.
+    assert drift(FedProx(num_clients=2, mu=5.0)) < 0.5 * drift(FedProx(num_clients=2, mu=0.0))
+
+
+def test_simulation_logs_through_a_trainer():
+    from lightning.pytorch import Trainer
+
+    from tests.helpers.loggers import MemoryLogger
+
+    logger = MemoryLogger()
+    trainer = Trainer(logger=logger, accelerator="cpu", devices=1, enable_progress_bar=False)
+    rule = FedBuff(buffer_size=2)
+    sim = FederatedSimulation(LinearModel(dim=5), rule, _regression_streams(3), local_steps=1, speeds=[1, 2, 3],
+                              eval_fn=lambda p: {"norm": p["linear.weight"].norm().item()}, log_per_item=True)
+    sim.run(max_versions=5, trainer=trainer)
+    assert logger.values("convergence/fl/updates_applied_total")[-1] == 10
+    assert logger.values("convergence/fl/val_norm") and logger.values("convergence/fl/participation/client0")
+    assert any(k.startswith("convergence/fl/staleness_count/") for _, m in logger.history for k in m)
