@@ -100,14 +100,14 @@ def _task(name: str, quick: bool) -> dict[str, Any]:
             "model": lambda lr: MLPClassifier(hidden=(128, 128), lr=lr),
             "data": lambda bs: DigitsDataModule(batch_size=bs, seed=0),
             "loss": _classifier_loss, "small": 16, "lr": 1e-3, "target": 0.12 if quick else 0.10,
-            "max_steps": 3000, "every": 10,
+            "max_steps": 3000, "every": 10, "theta": 0.5, "nu": 1.0,
         }
     chars = 60_000 if quick else 150_000
     return {
         "model": lambda lr: CharTransformerLM(seq_len=32, d_model=64, n_layers=1, n_heads=4, lr=lr),
         "data": lambda bs: StdlibTextDataModule(seq_len=32, batch_size=bs, max_chars=chars),
         "loss": _lm_loss, "small": 16, "lr": 3e-3, "target": 2.15 if quick else 2.0,
-        "max_steps": 1000 if quick else 3000, "every": 10,
+        "max_steps": 1000 if quick else 3000, "every": 10, "theta": 0.25, "nu": 0.5,
     }
 
 
@@ -122,7 +122,7 @@ def _run(task: dict[str, Any], label: str, test: str | None, large: int, test_in
         lr = task["lr"]
         dm, accumulate = task["data"](small // 2), 2
         callbacks = [AdaptiveBatchSize(
-            test=test, eta=0.5, theta=0.5, nu=1.0, max_batch_size=large, max_growth_factor=2.0,
+            test=test, eta=0.5, theta=task["theta"], nu=task["nu"], max_batch_size=large, max_growth_factor=2.0,
             max_per_device_batch_size=large, lr_scaling="sqrt", smoothing=0.9, test_interval=test_interval,
         )]
     model = task["model"](lr)
