@@ -36,6 +36,8 @@ def _runs(quick: bool, steps: int) -> list[dict[str, Any]]:
     runs = [{"name": "ddp", "kind": "ddp"}, {"name": "torch_post_local_H32", "kind": "post_local", "H": 32,
                                              "warmup": steps // 8}]
     runs += [{"name": f"{o}_H{h}", "kind": "local", "outer": o, "H": h} for h in hs for o in outers]
+    if not quick:  # DiLoCo with a Top-5% pseudo-gradient and error feedback
+        runs.append({"name": "diloco_top5%_ef_H32", "kind": "local", "outer": "diloco_topk", "H": 32})
     return runs
 
 
@@ -86,10 +88,12 @@ def _strategy(run: dict[str, Any], subgroup: Any) -> Any:
         return TorchPostLocalSGD(process_group_backend="gloo", ddp_comm_state=state, ddp_comm_hook=post_localSGD_hook,
                                  model_averaging_period=run["H"])
     from lightning_convergence.averaging import CO2, DiLoCo, NoLoCo
+    from lightning_convergence.compress import TopK
     from lightning_convergence.strategies.local_sgd import LocalSGDStrategy
 
     outer = {"average": lambda: "average", "diloco": lambda: DiLoCo(lr=0.7, momentum=0.9),
-             "noloco": lambda: NoLoCo(lr=0.7, momentum=0.5), "co2": lambda: CO2(lr=1.0, momentum=0.2)}[run["outer"]]()
+             "noloco": lambda: NoLoCo(lr=0.7, momentum=0.5), "co2": lambda: CO2(lr=1.0, momentum=0.2),
+             "diloco_topk": lambda: DiLoCo(lr=0.7, momentum=0.9, compressor=TopK(k_fraction=0.05))}[run["outer"]]()
     return LocalSGDStrategy(outer=outer, schedule=run["H"], process_group_backend="gloo")
 
 
@@ -205,7 +209,7 @@ def _plot(results: list[dict[str, Any]], target: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, H in {8, 32}, average and DiLoCo only")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 384; quick 128)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 256; quick 128)")
     parser.add_argument("--val-every", type=int, default=None, help="validation interval in steps (default 32)")
     parser.add_argument("--rate-mbit", type=float, default=100.0, help="emulated link rate (default 100)")
     parser.add_argument("--no-limit", action="store_true", help="skip the rate limit")
@@ -213,7 +217,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(OUT / "local_sgd.json"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.steps = args.steps or (128 if args.quick else 384)
+    args.steps = args.steps or (128 if args.quick else 256)
     args.val_every = args.val_every or (16 if args.quick else 32)
     if args.worker:
         worker(args)

@@ -304,21 +304,20 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
             return
         assert self._comm is not None
         stats = self.outer.finalize(self._params, self._comm)
-        if stats is not None:
+        if stats is not None:  # the outer step drained itself: parameters are identical, buffers may not be
             self._rounds += 1
-            self._bytes += stats.bytes_sent
-        if not self._in_sync or stats is not None:
-            n = self._average_in_place()
+            self._bytes += stats.bytes_sent + self._average_in_place(params=False)
+        elif not self._in_sync:
             self._rounds += 1
-            self._bytes += n
+            self._bytes += self._average_in_place()
         self._in_sync = True
         self.outer.init_state(self._params)  # a later fit() continues from the merged model
 
-    def _average_in_place(self) -> int:
-        """Plain global mean of parameters and float buffers, in place; returns bytes sent."""
+    def _average_in_place(self, params: bool = True) -> int:
+        """Plain global mean of parameters (optional) and float buffers, in place; returns bytes sent."""
         assert self._params is not None and self._comm is not None
         sent = 0
-        for tensors in (self._params, self._buffers):
+        for tensors in ((self._params, self._buffers) if params else (self._buffers,)):
             if tensors:
                 flat = flatten(tensors, dtype=None)
                 self._comm.all_reduce_mean_(flat)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
@@ -49,11 +50,13 @@ def test_local_sgd_diloco_lr1_no_momentum_equals_periodic_average(tmp_path):
     assert diff > 1e-4  # the default outer step is a different method
 
 
-def test_local_sgd_replicas_end_equal_after_final_merge(tmp_path):
+@pytest.mark.parametrize("outer", ["noloco", "co2", "diloco"])
+def test_local_sgd_replicas_end_equal_after_final_merge(tmp_path, outer):
     # 7 steps with H=5: the last 2 steps are local, so the replicas differ until the final merge.
-    merged = fit(LocalSGDStrategy, tmp_path / "m", 7, outer="noloco", schedule=5, module_kwargs={"batchnorm": True})
-    unmerged = fit(LocalSGDStrategy, tmp_path / "u", 7, outer="noloco", schedule=5, final_merge=False,
+    merged = fit(LocalSGDStrategy, tmp_path / "m", 7, outer=outer, schedule=5, module_kwargs={"batchnorm": True})
+    unmerged = fit(LocalSGDStrategy, tmp_path / "u", 7, outer=outer, schedule=5, final_merge=False,
                    module_kwargs={"batchnorm": True})
+    assert merged[0]["strategy_state"]["sync_rounds_total"] == 2  # one scheduled round + the final merge
     for k, v in merged[0]["params"].items():
         assert torch.equal(v, merged[1]["params"][k]), k
     assert any(not torch.equal(v, unmerged[1]["params"][k]) for k, v in unmerged[0]["params"].items())
