@@ -399,12 +399,14 @@ class AdaptiveBatchSize(Callback):
                 self.nonfinite_skipped_total += 1
         demanded = float(trainer.strategy.broadcast(demanded, src=0))
         self.last_demanded = demanded
-        target = stats.next_batch_size(
-            self.global_batch_size, demanded, self.min_batch_size or 1, self.max_batch_size,
-            self.max_growth_factor, self.allow_shrink,
-        )
-        self.target_batch_size = target
-        if target != self.global_batch_size:
+        if math.isnan(demanded):  # no measurement (skipped): keep the current plan, pending change included
+            target = self.target_batch_size
+        else:
+            target = stats.next_batch_size(
+                self.global_batch_size, demanded, self.min_batch_size or 1, self.max_batch_size,
+                self.max_growth_factor, self.allow_shrink,
+            )
+            self.target_batch_size = target
             self._replan(trainer, resize_device=False, apply_now=False)
         self.history.append({
             "step": trainer.global_step, "demanded": demanded, "target": target, "batch_size": self.global_batch_size,

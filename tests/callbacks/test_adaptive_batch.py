@@ -259,3 +259,33 @@ def test_setup_conflicts():
 def test_state_version_is_checked():
     with pytest.raises(RuntimeError, match="`version`"):
         AdaptiveBatchSize().load_state_dict({"version": 0})
+
+
+def test_logged_keys_match_the_docstring():
+    model = LeastSquares(n=256, batch_size=8)
+    logger = MemoryLogger()
+    make_trainer(
+        max_steps=4, accumulate_grad_batches=2, callbacks=[AdaptiveBatchSize(max_batch_size=64)], logger=logger,
+        log_every_n_steps=2,
+    ).fit(model)
+    keys = {k for _, m in logger.history for k in m if k.startswith("convergence/")}
+    expected = {
+        f"convergence/batch/{n}" for n in (
+            "batch_size", "samples_seen_total", "test_statistic", "noise_scale", "accumulate_grad_batches",
+            "per_device_batch_size", "step_overhead_ms", "nonfinite_skipped_total",
+        )
+    }
+    assert keys == expected
+    assert all(f"``{k}``" in AdaptiveBatchSize.__doc__ for k in expected)
+    assert len(logger.values("convergence/batch/batch_size")) == 2  # steps 0 and 2: the trainer's cadence
+
+
+def test_nonfinite_statistics_are_skipped_and_counted():
+    model = LeastSquares(n=256, batch_size=8, lr=0.0, shuffle=False)
+    model.x[20, 0] = float("nan")  # the 3rd micro-batch (step 1) has a NaN gradient
+    cb = AdaptiveBatchSize(eta=0.05, max_batch_size=64)
+    make_trainer(max_steps=2, accumulate_grad_batches=2, callbacks=[cb]).fit(model)
+    assert cb.nonfinite_skipped_total == 1
+    assert math.isnan(cb.history[1]["demanded"])
+    assert cb.history[1]["target"] == cb.history[0]["target"]  # the skipped step demanded nothing
+    assert all(math.isfinite(v) for v in cb.tracker.state_dict()["trace"].values())  # never folded into the EMAs

@@ -116,3 +116,33 @@ def test_resume_mid_epoch_continues_identically(tmp_path):
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(
         0.05 * (cb_a.global_batch_size / 16) ** 0.5
     )
+
+
+def _dump_sizes(trainer, pl_module):
+    cb = next(c for c in trainer.callbacks if isinstance(c, AdaptiveBatchSize))
+    loader = trainer.train_dataloader
+    return {
+        "history": cb.history, "per_device": cb.controller.batch_size, "accumulation": cb.accumulation,
+        "seen": pl_module.batch_sizes, "inner": type(loader.batch_sampler.sampler).__name__,
+        "batch_sampler": type(loader.batch_sampler).__name__,
+    }
+
+
+@pytest.mark.parametrize("estimator", ["microbatch", "per_sample"])
+def test_two_ranks_grow_the_per_device_batch_through_the_resizable_sampler(tmp_path, estimator):
+    """Under DDP Lightning re-creates our batch sampler around a DistributedSampler; the shared controller still
+    resizes it at epoch boundaries, identically on both ranks (accumulation 1: the 2 ranks are the 2 samples)."""
+    model = LeastSquares(n=256, batch_size=8, lr=0.05, shuffle=True)
+    cb = AdaptiveBatchSize(
+        test="norm", eta=0.3, max_batch_size=128, max_per_device_batch_size=32, variance_estimator=estimator,
+    )
+    make_trainer(
+        devices=2, strategy=ddp_fork_strategy(), max_epochs=3, reload_dataloaders_every_n_epochs=1,
+        callbacks=[cb, DumpOnRanks(tmp_path, _dump_sizes)],
+    ).fit(model)
+    r0, r1 = load_rank_results(tmp_path, 2)
+    assert r0["history"] == r1["history"]
+    assert r0["inner"] == "DistributedSampler" and r0["batch_sampler"] == "ResizableBatchSampler"
+    assert r0["seen"] == r1["seen"]  # same per-device batch sizes on both ranks, batch by batch
+    assert max(r0["seen"]) > 8  # the per-device batch really grew
+    assert r0["history"][-1]["batch_size"] > 16
