@@ -97,7 +97,8 @@ class AdaptiveBatchSize(Callback):
     alone. With the micro-batch estimator a step gives only ``k × devices`` samples, and the never-shrink rule
     would ratchet up on noise without it; set 0 for the paper's behaviour. (3) LR scaling also multiplies the
     schedulers' ``base_lrs`` and ``initial_lr``, so schedulers that recompute from them keep the scaling.
-    (4) micro-batches of unequal size (a short last batch) count as their mean size. (5) ``per_sample`` with
+    (4) micro-batches of unequal size (a short last batch) count as their mean size, and ``samples_seen_total``
+    assumes equal per-rank batches (as ``DistributedSampler`` gives). (5) ``per_sample`` with
     accumulation or a sub-batch: the covariance terms come from the sub-batch (inner products against the
     sub-batch mean), ``‖ḡ‖²`` from the whole step's gradient; with one micro-batch of at most
     ``per_sample_max_examples`` examples on one device this is exactly the paper's estimator.
@@ -332,7 +333,8 @@ class AdaptiveBatchSize(Callback):
             self.target_batch_size = self.global_batch_size
             if self.min_batch_size is not None and self.global_batch_size < self.min_batch_size:
                 self.target_batch_size = self.min_batch_size
-                self._replan(trainer, resize_device=self.max_per_device_batch_size is not None, apply_now=True)
+                # The loader of this epoch exists already: only accumulation can change before the first epoch ends.
+                self._replan(trainer, resize_device=False, apply_now=True)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
