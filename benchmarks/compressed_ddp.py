@@ -46,6 +46,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ef14_topk1%": ("ours", {"feedback": "ef14", "compressor": "topk"}),
     "ef21_topk1%_8bit": ("ours", {"feedback": "ef21", "compressor": "topk8"}),
     "ef14_sign": ("ours", {"feedback": "ef14", "compressor": "sign"}),
+    "ef21_topk10%": ("ours", {"feedback": "ef21", "compressor": "topk10"}),
+    "ef21_sgdm_topk10%": ("ours", {"feedback": "ef21_sgdm", "compressor": "topk10"}),
+    "econtrol_topk10%": ("ours", {"feedback": "econtrol", "compressor": "topk10"}),
     "ef14_lowrank_r4": ("ours", {"feedback": "ef14", "compressor": "lowrank4"}),
     "ef21_lowrank_r4": ("ours", {"feedback": "ef21", "compressor": "lowrank4"}),
     "none_ternary": ("ours", {"feedback": "none", "compressor": "ternary"}),
@@ -60,6 +63,7 @@ def _compressor(name: str):
 
     return {
         "topk": lambda: TopK(k_fraction=0.01),
+        "topk10": lambda: TopK(k_fraction=0.1),
         "topk8": lambda: Compose(TopK(k_fraction=0.01), QSGD(levels=127, norm="max")),
         "sign": lambda: ScaledSign(),
         "ternary": lambda: QSGD(levels=1, norm="max"),
@@ -119,9 +123,10 @@ def _task(task: str, optimizer: str = "adam", lr: float | None = None):
         data = StdlibTextDataModule(seq_len=64, batch_size=32)
     else:
         model, data = MLPClassifier(hidden=[128, 128], lr=3e-3), DigitsDataModule(batch_size=32)
-    if optimizer == "sgd":  # SGD with momentum for every method (EF21's analysis is for SGD steps)
+    if optimizer.startswith("sgd"):  # SGD (momentum 0.9 or none) for every method (EF21's analysis is for SGD steps)
         sgd_lr = lr or (0.3 if task == "lm" else 0.1)
-        model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=sgd_lr, momentum=0.9)
+        momentum = 0.9 if optimizer == "sgd" else 0.0
+        model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=sgd_lr, momentum=momentum)
     elif lr:
         model.lr = lr
     return model, data
@@ -272,8 +277,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="steps per method (default: task-dependent)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-netem", action="store_true", help="run on the host loopback without a rate limit")
-    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"],
-                   help="adam: the example models' Adam/AdamW; sgd: SGD with momentum 0.9 for every method")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "sgd_plain"],
+                   help="adam: the example models' Adam/AdamW; sgd: SGD, momentum 0.9; sgd_plain: SGD, no momentum")
     p.add_argument("--lr", type=float, default=None, help="learning rate override")
     # worker-only
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
