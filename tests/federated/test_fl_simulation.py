@@ -215,3 +215,15 @@ def test_simulation_logs_through_a_trainer():
     assert logger.values("convergence/fl/updates_applied_total")[-1] == 10
     assert logger.values("convergence/fl/val_norm") and logger.values("convergence/fl/participation/client0")
     assert any(k.startswith("convergence/fl/staleness_count/") for _, m in logger.history for k in m)
+
+
+def test_hundreds_of_virtual_clients_in_one_process():
+    centers = torch.randn(300, 2, generator=torch.Generator().manual_seed(0)) + torch.tensor([3.0, -2.0])
+    rule = FedBuff(buffer_size=20, staleness="polynomial")
+    sim = FederatedSimulation(Quadratic(dim=2, lr=0.5), rule, _quadratic_streams(centers), local_steps=1,
+                              speeds=speed_factors(300, 10.0, spread="uniform", seed=0))
+    sim.run(max_versions=20)
+    assert rule.version == 20 and rule.counters["updates_applied_total"] == 400
+    assert len(rule.participation) > 150  # many distinct clients contributed
+    # All 300 clients start at version 0 and arrive over ~10 time units while 20 versions pass: high staleness.
+    assert max(rule.staleness_hist) >= 15 and rule.staleness_hist[0] == 20

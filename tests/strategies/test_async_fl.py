@@ -155,3 +155,18 @@ def test_rule_type_and_datamodule_checks():
         Trainer(strategy=strategy, max_steps=1, accelerator="cpu", devices=1, logger=False,
                 enable_progress_bar=False, enable_model_summary=False).fit(
             LinearModel(dim=10), SyntheticRegressionDataModule())
+
+
+@pytest.mark.parametrize("fault, expected_applied", [
+    (["crash", 1], 3 + 2 + 2),  # round 1: everyone; later rounds: the dead client is detected and left out
+    (["stall", 1], 3 + 2 + 2),  # round 2 closes at round_timeout_s without it; round 3 skips the busy client
+])
+def test_synchronous_rounds_survive_a_crashed_or_stalled_client(fault, expected_applied):
+    strategy = AsyncFederatedStrategy(rule=FedAvg(num_clients=3), num_clients=3, local_steps=1,
+                                      faults={2: fault}, round_timeout_s=1.0, shutdown_timeout_s=1.0)
+    start = time.monotonic()
+    _fit(strategy, max_steps=3)
+    assert time.monotonic() - start < 30
+    rule = strategy.rule
+    assert rule.version == 3 and rule.counters["updates_applied_total"] == expected_applied
+    assert rule.participation[2] == 1 and rule.pending == 0
