@@ -120,6 +120,7 @@ class ScheduleRefinement(Callback):
         self.profile: list[float] | None = None
         self.scale: float | None = None
         self.saved_path: Path | None = None
+        self._total_steps: int | None = None
         self._warned_loggers: set[str] = set()
 
     @property
@@ -136,7 +137,9 @@ class ScheduleRefinement(Callback):
             self.resolved_norm_type = resolve_norm_type(opt)
         if self.peak_lrs is None:
             self.peak_lrs = [float(g.get("initial_lr", g["lr"])) for g in opt.param_groups]
-        if self.online and not float(trainer.estimated_stepping_batches) < float("inf"):
+        budget = float(trainer.estimated_stepping_batches)  # computed once per fit: it can walk the dataloaders
+        self._total_steps = int(budget) if budget < float("inf") else None
+        if self.online and self._total_steps is None:
             raise ValueError("ScheduleRefinement: `online=True` needs a finite budget; set the trainer's `max_steps` "
                              "or `max_epochs`.")
 
@@ -177,7 +180,7 @@ class ScheduleRefinement(Callback):
     # -- online mode ------------------------------------------------------------------------------------------
     def _apply_online(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         step = trainer.global_step
-        total = int(trainer.estimated_stepping_batches)
+        total = self._total_steps or int(trainer.estimated_stepping_batches)
         k = len(self.norms)
         if k >= self.refit_every_n_steps and step % self.refit_every_n_steps == 0 and 0 < step < total:
             self.profile = online_profile(self.norms, max(total, k), self.resolved_norm_type or "l2",
