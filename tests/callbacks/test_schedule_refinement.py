@@ -224,3 +224,25 @@ def test_schedule_refinement_two_ranks_record_global_norms_and_agree(tmp_path):
     assert r0["norms"] == r1["norms"] and r0["norms"] == pytest.approx(r0["grad_l2"], rel=1e-6)
     assert r0["lrs"] == r1["lrs"] and r0["profile"] is not None and r0["profile"] == r1["profile"]
     assert json.loads((tmp_path / "ddp_norms.json").read_text())["norms"] == r0["norms"]
+
+
+def test_schedule_refinement_skips_nonfinite_gradients(tmp_path):
+    class PoisonThenClean(Callback):
+        """Step 2's gradient is NaN when ScheduleRefinement reads it; cleaned afterwards so training continues."""
+
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_step == 2:
+                pl_module.layer.weight.grad[0, 0] = float("nan")
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            for p in pl_module.parameters():
+                p.grad.nan_to_num_(0.0)
+
+    seed_everything(0)
+    logger = MemoryLogger()
+    ref = ScheduleRefinement(norm_type="l1", log_plot=False)
+    _trainer(tmp_path, [ref, PoisonThenClean()], max_steps=6, logger=logger).fit(_Regression(total=6))
+    assert ref.resolved_norm_type == "l1"  # explicit choice wins over auto (SGD would give l2)
+    assert len(ref.norms) == 5 and ref.nonfinite_skipped_total == 1
+    assert all(n == n and n > 0 for n in ref.norms)  # no NaN recorded
+    assert logger.values("convergence/schedule/nonfinite_skipped_total") == [0, 0, 1, 1, 1, 1]
