@@ -209,3 +209,29 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path, feedback, make
             assert torch.equal(resumed[rank]["compressor"]["factors"][name], f)
         for key in ("bytes_sent_total", "dense_bytes_total"):  # hook calls depend on DDP's first-step bucketing
             assert resumed[rank]["counters"][key] == straight[rank]["counters"][key]
+
+
+class _NaNOnRank1(LinearModel):
+    """Rank 1 produces a NaN loss (so NaN gradients) on step 2."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_rank == 1 and self.global_step == 2:
+            loss = loss * float("nan")
+        return loss
+
+
+def test_nonfinite_gradient_on_one_rank_is_skipped_and_counted(tmp_path):
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        strategy=ours("ef21", TopK(0.2), every_n_steps=1), max_steps=5, callbacks=[DumpOnRanks(tmp_path, _dump)],
+        enable_checkpointing=False, **TRAINER,
+    )
+    trainer.fit(_NaNOnRank1(dim=10), SyntheticRegressionDataModule(n_samples=128, dim=10, batch_size=16))
+    got = load_rank_results(tmp_path, 2)
+    for rank in range(2):
+        assert torch.isfinite(got[rank]["params"]["linear.weight"]).all()
+        assert all(torch.isfinite(t).all() for b in got[rank]["rule"]["buffers"].values() for t in b.values())
+    assert got[1]["rule"]["nonfinite_skipped_total"] == 1 and got[0]["rule"]["nonfinite_skipped_total"] == 0
+    assert got[0]["metrics"]["convergence/compress/nonfinite_skipped_total"] == 1  # reduced over ranks, logged
+    _assert_params_close(got[0]["params"], got[1]["params"], atol=0)  # replicas still agree
