@@ -36,8 +36,9 @@ class BatchSizeController:
 
     Attributes:
         batch_size: read by the sampler at every batch.
-        epoch: when not ``None``, the sampler calls ``inner_sampler.set_epoch(epoch)`` before iterating (Lightning
-            sets the epoch only after it has already fetched the first batch of a resumed epoch).
+        epoch: when not ``None``, the sampler calls ``inner_sampler.set_epoch(epoch)`` before iterating, so the
+            restored order does not depend on when the trainer sets the epoch (defensive: Lightning 2.6 sets it
+            before the first fetch; the value is the same).
         consumed: indices consumed by training in the current epoch (reported by the owner via :meth:`consume`).
         yielded: indices the sampler has handed out in its current iteration (skipped ones included).
         exhausted: whether the current iteration has ended.

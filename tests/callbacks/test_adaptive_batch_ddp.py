@@ -146,3 +146,35 @@ def test_two_ranks_grow_the_per_device_batch_through_the_resizable_sampler(tmp_p
     assert r0["seen"] == r1["seen"]  # same per-device batch sizes on both ranks, batch by batch
     assert max(r0["seen"]) > 8  # the per-device batch really grew
     assert r0["history"][-1]["batch_size"] > 16
+
+
+def _dump_resume(trainer, pl_module):
+    cb = next(c for c in trainer.callbacks if isinstance(c, AdaptiveBatchSize))
+    return {"params": params_snapshot(pl_module), "history": cb.history, "state": cb.state_dict()}
+
+
+def test_two_rank_resume_in_the_second_epoch_continues_identically(tmp_path):
+    """Mid-epoch of epoch 1 on 2 ranks: the DistributedSampler's epoch and the consumed examples are restored, and
+    the batch size, accumulation, statistics and parameters continue exactly as in the uninterrupted run."""
+    total, half = 24, 14
+
+    def run(directory, max_steps, callbacks, ckpt=None):
+        model = LeastSquares(n=256, batch_size=8, lr=0.05, shuffle=True)
+        make_trainer(
+            devices=2, strategy=ddp_fork_strategy(), max_steps=max_steps, max_epochs=-1,
+            callbacks=[*callbacks, DumpOnRanks(directory, _dump_resume)],
+        ).fit(model, ckpt_path=ckpt)
+        return load_rank_results(directory, 2)
+
+    cb_kwargs = dict(test="norm", eta=0.5, max_batch_size=64, lr_scaling="sqrt", smoothing=0.9)
+    straight = run(tmp_path / "a", total, [AdaptiveBatchSize(**cb_kwargs)])
+    ckpt = tmp_path / "mid.ckpt"
+    first = run(tmp_path / "b", half, [AdaptiveBatchSize(**cb_kwargs), _SaveAt(half, ckpt)])
+    state = torch.load(ckpt, weights_only=True)["callbacks"][AdaptiveBatchSize(**cb_kwargs).state_key]
+    assert state["sampler"]["epoch"] == 1 and 0 < state["sampler"]["consumed"] < 128  # mid-epoch, second epoch
+    resumed = run(tmp_path / "c", total, [AdaptiveBatchSize(**cb_kwargs)], ckpt=ckpt)
+    for rank in range(2):
+        assert resumed[rank]["history"] == straight[rank]["history"][len(first[rank]["history"]):]
+        assert resumed[rank]["state"] == straight[rank]["state"]
+        for name, value in straight[rank]["params"].items():
+            torch.testing.assert_close(resumed[rank]["params"][name], value, rtol=0, atol=0)
