@@ -45,3 +45,17 @@ def test_recipe_runs_fast_dev_run_on_two_ranks(tmp_path):
         ],
         run=True, save_config_callback=None,
     )
+
+
+def test_feedback_as_a_name_and_compressor_as_class_path(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "trainer:\n  accelerator: cpu\n  devices: 1\n  logger: false\n  strategy:\n"
+        "    class_path: lightning_convergence.strategies.compressed_ddp.CompressedDDPStrategy\n"
+        "    init_args: {feedback: ef14, compressor: {class_path: lightning_convergence.compress.QSGD, "
+        "init_args: {levels: 3}}}\n"
+        "model: {class_path: lightning_convergence.examples.LinearModel}\n"
+        "data: {class_path: lightning_convergence.examples.SyntheticRegressionDataModule}\n"
+    )
+    cli = ConvergenceCLI(args=["--config", str(cfg)], run=False, save_config_callback=None)
+    assert cli.trainer.strategy.rule.name == "ef14" and cli.trainer.strategy.compressor.levels == 3
