@@ -77,8 +77,11 @@ class AdaptiveBatchSize(Callback):
     Statistics. ``variance_estimator="microbatch"`` (default): tensor hooks capture each micro-batch's local
     gradient before accumulation and DDP's all-reduce (as :class:`GradientStatsMonitor` does); the ``k × devices``
     micro-batch means are the samples, with ``scale`` = per-device batch, reduced across ranks by the law of total
-    variance in :func:`~lightning_convergence.stats.sample_grad_stats`. No extra backward pass; the cost is one
-    copy of the gradient per micro-batch on test steps and one all-reduce of a gradient-sized vector. It needs at
+    variance in :func:`~lightning_convergence.stats.sample_grad_stats`. No extra backward pass. For the
+    ``inner_product`` and ``augmented`` tests the cost is one copy of the gradient per micro-batch on test steps and
+    one all-reduce of a gradient-sized vector; the ``norm`` test and the noise-scale rule need only each micro-batch's
+    squared norm and the step's gradient (the two-batch estimator, algebraically the same sample variance), so they
+    store nothing and all-reduce two numbers. It needs at
     least 2 samples per step: ``accumulate_grad_batches ≥ 2`` or ≥ 2 devices (checked at setup).
     ``"per_sample"``: exact per-example gradients with ``torch.func`` on the first ``per_sample_max_examples``
     examples of the step's last micro-batch on each rank (AdAdaGrad's estimator; costs a vmapped backward); they
@@ -248,6 +251,9 @@ class AdaptiveBatchSize(Callback):
         self._step_at_batch_start = -1
         self._overhead_s = 0.0  # statistics time since the last log (capture hooks included)
         self._capture_s = 0.0
+        self._sq_local: Tensor | None = None
+        # Norm test and noise scale need only Σ‖x_i‖² and the step's gradient: stream instead of storing copies.
+        self._streaming = variance_estimator == "microbatch" and test in ("norm", "noise_scale")
         self._tests_since_log = 0
         self._params: list[torch.nn.Parameter] = []
 
@@ -365,11 +371,15 @@ class AdaptiveBatchSize(Callback):
         def hook(grad: Tensor) -> Tensor:
             if self._capturing:
                 t0 = time.perf_counter()
-                if not self._row:
-                    self._row = [None] * len(self._params)
                 g = grad.detach().float()
-                prev = self._row[index]
-                self._row[index] = g.clone() if prev is None else prev + g
+                if self._streaming:  # only Σ_i ‖x_i‖² is needed: no copies, memory stays flat
+                    sq = g.pow(2).sum()
+                    self._sq_local = sq if self._sq_local is None else self._sq_local + sq
+                else:
+                    if not self._row:
+                        self._row = [None] * len(self._params)
+                    prev = self._row[index]
+                    self._row[index] = g.clone() if prev is None else prev + g
                 dt = time.perf_counter() - t0
                 self._overhead_s += dt
                 self._capture_s += dt
@@ -379,7 +389,7 @@ class AdaptiveBatchSize(Callback):
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._capturing and self.variance_estimator == "microbatch":
+        if self._capturing and self.variance_estimator == "microbatch" and not self._streaming:
             self._rows.append(self._row or [None] * len(self._params))
             self._row = []
 
@@ -433,17 +443,41 @@ class AdaptiveBatchSize(Callback):
         all_reduce = _all_reduce if trainer.world_size > 1 else None
         if self.variance_estimator == "per_sample":
             return self._per_sample_stats(pl_module, all_reduce)
-        rows = self._rows
-        if len(rows) * trainer.world_size < 2:
+        if len(self._micro_sizes) * trainer.world_size < 2:
             return None  # a lone micro-batch (the short last step of an epoch): no variance, no measurement
         # Lightning divides each micro-batch loss by the accumulation factor; AMP multiplies it by the loss scale.
         factor = float(trainer.accumulate_grad_batches) / _grad_scale(trainer)
+        scale = sum(self._micro_sizes) / len(self._micro_sizes)
+        if self._streaming:
+            return self._streaming_stats(trainer, factor, scale, all_reduce)
+        rows = self._rows
         samples = []
         for i, p in enumerate(self._params):
             parts = [r[i] if r[i] is not None else torch.zeros(p.shape, device=p.device) for r in rows]
             samples.append(torch.stack(parts) * factor)
-        scale = sum(self._micro_sizes) / len(self._micro_sizes)
         return stats.sample_grad_stats(samples, scale=scale, all_reduce=all_reduce)
+
+    def _streaming_stats(
+        self, trainer: Trainer, factor: float, scale: float, all_reduce: Any
+    ) -> stats.SampleGradStats | None:
+        """Norm test and noise scale without storing micro-batch gradients: the mean squared micro-batch norm and
+        the step's (all-reduced) gradient give tr Σ through the two-batch estimator, which equals the sample variance
+        of the micro-batch means (see ``stats.noise_estimate``). ``inner_var`` is not computed (0)."""
+        full = stats.grads_of(self._params)
+        if self._sq_local is None or not full:
+            return None
+        buf = torch.stack([
+            self._sq_local.double() * factor**2,
+            torch.tensor(float(len(self._micro_sizes)), dtype=torch.float64, device=self._sq_local.device),
+        ])
+        if all_reduce is not None:
+            all_reduce(buf)
+        n = float(buf[1])
+        g2 = float(stats.sq_norm(full))
+        est = stats.estimate_noise(float(buf[0]) / n, g2, scale, scale * n)
+        return stats.SampleGradStats(
+            count=int(round(scale * n)), trace_cov=max(est.trace_cov, 0.0), grad_sq_norm=g2, inner_var=0.0
+        )
 
     def _per_sample_stats(self, pl_module: LightningModule, all_reduce: Any) -> stats.SampleGradStats | None:
         batch = self._last_batch
@@ -513,6 +547,7 @@ class AdaptiveBatchSize(Callback):
     def _reset_capture(self) -> None:
         self._rows = []
         self._row = []
+        self._sq_local = None
         self._micro_sizes = []
         self._last_batch = None
         self._capturing = False
