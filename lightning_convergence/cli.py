@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
+from torch.optim.lr_scheduler import OneCycleLR
 
 import lightning_convergence  # noqa: F401  (registers strategy names before the config is parsed)
 
@@ -46,6 +47,16 @@ def ensure_wandb_mode() -> str:
 
 class ConvergenceCLI(LightningCLI):
     """LightningCLI that reports the final validation/test metrics and where each W&B run was written."""
+
+    @staticmethod
+    def configure_optimizers(lightning_module, optimizer, lr_scheduler=None):  # type: ignore[no-untyped-def]
+        """LightningCLI's, except that schedules declaring ``interval = "step"`` (``lightning_convergence.optim``) and
+        torch's ``OneCycleLR`` step after every optimizer step instead of every epoch."""
+        if lr_scheduler is not None and (
+            getattr(lr_scheduler, "interval", None) == "step" or isinstance(lr_scheduler, OneCycleLR)
+        ):
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+        return LightningCLI.configure_optimizers(lightning_module, optimizer, lr_scheduler)
 
     def after_fit(self) -> None:
         self._report("fit")

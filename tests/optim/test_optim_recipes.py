@@ -61,8 +61,6 @@ def test_recipes_parse_and_instantiate(recipe, parser, tmp_path):
         assert getattr(sched, "interval", "step") == "step"  # ours declare it; torch's OneCycleLR is per-step too
 
 
-@pytest.mark.xfail(strict=True, reason="LightningCLI steps `lr_scheduler:` per epoch; needs the ConvergenceCLI "
-                   "configure_optimizers override requested in issue 3's report (interval='step').")
 def test_recipes_cli_schedules_step_every_optimizer_step():
     from lightning_convergence.optim import LinearDecay
 
