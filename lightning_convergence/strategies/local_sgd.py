@@ -95,7 +95,8 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
     are merged (plain mean; CO2 first applies what is in flight) unless ``final_merge=False``.
 
     Deviations: the module is not wrapped in ``DistributedDataParallel`` (see the module docstring); the DDP warm-up
-    all-reduces gradients after each backward (same mean as DDP, no bucketing or overlap). The final merge is a plain
+    all-reduces gradients after each backward (same mean as DDP, no bucketing or overlap); buffers are not broadcast
+    from rank 0 at every forward as DDP does, they are averaged once when the warm-up ends. The final merge is a plain
     average (not an outer step). Logging a round costs one extra 8-byte all-reduce of two scalars (also for NoLoCo,
     whose sync itself uses point-to-point only); validation's averaging all-reduce is not counted in
     ``bytes_sent_total`` (it is not training communication).
@@ -235,8 +236,10 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
             return out
         self._step += 1
         if self.schedule.in_warmup(self._step - 1):  # that was a DDP step: replicas stay identical
-            if not self.schedule.in_warmup(self._step):
-                self.outer.init_state(self._params)  # the local phase starts from here
+            if not self.schedule.in_warmup(self._step):  # the local phase starts from here
+                if self.sync_buffers and self._world > 1:  # no DDP buffer broadcast ran during the warm-up
+                    self._bytes += self._average_in_place(params=False)
+                self.outer.init_state(self._params)
             return out
         self._in_sync = False
         if self.schedule.should_sync(self._step):
