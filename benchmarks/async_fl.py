@@ -10,6 +10,11 @@ compute of one process (it is what a 1-process simulation costs, not what a depl
 
     /work/venv/bin/python benchmarks/async_fl.py            # 16 clients
     /work/venv/bin/python benchmarks/async_fl.py --quick    # 8 clients, shorter budget
+    /work/venv/bin/python benchmarks/async_fl.py --real     # real processes (AsyncFederatedStrategy), wall time
+
+``--real`` runs the same four rules with ``AsyncFederatedStrategy`` (forked gloo clients on this machine), emulating
+the speeds with ``step_delay_s·speed_n`` seconds of sleep per local step, and measures wall seconds and server updates
+until the global model (checked after every server update) reaches the target.
 """
 
 from __future__ import annotations
@@ -88,6 +93,45 @@ def run_rule(name, rule, dataset, parts, speeds, args, evaluate, init_state):
     }
 
 
+def run_real(name, rule, n, speeds, args, init_state, val_x, val_y):
+    from lightning.pytorch import Callback, Trainer
+
+    from lightning_convergence.strategies.async_fl import AsyncFederatedStrategy, FederatedDataModule
+
+    class TargetStop(Callback):
+        def __init__(self):
+            self.start, self.rows = time.perf_counter(), []
+
+        @torch.no_grad()
+        def on_train_batch_end(self, trainer, pl_module, *unused):
+            acc = (pl_module(val_x).argmax(1) == val_y).float().mean().item()
+            rule_ = trainer.strategy.rule
+            self.rows.append({"time": time.perf_counter() - self.start, "version": rule_.version, "acc": acc,
+                              "updates_applied_total": rule_.counters["updates_applied_total"]})
+            if acc >= args.target:
+                trainer.should_stop = True
+
+    torch.manual_seed(0)
+    model = SGDClassifier(lr=args.client_lr)
+    model.load_state_dict(init_state)
+    data = FederatedDataModule(DigitsDataModule(batch_size=args.batch_size, seed=0), num_clients=n,
+                               partition="dirichlet", alpha=args.alpha, seed=0, min_size=args.batch_size // 2)
+    strategy = AsyncFederatedStrategy(rule=rule, num_clients=n, local_steps=args.local_steps, speeds=speeds,
+                                      step_delay_s=args.step_delay_s, shutdown_timeout_s=5.0)
+    stopper = TargetStop()
+    trainer = Trainer(strategy=strategy, max_steps=args.max_server_updates, accelerator="cpu", devices=1,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, callbacks=[stopper], max_time=args.max_wall)
+    trainer.fit(model, data)
+    rows = stopper.rows
+    hit = next((r for r in rows if r["acc"] >= args.target), None)
+    return {"name": name, "history": rows, "time": hit["time"] if hit else math.nan,
+            "versions": hit["version"] if hit else math.nan,
+            "client_updates": hit["updates_applied_total"] if hit else math.nan,
+            "wall": hit["time"] if hit else math.nan, "best": max(r["acc"] for r in rows),
+            "final": rows[-1]["acc"], "staleness": rule.metrics()["staleness_steps"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 clients and a shorter budget")
@@ -98,6 +142,10 @@ def main() -> None:
     parser.add_argument("--client-lr", type=float, default=0.3)
     parser.add_argument("--target", type=float, default=0.90, help="target validation accuracy")
     parser.add_argument("--budget", type=float, default=None, help="virtual time budget")
+    parser.add_argument("--real", action="store_true", help="real forked processes; wall time")
+    parser.add_argument("--step-delay-s", type=float, default=0.01, help="--real: seconds per local step at 1x")
+    parser.add_argument("--max-server-updates", type=int, default=2000, help="--real: cap on server updates")
+    parser.add_argument("--max-wall", type=str, default="00:00:02:00", help="--real: cap per rule (DD:HH:MM:SS)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny model: intra-op threads only contend on a shared CPU
     n = args.clients or (8 if args.quick else 16)
@@ -119,22 +167,30 @@ def main() -> None:
         "FedBuff K=4": FedBuff(buffer_size=4, staleness="polynomial", staleness_a=0.5),
         f"FedFix dt={2 * fast_round:g}": FedFix(period=2 * fast_round, num_clients=n),
     }
-    results = [run_rule(k, r, train, parts, speeds, args, evaluate, init_state) for k, r in rules.items()]
+    if args.real:
+        fast_round_s = args.local_steps * args.step_delay_s * min(speeds)
+        del rules[next(k for k in rules if k.startswith("FedFix"))]
+        rules[f"FedFix dt={2 * fast_round_s:g}s"] = FedFix(period=2 * fast_round_s, num_clients=n)
+        results = [run_real(k, r, n, speeds, args, init_state, val_x, val_y) for k, r in rules.items()]
+    else:
+        results = [run_rule(k, r, train, parts, speeds, args, evaluate, init_state) for k, r in rules.items()]
     base = results[0]
 
     def ratio(x, b):
         return x / b if (b and not math.isnan(x) and not math.isnan(b)) else math.nan
 
-    print(f"\nasync FL on digits (simulation): {n} clients, speeds 1x-10x, Dirichlet alpha={args.alpha}, "
+    mode = f"real processes, step_delay_s={args.step_delay_s}" if args.real else "simulation"
+    print(f"\nasync FL on digits ({mode}): {n} clients, speeds 1x-10x, Dirichlet alpha={args.alpha}, "
           f"K={args.local_steps} local SGD steps (lr {args.client_lr}, batch {args.batch_size}), target val acc "
-          f"{args.target:.2f}, virtual-time budget {args.budget:g}")
+          f"{args.target:.2f}" + ("" if args.real else f", virtual-time budget {args.budget:g}"))
     header = ("rule", "t_target", "t/FedAvg", "speedup", "server_upd", "upd/FedAvg", "client_upd", "cu/FedAvg",
               "wall_s", "best_acc", "final_acc", "stale_mean")
     print(" | ".join(header))
     for r in results:
         t_ratio = ratio(r["time"], base["time"])
         print(" | ".join([
-            r["name"], f"{r['time']:.0f}", f"{t_ratio:.2f}", f"{1 / t_ratio:.2f}x" if t_ratio else "nan",
+            r["name"], f"{r['time']:.1f}" if args.real else f"{r['time']:.0f}", f"{t_ratio:.2f}",
+            f"{1 / t_ratio:.2f}x" if t_ratio else "nan",
             f"{r['versions']:.0f}", f"{ratio(r['versions'], base['versions']):.2f}", f"{r['client_updates']:.0f}",
             f"{ratio(r['client_updates'], base['client_updates']):.2f}", f"{r['wall']:.1f}", f"{r['best']:.4f}",
             f"{r['final']:.4f}", f"{r['staleness']:.2f}",
@@ -150,11 +206,11 @@ def main() -> None:
         for r in results:
             ax.plot([h["time"] for h in r["history"]], [h["acc"] for h in r["history"]], label=r["name"])
         ax.axhline(args.target, color="grey", ls="--", lw=0.8)
-        ax.set_xlabel("virtual time")
+        ax.set_xlabel("wall seconds" if args.real else "virtual time")
         ax.set_ylabel("validation accuracy (global model)")
         ax.set_ylim(0, 1)
         ax.legend()
-        path = OUT / ("async_fl_quick.png" if args.quick else "async_fl.png")
+        path = OUT / f"async_fl{'_real' if args.real else ''}{'_quick' if args.quick else ''}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         print(f"plot: {path}")

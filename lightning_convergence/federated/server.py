@@ -62,6 +62,7 @@ class FederatedServer:
         self._rounds_at_start = 0
         self.recent_losses: list[float] = []
         self.discarded_total = 0
+        self.client_nonfinite_steps_total = 0
         self.deaths: dict[int, str] = {}
         self._t0 = time.monotonic()
 
@@ -133,6 +134,7 @@ class FederatedServer:
             return
         self.busy.discard(cid)
         version, seq, loss = int(msg.header[0]), int(msg.header[1]), msg.header[2]
+        self.client_nonfinite_steps_total += int(msg.header[3])  # local steps the client skipped (non-finite grads)
         self.rule.receive(cid, msg.delta, version, now=self.now(), update_seq=seq)
         self.recent_losses.append(loss)
         if self.rule.round_based:
@@ -215,4 +217,5 @@ class FederatedServer:
         return {"round_idx": self.round_idx, "order_pos": self.order_pos, "clock": self.now()}
 
     def metrics(self) -> dict[str, float]:
-        return {"clients_alive": float(len(self.alive)), "updates_discarded_total": float(self.discarded_total)}
+        return {"clients_alive": float(len(self.alive)), "updates_discarded_total": float(self.discarded_total),
+                "client_nonfinite_steps_total": float(self.client_nonfinite_steps_total)}

@@ -112,7 +112,8 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
         ``convergence/fl/updates_received_total``, ``convergence/fl/updates_pending``, ``convergence/fl/version``,
         ``convergence/fl/nonfinite_skipped_total``, ``convergence/fl/duplicate_skipped_total``,
         ``convergence/fl/stale_rejected_total``, ``convergence/fl/clients_alive``,
-        ``convergence/fl/updates_discarded_total``, ``convergence/fl/client_loss``; with ``log_per_item``
+        ``convergence/fl/updates_discarded_total``, ``convergence/fl/client_nonfinite_steps_total``,
+        ``convergence/fl/client_loss``; with ``log_per_item``
         ``convergence/fl/participation/client<n>``; at the end of training ``convergence/fl/staleness_count/<τ>``.
         Validation metrics are the user's own (``val_*``), computed on the global model.
 
@@ -204,6 +205,7 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
         if self._restored is not None:
             self.rule.load_state_dict(self._restored["rule"])
             server_state = self._restored["server"]
+            self._restored = None
         elif not self.rule.params:
             self.rule.init_params(module_params(module))
         load_params(module, self.rule.params)
@@ -230,7 +232,8 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """One server model update: serve clients until the rule's version advances, then load the global model."""
-        assert self.server is not None  # set in setup (internal invariant, not user input)
+        if self.server is None:
+            raise RuntimeError("AsyncFederatedStrategy: the server is not running; `training_step` runs only in fit.")
         trainer = self.lightning_module.trainer
         ok = self.server.serve_until(self.rule.version + 1, timeout_s=self.serve_timeout_s)
         if not ok:
