@@ -196,6 +196,7 @@ def _plot(results: list[dict[str, Any]], target: float) -> None:
         axes[1].plot(steps, losses, style, label=r["name"], linewidth=1)
     for ax, xl in zip(axes, ("training wall time (s, validation excluded)", "optimizer step")):
         ax.axhline(target, color="grey", linewidth=0.5)
+        ax.set_ylim(top=1.25 * target)  # early high losses would flatten the interesting part
         ax.set_xlabel(xl)
         ax.set_ylabel("val loss (merged model)")
     axes[1].legend(fontsize=6, ncol=2)
