@@ -328,6 +328,7 @@ class ConvergenceEarlyStopping(Callback):
             "stopped_step": self.stopped_step,
             "stopping_reason": self.stopping_reason.value,
             "stopping_reason_message": self.stopping_reason_message,
+            "last_check_step": self._check_done_at,
         }
 
     @override
@@ -349,6 +350,8 @@ class ConvergenceEarlyStopping(Callback):
         self.stopped_step = state_dict["stopped_step"]
         self.stopping_reason = ConvergenceStopReason(state_dict["stopping_reason"])
         self.stopping_reason_message = state_dict["stopping_reason_message"]
+        # Without it, the first micro-batch after a resume at a check step would run that check a second time.
+        self._check_done_at = int(state_dict["last_check_step"])
 
 
 class _ShadowOptimizer:

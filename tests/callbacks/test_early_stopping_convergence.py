@@ -161,3 +161,43 @@ def test_loss_curve_rule_stops_and_reports_why() -> None:
 def test_refuses_nonsense_arguments(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"ConvergenceEarlyStopping: `{field}`"):
         ConvergenceEarlyStopping(**kwargs)
+
+
+def test_resume_reproduces_the_stop(tmp_path) -> None:
+    # One full batch per epoch and no accumulation: a checkpoint after 30 steps resumes exactly (with
+    # accumulate_grad_batches > 1, Lightning 2.6.6 resumes an end-of-fit checkpoint at batch_idx 4 of a new epoch and
+    # takes a 1-micro-batch step, which changes the trajectory itself). The loss history, the LR areas, the streak
+    # and the check position come from the file.
+    def run(max_steps: int, ckpt=None):
+        L.seed_everything(0)
+        dm = SyntheticRegressionDataModule(n_samples=N, dim=DIM, noise_std=NOISE, batch_size=N, shuffle=False)
+        cb = ConvergenceEarlyStopping(rules=["loss_curve"], every_n_steps=2, patience=3, min_delta=1e-4,
+                                      min_points=5)
+        trainer = _trainer([cb], max_steps=max_steps)
+        model = _Scheduled(total=400, dim=DIM, lr=0.02)
+        trainer.fit(model, dm, ckpt_path=ckpt)
+        return trainer, cb, model
+
+    _, straight, straight_model = run(400)
+    first_trainer, first, _ = run(30)
+    assert first.stopped_step is None and len(first.curve_rule.history) == 15
+    first_trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    _, resumed, resumed_model = run(400, tmp_path / "mid.ckpt")
+    assert resumed.stopped_step == straight.stopped_step is not None and straight.stopped_step < 400
+    assert resumed.stopping_reason is straight.stopping_reason is ConvergenceStopReason.LOSS_CURVE
+    assert resumed.curve_rule.history == straight.curve_rule.history
+    assert torch.equal(resumed_model.linear.weight, straight_model.linear.weight)
+
+
+def test_noise_rule_state_survives_a_round_trip() -> None:
+    dm = SyntheticRegressionDataModule(n_samples=N, dim=DIM, noise_std=NOISE, batch_size=256)
+    cb = ConvergenceEarlyStopping(rules=["noise_dominated"], every_n_steps=2)
+    _trainer([cb], max_steps=20, accumulate_grad_batches=4).fit(LinearModel(dim=DIM, lr=0.05), dm)
+    state = cb.state_dict()
+    other = ConvergenceEarlyStopping(rules=["noise_dominated"], every_n_steps=2)
+    other.load_state_dict(state)  # before fit: kept until the dataset size is known at train start
+    assert other.state_dict()["noise_rule"] == state["noise_rule"]
+    assert other.monitor.tracker.state_dict() == cb.monitor.tracker.state_dict()
+    # One more step (measured: step 0 is a check step) on top of the loaded counters.
+    _trainer([other], max_steps=1, accumulate_grad_batches=4).fit(LinearModel(dim=DIM), dm)
+    assert other.noise_rule.checks == cb.noise_rule.checks + 1 and cb.noise_rule.checks == 10
