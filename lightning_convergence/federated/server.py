@@ -59,6 +59,7 @@ class FederatedServer:
         self.members: set[int] = set()
         self.reported: set[int] = set()
         self._round_start = 0.0
+        self._round_open = False
         self._rounds_at_start = 0
         self.recent_losses: list[float] = []
         self.discarded_total = 0
@@ -101,10 +102,14 @@ class FederatedServer:
 
     # ------------------------------------------------------------------ rounds
     def _begin_round(self) -> None:
+        self._round_open = False
+        if not self.alive - self.busy:  # every live client is still busy (stragglers): wait for one to come back
+            return
         for _ in range(10_000):  # skip rounds nobody can join (empty Bernoulli draws) without recursion
             ids = self.participation.participants(self.round_idx) if self.participation else range(self.num_clients)
             ids = [c for c in ids if c in self.alive and c not in self.busy]
             self.rule.begin_round(ids)
+            self._round_open = True
             self.members, self.reported = set(ids), set()
             self._round_start, self._rounds_at_start = self.now(), self.rule.rounds_total
             if ids or not self.alive:
@@ -115,6 +120,10 @@ class FederatedServer:
             self.round_idx += 1
 
     def _check_round(self) -> None:
+        if not self._round_open:
+            if self.alive - self.busy:
+                self._begin_round()
+            return
         done = self.members <= (self.reported | self.transport.dead)
         timed_out = self.now() - self._round_start > self.round_timeout_s
         if not (done or timed_out):

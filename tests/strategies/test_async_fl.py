@@ -204,3 +204,14 @@ def test_one_client_one_local_step_fedavg_on_real_processes_is_plain_sgd():
     # x + (w_local − x) may round differently from w_local in float32: 1e-6 absolute on O(1) weights.
     assert torch.allclose(strategy.rule.params["linear.weight"], ref.linear.weight.detach(), atol=1e-6)
     assert strategy.rule.params["linear.weight"].abs().sum() > 0
+
+
+def test_round_rule_waits_for_a_straggler_instead_of_spinning_empty_rounds():
+    strategy = AsyncFederatedStrategy(rule=FedAU(num_clients=1), num_clients=1, local_steps=1,
+                                      faults={0: ["stall", 1]}, round_timeout_s=0.3, serve_timeout_s=1.5,
+                                      shutdown_timeout_s=0.5)
+    start = time.monotonic()
+    with pytest.warns(UserWarning, match="no server update possible"):
+        trainer, _ = _fit(strategy, max_steps=5)
+    assert time.monotonic() - start < 30 and trainer.should_stop
+    assert strategy.rule.version == 1 and strategy.rule.rounds_total == 2  # round 1, then one timed-out round
