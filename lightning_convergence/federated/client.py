@@ -29,6 +29,15 @@ class ClientStream:
         indices: the client's shard (indices into ``dataset``).
         batch_size: examples per local step, ≥ 1 (a shard smaller than this gives smaller batches).
         seed: stream seed. client_id: client id (mixed into the seed).
+
+    Raises:
+        ValueError: for ``batch_size`` < 1 or an empty shard.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> s = ClientStream(TensorDataset(torch.arange(10.0)), indices=range(10), batch_size=4, seed=0, client_id=3)
+        >>> [len(s.next_batch()[0]) for _ in range(3)]
+        [4, 4, 2]
     """
 
     def __init__(self, dataset: Any, indices: Sequence[int], batch_size: int, seed: int = 0, client_id: int = 0):

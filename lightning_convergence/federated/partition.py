@@ -116,6 +116,10 @@ class Participation:
 
     Raises:
         ValueError: if neither or both of ``probs``/``periods`` are given or a value is out of range.
+
+    Example:
+        >>> Participation(periods=[1, 2]).participants(1)
+        [0]
     """
 
     def __init__(
