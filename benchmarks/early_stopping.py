@@ -102,13 +102,17 @@ def run_one(task: dict[str, Any], callbacks: list[L.Callback], seed: int = 0) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short budgets (about a minute)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per method; the table shows means")
     args = parser.parse_args()
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
     rows = []
     for task_name in ("classifier", "char_lm"):
         task = _task(task_name, args.quick)
-        results = {name: run_one(task, make()) for name, make in _methods(task).items()}
+        results = {}
+        for name, make in _methods(task).items():
+            runs = [run_one(task, make(), seed=s) for s in range(args.seeds)]
+            results[name] = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
         base = next(iter(results.values()))
         for name, r in results.items():
             metric_ratio = r["metric"] / base["metric"]
@@ -119,8 +123,9 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for task_name, name, steps, saved, metric, ratio, wall in rows:
-        print(f"{task_name:<10} {name:<48} {steps:>6} {saved:>17.2f} {metric:>12.4f} {ratio:>11.4f} {wall:>7.1f}")
-    print("compute saved = baseline (patience) FLOPs proxy / method's; metric: val_acc (classifier), val_loss (LM).")
+        print(f"{task_name:<10} {name:<48} {steps:>6.0f} {saved:>17.2f} {metric:>12.4f} {ratio:>11.4f} {wall:>7.1f}")
+    print("compute saved = baseline (patience) FLOPs proxy / method's; metric: val_acc (classifier), val_loss (LM);"
+          f" means over {args.seeds} seed(s).")
     _plot(rows)
 
 

@@ -52,7 +52,9 @@ class GradientEarlyStopping(Callback):
         grace_fraction: α, the share of the total steps before anything freezes, in [0, 1). Default ``0.3`` (code).
         max_frozen_ratio: stop once this share of the tracked matrices is frozen, in (0, 1]. Default ``1.0``.
         signal: ``"weight_change"`` (L1 norm of the weight change between checks, the official code) or
-            ``"grad"`` (L1 norm of the gradient, the paper's abstract). Default ``"weight_change"``.
+            ``"grad"`` (L1 norm of the gradient, the paper's abstract). Default ``"weight_change"``. The weight
+            change keeps a copy of every tracked, unfrozen matrix (memory and checkpoint size grow by that much);
+            with Adam-type optimizers it does not shrink with the gradient, so prefer ``"grad"`` there.
         reduction: ``"sum"`` (paper) or ``"mean"`` (divide by the matrix size: one τ for all shapes). Default
             ``"sum"``.
         patience: consecutive checks below τ needed to freeze a matrix, ≥ 1. Default ``1`` (code).

@@ -201,3 +201,42 @@ def test_noise_rule_state_survives_a_round_trip() -> None:
     # One more step (measured: step 0 is a check step) on top of the loaded counters.
     _trainer([other], max_steps=1, accumulate_grad_batches=4).fit(LinearModel(dim=DIM), dm)
     assert other.noise_rule.checks == cb.noise_rule.checks + 1 and cb.noise_rule.checks == 10
+
+
+class _Manual(LinearModel):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = self.loss(self(batch[0]), batch[1])
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+
+def test_runtime_errors_name_the_setting() -> None:
+    dm = SyntheticRegressionDataModule(dim=DIM)
+    with pytest.raises(RuntimeError, match="automatic optimization"):
+        _trainer([ConvergenceEarlyStopping(rules=["loss_curve"])], max_steps=2).fit(_Manual(dim=DIM), dm)
+    unbounded = L.Trainer(max_steps=-1, max_epochs=-1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, enable_checkpointing=False,
+                          callbacks=[ConvergenceEarlyStopping(rules=["loss_curve"])])
+    with pytest.raises(RuntimeError, match="max_steps"):
+        unbounded.fit(LinearModel(dim=DIM), dm)
+
+
+def test_unsized_dataset_needs_dataset_size() -> None:
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            for _ in range(64):
+                yield torch.randn(DIM, generator=g), torch.randn((), generator=g)
+
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=8)
+    with pytest.raises(RuntimeError, match="`dataset_size`"):
+        _trainer([ConvergenceEarlyStopping()], max_steps=4, accumulate_grad_batches=2).fit(LinearModel(dim=DIM), loader)
+    cb = ConvergenceEarlyStopping(dataset_size=64)
+    _trainer([cb], max_steps=4, accumulate_grad_batches=2).fit(LinearModel(dim=DIM), loader)
+    assert cb.noise_rule.dataset_size == 64

@@ -185,3 +185,20 @@ def test_include_patterns_select_by_name() -> None:
     cb = GradientEarlyStopping(include=["fast", "slow"], exclude=["slow"], stop_training=False)
     _trainer([cb], max_steps=1).fit(Blocks())
     assert list(cb._params) == ["fast.weight"]
+
+
+def test_manual_optimization_is_refused() -> None:
+    class Manual(Blocks):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            loss = torch.nn.functional.mse_loss(self(batch[0]), batch[1])
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    with pytest.raises(RuntimeError, match="automatic optimization"):
+        _trainer([GradientEarlyStopping()], max_steps=2).fit(Manual())
