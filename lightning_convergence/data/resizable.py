@@ -58,6 +58,8 @@ class BatchSizeController:
         self.consumed = 0
         self.yielded = 0
         self.exhausted = False
+        self.epoch_size: int | None = None
+        self.drop_last = False
         self._skip = 0
 
     def set_batch_size(self, batch_size: int) -> None:
@@ -68,16 +70,27 @@ class BatchSizeController:
         """Record that training took ``n`` more indices of the current epoch."""
         self.consumed += int(n)
 
-    def _begin_iteration(self) -> int:
+    def _begin_iteration(self, epoch_size: int | None, drop_last: bool) -> int:
         skip, self._skip = self._skip, 0
         self.consumed = skip
         self.yielded = skip
         self.exhausted = False
+        self.epoch_size, self.drop_last = epoch_size, drop_last
         return skip
+
+    def _epoch_finished(self) -> bool:
+        # A loader may stop asking after len() batches (Lightning's CombinedLoader does), so the sampler's own
+        # exhaustion is not always seen: compare what training consumed with the epoch's size too.
+        if self.exhausted and self.consumed >= self.yielded:
+            return True
+        if self.epoch_size is None:
+            return False
+        remaining = self.epoch_size - self.consumed
+        return remaining <= 0 or (self.drop_last and remaining < self.batch_size)
 
     def state_dict(self) -> dict[str, Any]:
         epoch, consumed = self.epoch, self.consumed
-        if self.exhausted and self.consumed >= self.yielded:
+        if self._epoch_finished():
             # The epoch's batches were all consumed: resume at the start of the next epoch.
             epoch, consumed = (None if epoch is None else epoch + 1), 0
         return {"version": self.STATE_VERSION, "batch_size": self.batch_size, "epoch": epoch, "consumed": consumed}
@@ -126,7 +139,7 @@ class ResizableBatchSampler(BatchSampler):
         c = self.controller
         if c.epoch is not None and callable(getattr(self.sampler, "set_epoch", None)):
             self.sampler.set_epoch(c.epoch)
-        skip = c._begin_iteration()
+        skip = c._begin_iteration(_sized_len(self.sampler), self.drop_last)
         batch: list[int] = []
         for idx in itertools.islice(iter(self.sampler), skip, None):
             batch.append(idx)
@@ -171,6 +184,13 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.data_source)
+
+
+def _sized_len(obj: Any) -> int | None:
+    try:
+        return len(obj)
+    except TypeError:
+        return None
 
 
 def _check_batch_size(batch_size: Any) -> int:

@@ -178,3 +178,27 @@ def test_two_rank_resume_in_the_second_epoch_continues_identically(tmp_path):
         assert resumed[rank]["state"] == straight[rank]["state"]
         for name, value in straight[rank]["params"].items():
             torch.testing.assert_close(resumed[rank]["params"][name], value, rtol=0, atol=0)
+
+
+def test_resume_from_an_end_of_epoch_checkpoint_continues_identically(tmp_path):
+    """ModelCheckpoint's default (saved at the end-of-epoch validation, before `on_train_epoch_end`)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_epochs, callbacks, ckpt=None, root=None):
+        model = LeastSquares(n=256, batch_size=8, lr=0.05, scheduler=True)
+        cb = _resume_callback()
+        make_trainer(
+            max_epochs=max_epochs, accumulate_grad_batches=2, callbacks=[cb, *callbacks], limit_val_batches=1,
+            default_root_dir=root or tmp_path, enable_checkpointing=bool(callbacks),
+        ).fit(model, ckpt_path=ckpt)
+        return model, cb
+
+    straight, cb_a = fit(3, [])
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    first, cb_b = fit(2, [saver])
+    ckpt = sorted((tmp_path / "ckpt").glob("epoch=1*.ckpt"))[0]
+    resumed, cb_c = fit(3, [], ckpt=ckpt)
+    assert cb_c.history == cb_a.history[len(cb_b.history):]
+    assert cb_c.state_dict() == cb_a.state_dict()
+    for name, value in params_snapshot(straight).items():
+        torch.testing.assert_close(params_snapshot(resumed)[name], value, rtol=0, atol=0)

@@ -109,3 +109,16 @@ def test_errors():
         BatchSizeController(2).set_batch_size(-1)
     with pytest.raises(RuntimeError, match="`version`"):
         BatchSizeController(2).load_state_dict({"version": 99})
+
+
+@pytest.mark.parametrize(("n", "drop_last"), [(12, False), (14, True)])
+def test_epoch_counts_as_finished_when_a_loader_stops_after_len_batches(n, drop_last):
+    """Lightning's CombinedLoader stops after len() batches without exhausting the sampler's generator."""
+    ctrl = BatchSizeController(4)
+    ctrl.epoch = 5
+    sampler = ResizableBatchSampler(SequentialSampler(range(n)), 4, drop_last, ctrl)
+    it = iter(sampler)
+    for _ in range(len(sampler)):
+        ctrl.consume(len(next(it)))
+    assert not ctrl.exhausted
+    assert ctrl.state_dict()["epoch"] == 6 and ctrl.state_dict()["consumed"] == 0
