@@ -180,8 +180,11 @@ def test_two_rank_resume_in_the_second_epoch_continues_identically(tmp_path):
             torch.testing.assert_close(resumed[rank]["params"][name], value, rtol=0, atol=0)
 
 
-def test_resume_from_an_end_of_epoch_checkpoint_continues_identically(tmp_path):
-    """ModelCheckpoint's default (saved at the end-of-epoch validation, before `on_train_epoch_end`)."""
+@pytest.mark.parametrize("on_train_epoch_end", [True, False])
+def test_resume_from_an_end_of_epoch_checkpoint_continues_identically(tmp_path, on_train_epoch_end):
+    """Saved in `on_train_epoch_end` (ModelCheckpoint's default with one validation per epoch: after this callback's
+    epoch-boundary re-plan) or at the end-of-epoch validation (before it: Lightning runs the epoch-end hooks on
+    resume), with the sampler's epoch fully consumed."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def fit(max_epochs, callbacks, ckpt=None, root=None):
@@ -194,7 +197,9 @@ def test_resume_from_an_end_of_epoch_checkpoint_continues_identically(tmp_path):
         return model, cb
 
     straight, cb_a = fit(3, [])
-    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    saver = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=on_train_epoch_end
+    )
     first, cb_b = fit(2, [saver])
     ckpt = sorted((tmp_path / "ckpt").glob("epoch=1*.ckpt"))[0]
     resumed, cb_c = fit(3, [], ckpt=ckpt)
