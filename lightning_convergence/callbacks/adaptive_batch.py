@@ -66,8 +66,9 @@ class AdaptiveBatchSize(Callback):
     ``per_device × devices × accumulate_grad_batches``. Mid-epoch only ``trainer.accumulate_grad_batches`` changes
     (memory stays flat): it is set right after an optimizer step, and only once the epoch's batch count is a
     multiple of the new value, because Lightning decides "step now" from ``batch_idx % accumulate_grad_batches``
-    (a change at another point would give one short, mis-scaled step; the wait is at most ``new / gcd(old, new)``
-    steps, and an epoch start always qualifies). With ``max_per_device_batch_size`` the per-device batch also
+    and zeroes gradients only when ``batch_idx % k == 0`` (a change at another point would give one short step,
+    mis-scaled and carrying the previous step's gradient; the wait is at most ``new / gcd(old, new)`` steps, and an
+    epoch start always qualifies). With ``max_per_device_batch_size`` the per-device batch also
     grows, at epoch boundaries, through a :class:`~lightning_convergence.data.ResizableBatchSampler` this callback
     installs in the train DataLoader (requires ``reload_dataloaders_every_n_epochs=1`` so Lightning recounts the
     epoch's batches; a mid-epoch change would make it skip end-of-epoch validation). Achievable sizes are
@@ -81,8 +82,8 @@ class AdaptiveBatchSize(Callback):
     ``inner_product`` and ``augmented`` tests the cost is one copy of the gradient per micro-batch on test steps and
     one all-reduce of a gradient-sized vector; the ``norm`` test and the noise-scale rule need only each micro-batch's
     squared norm and the step's gradient (the two-batch estimator, algebraically the same sample variance), so they
-    store nothing and all-reduce two numbers. It needs at
-    least 2 samples per step: ``accumulate_grad_batches ≥ 2`` or ≥ 2 devices (checked at setup).
+    store nothing and all-reduce two numbers. It needs at least 2 samples per step: ``accumulate_grad_batches ≥ 2``
+    or ≥ 2 devices (checked at setup; a per-device resize keeps 2 micro-batches on one device).
     ``"per_sample"``: exact per-example gradients with ``torch.func`` on the first ``per_sample_max_examples``
     examples of the step's last micro-batch on each rank (AdAdaGrad's estimator; costs a vmapped backward); they
     give the covariance terms, and ``‖ḡ‖²`` is the step's whole gradient. The batch must be
@@ -113,7 +114,8 @@ class AdaptiveBatchSize(Callback):
         theta: θ > 0 of the inner-product test. Default ``0.1`` (paper default; README examples use 0.5).
         nu: ν > 0 of the orthogonality test. Default ``0.1`` (paper default; README examples use 1.0).
         noise_scale_factor: multiplier of ``B_simple`` for ``test="noise_scale"``, > 0. Default ``1.0``.
-        test_interval: run the test every this many optimizer steps, ≥ 1. Default ``1`` (paper).
+        test_interval: run the test every this many optimizer steps, ≥ 1. Default ``1`` (paper); 4-10 keeps the
+            cost of the copying tests (inner product, augmented) under a few percent of a step on small models.
         min_batch_size: lower bound of the global batch, ≥ 1; applied at the start of training. Default ``None``
             (the initial global batch).
         max_batch_size: upper bound of the global batch (``b_max``). Default ``None`` (unbounded: set one).
@@ -125,7 +127,8 @@ class AdaptiveBatchSize(Callback):
             param group's lr is multiplied by ``k`` or ``√k``. Default ``"none"``.
         variance_estimator: ``"microbatch"`` or ``"per_sample"`` (see above). Default ``"microbatch"``.
         loss_fn: per-example loss for ``"per_sample"``, ``loss_fn(output, target) -> scalar`` on a batch of one
-            (e.g. ``torch.nn.CrossEntropyLoss()``). Default ``None``: use ``pl_module.per_sample_loss``.
+            (e.g. ``torch.nn.functional.cross_entropy``; in YAML ``loss_fn: torch.nn.functional.cross_entropy``).
+            Default ``None``: use ``pl_module.per_sample_loss``.
         per_sample_max_examples: examples per rank used by ``"per_sample"``, ≥ 2. Default ``64``.
         smoothing: EMA factor in [0, 1) for the statistics before the test. Default ``0.9`` (see Deviations).
         noise_ema_beta: EMA factor in [0, 1) of the gradient-noise-scale numerator and denominator. Default ``0.9``.
@@ -150,7 +153,8 @@ class AdaptiveBatchSize(Callback):
             without ``reload_dataloaders_every_n_epochs=1``; ``per_sample`` without a loss function.
         RuntimeError: at setup, with manual optimization, a ``GradientAccumulationScheduler``, or a strategy that
             accumulates gradients itself (DeepSpeed).
-        TypeError: if the train loader has a custom batch sampler (it cannot be resized).
+        TypeError: if ``loss_fn`` is not callable, the train loader has a custom batch sampler (it cannot be
+            resized), or ``per_sample`` meets a batch that is not ``(inputs, targets, ...)``.
 
     Example::
 
