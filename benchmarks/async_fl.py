@@ -96,7 +96,8 @@ def run_rule(name, rule, dataset, parts, speeds, args, evaluate, init_state):
 def run_real(name, rule, n, speeds, args, init_state, val_x, val_y):
     from lightning.pytorch import Callback, Trainer
 
-    from lightning_convergence.strategies.async_fl import AsyncFederatedStrategy, FederatedDataModule
+    from lightning_convergence.data import FederatedDataModule
+    from lightning_convergence.strategies.async_fl import AsyncFederatedStrategy
 
     class TargetStop(Callback):
         def __init__(self):

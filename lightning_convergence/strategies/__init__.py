@@ -8,7 +8,29 @@ from __future__ import annotations
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-__all__ = ["register_all", "register_strategy"]
+__all__ = [
+    "AsyncFederatedStrategy",
+    "CompressedDDPStrategy",
+    "LocalSGDStrategy",
+    "register_all",
+    "register_strategy",
+]
+
+# Public strategy classes, importable as ``lightning_convergence.strategies.<Class>`` (the YAML class_path form).
+# Resolved lazily: the strategy modules import this package for `register_strategy`.
+_LAZY = {
+    "AsyncFederatedStrategy": "lightning_convergence.strategies.async_fl",
+    "CompressedDDPStrategy": "lightning_convergence.strategies.compressed_ddp",
+    "LocalSGDStrategy": "lightning_convergence.strategies.local_sgd",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # Strategy modules that register names, in import order. Each later issue appends its module here.
 _STRATEGY_MODULES: tuple[str, ...] = (

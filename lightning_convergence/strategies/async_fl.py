@@ -26,13 +26,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_convergence._metrics import log_metrics, should_log
+from lightning_convergence.data.federated import FederatedDataModule
 from lightning_convergence.federated.base import ServerRule
 from lightning_convergence.federated.client import ClientStream, load_params, module_params
 from lightning_convergence.federated.fedbuff import FedBuff
 from lightning_convergence.federated.partition import Participation
 from lightning_convergence.federated.server import FederatedServer
 from lightning_convergence.federated.transport import ClientFault, ParamLayout, ServerTransport, run_client
-from lightning_convergence.strategies.fl_data import FederatedDataModule
 
 __all__ = ["AsyncFederatedStrategy", "FederatedDataModule", "register_strategies"]
 

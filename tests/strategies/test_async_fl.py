@@ -8,6 +8,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
+from lightning_convergence.data import FederatedDataModule
 from lightning_convergence.examples import LinearModel, SyntheticRegressionDataModule
 from lightning_convergence.federated import (
     ClientStream,
@@ -19,7 +20,7 @@ from lightning_convergence.federated import (
     FedFix,
     Participation,
 )
-from lightning_convergence.strategies.async_fl import AsyncFederatedStrategy, FederatedDataModule
+from lightning_convergence.strategies.async_fl import AsyncFederatedStrategy
 from tests.helpers.loggers import MemoryLogger
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.filterwarnings("ignore:.*self.log.*")]

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from lightning_convergence.cli import ConvergenceCLI
+from lightning_convergence.data import FederatedDataModule
 from lightning_convergence.federated import ServerRule
-from lightning_convergence.strategies.async_fl import AsyncFederatedStrategy, FederatedDataModule
+from lightning_convergence.strategies.async_fl import AsyncFederatedStrategy
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "async_fl").glob("*.yaml"))
 
