@@ -7,7 +7,17 @@ import sys
 
 import pytest
 
-CORES = ["lightning_convergence.stats", "lightning_convergence._rank_state"]
+CORES = [
+    "lightning_convergence.stats",
+    "lightning_convergence._rank_state",
+    "lightning_convergence.compress",
+    "lightning_convergence.feedback",
+    "lightning_convergence.averaging",
+    "lightning_convergence.federated",
+    "lightning_convergence.sampling",
+    "lightning_convergence.stopping",
+    "lightning_convergence.optim",
+]
 
 
 @pytest.mark.parametrize("module", CORES)
