@@ -6,7 +6,7 @@ Runs, at equal compute (the same optimizer steps and samples per rank): plain DD
 H ∈ {8, 32, 128}. Reports sync rounds, counted and on-the-wire bytes, final validation loss (merged model), and
 training time to a target loss (1.03 × DDP's final validation loss; validation time excluded), as ratios to DDP
 measured in the same run. All runs happen inside one ``torchrun --nproc_per_node=2`` launched in a network namespace
-whose loopback is rate-limited (``benchmarks/_localnet.py``).
+whose loopback is rate-limited (``benchmarks/_netem.py``).
 
     /work/venv/bin/python benchmarks/local_sgd.py [--quick] [--steps N] [--rate-mbit 100]
 """
@@ -100,7 +100,7 @@ def _strategy(run: dict[str, Any], subgroup: Any) -> Any:
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
-    from _localnet import lo_tx_bytes
+    from _netem import lo_tx_bytes
     from lightning.pytorch import Trainer, seed_everything
 
     from lightning_convergence.examples import CharTransformerLM, StdlibTextDataModule
@@ -226,7 +226,7 @@ def main() -> None:
     if args.report_only:
         report(json.loads(Path(args.out).read_text()), args, not args.no_limit)
         return
-    from _localnet import rate_limited_loopback
+    from _netem import RateLimitedNamespace, netem_available
 
     OUT.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
@@ -238,9 +238,15 @@ def main() -> None:
         subprocess.run(cmd, check=True, env=env)
         limited = False
     else:
-        with rate_limited_loopback(args.rate_mbit) as prefix:
-            subprocess.run(prefix + cmd, check=True, env=env)
-            limited = bool(prefix)
+        reason = netem_available()
+        if reason:
+            print(f"local_sgd: no rate-limited link ({reason}): running WITHOUT a limit", file=sys.stderr)
+            subprocess.run(cmd, check=True, env=env)
+            limited = False
+        else:
+            with RateLimitedNamespace(f"{args.rate_mbit:g}mbit") as ns:
+                subprocess.run(ns.command(cmd), check=True, env=env)
+                limited = True
     report(json.loads(Path(args.out).read_text()), args, limited)
 
 
