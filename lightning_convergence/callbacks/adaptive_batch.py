@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from typing_extensions import override
 
 from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics, should_log
+from lightning_convergence.callbacks._step_gradients import StepGradientSamples
 from lightning_convergence.callbacks.grad_stats_monitor import _grad_scale
 from lightning_convergence.data import rebuild_dataloader, wrap_train_dataloader
 from lightning_convergence.data.resizable import BatchSizeController, EpochShuffleSampler, ResizableBatchSampler
@@ -246,20 +246,13 @@ class AdaptiveBatchSize(Callback):
         self._restored = False
         # -- per-step scratch --
         self._undo: Callable[[], None] | None = None
-        self._handles: list[Any] = []
-        self._capturing = False
-        self._row: list[Tensor | None] = []
-        self._rows: list[list[Tensor | None]] = []
-        self._micro_sizes: list[int] = []
-        self._last_batch: Any = None
+        # Norm test and noise scale need only Σ‖x_i‖² and the step's gradient: stream instead of storing copies.
+        self._samples = StepGradientSamples(
+            variance_estimator, test in ("norm", "noise_scale"), per_sample_max_examples, type(self).__name__
+        )
         self._step_at_batch_start = -1
         self._overhead_s = 0.0  # statistics time since the last log (capture hooks included)
-        self._capture_s = 0.0
-        self._sq_local: Tensor | None = None
-        # Norm test and noise scale need only Σ‖x_i‖² and the step's gradient: stream instead of storing copies.
-        self._streaming = variance_estimator == "microbatch" and test in ("norm", "noise_scale")
         self._tests_since_log = 0
-        self._params: list[torch.nn.Parameter] = []
 
     @property
     def state_key(self) -> str:
@@ -271,10 +264,7 @@ class AdaptiveBatchSize(Callback):
         if stage != "fit":
             return
         self._check_trainer(trainer, pl_module)
-        self._params = [p for p in pl_module.parameters() if p.requires_grad]
-        if self.variance_estimator == "microbatch" and not self._handles:
-            for i, p in enumerate(self._params):
-                self._handles.append(p.register_hook(self._make_hook(i)))
+        self._samples.attach([p for p in pl_module.parameters() if p.requires_grad])
         self._undo = wrap_train_dataloader(trainer, self._install_sampler)
 
     def _check_trainer(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -325,9 +315,7 @@ class AdaptiveBatchSize(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._samples.detach()
         if self._undo is not None:
             self._undo()
             self._undo = None
@@ -365,43 +353,17 @@ class AdaptiveBatchSize(Callback):
         self.controller.consume(n)
         self.samples_seen_total += n * trainer.world_size
         self._step_at_batch_start = trainer.global_step
-        self._capturing = trainer.global_step % self.test_interval == 0
-        if self._capturing:
-            self._micro_sizes.append(n)
-            if self.variance_estimator == "per_sample":
-                self._last_batch = batch
-
-    def _make_hook(self, index: int) -> Callable[[Tensor], Tensor]:
-        def hook(grad: Tensor) -> Tensor:
-            if self._capturing:
-                t0 = time.perf_counter()
-                g = grad.detach().float()
-                if self._streaming:  # only Σ_i ‖x_i‖² is needed: no copies, memory stays flat
-                    sq = g.pow(2).sum()
-                    self._sq_local = sq if self._sq_local is None else self._sq_local + sq
-                else:
-                    if not self._row:
-                        self._row = [None] * len(self._params)
-                    prev = self._row[index]
-                    self._row[index] = g.clone() if prev is None else prev + g
-                dt = time.perf_counter() - t0
-                self._overhead_s += dt
-                self._capture_s += dt
-            return grad
-
-        return hook
+        self._samples.begin_batch(batch, n, capturing=trainer.global_step % self.test_interval == 0)
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._capturing and self.variance_estimator == "microbatch" and not self._streaming:
-            self._rows.append(self._row or [None] * len(self._params))
-            self._row = []
+        self._samples.end_backward()
 
     @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not self._capturing:
+        if not self._samples.capturing:
             return
         t0 = time.perf_counter()
         sample_stats = self._sample_stats(trainer, pl_module)
@@ -428,8 +390,9 @@ class AdaptiveBatchSize(Callback):
             "step": trainer.global_step, "demanded": demanded, "target": target, "batch_size": self.global_batch_size,
         })
         self._overhead_s += time.perf_counter() - t0
-        self.overhead_total_s += time.perf_counter() - t0 + self._capture_s
-        self._capture_s = 0.0
+        capture_s = self._samples.take_capture_time()
+        self._overhead_s += capture_s
+        self.overhead_total_s += time.perf_counter() - t0 + capture_s
         self._tests_since_log += 1
         if should_log(trainer, self.log_every_n_steps):
             self._log(trainer)
@@ -444,63 +407,15 @@ class AdaptiveBatchSize(Callback):
 
     # -- internals --------------------------------------------------------------------------------------------
     def _sample_stats(self, trainer: Trainer, pl_module: LightningModule) -> stats.SampleGradStats | None:
-        all_reduce = _all_reduce if trainer.world_size > 1 else None
-        if self.variance_estimator == "per_sample":
-            return self._per_sample_stats(pl_module, all_reduce)
-        if len(self._micro_sizes) * trainer.world_size < 2:
-            return None  # a lone micro-batch (the short last step of an epoch): no variance, no measurement
-        # Lightning divides each micro-batch loss by the accumulation factor; AMP multiplies it by the loss scale.
-        factor = float(trainer.accumulate_grad_batches) / _grad_scale(trainer)
-        scale = sum(self._micro_sizes) / len(self._micro_sizes)
-        if self._streaming:
-            return self._streaming_stats(trainer, factor, scale, all_reduce)
-        rows = self._rows
-        samples = []
-        for i, p in enumerate(self._params):
-            parts = [r[i] if r[i] is not None else torch.zeros(p.shape, device=p.device) for r in rows]
-            samples.append(torch.stack(parts) * factor)
-        return stats.sample_grad_stats(samples, scale=scale, all_reduce=all_reduce)
-
-    def _streaming_stats(
-        self, trainer: Trainer, factor: float, scale: float, all_reduce: Any
-    ) -> stats.SampleGradStats | None:
-        """Norm test and noise scale without storing micro-batch gradients: the mean squared micro-batch norm and
-        the step's (all-reduced) gradient give tr Σ through the two-batch estimator, which equals the sample variance
-        of the micro-batch means (see ``stats.noise_estimate``). ``inner_var`` is not computed (0)."""
-        full = stats.grads_of(self._params)
-        if self._sq_local is None or not full:
-            return None
-        buf = torch.stack([
-            self._sq_local.double() * factor**2,
-            torch.tensor(float(len(self._micro_sizes)), dtype=torch.float64, device=self._sq_local.device),
-        ])
-        if all_reduce is not None:
-            all_reduce(buf)
-        n = float(buf[1])
-        g2 = float(stats.sq_norm(full))
-        est = stats.estimate_noise(float(buf[0]) / n, g2, scale, scale * n)
-        return stats.SampleGradStats(
-            count=int(round(scale * n)), trace_cov=max(est.trace_cov, 0.0), grad_sq_norm=g2, inner_var=0.0
+        return self._samples.stats(
+            world_size=trainer.world_size,
+            # Lightning divides each micro-batch loss by the accumulation factor; AMP multiplies it by the loss scale.
+            loss_factor=float(trainer.accumulate_grad_batches) / _grad_scale(trainer),
+            all_reduce=_all_reduce if trainer.world_size > 1 else None,
+            pl_module=pl_module,
+            loss_fn=self._loss_fn(pl_module),
+            global_batch=self.global_batch_size,
         )
-
-    def _per_sample_stats(self, pl_module: LightningModule, all_reduce: Any) -> stats.SampleGradStats | None:
-        batch = self._last_batch
-        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            raise TypeError(
-                f"{type(self).__name__}: `variance_estimator='per_sample'` needs batches of (inputs, targets, ...), "
-                f"got {type(batch).__name__}."
-            )
-        m = self.per_sample_max_examples
-        inputs, targets = batch[0][:m], batch[1][:m]
-        grads = stats.per_sample_grads(pl_module, self._loss_fn(pl_module), inputs, targets)
-        names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
-        sub = stats.sample_grad_stats([grads[n] for n in names], scale=1.0, all_reduce=all_reduce)
-        # The tests' denominator is the norm of the step's whole gradient (all micro-batches and ranks, already
-        # all-reduced and unscaled here), as in AdAdaGrad where the per-example gradients cover the whole batch.
-        full = stats.grads_of(self._params)
-        if not full:
-            return None
-        return dataclasses.replace(sub, grad_sq_norm=float(stats.sq_norm(full)), count=self.global_batch_size)
 
     def _demand(self, s: stats.SampleGradStats) -> float:
         self.tracker.update(stats.noise_estimate(s))
@@ -549,12 +464,7 @@ class AdaptiveBatchSize(Callback):
             _scale_lrs(trainer, ratio)
 
     def _reset_capture(self) -> None:
-        self._rows = []
-        self._row = []
-        self._sq_local = None
-        self._micro_sizes = []
-        self._last_batch = None
-        self._capturing = False
+        self._samples.reset()
 
     def _log(self, trainer: Trainer) -> None:
         metrics = {

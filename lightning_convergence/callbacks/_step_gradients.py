@@ -1,0 +1,170 @@
+"""One optimizer step's gradient samples for the batch-size tests (used by :class:`AdaptiveBatchSize`).
+
+Three ways to turn a step into :class:`~lightning_convergence.stats.SampleGradStats`, all through ``stats``:
+
+* ``microbatch`` with copies: tensor hooks copy each micro-batch's local gradient (before accumulation sums it and
+  before DDP all-reduces it); ``stats.sample_grad_stats`` reduces the ``k × devices`` samples across ranks.
+* ``microbatch`` streaming (norm test, noise scale): the hooks only add each micro-batch's squared norm; with the
+  step's all-reduced gradient, ``stats.estimate_noise`` gives the same unbiased ``tr Σ`` without any copy.
+* ``per_sample``: ``stats.per_sample_grads`` (torch.func) on a sub-batch of the step's last micro-batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_convergence import stats
+
+__all__ = ["StepGradientSamples"]
+
+
+class StepGradientSamples:
+    """Collects what one optimizer step needs for its gradient statistics; see the module docstring.
+
+    Args:
+        estimator: ``"microbatch"`` or ``"per_sample"``.
+        streaming: with ``microbatch``, keep only squared norms (``inner_var`` is then reported as 0).
+        per_sample_max_examples: examples of the last micro-batch used by ``per_sample``.
+        owner: name used in error messages.
+    """
+
+    def __init__(self, estimator: str, streaming: bool, per_sample_max_examples: int, owner: str) -> None:
+        self.estimator = estimator
+        self.streaming = streaming and estimator == "microbatch"
+        self.per_sample_max_examples = per_sample_max_examples
+        self.owner = owner
+        self.capturing = False
+        self.capture_s = 0.0  # time spent in the hooks since the last `take_capture_time`
+        self.params: list[torch.nn.Parameter] = []
+        self._handles: list[Any] = []
+        self._row: list[Tensor | None] = []
+        self._rows: list[list[Tensor | None]] = []
+        self._sq_local: Tensor | None = None
+        self._sizes: list[int] = []
+        self._last_batch: Any = None
+
+    # -- wiring -----------------------------------------------------------------------------------------------
+    def attach(self, params: list[torch.nn.Parameter]) -> None:
+        """Remember the trainable parameters and, for ``microbatch``, hook each one (once)."""
+        self.params = params
+        if self.estimator == "microbatch" and not self._handles:
+            self._handles = [p.register_hook(self._make_hook(i)) for i, p in enumerate(params)]
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def begin_batch(self, batch: Any, size: int, capturing: bool) -> None:
+        """Called at every micro-batch start; ``capturing`` says whether this step is a test step."""
+        self.capturing = capturing
+        if capturing:
+            self._sizes.append(size)
+            if self.estimator == "per_sample":
+                self._last_batch = batch
+
+    def end_backward(self) -> None:
+        """Called after each micro-batch's backward: close this micro-batch's row of copies."""
+        if self.capturing and self.estimator == "microbatch" and not self.streaming:
+            self._rows.append(self._row or [None] * len(self.params))
+            self._row = []
+
+    def reset(self) -> None:
+        self._rows, self._row, self._sq_local, self._sizes, self._last_batch = [], [], None, [], None
+        self.capturing = False
+
+    def take_capture_time(self) -> float:
+        t, self.capture_s = self.capture_s, 0.0
+        return t
+
+    def _make_hook(self, index: int) -> Callable[[Tensor], Tensor]:
+        def hook(grad: Tensor) -> Tensor:
+            if self.capturing:
+                t0 = time.perf_counter()
+                g = grad.detach().float()
+                if self.streaming:  # only Σ_i ‖x_i‖² is needed: no copies, memory stays flat
+                    sq = g.pow(2).sum()
+                    self._sq_local = sq if self._sq_local is None else self._sq_local + sq
+                else:
+                    if not self._row:
+                        self._row = [None] * len(self.params)
+                    prev = self._row[index]
+                    self._row[index] = g.clone() if prev is None else prev + g
+                self.capture_s += time.perf_counter() - t0
+            return grad
+
+        return hook
+
+    # -- statistics -------------------------------------------------------------------------------------------
+    def stats(
+        self, world_size: int, loss_factor: float, all_reduce: Any, pl_module: torch.nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None, global_batch: int,
+    ) -> stats.SampleGradStats | None:
+        """This step's statistics, or ``None`` when there is no measurement (a lone micro-batch, no gradient).
+
+        Args:
+            world_size: number of ranks.
+            loss_factor: what the hooks' gradients must be multiplied by to be micro-batch means (Lightning divides
+                each micro-batch loss by the accumulation factor; AMP multiplies it by the loss scale).
+            all_reduce: in-place SUM all-reduce, or ``None`` on one process.
+            pl_module: the module (for ``per_sample``).
+            loss_fn: per-example loss (for ``per_sample``).
+            global_batch: examples in the step (the count reported by ``per_sample``).
+        """
+        if self.estimator == "per_sample":
+            return self._per_sample(all_reduce, pl_module, loss_fn, global_batch)
+        if len(self._sizes) * world_size < 2:
+            return None  # a lone micro-batch (the short last step of an epoch): no variance, no measurement
+        scale = sum(self._sizes) / len(self._sizes)
+        if self.streaming:
+            return self._streamed(loss_factor, scale, all_reduce)
+        samples = []
+        for i, p in enumerate(self.params):
+            parts = [r[i] if r[i] is not None else torch.zeros(p.shape, device=p.device) for r in self._rows]
+            samples.append(torch.stack(parts) * loss_factor)
+        return stats.sample_grad_stats(samples, scale=scale, all_reduce=all_reduce)
+
+    def _streamed(self, loss_factor: float, scale: float, all_reduce: Any) -> stats.SampleGradStats | None:
+        """The mean squared micro-batch norm and the step's (all-reduced) gradient give tr Σ through the two-batch
+        estimator, which equals the sample variance of the micro-batch means (see ``stats.noise_estimate``)."""
+        full = stats.grads_of(self.params)
+        if self._sq_local is None or not full:
+            return None
+        buf = torch.stack([
+            self._sq_local.double() * loss_factor**2,
+            torch.tensor(float(len(self._sizes)), dtype=torch.float64, device=self._sq_local.device),
+        ])
+        if all_reduce is not None:
+            all_reduce(buf)
+        n = float(buf[1])
+        g2 = float(stats.sq_norm(full))
+        est = stats.estimate_noise(float(buf[0]) / n, g2, scale, scale * n)
+        return stats.SampleGradStats(
+            count=int(round(scale * n)), trace_cov=max(est.trace_cov, 0.0), grad_sq_norm=g2, inner_var=0.0
+        )
+
+    def _per_sample(
+        self, all_reduce: Any, pl_module: torch.nn.Module, loss_fn: Any, global_batch: int
+    ) -> stats.SampleGradStats | None:
+        batch = self._last_batch
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise TypeError(
+                f"{self.owner}: `variance_estimator='per_sample'` needs batches of (inputs, targets, ...), "
+                f"got {type(batch).__name__}."
+            )
+        m = self.per_sample_max_examples
+        grads = stats.per_sample_grads(pl_module, loss_fn, batch[0][:m], batch[1][:m])
+        names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+        sub = stats.sample_grad_stats([grads[n] for n in names], scale=1.0, all_reduce=all_reduce)
+        # The tests' denominator is the norm of the step's whole gradient (all micro-batches and ranks, already
+        # all-reduced and unscaled here), as in AdAdaGrad where the per-example gradients cover the whole batch.
+        full = stats.grads_of(self.params)
+        if not full:
+            return None
+        return dataclasses.replace(sub, grad_sq_norm=float(stats.sq_norm(full)), count=global_batch)
