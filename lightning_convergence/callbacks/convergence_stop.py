@@ -41,10 +41,11 @@ class ConvergenceEarlyStopping(Callback):
     Two rules, either or both (the first to fire stops training):
 
     * ``"noise_dominated"``: the AdAdaGrad norm test would demand a batch larger than the whole dataset,
-      ``tr(Σ)/(η²‖g‖²) > N``, for ``patience`` consecutive checks: the gradient signal is below the noise of the
-      dataset itself. ``tr(Σ)`` and ``‖g‖²`` come from McCandlish et al.'s unbiased two-batch-size estimator over
-      micro-batch and per-rank gradients (captured by an internal :class:`GradientStatsMonitor`, no extra backward
-      pass), smoothed by EMAs. Needs two batch sizes: ``accumulate_grad_batches`` ≥ 2 or several devices.
+      ``tr(Σ)/(η²‖g‖²) > N`` (with ``‖g‖²`` replaced by an upper confidence bound over a window of measurements),
+      for ``patience`` consecutive checks: the gradient signal is below the noise of the dataset itself. ``tr(Σ)``
+      and ``‖g‖²`` come from McCandlish et al.'s unbiased two-batch-size estimator over micro-batch and per-rank
+      gradients (captured by an internal :class:`GradientStatsMonitor`, no extra backward pass). Needs two batch
+      sizes: ``accumulate_grad_batches`` ≥ 2 or several devices.
     * ``"loss_curve"``: the LR-annealing scaling law ``L = L0 + A·S1^(−α) − C·S2``, fitted online to the training
       loss, predicts less than ``min_delta`` improvement between now and the end of the step budget under the
       current LR schedule, for ``patience`` consecutive checks.
@@ -71,8 +72,12 @@ class ConvergenceEarlyStopping(Callback):
             gradient). Smaller values stop earlier: the rule fires once the noise scale exceeds η²·N.
         dataset_size: N, training examples per epoch over all ranks, ≥ 2. Default ``None``: the length of the
             training dataloader's dataset.
-        ema_beta: EMA factor of the ``tr(Σ)`` and ``‖g‖²`` estimates, in [0, 1). Default ``0.0`` (each check uses
-            its own unbiased estimates; ``patience`` does the smoothing). Separate EMAs of numerator and denominator
+        window: noise measurements averaged by the norm test, ≥ 2. Default ``10``. A single ``‖g‖²`` estimate
+            near convergence is much noisier than the threshold ``tr(Σ)/N``; averaging ``window`` of them (and
+            requiring the upper bound below) keeps the rule from firing on noise. Raise it with small micro-batches.
+        confidence_z: z of the upper bound ``mean + z·stderr`` of ``‖g‖²`` over the window, ≥ 0. Default ``2.0``.
+        ema_beta: EMA factor of the ``tr(Σ)`` and ``‖g‖²`` estimates fed to the window, in [0, 1). Default ``0.0``
+            (raw unbiased estimates; the window does the smoothing). Separate EMAs of numerator and denominator
             lag badly while the gradient shrinks by orders of magnitude: measured on least squares, β = 0.9 stopped
             at step 200 where β = 0 stopped at step 58, right after convergence.
         min_delta: the loss-curve rule stops when the predicted remaining improvement is below this, in loss
@@ -85,7 +90,8 @@ class ConvergenceEarlyStopping(Callback):
     State: both rules (incl. the loss-curve history of ``(step, S1, S2, loss)``), the noise-estimator EMAs, the
     stop step and reason, ``version``.
 
-    Logs (at checks): ``convergence/stop/required_batch`` (norm test, ``tr Σ/(η²‖g‖²)``),
+    Logs (at checks): ``convergence/stop/required_batch`` (norm test on the window means, ``tr Σ/(η²‖g‖²)``),
+    ``convergence/stop/grad_sq_upper`` (upper bound of ``‖g‖²`` over the window),
     ``convergence/stop/noise_streak``, ``convergence/stop/predicted_improvement``,
     ``convergence/stop/predicted_final_loss``, ``convergence/stop/curve_streak``, ``convergence/stop/stopped``;
     the internal monitor also logs ``convergence/grad_stats/noise_scale``, ``.../trace_cov``, ``.../grad_sq_norm``,
@@ -93,8 +99,8 @@ class ConvergenceEarlyStopping(Callback):
 
     Raises:
         ValueError: for empty or unknown ``rules``, ``every_n_steps`` < 1, ``patience`` < 1, ``min_step`` < 0,
-            ``eta`` ≤ 0, ``dataset_size`` < 2, ``ema_beta`` outside [0, 1), ``min_delta`` < 0, ``min_points`` < 4,
-            unknown ``future_lr``, or ``annealing_decay`` outside [0, 1).
+            ``eta`` ≤ 0, ``dataset_size`` < 2, ``window`` < 2, ``confidence_z`` < 0, ``ema_beta`` outside [0, 1),
+            ``min_delta`` < 0, ``min_points`` < 4, unknown ``future_lr``, or ``annealing_decay`` outside [0, 1).
         RuntimeError: at fit start, for ``noise_dominated`` with one device and ``accumulate_grad_batches=1``, for
             ``loss_curve`` with an unknown step budget (``max_steps=-1`` and ``max_epochs=-1``) or manual
             optimization, or when the dataset size cannot be read (pass ``dataset_size``).
@@ -115,6 +121,8 @@ class ConvergenceEarlyStopping(Callback):
         min_step: int = 0,
         eta: float = 1.0,
         dataset_size: int | None = None,
+        window: int = 10,
+        confidence_z: float = 2.0,
         ema_beta: float = 0.0,
         min_delta: float = 0.01,
         min_points: int = 8,
@@ -128,7 +136,7 @@ class ConvergenceEarlyStopping(Callback):
             raise ValueError(f"{name}: `rules` must be a non-empty subset of {RULES}, got {list(rules)!r}.")
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"{name}: `every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
-        validate_noise_args(name, eta, patience, min_step)
+        validate_noise_args(name, eta, patience, min_step, window, confidence_z)
         validate_curve_args(name, min_delta, patience, min_step, min_points)
         if dataset_size is not None and (isinstance(dataset_size, bool) or not isinstance(dataset_size, int)
                                          or dataset_size < 2):
@@ -141,6 +149,7 @@ class ConvergenceEarlyStopping(Callback):
             raise ValueError(f"{name}: `annealing_decay` must be in [0, 1), got {annealing_decay!r}.")
         self.rules, self.every_n_steps, self.patience, self.min_step = rules, every_n_steps, patience, min_step
         self.eta, self.dataset_size, self.ema_beta = float(eta), dataset_size, float(ema_beta)
+        self.window, self.confidence_z = window, float(confidence_z)
         self.min_delta, self.min_points, self.future_lr = float(min_delta), min_points, future_lr
         self.annealing_decay, self.verbose = float(annealing_decay), verbose
         self.monitor = (GradientStatsMonitor(every_n_steps=every_n_steps, norm_types=(), noise_scale=True,
@@ -202,7 +211,8 @@ class ConvergenceEarlyStopping(Callback):
                 raise RuntimeError(
                     f"{type(self).__name__}: cannot read the training set's size; pass `dataset_size`."
                 ) from err
-        self.noise_rule = NoiseDominatedRule(int(n), self.eta, self.patience, self.min_step)
+        self.noise_rule = NoiseDominatedRule(int(n), self.eta, self.patience, self.min_step, self.window,
+                                             self.confidence_z)
         if self._pending_noise_state is not None:
             self.noise_rule.load_state_dict(self._pending_noise_state)
             self._pending_noise_state = None
@@ -256,6 +266,7 @@ class ConvergenceEarlyStopping(Callback):
         reason = ConvergenceStopReason.NOT_STOPPED
         if self.noise_rule is not None:
             metrics["required_batch"] = self.noise_rule.last_required_batch
+            metrics["grad_sq_upper"] = self.noise_rule.last_grad_sq_upper
             metrics["noise_streak"] = float(self.noise_rule.streak)
             if self._noise_fired:
                 reason = ConvergenceStopReason.NOISE_DOMINATED

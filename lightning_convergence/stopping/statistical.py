@@ -33,60 +33,88 @@ def norm_test_batch_size(trace_cov: float, grad_sq_norm: float, eta: float) -> f
 
 
 class NoiseDominatedRule:
-    """Fire after ``patience`` consecutive checks (from ``min_step`` on) at which the norm test demands more than
-    ``dataset_size`` examples.
+    """Fire after ``patience`` consecutive checks (from ``min_step`` on) at which the norm test, on the estimates
+    averaged over the last ``window`` measurements, demands more than ``dataset_size`` examples *with confidence*:
+    even the upper confidence bound of ``‖g‖²`` is below ``tr(Σ)/(η² N)``.
 
     Paper: Lau, Liu, Kolar, *AdAdaGrad*, arXiv:2402.11215 (norm test, Sec. 3; official code ``norm_test``).
 
     Deviations: AdAdaGrad uses the test to *grow* the batch; here its verdict "larger than the dataset" is the
-    stopping signal. ``tr(Σ)`` and ``‖g‖²`` are expected as smoothed (EMA) unbiased estimates from micro-batch or
-    per-rank gradients (McCandlish et al.'s estimator), not from exact per-example gradients.
+    stopping signal. ``tr(Σ)`` and ``‖g‖²`` are unbiased micro-batch / per-rank estimates (McCandlish et al.'s
+    estimator), not exact per-example gradients. Near convergence a single ``‖g‖²`` estimate is far noisier than
+    the threshold ``tr(Σ)/N`` it is compared with (its noise scales like ``tr(Σ)/b`` for batch ``b ≪ N``), so
+    the rule averages a sliding window of measurements and requires ``mean + z·stderr`` of ``‖g‖²`` to be below
+    the threshold: with too little data it does not fire, rather than firing on noise.
 
     Args:
         dataset_size: N, training examples in one epoch (all ranks together), ≥ 2.
         eta: η, the relative error the norm test tolerates, > 0. Default ``1.0`` (signal below its dataset noise);
             AdAdaGrad's batch-growth default is 0.1. Smaller η stops earlier (η² N is the noise-scale threshold).
-        patience: consecutive firing checks needed, ≥ 1. Default ``3``. Raise it when estimates are noisy.
+        patience: consecutive firing checks needed, ≥ 1. Default ``3``.
         min_step: never fire before this optimizer step, ≥ 0. Default ``0``.
+        window: measurements averaged, ≥ 2. Default ``10``. Larger resolves smaller gradients (the standard error
+            falls like 1/√window) but reacts later.
+        confidence_z: z of the one-sided upper bound ``mean + z·stderr`` on ``‖g‖²``, ≥ 0. Default ``2.0``; 0
+            compares the window mean alone.
 
-    State: the current streak, the number of checks, the last required batch, and ``version``.
+    State: the window of ``(tr Σ, ‖g‖²)`` estimates, the streak, the number of checks, the last required batch,
+    ``version``.
 
     Raises:
-        ValueError: for ``dataset_size`` < 2, ``eta`` ≤ 0, ``patience`` < 1 or ``min_step`` < 0.
+        ValueError: for ``dataset_size`` < 2, ``eta`` ≤ 0, ``patience`` < 1, ``min_step`` < 0, ``window`` < 2 or
+            ``confidence_z`` < 0.
 
     Example::
 
         rule = NoiseDominatedRule(dataset_size=50_000, eta=1.0, patience=3)
-        fired = rule.update(step, trace_cov=tracker.trace_ema.value, grad_sq_norm=tracker.grad_sq_ema.value)
+        fired = rule.update(step, trace_cov=estimate.trace_cov, grad_sq_norm=estimate.grad_sq_norm)
     """
 
-    STATE_VERSION = 1
+    STATE_VERSION = 2
 
-    def __init__(self, dataset_size: int, eta: float = 1.0, patience: int = 3, min_step: int = 0) -> None:
+    def __init__(
+        self, dataset_size: int, eta: float = 1.0, patience: int = 3, min_step: int = 0, window: int = 10,
+        confidence_z: float = 2.0,
+    ) -> None:
         if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 2:
             raise ValueError(f"NoiseDominatedRule: `dataset_size` must be an int >= 2, got {dataset_size!r}.")
-        validate_noise_args("NoiseDominatedRule", eta, patience, min_step)
+        validate_noise_args("NoiseDominatedRule", eta, patience, min_step, window, confidence_z)
         self.dataset_size = dataset_size
         self.eta = float(eta)
         self.patience = int(patience)
         self.min_step = int(min_step)
+        self.window = int(window)
+        self.confidence_z = float(confidence_z)
+        self.samples: list[tuple[float, float]] = []
         self.streak = 0
         self.checks = 0
         self.last_required_batch = math.nan
+        self.last_grad_sq_upper = math.nan
 
     def update(self, step: int, trace_cov: float, grad_sq_norm: float) -> bool:
-        """Fold one check in; True when the rule fires. A ``nan`` estimate resets the streak."""
+        """Fold one measurement in; True when the rule fires. Non-finite estimates are skipped (not added)."""
         self.checks += 1
-        b_req = norm_test_batch_size(float(trace_cov), float(grad_sq_norm), self.eta)
-        self.last_required_batch = b_req
-        noise_dominated = not math.isnan(b_req) and b_req > self.dataset_size
+        if math.isfinite(trace_cov) and math.isfinite(grad_sq_norm):
+            self.samples = [*self.samples, (float(trace_cov), float(grad_sq_norm))][-self.window:]
+        k = len(self.samples)
+        if k < self.window:
+            self.streak = 0
+            return False
+        trace = sum(t for t, _ in self.samples) / k
+        g2 = sum(g for _, g in self.samples) / k
+        var = sum((g - g2) ** 2 for _, g in self.samples) / (k - 1)
+        upper = g2 + self.confidence_z * math.sqrt(var / k)
+        self.last_required_batch = norm_test_batch_size(trace, g2, self.eta)
+        self.last_grad_sq_upper = upper
+        noise_dominated = trace > 0 and upper * self.eta**2 * self.dataset_size < trace
         self.streak = self.streak + 1 if noise_dominated else 0
         return step >= self.min_step and self.streak >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": self.STATE_VERSION, "streak": self.streak, "checks": self.checks,
-            "last_required_batch": self.last_required_batch,
+            "version": self.STATE_VERSION, "samples": [list(x) for x in self.samples], "streak": self.streak,
+            "checks": self.checks, "last_required_batch": self.last_required_batch,
+            "last_grad_sq_upper": self.last_grad_sq_upper,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -95,12 +123,16 @@ class NoiseDominatedRule:
                 f"NoiseDominatedRule: checkpoint state `version` {state.get('version')!r} is not "
                 f"{self.STATE_VERSION}; it cannot be converted."
             )
+        self.samples = [(float(t), float(g)) for t, g in state["samples"]][-self.window:]
         self.streak = int(state["streak"])
         self.checks = int(state["checks"])
         self.last_required_batch = float(state["last_required_batch"])
+        self.last_grad_sq_upper = float(state["last_grad_sq_upper"])
 
 
-def validate_noise_args(owner: str, eta: float, patience: int, min_step: int) -> None:
+def validate_noise_args(
+    owner: str, eta: float, patience: int, min_step: int, window: int = 2, confidence_z: float = 0.0
+) -> None:
     """Shared validation for the core and the callback (errors name ``owner``)."""
     if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta <= 0:
         raise ValueError(f"{owner}: `eta` must be a finite number > 0, got {eta!r}.")
@@ -108,3 +140,7 @@ def validate_noise_args(owner: str, eta: float, patience: int, min_step: int) ->
         raise ValueError(f"{owner}: `patience` must be an int >= 1, got {patience!r}.")
     if isinstance(min_step, bool) or not isinstance(min_step, int) or min_step < 0:
         raise ValueError(f"{owner}: `min_step` must be an int >= 0, got {min_step!r}.")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f"{owner}: `window` must be an int >= 2, got {window!r}.")
+    if not isinstance(confidence_z, (int, float)) or not math.isfinite(confidence_z) or confidence_z < 0:
+        raise ValueError(f"{owner}: `confidence_z` must be a finite number >= 0, got {confidence_z!r}.")

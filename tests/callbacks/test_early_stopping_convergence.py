@@ -154,7 +154,8 @@ def test_loss_curve_rule_stops_and_reports_why() -> None:
     ("kwargs", "field"),
     [({"rules": []}, "rules"), ({"rules": ["patience"]}, "rules"), ({"every_n_steps": 0}, "every_n_steps"),
      ({"patience": 0}, "patience"), ({"min_step": -1}, "min_step"), ({"eta": 0.0}, "eta"), ({"eta": -1}, "eta"),
-     ({"dataset_size": 1}, "dataset_size"), ({"ema_beta": 1.0}, "ema_beta"), ({"min_delta": -0.1}, "min_delta"),
+     ({"dataset_size": 1}, "dataset_size"), ({"window": 1}, "window"), ({"confidence_z": -0.5}, "confidence_z"),
+     ({"ema_beta": 1.0}, "ema_beta"), ({"min_delta": -0.1}, "min_delta"),
      ({"min_points": 2}, "min_points"), ({"future_lr": "cosine"}, "future_lr"),
      ({"annealing_decay": 1.0}, "annealing_decay")],
 )

@@ -82,22 +82,37 @@ def test_norm_test_batch_size_by_hand() -> None:
     assert math.isnan(norm_test_batch_size(math.nan, 1.0, 1.0))
 
 
-def test_noise_rule_needs_patience_and_min_step() -> None:
-    rule = NoiseDominatedRule(dataset_size=100, eta=1.0, patience=2, min_step=3)
-    assert not rule.update(0, trace_cov=50.0, grad_sq_norm=1.0)  # b_req = 50 <= 100
-    assert not rule.update(1, trace_cov=500.0, grad_sq_norm=1.0)  # 500 > 100, streak 1
-    assert not rule.update(2, trace_cov=500.0, grad_sq_norm=1.0)  # streak 2 but step < min_step
-    assert rule.update(3, trace_cov=500.0, grad_sq_norm=-1.0)  # |g|^2 estimated <= 0: infinitely noise dominated
-    assert not rule.update(4, trace_cov=math.nan, grad_sq_norm=1.0)  # nan resets
-    clone = NoiseDominatedRule(dataset_size=100)
+def test_noise_rule_needs_a_full_window_patience_and_min_step() -> None:
+    # N = 100, eta = 1, window 2, z = 0: fires when the window mean of |g|^2 < mean tr / 100.
+    rule = NoiseDominatedRule(dataset_size=100, eta=1.0, patience=2, min_step=3, window=2, confidence_z=0.0)
+    assert not rule.update(0, trace_cov=500.0, grad_sq_norm=1.0)  # window not full yet
+    assert not rule.update(1, trace_cov=500.0, grad_sq_norm=1.0)  # mean 1 * 100 < 500: streak 1
+    assert rule.last_required_batch == 500.0
+    assert not rule.update(2, trace_cov=500.0, grad_sq_norm=-1.0)  # mean 0: streak 2, but step < min_step
+    assert rule.update(3, trace_cov=500.0, grad_sq_norm=1.0)  # mean 0: streak 3
+    assert not rule.update(4, trace_cov=50.0, grad_sq_norm=10.0)  # mean tr 275 < 100 * 5.5: resets
+    assert not rule.update(5, trace_cov=math.nan, grad_sq_norm=1.0)  # skipped, window unchanged
+    assert rule.samples == [(500.0, 1.0), (50.0, 10.0)]
+    clone = NoiseDominatedRule(dataset_size=100, window=2)
     clone.load_state_dict(rule.state_dict())
-    assert clone.streak == 0 and clone.checks == 5
+    assert clone.samples == rule.samples and clone.streak == 0 and clone.checks == 6
+
+
+def test_noise_rule_confidence_bound_blocks_noisy_windows() -> None:
+    # Window mean of |g|^2 is 0.5 (< 400/100 = 4), but the estimates scatter: sd = 10.6, stderr = 7.5,
+    # upper = 0.5 + 2 * 7.5 = 15.5 > 4 -> not established. With z = 0 the same window fires.
+    estimates = [(400.0, 8.0), (400.0, -7.0)]
+    for z, expected in ((2.0, False), (0.0, True)):
+        rule = NoiseDominatedRule(dataset_size=100, patience=1, window=2, confidence_z=z)
+        fired = [rule.update(i, t, g) for i, (t, g) in enumerate(estimates)]
+        assert fired[-1] is expected
+        assert rule.last_grad_sq_upper == pytest.approx(0.5 + z * math.sqrt(112.5 / 2))
 
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [({"dataset_size": 1}, "dataset_size"), ({"eta": 0.0}, "eta"), ({"patience": 0}, "patience"),
-     ({"min_step": -1}, "min_step")],
+     ({"min_step": -1}, "min_step"), ({"window": 1}, "window"), ({"confidence_z": -1.0}, "confidence_z")],
 )
 def test_noise_rule_refuses_nonsense(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"NoiseDominatedRule: `{field}`"):
