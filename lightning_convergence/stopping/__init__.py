@@ -3,7 +3,7 @@ norm-test "signal below the dataset's noise" rule and the LR-annealing loss-curv
 
 from lightning_convergence.stopping.grades import GradES
 from lightning_convergence.stopping.loss_curve import LossCurveRule, LRAreas, ScalingLawFit, fit_scaling_law
-from lightning_convergence.stopping.statistical import NoiseDominatedRule, norm_test_batch_size
+from lightning_convergence.stopping.statistical import NoiseDominatedRule
 
 __all__ = [
     "GradES",
@@ -12,5 +12,4 @@ __all__ = [
     "NoiseDominatedRule",
     "ScalingLawFit",
     "fit_scaling_law",
-    "norm_test_batch_size",
 ]

@@ -20,16 +20,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["NoiseDominatedRule", "norm_test_batch_size"]
+from lightning_convergence.stats.batch_tests import norm_test_batch_size
+from lightning_convergence.stats.variance import SampleGradStats
 
-
-def norm_test_batch_size(trace_cov: float, grad_sq_norm: float, eta: float) -> float:
-    """``tr(Σ)/(η²‖g‖²)``, the norm test's required batch (``inf`` when ``‖g‖²`` ≤ 0, ``nan`` for nan input)."""
-    if math.isnan(trace_cov) or math.isnan(grad_sq_norm):
-        return math.nan
-    if grad_sq_norm <= 0:
-        return math.inf
-    return max(trace_cov, 0.0) / (eta * eta * grad_sq_norm)
+__all__ = ["NoiseDominatedRule"]
 
 
 class NoiseDominatedRule:
@@ -104,7 +98,9 @@ class NoiseDominatedRule:
         g2 = sum(g for _, g in self.samples) / k
         var = sum((g - g2) ** 2 for _, g in self.samples) / (k - 1)
         upper = g2 + self.confidence_z * math.sqrt(var / k)
-        self.last_required_batch = norm_test_batch_size(trace, g2, self.eta)
+        # The norm test's demanded batch, from the one implementation in the stats core (for logging).
+        window_stats = SampleGradStats(count=k, trace_cov=trace, grad_sq_norm=g2, inner_var=0.0)
+        self.last_required_batch = norm_test_batch_size(window_stats, self.eta)
         self.last_grad_sq_upper = upper
         noise_dominated = trace > 0 and upper * self.eta**2 * self.dataset_size < trace
         self.streak = self.streak + 1 if noise_dominated else 0

@@ -15,7 +15,6 @@ from lightning_convergence.stopping import (
     LRAreas,
     NoiseDominatedRule,
     fit_scaling_law,
-    norm_test_batch_size,
 )
 
 
@@ -76,10 +75,6 @@ def test_grades_refuses_nonsense(kwargs: dict, field: str) -> None:
 
 
 # -- norm test ------------------------------------------------------------------------------------------------
-def test_norm_test_batch_size_by_hand() -> None:
-    assert norm_test_batch_size(8.0, 2.0, 0.5) == 16.0  # 8 / (0.25 * 2)
-    assert norm_test_batch_size(1.0, 0.0, 1.0) == math.inf
-    assert math.isnan(norm_test_batch_size(math.nan, 1.0, 1.0))
 
 
 def test_noise_rule_needs_a_full_window_patience_and_min_step() -> None:
