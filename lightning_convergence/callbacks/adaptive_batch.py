@@ -17,10 +17,10 @@ from typing_extensions import override
 
 from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics, should_log
-from lightning_convergence.callbacks._step_gradients import StepGradientSamples
-from lightning_convergence.callbacks.grad_stats_monitor import _grad_scale
+from lightning_convergence.callbacks._common import hook_loss_factor
 from lightning_convergence.data import rebuild_dataloader, wrap_train_dataloader
 from lightning_convergence.data.resizable import BatchSizeController, EpochShuffleSampler, ResizableBatchSampler
+from lightning_convergence.stats.capture import StepGradientSamples
 
 __all__ = ["AdaptiveBatchSize", "plan_batch"]
 
@@ -410,7 +410,7 @@ class AdaptiveBatchSize(Callback):
         return self._samples.stats(
             world_size=trainer.world_size,
             # Lightning divides each micro-batch loss by the accumulation factor; AMP multiplies it by the loss scale.
-            loss_factor=float(trainer.accumulate_grad_batches) / _grad_scale(trainer),
+            loss_factor=hook_loss_factor(trainer),
             all_reduce=_all_reduce if trainer.world_size > 1 else None,
             pl_module=pl_module,
             loss_fn=self._loss_fn(pl_module),

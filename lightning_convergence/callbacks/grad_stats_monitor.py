@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics, should_log
+from lightning_convergence.callbacks._common import hook_loss_factor
 
 __all__ = ["GradientStatsMonitor"]
 
@@ -86,11 +87,9 @@ class GradientStatsMonitor(Callback):
         self.tracker = stats.GradientNoiseScale(beta=self.ema_beta)
         self.nonfinite_skipped_total = 0
         self.last_metrics: dict[str, float] = {}
-        self._handles: list[Any] = []
-        self._capturing = False
-        self._local_sq: Tensor | None = None
-        self._micro_batches = 0
-        self._samples = 0
+        # The shared capture (stats core), streaming: one squared norm per micro-batch, no gradient copies.
+        self._capture = stats.StepGradientSamples("microbatch", streaming=True, per_sample_max_examples=0,
+                                                  owner=type(self).__name__)
         self._overhead_s = 0.0
 
     @property
@@ -100,28 +99,17 @@ class GradientStatsMonitor(Callback):
     # -- hooks ------------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or not self.noise_scale or self._handles:
-            return
-        for p in pl_module.parameters():
-            if p.requires_grad:
-                self._handles.append(p.register_hook(self._capture))
+        if stage == "fit" and self.noise_scale:
+            self._capture.attach([p for p in pl_module.parameters() if p.requires_grad])
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._capture.detach()
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._capturing = self.noise_scale and should_log(trainer, self.every_n_steps)
-        if self._capturing:
-            self._samples += int(extract_batch_size(batch))
-
-    @override
-    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._capturing:
-            self._micro_batches += 1
+        capturing = self.noise_scale and should_log(trainer, self.every_n_steps)
+        self._capture.begin_batch(batch, int(extract_batch_size(batch)) if capturing else 0, capturing)
 
     @override
     def on_before_optimizer_step(
@@ -145,47 +133,24 @@ class GradientStatsMonitor(Callback):
                 names = [n for n, p in pl_module.named_parameters() if p.grad is not None]
                 for name, norm in zip(names, stats.per_tensor_norms(grads, 2.0).tolist()):
                     metrics[f"grad_l2_norm/{name}"] = norm
-            if self._capturing:
-                metrics.update(self._noise_metrics(trainer, grads))
-        self._reset_capture()
+            if self._capture.capturing:
+                metrics.update(self._noise_metrics(trainer))
+        self._capture.reset()
         metrics["nonfinite_skipped_total"] = self.nonfinite_skipped_total
-        self._overhead_s += time.perf_counter() - t0
+        self._overhead_s += time.perf_counter() - t0 + self._capture.take_capture_time()
         metrics["step_overhead_ms"] = 1e3 * self._overhead_s
         self._overhead_s = 0.0
         self.last_metrics = log_metrics(trainer, "grad_stats", metrics)
 
     # -- internals --------------------------------------------------------------------------------------------
-    def _capture(self, grad: Tensor) -> Tensor:
-        """Tensor hook: add this micro-batch's local squared norm for one parameter (before any all-reduce)."""
-        if self._capturing:
-            t0 = time.perf_counter()
-            sq = grad.detach().float().pow(2).sum()
-            self._local_sq = sq if self._local_sq is None else self._local_sq + sq
-            self._overhead_s += time.perf_counter() - t0
-        return grad
-
-    def _noise_metrics(self, trainer: Trainer, grads: list[Tensor]) -> dict[str, float]:
-        if self._local_sq is None or self._micro_batches == 0:
+    def _noise_metrics(self, trainer: Trainer) -> dict[str, float]:
+        all_reduce = (lambda t: torch.distributed.all_reduce(t)) if trainer.world_size > 1 else None
+        measured = self._capture.noise(hook_loss_factor(trainer), all_reduce)
+        if measured is None:  # one micro-batch on one device: a single batch size, nothing to compare
             return {}
-        world = trainer.world_size
-        n_micro = self._micro_batches
-        b_small = self._samples / n_micro
-        b_big = float(self._samples) * world
-        if b_big <= b_small:
-            return {}
-        # Lightning divides the loss by the accumulation factor, and AMP multiplies it by the loss scale.
-        factor = float(trainer.accumulate_grad_batches) / _grad_scale(trainer)
-        local = self._local_sq * factor**2 / n_micro
-        sq_small = trainer.strategy.reduce(local, reduce_op="mean") if world > 1 else local
-        est = stats.estimate_noise(sq_small, stats.sq_norm(grads), b_small, b_big)
+        est, _ = measured
         ema = self.tracker.update(est)
         return {"noise_scale": ema, "trace_cov": est.trace_cov, "grad_sq_norm": est.grad_sq_norm}
-
-    def _reset_capture(self) -> None:
-        self._local_sq = None
-        self._micro_batches = 0
-        self._samples = 0
-        self._capturing = False
 
     # -- state ------------------------------------------------------------------------------------------------
     @override
@@ -206,10 +171,3 @@ class GradientStatsMonitor(Callback):
         self.tracker.load_state_dict(state_dict["tracker"])
         self.nonfinite_skipped_total = int(state_dict["nonfinite_skipped_total"])
 
-
-def _grad_scale(trainer: Trainer) -> float:
-    """The AMP loss scale in force for this step's backward passes (1 without a GradScaler)."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return 1.0
-    return float(scaler.get_scale())

@@ -11,6 +11,7 @@ from lightning_convergence.stats.batch_tests import (
     norm_test_batch_size,
     orthogonality_test_batch_size,
 )
+from lightning_convergence.stats.capture import StepGradientSamples
 from lightning_convergence.stats.noise_scale import (
     BiasCorrectedEMA,
     GradientNoiseScale,
@@ -26,6 +27,7 @@ from lightning_convergence.stats.norms import (
     per_tensor_norms,
     sq_norm,
 )
+from lightning_convergence.stats.per_sample_norms import per_sample_sq_norms
 from lightning_convergence.stats.variance import (
     AllReduce,
     SampleGradStats,
@@ -39,6 +41,7 @@ __all__ = [
     "GradientNoiseScale",
     "NoiseEstimate",
     "SampleGradStats",
+    "StepGradientSamples",
     "all_finite",
     "augmented_test_batch_size",
     "estimate_noise",
@@ -52,6 +55,7 @@ __all__ = [
     "norm_test_batch_size",
     "orthogonality_test_batch_size",
     "per_sample_grads",
+    "per_sample_sq_norms",
     "per_tensor_norms",
     "sample_grad_stats",
     "sq_norm",

@@ -1,12 +1,15 @@
-"""One optimizer step's gradient samples for the batch-size tests (used by :class:`AdaptiveBatchSize`).
+"""One optimizer step's gradient samples, captured without extra backward passes (torch only).
 
-Three ways to turn a step into :class:`~lightning_convergence.stats.SampleGradStats`, all through ``stats``:
+Used by ``GradientStatsMonitor`` (streaming: the noise scale), ``AdaptiveBatchSize`` (every estimator) and, through
+the monitor, ``ConvergenceEarlyStopping``: the single implementation of the micro-batch gradient capture.
+
+Three ways to turn a step into :class:`~lightning_convergence.SampleGradStats`, all through ``stats``:
 
 * ``microbatch`` with copies: tensor hooks copy each micro-batch's local gradient (before accumulation sums it and
-  before DDP all-reduces it); ``stats.sample_grad_stats`` reduces the ``k × devices`` samples across ranks.
+  before DDP all-reduces it); ``sample_grad_stats`` reduces the ``k × devices`` samples across ranks.
 * ``microbatch`` streaming (norm test, noise scale): the hooks only add each micro-batch's squared norm; with the
   step's all-reduced gradient, ``stats.estimate_noise`` gives the same unbiased ``tr Σ`` without any copy.
-* ``per_sample``: ``stats.per_sample_grads`` (torch.func) on a sub-batch of the step's last micro-batch.
+* ``per_sample``: ``per_sample_grads`` (torch.func) on a sub-batch of the step's last micro-batch.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_convergence import stats
+from lightning_convergence.stats.noise_scale import NoiseEstimate, estimate_noise
+from lightning_convergence.stats.norms import grads_of, sq_norm
+from lightning_convergence.stats.variance import SampleGradStats, per_sample_grads, sample_grad_stats
 
 __all__ = ["StepGradientSamples"]
 
@@ -105,7 +110,7 @@ class StepGradientSamples:
     def stats(
         self, world_size: int, loss_factor: float, all_reduce: Any, pl_module: torch.nn.Module,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None, global_batch: int,
-    ) -> stats.SampleGradStats | None:
+    ) -> SampleGradStats | None:
         """This step's statistics, or ``None`` when there is no measurement (a lone micro-batch, no gradient).
 
         Args:
@@ -121,20 +126,25 @@ class StepGradientSamples:
             return self._per_sample(all_reduce, pl_module, loss_fn, global_batch)
         if len(self._sizes) * world_size < 2:
             return None  # a lone micro-batch (the short last step of an epoch): no variance, no measurement
-        scale = sum(self._sizes) / len(self._sizes)
         if self.streaming:
-            return self._streamed(loss_factor, scale, all_reduce)
+            return self._streamed(loss_factor, all_reduce)
+        scale = sum(self._sizes) / len(self._sizes)
         samples = []
         for i, p in enumerate(self.params):
             parts = [r[i] if r[i] is not None else torch.zeros(p.shape, device=p.device) for r in self._rows]
             samples.append(torch.stack(parts) * loss_factor)
-        return stats.sample_grad_stats(samples, scale=scale, all_reduce=all_reduce)
+        return sample_grad_stats(samples, scale=scale, all_reduce=all_reduce)
 
-    def _streamed(self, loss_factor: float, scale: float, all_reduce: Any) -> stats.SampleGradStats | None:
-        """The mean squared micro-batch norm and the step's (all-reduced) gradient give tr Σ through the two-batch
-        estimator, which equals the sample variance of the micro-batch means (see ``stats.noise_estimate``)."""
-        full = stats.grads_of(self.params)
-        if self._sq_local is None or not full:
+    def noise(self, loss_factor: float, all_reduce: Any) -> tuple[NoiseEstimate, int] | None:
+        """Streaming only: the unbiased two-batch-size estimate (McCandlish et al., App. A) of this step and the
+        number of examples it covers, or ``None`` without a measurement (one micro-batch on one rank, no gradient).
+
+        ``b_small`` is the mean micro-batch size, ``b_big`` all micro-batches of all ranks; the small squared
+        norms are averaged over micro-batches and ranks (one all-reduce of two numbers), the big one is the step's
+        all-reduced gradient. Estimates are raw (they can be negative): average them, never clamp them one by one.
+        """
+        full = grads_of(self.params)
+        if not self.streaming or self._sq_local is None or not full or not self._sizes:
             return None
         buf = torch.stack([
             self._sq_local.double() * loss_factor**2,
@@ -143,15 +153,25 @@ class StepGradientSamples:
         if all_reduce is not None:
             all_reduce(buf)
         n = float(buf[1])
-        g2 = float(stats.sq_norm(full))
-        est = stats.estimate_noise(float(buf[0]) / n, g2, scale, scale * n)
-        return stats.SampleGradStats(
-            count=int(round(scale * n)), trace_cov=max(est.trace_cov, 0.0), grad_sq_norm=g2, inner_var=0.0
-        )
+        if n < 2:
+            return None
+        scale = sum(self._sizes) / len(self._sizes)
+        est = estimate_noise(float(buf[0]) / n, sq_norm(full), scale, scale * n)
+        return est, int(round(scale * n))
+
+    def _streamed(self, loss_factor: float, all_reduce: Any) -> SampleGradStats | None:
+        """The mean squared micro-batch norm and the step's (all-reduced) gradient give tr Σ through the two-batch
+        estimator, which equals the sample variance of the micro-batch means (see ``stats.noise_estimate``)."""
+        measured = self.noise(loss_factor, all_reduce)
+        if measured is None:
+            return None
+        est, count = measured
+        g2 = float(sq_norm(grads_of(self.params)))
+        return SampleGradStats(count=count, trace_cov=max(est.trace_cov, 0.0), grad_sq_norm=g2, inner_var=0.0)
 
     def _per_sample(
         self, all_reduce: Any, pl_module: torch.nn.Module, loss_fn: Any, global_batch: int
-    ) -> stats.SampleGradStats | None:
+    ) -> SampleGradStats | None:
         batch = self._last_batch
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
             raise TypeError(
@@ -159,12 +179,12 @@ class StepGradientSamples:
                 f"got {type(batch).__name__}."
             )
         m = self.per_sample_max_examples
-        grads = stats.per_sample_grads(pl_module, loss_fn, batch[0][:m], batch[1][:m])
+        grads = per_sample_grads(pl_module, loss_fn, batch[0][:m], batch[1][:m])
         names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
-        sub = stats.sample_grad_stats([grads[n] for n in names], scale=1.0, all_reduce=all_reduce)
+        sub = sample_grad_stats([grads[n] for n in names], scale=1.0, all_reduce=all_reduce)
         # The tests' denominator is the norm of the step's whole gradient (all micro-batches and ranks, already
         # all-reduced and unscaled here), as in AdAdaGrad where the per-example gradients cover the whole batch.
-        full = stats.grads_of(self.params)
+        full = grads_of(self.params)
         if not full:
             return None
-        return dataclasses.replace(sub, grad_sq_norm=float(stats.sq_norm(full)), count=global_batch)
+        return dataclasses.replace(sub, grad_sq_norm=float(sq_norm(full)), count=global_batch)
