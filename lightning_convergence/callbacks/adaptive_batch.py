@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics, should_log
+from lightning_convergence._state import check_state_version
 from lightning_convergence.callbacks._common import hook_loss_factor
 from lightning_convergence.data import rebuild_dataloader, wrap_train_dataloader
 from lightning_convergence.data.resizable import BatchSizeController, EpochShuffleSampler, ResizableBatchSampler
@@ -501,11 +502,7 @@ class AdaptiveBatchSize(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("version") != self.STATE_VERSION:
-            raise RuntimeError(
-                f"{type(self).__name__}: checkpoint state `version` {state_dict.get('version')!r} is not "
-                f"{self.STATE_VERSION}; it cannot be converted."
-            )
+        check_state_version(type(self).__name__, state_dict, self.STATE_VERSION)
         self.global_batch_size = int(state_dict["global_batch_size"])
         self.target_batch_size = int(state_dict["target_batch_size"])
         self.accumulation = int(state_dict["accumulate_grad_batches"])

@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
 from lightning_convergence._metrics import log_metrics
+from lightning_convergence._state import check_state_version
 from lightning_convergence.callbacks.grad_stats_monitor import GradientStatsMonitor
 from lightning_convergence.stopping.loss_curve import LossCurveRule, validate_curve_args
 from lightning_convergence.stopping.statistical import NoiseDominatedRule, validate_noise_args
@@ -344,11 +345,7 @@ class ConvergenceEarlyStopping(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("version") != self.STATE_VERSION:
-            raise RuntimeError(
-                f"{type(self).__name__}: checkpoint state `version` {state_dict.get('version')!r} is not "
-                f"{self.STATE_VERSION}; it cannot be converted."
-            )
+        check_state_version(type(self).__name__, state_dict, self.STATE_VERSION)
         if self.monitor is not None and state_dict.get("monitor") is not None:
             self.monitor.load_state_dict(state_dict["monitor"])
         if self.curve_rule is not None and state_dict.get("curve_rule") is not None:

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics, should_log
+from lightning_convergence._state import check_state_version
 from lightning_convergence.callbacks._common import hook_loss_factor
 
 __all__ = ["GradientStatsMonitor"]
@@ -163,11 +164,7 @@ class GradientStatsMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("version") != self.STATE_VERSION:
-            raise RuntimeError(
-                f"GradientStatsMonitor: checkpoint state `version` {state_dict.get('version')!r} is not "
-                f"{self.STATE_VERSION}; it cannot be converted."
-            )
+        check_state_version(type(self).__name__, state_dict, self.STATE_VERSION)
         self.tracker.load_state_dict(state_dict["tracker"])
         self.nonfinite_skipped_total = int(state_dict["nonfinite_skipped_total"])
 

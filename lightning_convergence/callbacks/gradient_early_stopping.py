@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_convergence._metrics import log_metrics, should_log
+from lightning_convergence._state import check_state_version
 from lightning_convergence.stopping.grades import GradES, validate_grades_args
 
 __all__ = ["GradientEarlyStopping", "FREEZE_MODES"]
@@ -311,11 +312,7 @@ class GradientEarlyStopping(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
-        if state_dict.get("version") != self.STATE_VERSION:
-            raise RuntimeError(
-                f"{type(self).__name__}: checkpoint state `version` {state_dict.get('version')!r} is not "
-                f"{self.STATE_VERSION}; it cannot be converted."
-            )
+        check_state_version(type(self).__name__, state_dict, self.STATE_VERSION)
         # Applied in on_fit_start, once the matrices are known and DDP has wrapped the model.
         self._pending_state = dict(state_dict)
 

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics, should_log
+from lightning_convergence._state import check_state_version
 from lightning_convergence.optim.refinement import (
     interp_profile,
     online_profile,
@@ -259,11 +260,7 @@ class ScheduleRefinement(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("version") != self.STATE_VERSION:
-            raise RuntimeError(
-                f"ScheduleRefinement: checkpoint state `version` {state_dict.get('version')!r} is not "
-                f"{self.STATE_VERSION}; it cannot be converted."
-            )
+        check_state_version(type(self).__name__, state_dict, self.STATE_VERSION)
         self.norms = [float(x) for x in state_dict["norms"]]
         self.resolved_norm_type = state_dict["resolved_norm_type"]
         self.nonfinite_skipped_total = int(state_dict["nonfinite_skipped_total"])

@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics
+from lightning_convergence._state import check_state_version
 from lightning_convergence.data import rebuild_dataloader, wrap_train_dataloader
 from lightning_convergence.sampling import (
     POLICIES,
@@ -447,11 +448,7 @@ class GradientVarianceSampling(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("version") != self.STATE_VERSION:
-            raise RuntimeError(
-                f"GradientVarianceSampling: checkpoint state `version` {state_dict.get('version')!r} is not "
-                f"{self.STATE_VERSION}; it cannot be converted."
-            )
+        check_state_version(type(self).__name__, state_dict, self.STATE_VERSION)
         for field in ("policy", "every_n_steps", "seed"):
             if state_dict[field] != getattr(self, field):
                 warnings.warn(

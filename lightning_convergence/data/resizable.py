@@ -140,6 +140,10 @@ class ResizableBatchSampler(BatchSampler):
         if c.epoch is not None and callable(getattr(self.sampler, "set_epoch", None)):
             self.sampler.set_epoch(c.epoch)
         skip = c._begin_iteration(_sized_len(self.sampler), self.drop_last)
+        if getattr(self.sampler, "restores_position", False):
+            # An inner sampler that checkpoints its own position (GroupBudgetSampler) already resumes past the
+            # consumed indices: skipping them here too would drop them twice.
+            skip = 0
         batch: list[int] = []
         for idx in itertools.islice(iter(self.sampler), skip, None):
             batch.append(idx)

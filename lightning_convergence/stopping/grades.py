@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_convergence import stats
+from lightning_convergence._state import check_state_version
 
 __all__ = ["GradES", "SIGNALS", "REDUCTIONS"]
 
@@ -187,11 +188,7 @@ class GradES:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != self.STATE_VERSION:
-            raise RuntimeError(
-                f"GradES: checkpoint state `version` {state.get('version')!r} is not {self.STATE_VERSION}; "
-                "it cannot be converted."
-            )
+        check_state_version(type(self).__name__, state, self.STATE_VERSION)
         unknown = [n for n in list(state["frozen"]) + list(state["streak"]) if n not in self.streak]
         if unknown:
             raise RuntimeError(f"GradES: checkpoint names matrices this model lacks: {sorted(set(unknown))}.")

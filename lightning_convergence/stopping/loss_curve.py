@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from lightning_convergence._state import check_state_version
+
 __all__ = ["LRAreas", "ScalingLawFit", "fit_scaling_law", "LossCurveRule"]
 
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -255,11 +257,7 @@ class LossCurveRule:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != self.STATE_VERSION:
-            raise RuntimeError(
-                f"LossCurveRule: checkpoint state `version` {state.get('version')!r} is not {self.STATE_VERSION}; "
-                "it cannot be converted."
-            )
+        check_state_version(type(self).__name__, state, self.STATE_VERSION)
         self.areas.load_state_dict(state["areas"])
         self.history = [(int(h[0]), float(h[1]), float(h[2]), float(h[3])) for h in state["history"]]
         self.streak = int(state["streak"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from lightning_convergence._state import check_state_version
 from lightning_convergence.stats.batch_tests import norm_test_batch_size
 from lightning_convergence.stats.variance import SampleGradStats
 
@@ -114,11 +115,7 @@ class NoiseDominatedRule:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != self.STATE_VERSION:
-            raise RuntimeError(
-                f"NoiseDominatedRule: checkpoint state `version` {state.get('version')!r} is not "
-                f"{self.STATE_VERSION}; it cannot be converted."
-            )
+        check_state_version(type(self).__name__, state, self.STATE_VERSION)
         self.samples = [(float(t), float(g)) for t, g in state["samples"]][-self.window:]
         self.streak = int(state["streak"])
         self.checks = int(state["checks"])

@@ -17,6 +17,9 @@ CORES = [
     "lightning_convergence.sampling",
     "lightning_convergence.stopping",
     "lightning_convergence.optim",
+    "lightning_convergence._state",
+    "lightning_convergence.data.loader",
+    "lightning_convergence.data.resizable",
 ]
 
 

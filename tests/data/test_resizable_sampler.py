@@ -122,3 +122,27 @@ def test_epoch_counts_as_finished_when_a_loader_stops_after_len_batches(n, drop_
         ctrl.consume(len(next(it)))
     assert not ctrl.exhausted
     assert ctrl.state_dict()["epoch"] == 6 and ctrl.state_dict()["consumed"] == 0
+
+
+class _SelfResumingSampler(SequentialSampler):
+    """An inner sampler that checkpoints its own position (as GroupBudgetSampler does): it starts at `start`."""
+
+    restores_position = True
+
+    def __init__(self, data, start: int) -> None:
+        super().__init__(data)
+        self.start = start
+
+    def __iter__(self):
+        return iter(range(self.start, len(self.data_source)))
+
+    def __len__(self) -> int:
+        return len(self.data_source) - self.start
+
+
+def test_inner_sampler_that_restores_its_own_position_is_not_skipped_twice():
+    ctrl = BatchSizeController(4)
+    ctrl.load_state_dict({"version": 1, "batch_size": 4, "epoch": 0, "consumed": 8})
+    batches = list(ResizableBatchSampler(_SelfResumingSampler(range(20), start=8), 4, False, ctrl))
+    # The inner sampler already resumed at index 8; skipping the 8 consumed indices again would start at 16.
+    assert batches[0] == [8, 9, 10, 11] and sum(batches, []) == list(range(8, 20))
