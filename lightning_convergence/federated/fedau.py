@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from lightning_convergence.federated.base import ParamDict, ServerRule, weighted_sum
+from lightning_convergence.federated.fedavg import FedAvg
 
 __all__ = ["FedAU"]
 
 
-class FedAU(ServerRule):
+class FedAU(FedAvg):
     """Round-based FedAvg with participation-interval weights: ``x ← x + η_g·(1/N)·Σ_{n∈S} ω_n·Δ_n``.
 
     Paper:
@@ -53,39 +53,13 @@ class FedAU(ServerRule):
     round_based = True
 
     def __init__(self, num_clients: int, cutoff_rounds: int = 50, server_lr: float = 1.0) -> None:
-        super().__init__(server_lr=server_lr)
-        if not (isinstance(num_clients, int) and num_clients >= 1):
-            raise ValueError(f"FedAU: `num_clients` must be an int >= 1, got {num_clients!r}.")
+        super().__init__(num_clients, server_lr=server_lr)  # FedAvg's round machinery; weights replaced below
         if not (isinstance(cutoff_rounds, int) and cutoff_rounds >= 1):
             raise ValueError(f"FedAU: `cutoff_rounds` must be an int >= 1, got {cutoff_rounds!r}.")
-        self.num_clients = num_clients
         self.cutoff_rounds = cutoff_rounds
         self.omega = [1.0] * num_clients
         self.intervals = [0] * num_clients
         self.open_interval = [0] * num_clients
-        self.rounds_total = 0
-        self.expected: set[int] = set(range(num_clients))
-        self.buffer: dict[int, ParamDict] = {}
-
-    def begin_round(self, participants: Iterable[int]) -> None:
-        ids = {int(i) for i in participants}
-        if any(not 0 <= i < self.num_clients for i in ids):
-            raise ValueError(f"FedAU: `participants` must be ids in [0, {self.num_clients}), got {ids}.")
-        self.expected = ids
-
-    def _admissible(self, client_id: int, staleness: int) -> bool:
-        return staleness == 0 and client_id in self.expected and client_id not in self.buffer
-
-    def _accept(self, client_id: int, delta: ParamDict, staleness: int, now: float) -> None:
-        self.buffer[client_id] = delta
-        if set(self.buffer) >= self.expected:
-            self._close()
-
-    def close_round(self, now: float = 0.0) -> bool:
-        self.advance(now)
-        changed = bool(self.buffer)
-        self._close()
-        return changed
 
     def update_weights(self, participated: Iterable[int]) -> None:
         """FedAU's online estimate, one round: grow every open interval; close it on participation or at K."""
@@ -98,15 +72,14 @@ class FedAU(ServerRule):
                 self.intervals[n] = m + 1
                 self.open_interval[n] = 0
 
-    def _close(self) -> None:
+    def _aggregate(self) -> None:
+        # Every round, empty or not, advances the participation intervals before the (re-weighted) FedAvg step.
         self.update_weights(self.buffer)
-        self.rounds_total += 1
-        if self.buffer:
-            step = weighted_sum(self.buffer, {n: self.omega[n] / self.num_clients for n in self.buffer})
-            self._add_to_params(step, self.server_lr)
-            self._bump(len(self.buffer))
-        self.buffer.clear()
-        self.expected = set(range(self.num_clients))
+        super()._aggregate()
+
+    def _round_weights(self) -> dict[int, float]:
+        """``ω_n / N`` (not renormalised over the participants: non-participants contribute 0)."""
+        return {n: self.omega[n] / self.num_clients for n in self.buffer}
 
     def metrics(self, log_per_item: bool = False) -> dict[str, float]:
         out = super().metrics(log_per_item)
@@ -115,14 +88,11 @@ class FedAU(ServerRule):
         return out
 
     def _extra_state(self) -> dict:
-        return {"buffer": {i: {k: v.clone() for k, v in d.items()} for i, d in self.buffer.items()},
-                "expected": sorted(self.expected), "omega": list(self.omega), "intervals": list(self.intervals),
-                "open_interval": list(self.open_interval), "rounds_total": self.rounds_total}
+        return {**super()._extra_state(), "omega": list(self.omega), "intervals": list(self.intervals),
+                "open_interval": list(self.open_interval)}
 
     def _load_extra_state(self, state: Mapping) -> None:
-        self.buffer = {int(i): dict(d) for i, d in state["buffer"].items()}
-        self.expected = {int(i) for i in state["expected"]}
+        super()._load_extra_state(state)
         self.omega = [float(w) for w in state["omega"]]
         self.intervals = [int(m) for m in state["intervals"]]
         self.open_interval = [int(s) for s in state["open_interval"]]
-        self.rounds_total = int(state["rounds_total"])

@@ -91,21 +91,24 @@ class FedAvg(ServerRule):
 
     def close_round(self, now: float = 0.0) -> bool:
         self.advance(now)
-        if not self.buffer:
-            self.rounds_total += 1
-            self.expected = set(range(self.num_clients))
-            return False
+        changed = bool(self.buffer)
         self._aggregate()
-        return True
+        return changed
 
     def _aggregate(self) -> None:
+        """End the round: apply the buffered deltas (if any) with :meth:`_round_weights` and open the next one."""
         self.rounds_total += 1
-        total = sum(self.weights[i] for i in self.buffer)
-        step = weighted_sum(self.buffer, {i: self.weights[i] / total for i in self.buffer})
-        self._add_to_params(step, self.server_lr)
-        self._bump(len(self.buffer))
+        if self.buffer:
+            step = weighted_sum(self.buffer, self._round_weights())
+            self._add_to_params(step, self.server_lr)
+            self._bump(len(self.buffer))
         self.buffer.clear()
         self.expected = set(range(self.num_clients))
+
+    def _round_weights(self) -> dict[int, float]:
+        """FedAvg's weights: the participants' ``p_i``, renormalised over the participants."""
+        total = sum(self.weights[i] for i in self.buffer)
+        return {i: self.weights[i] / total for i in self.buffer}
 
     def _extra_state(self) -> dict:
         return {"buffer": {i: {k: v.clone() for k, v in d.items()} for i, d in self.buffer.items()},
