@@ -123,19 +123,23 @@ class GradientStatsMonitor(Callback):
         if not grads:
             return
         metrics: dict[str, float | Tensor] = {}
-        if not stats.all_finite(grads):
+        # One fused pass gives the per-tensor l2 norms; the global l2, |G|^2 and (on the fast path) finiteness
+        # follow from it. Only a non-finite l2 needs the exact check (it may be an overflow of finite values).
+        norms = stats.per_tensor_norms(grads, 2.0)
+        sq = norms.pow(2).sum()
+        if not (bool(torch.isfinite(sq)) or stats.all_finite(grads)):
             self.nonfinite_skipped_total += 1
         else:
             if "l2" in self.norm_types:
-                metrics["grad_l2_norm"] = stats.l2_norm(grads)
+                metrics["grad_l2_norm"] = sq.sqrt()
             if "l1" in self.norm_types:
                 metrics["grad_l1_norm"] = stats.l1_norm(grads)
             if self.log_per_item:
                 names = [n for n, p in pl_module.named_parameters() if p.grad is not None]
-                for name, norm in zip(names, stats.per_tensor_norms(grads, 2.0).tolist()):
+                for name, norm in zip(names, norms.tolist()):
                     metrics[f"grad_l2_norm/{name}"] = norm
             if self._capture.capturing:
-                metrics.update(self._noise_metrics(trainer))
+                metrics.update(self._noise_metrics(trainer, sq))
         self._capture.reset()
         metrics["nonfinite_skipped_total"] = self.nonfinite_skipped_total
         self._overhead_s += time.perf_counter() - t0 + self._capture.take_capture_time()
@@ -144,9 +148,9 @@ class GradientStatsMonitor(Callback):
         self.last_metrics = log_metrics(trainer, "grad_stats", metrics)
 
     # -- internals --------------------------------------------------------------------------------------------
-    def _noise_metrics(self, trainer: Trainer) -> dict[str, float]:
+    def _noise_metrics(self, trainer: Trainer, grad_sq_norm: Tensor) -> dict[str, float]:
         all_reduce = (lambda t: torch.distributed.all_reduce(t)) if trainer.world_size > 1 else None
-        measured = self._capture.noise(hook_loss_factor(trainer), all_reduce)
+        measured = self._capture.noise(hook_loss_factor(trainer), all_reduce, big_sq_norm=grad_sq_norm)
         if measured is None:  # one micro-batch on one device: a single batch size, nothing to compare
             return {}
         est, _ = measured

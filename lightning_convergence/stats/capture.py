@@ -50,7 +50,7 @@ class StepGradientSamples:
         self._handles: list[Any] = []
         self._row: list[Tensor | None] = []
         self._rows: list[list[Tensor | None]] = []
-        self._sq_local: Tensor | None = None
+        self._sq_parts: list[Tensor] = []
         self._sizes: list[int] = []
         self._last_batch: Any = None
 
@@ -81,7 +81,7 @@ class StepGradientSamples:
             self._row = []
 
     def reset(self) -> None:
-        self._rows, self._row, self._sq_local, self._sizes, self._last_batch = [], [], None, [], None
+        self._rows, self._row, self._sq_parts, self._sizes, self._last_batch = [], [], [], [], None
         self.capturing = False
 
     def take_capture_time(self) -> float:
@@ -94,8 +94,9 @@ class StepGradientSamples:
                 t0 = time.perf_counter()
                 g = grad.detach().float()
                 if self.streaming:  # only Σ_i ‖x_i‖² is needed: no copies, memory stays flat
-                    sq = g.pow(2).sum()
-                    self._sq_local = sq if self._sq_local is None else self._sq_local + sq
+                    flat = g.reshape(-1)
+                    # One fused kernel per hook (no temporary, no running sum); summed once in `noise`.
+                    self._sq_parts.append(torch.dot(flat, flat))
                 else:
                     if not self._row:
                         self._row = [None] * len(self.params)
@@ -135,20 +136,24 @@ class StepGradientSamples:
             samples.append(torch.stack(parts) * loss_factor)
         return sample_grad_stats(samples, scale=scale, all_reduce=all_reduce)
 
-    def noise(self, loss_factor: float, all_reduce: Any) -> tuple[NoiseEstimate, int] | None:
+    def noise(
+        self, loss_factor: float, all_reduce: Any, big_sq_norm: float | Tensor | None = None
+    ) -> tuple[NoiseEstimate, int] | None:
         """Streaming only: the unbiased two-batch-size estimate (McCandlish et al., App. A) of this step and the
         number of examples it covers, or ``None`` without a measurement (one micro-batch on one rank, no gradient).
 
         ``b_small`` is the mean micro-batch size, ``b_big`` all micro-batches of all ranks; the small squared
         norms are averaged over micro-batches and ranks (one all-reduce of two numbers), the big one is the step's
-        all-reduced gradient. Estimates are raw (they can be negative): average them, never clamp them one by one.
+        all-reduced gradient (pass ``big_sq_norm`` when it is already known). Estimates are raw (they can be
+        negative): average them, never clamp them one by one.
         """
         full = grads_of(self.params)
-        if not self.streaming or self._sq_local is None or not full or not self._sizes:
+        if not self.streaming or not self._sq_parts or not full or not self._sizes:
             return None
+        sq_local = torch.stack(self._sq_parts).double().sum()
         buf = torch.stack([
-            self._sq_local.double() * loss_factor**2,
-            torch.tensor(float(len(self._sizes)), dtype=torch.float64, device=self._sq_local.device),
+            sq_local * loss_factor**2,
+            torch.tensor(float(len(self._sizes)), dtype=torch.float64, device=sq_local.device),
         ])
         if all_reduce is not None:
             all_reduce(buf)
@@ -156,7 +161,8 @@ class StepGradientSamples:
         if n < 2:
             return None
         scale = sum(self._sizes) / len(self._sizes)
-        est = estimate_noise(float(buf[0]) / n, sq_norm(full), scale, scale * n)
+        big = sq_norm(full) if big_sq_norm is None else big_sq_norm
+        est = estimate_noise(float(buf[0]) / n, big, scale, scale * n)
         return est, int(round(scale * n))
 
     def _streamed(self, loss_factor: float, all_reduce: Any) -> SampleGradStats | None:
