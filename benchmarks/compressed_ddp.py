@@ -52,6 +52,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ef14_lowrank_r4": ("ours", {"feedback": "ef14", "compressor": "lowrank4"}),
     "ef21_lowrank_r4": ("ours", {"feedback": "ef21", "compressor": "lowrank4"}),
     "none_ternary": ("ours", {"feedback": "none", "compressor": "ternary"}),
+    "ef14_lowrank_r2": ("ours", {"feedback": "ef14", "compressor": "lowrank2"}),
+    "ef21_lowrank_r2": ("ours", {"feedback": "ef21", "compressor": "lowrank2"}),
+    "ef14_topk2%_8bit": ("ours", {"feedback": "ef14", "compressor": "topk2_8"}),
+    "ef21_topk2%_8bit": ("ours", {"feedback": "ef21", "compressor": "topk2_8"}),
 }
 QUICK = ["ddp", "fp16_hook", "powersgd_r1", "powersgd_r4", "ef21_topk1%", "ef21_sgdm_topk1%", "econtrol_topk1%",
          "ef21_topk1%_8bit", "ef14_sign"]
@@ -68,10 +72,12 @@ def _compressor(name: str):
         "sign": lambda: ScaledSign(),
         "ternary": lambda: QSGD(levels=1, norm="max"),
         "lowrank4": lambda: LowRank(rank=4),
+        "lowrank2": lambda: LowRank(rank=2),
+        "topk2_8": lambda: Compose(TopK(k_fraction=0.02), QSGD(levels=127, norm="max")),
     }[name]()
 
 
-def _strategy(method: str):
+def _strategy(method: str, start_step: int = 0):
     import torch.distributed as dist
     from lightning.pytorch.strategies import DDPStrategy
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
@@ -106,11 +112,14 @@ def _strategy(method: str):
     if kind == "powersgd":
         def make_state():
             return powerSGD_hook.PowerSGDState(
-                process_group=dist.group.WORLD, matrix_approximation_rank=opts["rank"], start_powerSGD_iter=2,
+                process_group=dist.group.WORLD, matrix_approximation_rank=opts["rank"],
+                start_powerSGD_iter=max(2, start_step),
                 min_compression_rate=2, use_error_feedback=True, warm_start=True, random_seed=0,
             )
         return TorchHookDDP(make_state, powerSGD_hook.powerSGD_hook, **common)
-    return CompressedDDPStrategy(feedback=opts["feedback"], compressor=_compressor(opts["compressor"]), **common)
+    return CompressedDDPStrategy(
+        feedback=opts["feedback"], compressor=_compressor(opts["compressor"]), start_step=start_step, **common
+    )
 
 
 def _task(task: str, optimizer: str = "adam", lr: float | None = None):
@@ -173,8 +182,8 @@ def worker(args: argparse.Namespace) -> None:
         model, data = _task(args.task, args.optimizer, args.lr)
         rec = _recorder(args.warmup)
         trainer = L.Trainer(
-            accelerator="cpu", devices=world, strategy=_strategy(method), max_steps=args.steps, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            accelerator="cpu", devices=world, strategy=_strategy(method, args.start_step), max_steps=args.steps,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             limit_val_batches=0, num_sanity_val_steps=0, callbacks=[rec],
         )
         trainer.fit(model, data)
@@ -182,7 +191,7 @@ def worker(args: argparse.Namespace) -> None:
             n = args.steps - args.warmup
             row = {
                 "task": args.task, "method": method, "rate": args.rate, "steps": args.steps,
-                "optimizer": args.optimizer,
+                "optimizer": args.optimizer, "lr": args.lr, "start_step": args.start_step,
                 "params": sum(p.numel() for p in model.parameters()),
                 "net_bytes_per_step": (rec.net1 - rec.net0) / n,
                 "our_bytes_per_step": (rec.ours1 - rec.ours0) * world / n if rec.ours1 else None,
@@ -280,6 +289,8 @@ def main() -> None:
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "sgd_plain"],
                    help="adam: the example models' Adam/AdamW; sgd: SGD, momentum 0.9; sgd_plain: SGD, no momentum")
     p.add_argument("--lr", type=float, default=None, help="learning rate override")
+    p.add_argument("--start-step", type=int, default=0,
+                   help="dense warm-up steps: our strategy's start_step and PowerSGD's start_powerSGD_iter (min 2)")
     # worker-only
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--task", default="lm", help=argparse.SUPPRESS)
@@ -302,7 +313,8 @@ def main() -> None:
             argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                     "--master_port=29611", __file__, "--worker", "--task", task, "--rate", rate, "--out", str(results),
                     "--steps", str(args.steps or steps[task]), "--warmup", str(args.warmup),
-                    "--optimizer", args.optimizer, *(["--lr", str(args.lr)] if args.lr else []), "--methods", *methods]
+                    "--optimizer", args.optimizer, "--start-step", str(args.start_step),
+                    *(["--lr", str(args.lr)] if args.lr else []), "--methods", *methods]
             t0 = time.time()
             if args.no_netem:
                 subprocess.run(argv, check=True, env=env)

@@ -21,6 +21,7 @@ from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence.compress import Compressor, TopK
 from lightning_convergence.compress.comm import average_payloads, dist_collectives
 from lightning_convergence.feedback import FeedbackRule, make_rule
+from lightning_convergence.feedback.base import DENSE, zero_message
 from lightning_convergence.stats import per_tensor_norms
 from lightning_convergence.strategies._ddp_base import HookedDDPStrategy
 
@@ -41,6 +42,7 @@ class CompressionHookState:
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
         self.all_reduce, self.all_gather = dist_collectives(group)
         self.before_call: Any = None
+        self.dense = False  # True during the strategy's `start_step` warm-up: plain averaging, rule untouched
         self.counters = {"bytes_sent_total": 0, "dense_bytes_total": 0, "hook_calls_total": 0}
 
     def name_of(self, param: torch.Tensor) -> str:
@@ -67,10 +69,17 @@ def compressed_comm_hook(state: CompressionHookState, bucket):
     grads = bucket.gradients()
     names = [state.name_of(p) for p in bucket.parameters()]
     finite = torch.isfinite(per_tensor_norms(grads, float("inf"))).tolist()  # one host sync per bucket
-    payloads = [state.rule.message(n, g, state.compressor, f) for n, g, f in zip(names, grads, finite)]
+    if state.dense:  # warm-up: uncompressed average, the rule sees nothing (its state starts at the switch)
+        payloads = [
+            DENSE.compress(g.detach().to(torch.float32), 0, n) if f else zero_message(DENSE, g, 0, n, True)
+            for n, g, f in zip(names, grads, finite)
+        ]
+        state.rule.nonfinite_skipped_total += finite.count(False)
+    else:
+        payloads = [state.rule.message(n, g, state.compressor, f) for n, g, f in zip(names, grads, finite)]
     means = average_payloads(payloads, state.world_size, state.all_reduce, state.all_gather, state.rank)
     for name, grad, mean in zip(names, grads, means):
-        grad.copy_(state.rule.update(name, mean.reshape(grad.shape)))
+        grad.copy_(mean.reshape(grad.shape) if state.dense else state.rule.update(name, mean.reshape(grad.shape)))
     c = state.counters
     c["bytes_sent_total"] += sum(p.nbytes for p in payloads)
     c["dense_bytes_total"] += sum(g.numel() * g.element_size() for g in grads)
@@ -92,9 +101,10 @@ class CompressedDDPStrategy(HookedDDPStrategy):
     of their bytes per bucket. The optimizer sees the rule's gradient estimate (EF21's ``g``).
 
     Deviations: collectives inside the hook are blocking (no overlap of communication with the rest of the backward
-    pass); the first step of EF21-type rules is sent uncompressed (``dense_first_step``); a parameter whose local
-    gradient is non-finite sends zeros and is counted, so AMP's ``GradScaler`` will not see that inf (its scale is not
-    lowered): prefer bf16 over fp16 mixed precision here.
+    pass); the first step of EF21-type rules is sent uncompressed (``dense_first_step``); the optional dense warm-up
+    (``start_step``) is not in the papers' algorithms (it is PowerSGD's ``start_powerSGD_iter``); a parameter whose
+    local gradient is non-finite sends zeros and is counted, so AMP's ``GradScaler`` will not see that inf (its scale
+    is not lowered): prefer bf16 over fp16 mixed precision here.
 
     Args:
         feedback: the error-feedback rule: a name (``"ef21"``, ``"ef21_sgdm"``, ``"econtrol"``, ``"ef14"``, or
@@ -105,6 +115,12 @@ class CompressedDDPStrategy(HookedDDPStrategy):
         every_n_steps: log every this many optimizer steps, ≥ 1. Default ``None``: the trainer's
             ``log_every_n_steps``.
         bucket_cap_mb: DDP bucket size in MiB (``None``: DDP's default of 25). The hook is bucket-agnostic.
+        start_step: optimizer steps of plain (uncompressed, float32) gradient averaging before compression starts,
+            an int ≥ 0. Default ``0``. The rule and compressor see nothing before it, so their state starts at the
+            switch (EF21-type rules with ``dense_first_step`` send the switch step's gradient uncompressed:
+            ``g_i = ∇f_i`` there). Like PowerSGD's ``start_powerSGD_iter``; a few percent of the run (e.g. 10–50
+            steps) avoids compressing the large, fast-changing gradients of the first steps. Those steps cost DDP's
+            bytes (counted in ``bytes_sent_total``).
         find_unused_parameters: passed to DDP. Default ``False``.
         process_group_backend, timeout, start_method, accelerator, parallel_devices, cluster_environment,
             checkpoint_io, precision_plugin: as in Lightning's ``DDPStrategy``.
@@ -119,8 +135,10 @@ class CompressedDDPStrategy(HookedDDPStrategy):
     ``convergence/compress/nonfinite_skipped_total``.
 
     Raises:
-        ValueError: for an unknown ``feedback`` name, ``every_n_steps`` < 1, or a ``ddp_comm_*`` argument.
-        TypeError: if ``compressor`` is not a ``Compressor`` or ``feedback`` has the wrong type.
+        ValueError: for an unknown ``feedback`` name, ``every_n_steps`` < 1, ``start_step`` < 0, or a ``ddp_comm_*``
+            argument.
+        TypeError: if ``compressor`` is not a ``Compressor``, ``feedback`` has the wrong type, or ``start_step`` is
+            not an int.
         RuntimeError: if hook registration fails, or a checkpoint holds another rule's or world size's state.
 
     Example::
@@ -136,6 +154,7 @@ class CompressedDDPStrategy(HookedDDPStrategy):
         compressor: Compressor | None = None,
         every_n_steps: int | None = None,
         bucket_cap_mb: float | None = None,
+        start_step: int = 0,
         find_unused_parameters: bool = False,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
@@ -153,6 +172,12 @@ class CompressedDDPStrategy(HookedDDPStrategy):
             raise TypeError(f"{owner}: `compressor` must be a Compressor, got {type(compressor).__name__}.")
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or int(every_n_steps) < 1):
             raise ValueError(f"{owner}: `every_n_steps` must be >= 1 or None, got {every_n_steps!r}.")
+        if isinstance(start_step, bool) or not isinstance(start_step, int):
+            kind = type(start_step).__name__
+            raise TypeError(f"{owner}: `start_step` must be an int >= 0, got {kind} {start_step!r}.")
+        if start_step < 0:
+            raise ValueError(f"{owner}: `start_step` must be >= 0, got {start_step}.")
+        self.start_step = start_step
         self.rule = make_rule(feedback, owner)
         self.rule.check_compressor(compressor)
         self.compressor = compressor
@@ -172,11 +197,18 @@ class CompressedDDPStrategy(HookedDDPStrategy):
     def build_comm_hook(self, model: DistributedDataParallel) -> tuple[Any, Any]:
         names = {id(p): n for n, p in model.module.named_parameters()}
         self.hook_state = CompressionHookState(self.rule, self.compressor, names)
-        self.hook_state.before_call = self.apply_pending_rank_state
+        self.hook_state.before_call = self._before_hook
         if self._pending_counters is not None:
             self.hook_state.counters.update(self._pending_counters)
             self._pending_counters = None
         return self.hook_state, compressed_comm_hook
+
+    def _before_hook(self) -> None:
+        self.apply_pending_rank_state()
+        if self.hook_state is not None:
+            trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+            step = trainer.global_step if trainer is not None else self.start_step  # optimizer steps done so far
+            self.hook_state.dense = step < self.start_step
 
     # -- per-rank state --------------------------------------------------------------------------------------------
     def rank_state_dict(self) -> dict[str, Any]:

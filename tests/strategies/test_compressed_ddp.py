@@ -235,3 +235,24 @@ def test_nonfinite_gradient_on_one_rank_is_skipped_and_counted(tmp_path):
     assert got[1]["rule"]["nonfinite_skipped_total"] == 1 and got[0]["rule"]["nonfinite_skipped_total"] == 0
     assert got[0]["metrics"]["convergence/compress/nonfinite_skipped_total"] == 1  # reduced over ranks, logged
     _assert_params_close(got[0]["params"], got[1]["params"], atol=0)  # replicas still agree
+
+
+def test_start_step_is_plain_ddp_before_the_switch_and_compressed_after(tmp_path, plain_mlp):
+    # plain_mlp: 6 steps of plain DDP. start_step=6 over 6 steps never compresses, so it must equal DDP
+    # (Top-K 10% on this MLP would change the parameters from step 1 on).
+    dense = fit(tmp_path / "dense", ours("ef21", TopK(0.1), start_step=6, bucket_cap_mb=0.001), mlp=True, max_steps=6)
+    for rank in range(2):
+        _assert_params_close(dense[rank]["params"], plain_mlp[rank]["params"], atol=1e-6)  # float32 mean, same order
+        assert dense[rank]["rule"]["steps"] == {} and dense[rank]["rule"]["buffers"]["g_i"] == {}
+    # the dense steps are counted at full size: bytes sent = DDP's bytes
+    assert dense[0]["counters"]["bytes_sent_total"] == dense[0]["counters"]["dense_bytes_total"]
+
+    # start_step=3: the rule starts at the switch (3 of 6 steps) from g_i = the dense gradient there
+    mixed = fit(tmp_path / "mixed", ours("ef21", TopK(0.1), start_step=3), mlp=True, max_steps=6)
+    assert set(mixed[0]["rule"]["steps"].values()) == {3}
+    c = mixed[0]["counters"]
+    assert c["dense_bytes_total"] / 2 < c["bytes_sent_total"] < c["dense_bytes_total"]  # 4 dense steps of 6
+    diff = max((mixed[0]["params"][k] - plain_mlp[0]["params"][k]).abs().max().item() for k in plain_mlp[0]["params"])
+    assert diff > 1e-4  # compression really started
+    for k in mixed[0]["params"]:  # replicas stay equal
+        assert torch.equal(mixed[0]["params"][k], mixed[1]["params"][k])
