@@ -56,6 +56,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ef21_lowrank_r2": ("ours", {"feedback": "ef21", "compressor": "lowrank2"}),
     "ef14_topk2%_8bit": ("ours", {"feedback": "ef14", "compressor": "topk2_8"}),
     "ef21_topk2%_8bit": ("ours", {"feedback": "ef21", "compressor": "topk2_8"}),
+    "ef14_topk1%_8bit": ("ours", {"feedback": "ef14", "compressor": "topk8"}),
 }
 QUICK = ["ddp", "fp16_hook", "powersgd_r1", "powersgd_r4", "ef21_topk1%", "ef21_sgdm_topk1%", "econtrol_topk1%",
          "ef21_topk1%_8bit", "ef14_sign"]
