@@ -2,6 +2,9 @@
 
     /work/venv/bin/python benchmarks/compressed_ddp.py --quick          # ~5 minutes on 2 shared cores
     /work/venv/bin/python benchmarks/compressed_ddp.py --rates 100mbit 1gbit
+    # the card's longer runs (each ≤ 8 min on 2 idle cores): a subset of methods, 300 LM steps
+    /work/venv/bin/python benchmarks/compressed_ddp.py --tasks lm --steps 300 --methods ddp powersgd_r4 \
+        ef14_lowrank_r4 ef14_topk2%_8bit [--lr 1e-3] [--start-step 30] [--optimizer sgd --lr 0.3]
 
 For every link rate the script creates a fresh network namespace whose loopback is capped by ``tc tbf``
 (:mod:`benchmarks._netem`), launches ``torchrun --nproc_per_node=2`` inside it once per task (char LM, digits MLP),
