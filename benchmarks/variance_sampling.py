@@ -1,19 +1,30 @@
-"""Gradient-variance sampling vs uniform sampling on a class-imbalanced, heterogeneous-noise digits classifier.
+"""Gradient-variance sampling vs uniform sampling on a heterogeneous-noise digits classifier.
 
-    python benchmarks/variance_sampling.py [--quick] [--seeds 3] [--max-steps 1500]
+    python benchmarks/variance_sampling.py [--quick] [--seeds 3] [--max-steps 1500] [--setting sources|classes]
 
-Data: scikit-learn digits (DigitsDataModule's seeded split). Training set made heterogeneous: classes 0-4 are
-kept whole and clean (abundant, easy); classes 5-9 keep 25% of their examples (imbalance), get Gaussian feature
-noise (sd 0.6 on [0, 1] pixels) and 20% of their labels replaced by a random minority label (noise). Groups =
-observed labels. Validation: the clean, balanced held-out split.
+Data: scikit-learn digits (DigitsDataModule's seeded split); validation is always the clean, balanced held-out split.
+
+* ``--setting sources`` (default): a mixture of data sources, as when a curated set is topped up with scraped or
+  badly scanned data. Every training example is assigned at random to a source: two clean curated sources (45%
+  each), a ``web`` source (``--web-share``, 5%) whose labels are redrawn uniformly at random
+  (``--web-label-noise`` 1.0: a shard whose label column is broken, e.g. misaligned by a join) and a ``scanner``
+  source (5%) with Gaussian pixel noise sd 1.0 and correct labels. Groups = the source (metadata one has in
+  practice), not the possibly wrong label. Chosen after a short exploration (docs/algorithms/variance_sampling.md);
+  the oracle row shows what any source-level allocation could gain; ``--web-share`` / ``--web-label-noise`` vary it.
+* ``--setting classes``: classes 0-4 are kept whole and clean (abundant, easy); classes 5-9 keep 25% of their
+  examples (imbalance), get Gaussian feature noise (``--feature-noise`` 0.6 on [0, 1] pixels) and
+  ``--label-noise`` 20% of their labels replaced by a random minority label. Groups = observed labels.
 
 Two measurements, each against uniform sampling in the same run:
-1. Gradient variance at equal sample budget (batch 32): at three points of a uniform training run, exact
-   per-example gradients of the whole training set give each group's statistics; the per-example trace covariance
-   of the importance-weighted gradient (Σ π_i² M_i / q_i − ‖∇F‖²) is computed for each policy's allocation, and
-   checked empirically from 400 batches drawn by GroupBudgetSampler (mean ‖ĝ − ∇F‖² times 32).
+1. Gradient variance at equal sample budget (batch 32): at four points of a uniform training run (steps 0,
+   max/8, max/2, max), exact per-example gradients of the whole training set give each group's statistics; the
+   per-example trace covariance of the importance-weighted gradient (Σ π_i² M_i / q_i − ‖∇F‖²) is computed for each
+   policy's allocation, and checked empirically from 400 batches drawn by GroupBudgetSampler (mean ‖ĝ − ∇F‖² times
+   32). ``oracle_sqrt_m`` (q ∝ π·sqrt(M), exact statistics) is the best any group-level allocation can do.
 2. Time to target validation accuracy with the GradientVarianceSampling callback (plain SGD, same lr), in optimizer
    steps, examples and wall seconds (median over seeds); the probe overhead is included in the wall time.
+   ``uniform_2x_batch`` is a control: uniform sampling with a batch of 64 (half the variance per step): if it is not
+   faster in steps, training is not variance-limited at that target and no allocation can be faster in steps.
 
 Writes benchmarks/out/variance_sampling.png.
 """
@@ -60,13 +71,43 @@ class WeightedMLP(MLPClassifier):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class GroupedTensorDataset(TensorDataset):
+    """A TensorDataset with a ``groups`` attribute (the data source of every example), read by the callback."""
+
+    def __init__(self, *tensors: torch.Tensor, groups: torch.Tensor) -> None:
+        super().__init__(*tensors)
+        self.groups = groups
+
+
+# Source mixture: (name, share of the training set, label-noise share, feature-noise sd).
+SOURCES = (
+    ("curated_a", 0.45, 0.0, 0.0),
+    ("curated_b", 0.45, 0.0, 0.0),
+    ("web", 0.05, 1.0, 0.0),
+    ("scanner", 0.05, 0.0, 1.0),
+)
+
+
 def make_data(
-    seed: int = 0, feature_noise: float = 0.6, label_noise: float = 0.2
+    seed: int = 0, feature_noise: float = 0.6, label_noise: float = 0.2, setting: str = "sources",
+    sources: tuple = SOURCES,
 ) -> tuple[TensorDataset, TensorDataset]:
+    """Training set of the chosen setting (groups: the ``groups`` attribute, else the observed labels) and the
+    clean, balanced validation split."""
     dm = DigitsDataModule(batch_size=BATCH, seed=0)
     dm.setup()
     x, y = (t.clone() for t in dm.train_set.tensors)
     gen = torch.Generator().manual_seed(1000 + seed)
+    if setting == "sources":
+        shares = torch.tensor([s[1] for s in sources])
+        src = torch.multinomial(shares, len(y), replacement=True, generator=gen)
+        for g, (_, _, lnoise, fnoise) in enumerate(sources):
+            member = src == g
+            if fnoise:
+                x[member] = x[member] + fnoise * torch.randn(int(member.sum()), x.shape[1], generator=gen)
+            flip = member & (torch.rand(len(y), generator=gen) < lnoise)
+            y[flip] = torch.randint(0, 10, (int(flip.sum()),), generator=gen)
+        return GroupedTensorDataset(x, y, groups=src), dm.val_set
     minority = y >= 5
     keep = ~minority | (torch.rand(len(y), generator=gen) < 0.25)
     x, y = x[keep], y[keep]
@@ -75,6 +116,10 @@ def make_data(
     flip = minority & (torch.rand(len(y), generator=gen) < label_noise)
     y[flip] = torch.randint(5, 10, (int(flip.sum()),), generator=gen)
     return TensorDataset(x, y), dm.val_set
+
+
+def groups_of(train_set: TensorDataset) -> torch.Tensor:
+    return getattr(train_set, "groups", train_set.tensors[1])
 
 
 class EvalUntil(Callback):
@@ -103,7 +148,7 @@ class EvalUntil(Callback):
 
 
 def make_callback(name: str, every: int) -> GradientVarianceSampling | None:
-    if name == "uniform":
+    if name in ("uniform", "uniform_2x_batch"):
         return None
     if name == "temperature":
         return GradientVarianceSampling(
@@ -117,7 +162,7 @@ def make_callback(name: str, every: int) -> GradientVarianceSampling | None:
     return GradientVarianceSampling(policy=name, every_n_steps=every, probe_per_group=8, ema_beta=0.7)
 
 
-def train(name: str, train_set, val_set, seed: int, max_steps: int, target: float, every: int):
+def train(name: str, train_set, val_set, seed: int, max_steps: int, target: float, every: int, lr: float = LR):
     seed_everything(seed, verbose=False)
     cb = make_callback(name, every)
     ev = EvalUntil(val_set, every=10, target=target)
@@ -126,26 +171,29 @@ def train(name: str, train_set, val_set, seed: int, max_steps: int, target: floa
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=[c for c in (cb, ev) if c is not None],
     )
-    model = WeightedMLP(hidden=HIDDEN, lr=LR)
-    loader = DataLoader(train_set, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    model = WeightedMLP(hidden=HIDDEN, lr=lr)
+    # Control: uniform sampling with twice the batch (half the variance per step, twice the examples per step).
+    batch = 2 * BATCH if name == "uniform_2x_batch" else BATCH
+    loader = DataLoader(train_set, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
     trainer.fit(model, loader)
     return ev, model
 
 
 def exact_group_stats(model, train_set):
     x, y = train_set.tensors
+    grp = groups_of(train_set)
     grads = per_sample_grads(model, F.cross_entropy, x, y)
     rows = list(grads.values())
     sq = per_sample_sq_norms(rows)
-    k = 10
-    sizes = torch.bincount(y, minlength=k).double()
+    k = int(grp.max()) + 1
+    sizes = torch.bincount(grp, minlength=k).double()
     pi = sizes / sizes.sum()
-    g_norm = torch.stack([sq[y == g].sqrt().mean() for g in range(k)])
-    m = torch.stack([sq[y == g].mean() for g in range(k)])
-    sigma = torch.tensor([sample_grad_stats([r[y == g] for r in rows]).trace_cov ** 0.5 for g in range(k)])
+    g_norm = torch.stack([sq[grp == g].sqrt().mean() for g in range(k)])
+    m = torch.stack([sq[grp == g].mean() for g in range(k)])
+    sigma = torch.tensor([sample_grad_stats([r[grp == g] for r in rows]).trace_cov ** 0.5 for g in range(k)])
     flat = torch.cat([r.reshape(len(y), -1).double() for r in rows], dim=1)
     full = flat.mean(dim=0)
-    return sizes, pi, g_norm, m, sigma, flat, full, y
+    return sizes, pi, g_norm, m, sigma, flat, full, grp
 
 
 def variance_table(model, train_set, n_batches: int, label: str):
@@ -187,29 +235,49 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=1500)
     parser.add_argument("--target", type=float, default=0.8, help="clean validation accuracy to reach")
     parser.add_argument("--every", type=int, default=20, help="re-allocation period (optimizer steps)")
-    parser.add_argument("--feature-noise", type=float, default=0.6, help="feature noise sd on classes 5-9")
-    parser.add_argument("--label-noise", type=float, default=0.2, help="label-noise share on classes 5-9")
+    parser.add_argument(
+        "--setting", choices=("sources", "classes"), default="sources",
+        help="sources: clean + noisy data sources, groups = source; classes: imbalanced noisy classes, groups = label",
+    )
+    parser.add_argument("--lr", type=float, default=LR, help="SGD learning rate (every policy)")
+    parser.add_argument("--web-share", type=float, default=0.05, help="sources setting: share of the web source")
+    parser.add_argument(
+        "--web-label-noise", type=float, default=1.0, help="sources setting: share of random labels in the web source"
+    )
+    parser.add_argument("--feature-noise", type=float, default=0.6, help="classes setting: feature noise sd, 5-9")
+    parser.add_argument("--label-noise", type=float, default=0.2, help="classes setting: label-noise share, 5-9")
     args = parser.parse_args()
     seeds = 1 if args.quick else args.seeds
     max_steps = 400 if args.quick else args.max_steps
     n_batches = 100 if args.quick else 400
     torch.set_num_threads(1)
-    train_set, val_set = make_data(0, args.feature_noise, args.label_noise)
-    sizes = torch.bincount(train_set.tensors[1], minlength=10).tolist()
-    print(
-        f"train groups (observed labels) sizes: {sizes}; val: {len(val_set)} clean balanced examples; "
-        f"feature noise {args.feature_noise}, label noise {args.label_noise}, SGD lr {LR}, batch {BATCH}"
+    web_rest = (1.0 - args.web_share - SOURCES[3][1]) / 2
+    sources = (
+        (SOURCES[0][0], web_rest, 0.0, 0.0), (SOURCES[1][0], web_rest, 0.0, 0.0),
+        ("web", args.web_share, args.web_label_noise, 0.0), SOURCES[3],
     )
+    train_set, val_set = make_data(0, args.feature_noise, args.label_noise, args.setting, sources)
+    sizes = torch.bincount(groups_of(train_set)).tolist()
+    if args.setting == "sources":
+        desc = "sources " + ", ".join(
+            f"{name} (n={n}, label noise {ln}, feature noise {fn})" for (name, _, ln, fn), n in zip(sources, sizes)
+        )
+    else:
+        desc = (
+            f"classes: groups (observed labels) sizes {sizes}; feature noise {args.feature_noise}, "
+            f"label noise {args.label_noise} on classes 5-9"
+        )
+    print(f"{desc}; val: {len(val_set)} clean balanced examples; SGD lr {args.lr}, batch {BATCH}")
 
     # 1. Gradient variance at equal sample budget, at three points of a uniform run.
     var_rows = []
-    checkpoints = sorted({0, max_steps // 8, max_steps // 2})
+    checkpoints = sorted({0, max_steps // 8, max_steps // 2, max_steps})
     for step in checkpoints:
         seed_everything(0, verbose=False)
         if step == 0:
-            model = WeightedMLP(hidden=HIDDEN, lr=LR)
+            model = WeightedMLP(hidden=HIDDEN, lr=args.lr)
         else:
-            _, model = train("uniform", train_set, val_set, 0, step, target=2.0, every=args.every)
+            _, model = train("uniform", train_set, val_set, 0, step, target=2.0, every=args.every, lr=args.lr)
         var_rows += variance_table(model, train_set, n_batches, f"step {step}")
     print_table(
         "Per-example gradient variance of the weighted estimator at equal budget (batch 32); ratio = uniform / method",
@@ -218,10 +286,10 @@ def main() -> None:
 
     # 2. Time to target accuracy.
     results: dict[str, list[tuple[int, float] | None]] = {}
-    for name in ("uniform", "gvm", "gvm_rms", "neyman", "temperature"):
+    for name in ("uniform", "uniform_2x_batch", "gvm", "gvm_rms", "neyman", "temperature"):
         results[name] = []
         for seed in range(seeds):
-            ev, _ = train(name, train_set, val_set, seed, max_steps, args.target, args.every)
+            ev, _ = train(name, train_set, val_set, seed, max_steps, args.target, args.every, args.lr)
             results[name].append(ev.hit)
     base = _median_hit(results["uniform"])
     rows = []
@@ -229,15 +297,22 @@ def main() -> None:
         med = _median_hit(hits)
         reached = sum(h is not None for h in hits)
         rows.append([
-            name, f"{reached}/{len(hits)}", med[0], med[0] * BATCH, med[1],
+            name, f"{reached}/{len(hits)}", med[0], _quartiles(hits),
+            med[0] * BATCH * (2 if name == "uniform_2x_batch" else 1), med[1],
             base[0] / med[0] if med[0] else float("nan"), base[1] / med[1] if med[1] else float("nan"),
         ])
     print_table(
         f"Time to {args.target:.0%} clean validation accuracy (median over {seeds} seed(s); not reached = max steps);"
         " speedup = uniform / method",
-        ["policy", "reached", "steps", "examples", "wall_s", "speedup_steps", "speedup_wall"], rows,
+        ["policy", "reached", "steps", "steps_q1-q3", "examples", "wall_s", "speedup_steps", "speedup_wall"], rows,
     )
     _plot(var_rows, rows)
+
+
+def _quartiles(hits) -> str:
+    steps = sorted(h[0] if h is not None else float("inf") for h in hits)
+    n = len(steps) - 1
+    return f"{steps[round(0.25 * n)]:g}-{steps[round(0.75 * n)]:g}"
 
 
 def _median_hit(hits) -> tuple[float, float]:
@@ -259,7 +334,7 @@ def _plot(var_rows, time_rows) -> None:
     axes[0].set_xticks(range(len(var_rows)), labels, fontsize=7)
     axes[0].set_ylabel("variance ratio uniform / method (empirical)")
     axes[0].axhline(1.0, color="k", lw=0.5)
-    axes[1].bar([r[0] for r in time_rows], [r[5] for r in time_rows])
+    axes[1].bar([r[0] for r in time_rows], [r[6] for r in time_rows])
     axes[1].set_ylabel("speedup in steps to target")
     axes[1].axhline(1.0, color="k", lw=0.5)
     fig.tight_layout()
