@@ -32,8 +32,9 @@ class LowRank(Compressor):
     matrix from ``(seed, step, parameter name)`` every step (a random projection).
 
     Deviations from PowerSGD: one factor per step instead of two rounds (the approximation lags one step; with error
-    feedback this is absorbed like any other compression error); no ``start_step`` of uncompressed warm-up (EF21-type
-    rules already send the first step uncompressed); error feedback is the rule's business, not the compressor's.
+    feedback this is absorbed like any other compression error); the compressor has no uncompressed warm-up of its own
+    (``CompressedDDPStrategy(start_step=...)`` provides one, and EF21-type rules send the first step uncompressed);
+    error feedback is the rule's business, not the compressor's.
     Tensors with one dimension, or whose rank-``r`` factors would not be ``min_compression_rate`` times smaller, are
     sent uncompressed (as PowerSGD does for vectors).
 
