@@ -15,19 +15,11 @@ from lightning_convergence.optim.refinement import (
     refinement_weights,
     resample,
 )
+from tests.helpers.schedules import lr_sequence
 
 
 def _opt(lr: float = 1.0) -> torch.optim.Optimizer:
     return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-
-
-def _run(sched, opt, steps):
-    out = []
-    for _ in range(steps):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return out
 
 
 def test_refinement_hand_computed_l2():
@@ -54,9 +46,9 @@ def test_refinement_constant_norms_give_linear_decay(norm_type, resample_points)
 def test_refinement_constant_norms_scheduler_equals_linear_decay():
     # Recorded over 37 steps, applied to a 100-step run with warm-up: exactly LinearDecay.
     opt_a, opt_b = _opt(0.3), _opt(0.3)
-    refined = _run(RefinedSchedule(opt_a, norms=[0.5] * 37, norm_type="l2", total_steps=100, warmup_steps=10),
+    refined = lr_sequence(RefinedSchedule(opt_a, norms=[0.5] * 37, norm_type="l2", total_steps=100, warmup_steps=10),
                    opt_a, 100)
-    linear = _run(LinearDecay(opt_b, total_steps=100, warmup_steps=10), opt_b, 100)
+    linear = lr_sequence(LinearDecay(opt_b, total_steps=100, warmup_steps=10), opt_b, 100)
     assert refined == pytest.approx(linear, rel=1e-12, abs=1e-14)  # float rounding of the interpolation only
 
 
@@ -100,15 +92,15 @@ def test_refinement_norms_file_roundtrip(tmp_path):
 def test_refinement_scheduler_state_dict_resume():
     norms = np.random.default_rng(1).lognormal(size=64).tolist()
     opt = _opt()
-    full = _run(RefinedSchedule(opt, norms=norms, norm_type="l2", total_steps=40), opt, 40)
+    full = lr_sequence(RefinedSchedule(opt, norms=norms, norm_type="l2", total_steps=40), opt, 40)
     opt1 = _opt()
     s1 = RefinedSchedule(opt1, norms=norms, norm_type="l2", total_steps=40)
-    _run(s1, opt1, 15)
+    lr_sequence(s1, opt1, 15)
     opt2 = _opt()
     s2 = RefinedSchedule(opt2, norms=[1.0, 1.0], norm_type="l2", total_steps=40)  # different norms: state wins
     s2.load_state_dict(s1.state_dict())
     opt2.param_groups[0]["lr"] = s2.get_last_lr()[0]
-    assert _run(s2, opt2, 25) == full[15:]
+    assert lr_sequence(s2, opt2, 25) == full[15:]
 
 
 def test_refinement_errors():

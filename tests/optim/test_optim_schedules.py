@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_convergence.optim import CosineDecay, LinearDecay, REXDecay, UBADecay, WSDSchedule
+from tests.helpers.schedules import lr_sequence
 
 
 def _opt(lr: float = 2.0) -> torch.optim.Optimizer:
@@ -16,13 +17,7 @@ def _opt(lr: float = 2.0) -> torch.optim.Optimizer:
 
 def _lrs(sched_cls, steps: int, lr: float = 2.0, **kw) -> list[float]:
     opt = _opt(lr)
-    sched = sched_cls(opt, **kw)
-    out = []
-    for _ in range(steps):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return out
+    return lr_sequence(sched_cls(opt, **kw), opt, steps)
 
 
 def test_schedules_linear_closed_form():
