@@ -18,6 +18,7 @@ from typing_extensions import override
 from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._state import check_state_version
+from lightning_convergence._validate import check_int_at_least
 from lightning_convergence.callbacks._common import hook_loss_factor
 from lightning_convergence.data import rebuild_dataloader, wrap_train_dataloader
 from lightning_convergence.data.resizable import BatchSizeController, EpochShuffleSampler, ResizableBatchSampler
@@ -202,8 +203,8 @@ class AdaptiveBatchSize(Callback):
             ("max_batch_size", max_batch_size, 1), ("max_per_device_batch_size", max_per_device_batch_size, 1),
             ("per_sample_max_examples", per_sample_max_examples, 2), ("log_every_n_steps", log_every_n_steps, 1),
         ):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise ValueError(f"{name}: `{field}` must be an int >= {low}, got {value!r}.")
+            if value is not None:
+                check_int_at_least(name, field, value, low)
         if min_batch_size is not None and max_batch_size is not None and max_batch_size < min_batch_size:
             raise ValueError(
                 f"{name}: `max_batch_size` must be >= `min_batch_size` ({min_batch_size}), got {max_batch_size}."

@@ -18,6 +18,7 @@ from typing_extensions import override
 
 from lightning_convergence._metrics import log_metrics
 from lightning_convergence._state import check_state_version
+from lightning_convergence._validate import check_int_at_least
 from lightning_convergence.callbacks.grad_stats_monitor import GradientStatsMonitor
 from lightning_convergence.stopping.loss_curve import LossCurveRule, validate_curve_args
 from lightning_convergence.stopping.statistical import NoiseDominatedRule, validate_noise_args
@@ -135,8 +136,7 @@ class ConvergenceEarlyStopping(Callback):
         rules = tuple([rules] if isinstance(rules, str) else rules)
         if not rules or any(r not in RULES for r in rules):
             raise ValueError(f"{name}: `rules` must be a non-empty subset of {RULES}, got {list(rules)!r}.")
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"{name}: `every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
+        check_int_at_least(name, "every_n_steps", every_n_steps, 1)
         validate_noise_args(name, eta, patience, min_step, window, confidence_z)
         validate_curve_args(name, min_delta, patience, min_step, min_points)
         if dataset_size is not None and (isinstance(dataset_size, bool) or not isinstance(dataset_size, int)

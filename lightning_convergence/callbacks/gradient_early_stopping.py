@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._state import check_state_version
+from lightning_convergence._validate import check_int_at_least
 from lightning_convergence.stopping.grades import GradES, validate_grades_args
 
 __all__ = ["GradientEarlyStopping", "FREEZE_MODES"]
@@ -113,8 +114,7 @@ class GradientEarlyStopping(Callback):
         name = type(self).__name__
         validate_grades_args(name, tau, grace_fraction, max_frozen_ratio, signal, reduction, patience)
         for field, value in (("every_n_steps", every_n_steps), ("min_ndim", min_ndim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: `{field}` must be an int >= 1, got {value!r}.")
+            check_int_at_least(name, field, value, 1)
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                         or total_steps < 1):
             raise ValueError(f"{name}: `total_steps` must be None or an int >= 1, got {total_steps!r}.")

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, Sampler
 
+from lightning_convergence._validate import check_int_at_least
+
 __all__ = ["BatchSizeController", "EpochShuffleSampler", "ResizableBatchSampler"]
 
 
@@ -198,6 +200,5 @@ def _sized_len(obj: Any) -> int | None:
 
 
 def _check_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"ResizableBatchSampler: `batch_size` must be an int >= 1, got {batch_size!r}.")
+    check_int_at_least("ResizableBatchSampler", "batch_size", batch_size, 1)
     return batch_size

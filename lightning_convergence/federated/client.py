@@ -102,24 +102,18 @@ def make_optimizer(module: Any) -> torch.optim.Optimizer:
     LR schedulers are not stepped by clients (a fresh optimizer is built every local round); see Deviations of
     :class:`~lightning_convergence.federated.simulation.FederatedSimulation`.
     """
-    out = module.configure_optimizers()
-    if isinstance(out, torch.optim.Optimizer):
-        return out
-    if isinstance(out, Mapping):
-        return make_optimizer_from(out["optimizer"])
-    if isinstance(out, (list, tuple)) and out:
-        return make_optimizer_from(out[0])
-    raise TypeError(f"make_optimizer: `configure_optimizers` must return an optimizer, got {type(out).__name__}.")
+    return make_optimizer_from(module.configure_optimizers())
 
 
 def make_optimizer_from(obj: Any) -> torch.optim.Optimizer:
+    """The first optimizer in any of ``configure_optimizers``' return forms (optimizer, dict, list or tuple)."""
     if isinstance(obj, torch.optim.Optimizer):
         return obj
     if isinstance(obj, Mapping):
         return make_optimizer_from(obj["optimizer"])
     if isinstance(obj, (list, tuple)) and obj:
         return make_optimizer_from(obj[0])
-    raise TypeError(f"make_optimizer: expected an optimizer, got {type(obj).__name__}.")
+    raise TypeError(f"make_optimizer: `configure_optimizers` must return an optimizer, got {type(obj).__name__}.")
 
 
 def local_train(

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from lightning_convergence._validate import check_int_at_least
+
 __all__ = [
     "BudgetSchedule",
     "CosineDecay",
@@ -138,8 +140,7 @@ class BudgetSchedule(LRScheduler):
         last_epoch: int = -1,
     ) -> None:
         name = type(self).__name__
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"{name}: `total_steps` must be an int >= 1, got {total_steps!r}.")
+        check_int_at_least(name, "total_steps", total_steps, 1)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps < total_steps:
             raise ValueError(f"{name}: `warmup_steps` must be an int in [0, total_steps={total_steps}), "
                              f"got {warmup_steps!r}.")

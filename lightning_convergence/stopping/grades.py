@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lightning_convergence import stats
 from lightning_convergence._state import check_state_version
+from lightning_convergence._validate import check_int_at_least
 
 __all__ = ["GradES", "SIGNALS", "REDUCTIONS"]
 
@@ -214,5 +215,4 @@ def validate_grades_args(
         raise ValueError(f"{owner}: `signal` must be one of {SIGNALS}, got {signal!r}.")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{owner}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
-    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-        raise ValueError(f"{owner}: `patience` must be an int >= 1, got {patience!r}.")
+    check_int_at_least(owner, "patience", patience, 1)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from lightning_convergence._state import check_state_version
+from lightning_convergence._validate import check_int_at_least
 
 __all__ = ["LRAreas", "ScalingLawFit", "fit_scaling_law", "LossCurveRule"]
 
@@ -270,9 +271,6 @@ def validate_curve_args(owner: str, min_delta: float, patience: int, min_step: i
     """Shared validation for the core and the callback (errors name ``owner``)."""
     if not isinstance(min_delta, (int, float)) or not math.isfinite(min_delta) or min_delta < 0:
         raise ValueError(f"{owner}: `min_delta` must be a finite number >= 0, got {min_delta!r}.")
-    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-        raise ValueError(f"{owner}: `patience` must be an int >= 1, got {patience!r}.")
-    if isinstance(min_step, bool) or not isinstance(min_step, int) or min_step < 0:
-        raise ValueError(f"{owner}: `min_step` must be an int >= 0, got {min_step!r}.")
-    if isinstance(min_points, bool) or not isinstance(min_points, int) or min_points < 4:
-        raise ValueError(f"{owner}: `min_points` must be an int >= 4, got {min_points!r}.")
+    check_int_at_least(owner, "patience", patience, 1)
+    check_int_at_least(owner, "min_step", min_step, 0)
+    check_int_at_least(owner, "min_points", min_points, 4)

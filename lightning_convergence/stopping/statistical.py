@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 from lightning_convergence._state import check_state_version
+from lightning_convergence._validate import check_int_at_least
 from lightning_convergence.stats.batch_tests import norm_test_batch_size
 from lightning_convergence.stats.variance import SampleGradStats
 
@@ -71,8 +72,7 @@ class NoiseDominatedRule:
         self, dataset_size: int, eta: float = 1.0, patience: int = 3, min_step: int = 0, window: int = 10,
         confidence_z: float = 2.0,
     ) -> None:
-        if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 2:
-            raise ValueError(f"NoiseDominatedRule: `dataset_size` must be an int >= 2, got {dataset_size!r}.")
+        check_int_at_least("NoiseDominatedRule", "dataset_size", dataset_size, 2)
         validate_noise_args("NoiseDominatedRule", eta, patience, min_step, window, confidence_z)
         self.dataset_size = dataset_size
         self.eta = float(eta)
@@ -129,11 +129,8 @@ def validate_noise_args(
     """Shared validation for the core and the callback (errors name ``owner``)."""
     if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta <= 0:
         raise ValueError(f"{owner}: `eta` must be a finite number > 0, got {eta!r}.")
-    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-        raise ValueError(f"{owner}: `patience` must be an int >= 1, got {patience!r}.")
-    if isinstance(min_step, bool) or not isinstance(min_step, int) or min_step < 0:
-        raise ValueError(f"{owner}: `min_step` must be an int >= 0, got {min_step!r}.")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise ValueError(f"{owner}: `window` must be an int >= 2, got {window!r}.")
+    check_int_at_least(owner, "patience", patience, 1)
+    check_int_at_least(owner, "min_step", min_step, 0)
+    check_int_at_least(owner, "window", window, 2)
     if not isinstance(confidence_z, (int, float)) or not math.isfinite(confidence_z) or confidence_z < 0:
         raise ValueError(f"{owner}: `confidence_z` must be a finite number >= 0, got {confidence_z!r}.")

@@ -18,6 +18,7 @@ CORES = [
     "lightning_convergence.stopping",
     "lightning_convergence.optim",
     "lightning_convergence._state",
+    "lightning_convergence._validate",
     "lightning_convergence.data.loader",
     "lightning_convergence.data.resizable",
 ]
