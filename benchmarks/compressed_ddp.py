@@ -126,22 +126,43 @@ def _strategy(method: str, start_step: int = 0):
     )
 
 
-def _task(task: str, optimizer: str = "adam", lr: float | None = None):
+def _task(task: str, optimizer: str = "adam", lr: float | None = None, schedule: str = "constant",
+          steps: int = 0, batch_size: int = 32):
+    import math
+
     import torch
 
     from lightning_convergence.examples import CharTransformerLM, DigitsDataModule, MLPClassifier, StdlibTextDataModule
 
     if task == "lm":
-        model = CharTransformerLM(d_model=128, n_layers=2, lr=3e-3)
-        data = StdlibTextDataModule(seq_len=64, batch_size=32)
+        model = CharTransformerLM(d_model=128, n_layers=2, lr=lr or 3e-3)
+        data = StdlibTextDataModule(seq_len=64, batch_size=batch_size)
     else:
-        model, data = MLPClassifier(hidden=[128, 128], lr=3e-3), DigitsDataModule(batch_size=32)
+        model, data = MLPClassifier(hidden=[128, 128], lr=lr or 3e-3), DigitsDataModule(batch_size=batch_size)
     if optimizer.startswith("sgd"):  # SGD (momentum 0.9 or none) for every method (EF21's analysis is for SGD steps)
         sgd_lr = lr or (0.3 if task == "lm" else 0.1)
         momentum = 0.9 if optimizer == "sgd" else 0.0
-        model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=sgd_lr, momentum=momentum)
-    elif lr:
-        model.lr = lr
+
+        def make_opt() -> torch.optim.Optimizer:
+            return torch.optim.SGD(model.parameters(), lr=sgd_lr, momentum=momentum)
+    else:
+        make_opt = model.configure_optimizers
+    if schedule == "constant":
+        model.configure_optimizers = make_opt
+        return model, data
+    warm = max(1, steps // 20)  # 5% linear warm-up, then cosine to zero at the last step (a usual full recipe)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+
+    def with_schedule() -> Any:
+        opt = make_opt()
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    model.configure_optimizers = with_schedule
     return model, data
 
 
@@ -183,7 +204,7 @@ def worker(args: argparse.Namespace) -> None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     for method in args.methods:
         L.seed_everything(0, verbose=False)
-        model, data = _task(args.task, args.optimizer, args.lr)
+        model, data = _task(args.task, args.optimizer, args.lr, args.schedule, args.steps, args.batch_size)
         rec = _recorder(args.warmup)
         trainer = L.Trainer(
             accelerator="cpu", devices=world, strategy=_strategy(method, args.start_step), max_steps=args.steps,
@@ -195,7 +216,8 @@ def worker(args: argparse.Namespace) -> None:
             n = args.steps - args.warmup
             row = {
                 "task": args.task, "method": method, "rate": args.rate, "steps": args.steps,
-                "optimizer": args.optimizer, "lr": args.lr, "start_step": args.start_step,
+                "optimizer": args.optimizer, "lr": args.lr, "start_step": args.start_step, "schedule": args.schedule,
+                "batch_size": args.batch_size,
                 "params": sum(p.numel() for p in model.parameters()),
                 "net_bytes_per_step": (rec.net1 - rec.net0) / n,
                 "our_bytes_per_step": (rec.ours1 - rec.ours0) * world / n if rec.ours1 else None,
@@ -293,6 +315,9 @@ def main() -> None:
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "sgd_plain"],
                    help="adam: the example models' Adam/AdamW; sgd: SGD, momentum 0.9; sgd_plain: SGD, no momentum")
     p.add_argument("--lr", type=float, default=None, help="learning rate override")
+    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                   help="learning rate over the run: constant, or 5%% linear warm-up then cosine decay to zero")
+    p.add_argument("--batch-size", type=int, default=32, help="per-rank batch size")
     p.add_argument("--start-step", type=int, default=0,
                    help="dense warm-up steps: our strategy's start_step and PowerSGD's start_powerSGD_iter (min 2)")
     # worker-only
@@ -318,6 +343,7 @@ def main() -> None:
                     "--master_port=29611", __file__, "--worker", "--task", task, "--rate", rate, "--out", str(results),
                     "--steps", str(args.steps or steps[task]), "--warmup", str(args.warmup),
                     "--optimizer", args.optimizer, "--start-step", str(args.start_step),
+                    "--schedule", args.schedule, "--batch-size", str(args.batch_size),
                     *(["--lr", str(args.lr)] if args.lr else []), "--methods", *methods]
             t0 = time.time()
             if args.no_netem:

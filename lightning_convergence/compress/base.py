@@ -78,11 +78,22 @@ class Compressor:
         unbiased: ``E[C(x)] = x``.
         alpha: size-independent contraction factor in [0, 1] (``0.0``: none guaranteed).
         summable: payloads may be summed by an all-reduce (linear, shared randomness).
+        rounds: collectives per step; ``2`` means :meth:`prepare` runs a first, summable round (PowerSGD).
     """
 
     unbiased: bool = False
     alpha: float = 0.0
     summable: bool = False
+    rounds: int = 1
+
+    def prepare(self, tensor: Tensor, step: int = 0, key: str = "") -> Payload | None:
+        """First-round message of a multi-round compressor (``rounds > 1``) for the tensor about to be compressed.
+
+        The caller sums these payloads over the ranks (they are summable), hands the average to
+        :meth:`observe_mean`, and then calls :meth:`compress` on the same tensor. ``None``: no first round for this
+        tensor (single-round compressors, or tensors sent dense).
+        """
+        return None
 
     def compress(self, tensor: Tensor, step: int = 0, key: str = "") -> Payload:  # pragma: no cover - abstract
         """Compress ``tensor`` at training ``step`` for the parameter named ``key`` (seeds random draws)."""

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_convergence.compress.base import Payload
+from lightning_convergence.compress.base import Compressor, Payload
 
-__all__ = ["average_payloads", "dist_collectives", "AllReduce", "AllGather"]
+__all__ = ["average_payloads", "first_round", "dist_collectives", "AllReduce", "AllGather"]
 
 AllReduce = Callable[[Tensor], Tensor]
 AllGather = Callable[[Tensor], list[Tensor]]
@@ -53,6 +53,43 @@ def _from_bytes(blob: Tensor, template: Payload, offset: int) -> tuple[Payload, 
     return template.replace(tensors), offset
 
 
+def _mean_summable(payloads: Sequence[Payload], world_size: int, all_reduce: AllReduce | None) -> list[Payload]:
+    """The payloads averaged over the ranks, wire tensor by wire tensor, in one all-reduce."""
+    parts = [t.reshape(-1) for p in payloads for t in p.tensors.values()]
+    if len({t.dtype for t in parts}) != 1 or not parts[0].is_floating_point():
+        raise RuntimeError("average_payloads: summable payloads must share one floating dtype.")
+    flat = torch.cat(parts)
+    if world_size > 1:
+        flat = all_reduce(flat)  # type: ignore[misc]
+    flat = flat / world_size
+    means, offset = [], 0
+    for p in payloads:
+        tensors = {}
+        for name, t in p.tensors.items():
+            tensors[name] = flat[offset : offset + t.numel()].reshape(t.shape)
+            offset += t.numel()
+        means.append(p.replace(tensors))
+    return means
+
+
+def first_round(
+    compressor: Compressor, items: Sequence[tuple[str, Tensor, int]], world_size: int, all_reduce: AllReduce | None
+) -> int:
+    """Round one of a multi-round compressor (``compressor.rounds > 1``) for a whole bucket, in one all-reduce.
+
+    ``items`` are ``(key, tensor, step)`` in the same order on every rank (a rank with nothing to send passes
+    zeros of the right shape, so the collective matches). Every average goes to ``compressor.observe_mean``; the
+    second round is then the ordinary :meth:`Compressor.compress` + :func:`average_payloads`. Returns the bytes
+    this rank sent.
+    """
+    payloads = [p for p in (compressor.prepare(x, step, key) for key, x, step in items) if p is not None]
+    if not payloads:
+        return 0
+    for mean in _mean_summable(payloads, world_size, all_reduce):
+        compressor.observe_mean(mean)
+    return sum(p.nbytes for p in payloads)
+
+
 def average_payloads(
     payloads: Sequence[Payload], world_size: int, all_reduce: AllReduce | None, all_gather: AllGather | None,
     rank: int = 0,
@@ -66,20 +103,7 @@ def average_payloads(
     summ = [i for i, p in enumerate(payloads) if p.compressor.summable]
     gath = [i for i, p in enumerate(payloads) if not p.compressor.summable]
     if summ:
-        parts = [t.reshape(-1) for i in summ for t in payloads[i].tensors.values()]
-        if len({t.dtype for t in parts}) != 1 or not parts[0].is_floating_point():
-            raise RuntimeError("average_payloads: summable payloads must share one floating dtype.")
-        flat = torch.cat(parts)
-        if world_size > 1:
-            flat = all_reduce(flat)  # type: ignore[misc]
-        flat = flat / world_size
-        offset = 0
-        for i in summ:
-            tensors = {}
-            for name, t in payloads[i].tensors.items():
-                tensors[name] = flat[offset : offset + t.numel()].reshape(t.shape)
-                offset += t.numel()
-            mean = payloads[i].replace(tensors)
+        for i, mean in zip(summ, _mean_summable([payloads[i] for i in summ], world_size, all_reduce)):
             out[i] = mean.decompress().float()
             payloads[i].compressor.observe_mean(mean)
     if gath:

@@ -1,4 +1,4 @@
-"""Low-rank (PowerSGD-style) compression in one round per step, with warm start kept by parameter name."""
+"""Low-rank (PowerSGD) compression in one or two rounds per step, with warm start kept by parameter name."""
 
 from __future__ import annotations
 
@@ -18,12 +18,22 @@ def _orthonormal(f: Tensor) -> Tensor:
 
 
 class LowRank(Compressor):
-    """Rank-``r`` approximation ``M ≈ P Qᵀ`` of each gradient matrix, one factor sent per step.
+    """Rank-``r`` approximation ``M ≈ P Qᵀ`` of each gradient matrix (PowerSGD), in two rounds or one per step.
 
     Paper: Vogels, Karimireddy, Jaggi. *PowerSGD: Practical Low-Rank Gradient Compression for Distributed
     Optimization.* NeurIPS 2019, arXiv:1905.13727 (Algorithm 1; torch's ``powerSGD_hook``).
 
-    Each tensor with ≥ 2 dimensions is viewed as a matrix ``M`` (``shape[0] × rest``). Every rank holds the same
+    ``rounds=2`` is PowerSGD's Algorithm 1 with warm start: with the shared right factor ``Q`` of the previous step,
+    every rank sends ``P_i = M_i Q`` (first all-reduce, :meth:`prepare`), all set ``P̂ = orth(mean P_i)``, send
+    ``Q_i = M_iᵀ P̂`` (second all-reduce, :meth:`compress`), and the average decompresses to ``P̂ (mean Q_i)ᵀ``;
+    ``orth(mean Q_i)`` is the next step's ``Q``. Each rank's own message stands for ``P̂ Q_iᵀ = P̂ P̂ᵀ M_i``, the
+    projection of its matrix onto a column space fitted to *this* step's average, which is what error feedback
+    subtracts. Bytes: ``r·(n + m)`` floats per matrix per step. :class:`CompressedDDPStrategy` runs the first round
+    for every compressible matrix of a bucket in one all-reduce, on the input its feedback rule is about to
+    compress (``FeedbackRule.compressor_input``).
+
+    ``rounds=1`` (the default, kept for compatibility) spreads the two half-iterations over consecutive steps:
+    each tensor with ≥ 2 dimensions is viewed as a matrix ``M`` (``shape[0] × rest``). Every rank holds the same
     orthonormal factor ``F`` for it. On a step where ``F`` is a right factor (``m × r``) the rank sends ``P = M F``
     and the tensor stands for ``P Fᵀ``; after the average ``P̄`` is known, every rank sets the next factor to
     ``orth(P̄)`` (a left factor), and the next step sends ``Mᵀ F``. This is PowerSGD's power iteration with its two
@@ -31,8 +41,9 @@ class LowRank(Compressor):
     ``M`` given the shared ``F``: ``summable``). Without ``warm_start`` the factor is a fresh random orthonormal
     matrix from ``(seed, step, parameter name)`` every step (a random projection).
 
-    Deviations from PowerSGD: one factor per step instead of two rounds (the approximation lags one step; with error
-    feedback this is absorbed like any other compression error); the compressor has no uncompressed warm-up of its own
+    Deviations from PowerSGD: with ``rounds=1``, one factor per step (the subspace lags one step; measured worse
+    per step than ``rounds=2`` early in training, see ``docs/algorithms/compressed_ddp.md``); the factor kept for
+    the warm start is orthonormalised (span unchanged); the compressor has no uncompressed warm-up of its own
     (``CompressedDDPStrategy(start_step=...)`` provides one, and EF21-type rules send the first step uncompressed);
     error feedback is the rule's business, not the compressor's.
     Tensors with one dimension, or whose rank-``r`` factors would not be ``min_compression_rate`` times smaller, are
@@ -47,11 +58,17 @@ class LowRank(Compressor):
         warm_start: reuse the averaged factor of the previous step (power iteration). Default ``True``.
         min_compression_rate: send a matrix uncompressed unless ``n·m / ((n or m)·r) ≥`` this, > 0. Default ``2``.
         seed: base seed of the random initial factors. Default ``0``.
+        rounds: ``2``: PowerSGD's two all-reduces per step (``r·(n+m)`` floats per matrix, the faithful method);
+            ``1``: one all-reduce per step, one factor (half the bytes at equal rank, a staler subspace).
+            Default ``1``.
 
-    State: the shared factor of each parameter (by name) and whether it is a left or right factor.
+    State: the shared factor of each parameter (by name) and whether it is a left or right factor. The first
+    round's ``P̂`` lives only within one step and is not saved.
 
     Raises:
-        ValueError: if ``rank`` < 1 or ``min_compression_rate`` ≤ 0.  TypeError: if ``rank`` is not an int.
+        ValueError: if ``rank`` < 1, ``min_compression_rate`` ≤ 0 or ``rounds`` not in (1, 2).
+        TypeError: if ``rank`` is not an int.
+        RuntimeError: if ``rounds=2`` and :meth:`compress` is called on a matrix without its first round.
 
     Example::
 
@@ -62,19 +79,25 @@ class LowRank(Compressor):
     alpha = 0.0
     summable = True
 
-    def __init__(self, rank: int = 1, warm_start: bool = True, min_compression_rate: float = 2.0, seed: int = 0):
+    def __init__(
+        self, rank: int = 1, warm_start: bool = True, min_compression_rate: float = 2.0, seed: int = 0, rounds: int = 1
+    ):
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise TypeError(f"LowRank: `rank` must be an int >= 1, got {type(rank).__name__} {rank!r}.")
         if rank < 1:
             raise ValueError(f"LowRank: `rank` must be >= 1, got {rank}.")
         if not float(min_compression_rate) > 0:
             raise ValueError(f"LowRank: `min_compression_rate` must be > 0, got {min_compression_rate}.")
+        if isinstance(rounds, bool) or rounds not in (1, 2):
+            raise ValueError(f"LowRank: `rounds` must be 1 or 2, got {rounds!r}.")
         self.rank = rank
+        self.rounds = rounds
         self.warm_start = bool(warm_start)
         self.min_compression_rate = float(min_compression_rate)
         self.seed = int(seed)
         self._factors: dict[str, Tensor] = {}
         self._left: dict[str, bool] = {}
+        self._pending: dict[str, Tensor] = {}  # rounds=2: this step's P̂ by key, between prepare and compress
 
     def contraction(self, numel: int) -> float:
         return min(1.0, self.rank / max(numel, 1))
@@ -95,14 +118,38 @@ class LowRank(Compressor):
             left = self._left[key]
             if f.shape[0] == (n if left else m):
                 return f.to(device), left
+        return self._factor_random(key, n, m, step, device)
+
+    def _factor_random(self, key: str, n: int, m: int, step: int, device: torch.device) -> tuple[Tensor, bool]:
+        """A fresh orthonormal right factor (``m × r``) drawn from ``(seed, step, key)``: the same on every rank."""
         r = min(self.rank, n, m)
-        rand = torch.randn(m, r, generator=generator_for(self.seed, step, key))
-        return _orthonormal(rand).to(device), False
+        return _orthonormal(torch.randn(m, r, generator=generator_for(self.seed, step, key))).to(device), False
+
+    def prepare(self, tensor: Tensor, step: int = 0, key: str = "") -> Payload | None:
+        """Round one of ``rounds=2``: ``P_i = M_i Q`` with the shared right factor ``Q`` (``None``: sent dense)."""
+        if self.rounds == 1 or not self._compressible(tensor.shape):
+            return None
+        mat = tensor.reshape(tensor.shape[0], -1)
+        f, left = self._factor(key, mat.shape[0], mat.shape[1], step, tensor.device)
+        if left:  # a factor left by rounds=1 state: start this key afresh
+            f, _ = self._factor_random(key, mat.shape[0], mat.shape[1], step, tensor.device)
+        sent = mat @ f.to(mat.dtype)
+        return Payload({"factor": sent}, tensor.shape, tensor.dtype, self, meta={"round": 1, "key": key, "step": step})
 
     def compress(self, tensor: Tensor, step: int = 0, key: str = "") -> Payload:
         if not self._compressible(tensor.shape):
             return Payload({"values": tensor.reshape(-1)}, tensor.shape, tensor.dtype, self, meta={"dense": True})
         mat = tensor.reshape(tensor.shape[0], -1)
+        if self.rounds == 2:  # round two: Q_i = M_iᵀ P̂ with this step's P̂ from the first round
+            p_hat = self._pending.pop(key, None)
+            if p_hat is None or p_hat.shape[0] != mat.shape[0]:
+                raise RuntimeError(
+                    f"LowRank(rounds=2): no first round for {key!r} this step; call prepare() on every rank and "
+                    "observe_mean() on the averaged payload first (CompressedDDPStrategy does this)."
+                )
+            p_hat = p_hat.to(device=mat.device, dtype=mat.dtype)
+            return Payload({"factor": mat.T @ p_hat}, tensor.shape, tensor.dtype, self,
+                           meta={"shared": p_hat, "left": True, "key": key})
         f, left = self._factor(key, mat.shape[0], mat.shape[1], step, tensor.device)
         f = f.to(mat.dtype)
         sent = mat.T @ f if left else mat @ f
@@ -117,13 +164,23 @@ class LowRank(Compressor):
 
     def observe_mean(self, payload: Payload) -> None:
         """Take the averaged factor as the next shared factor (called with the *averaged* payload on every rank)."""
-        if payload.meta.get("dense") or not self.warm_start:
+        if payload.meta.get("dense"):
             return
         mean = payload.tensors["factor"]
-        if not torch.isfinite(mean).all():
-            self._factors.pop(payload.meta["key"], None)  # restart from a random factor
-            return
         key = payload.meta["key"]
+        if payload.meta.get("round") == 1:
+            if torch.isfinite(mean).all() and bool(mean.abs().sum() > 0):
+                self._pending[key] = _orthonormal(mean.float()).detach()
+            else:  # nothing to fit (all-zero or overflowed average): any shared orthonormal basis will do
+                n = mean.shape[0]
+                rand = torch.randn(n, mean.shape[1], generator=generator_for(self.seed + 1, payload.meta["step"], key))
+                self._pending[key] = _orthonormal(rand).to(mean.device)
+            return
+        if not self.warm_start:
+            return
+        if not torch.isfinite(mean).all():
+            self._factors.pop(key, None)  # restart from a random factor
+            return
         self._factors[key] = _orthonormal(mean.float()).detach()
         self._left[key] = not payload.meta["left"]
 

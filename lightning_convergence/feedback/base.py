@@ -92,6 +92,15 @@ class FeedbackRule:
         """The gradient estimate for ``key`` given the average of all workers' decompressed messages."""
         raise NotImplementedError
 
+    def compressor_input(self, key: str, grad: Tensor) -> Tensor | None:
+        """What :meth:`message` would hand to the compressor for this finite ``grad`` now, without changing state.
+
+        ``None`` when the message would be sent uncompressed (the first step with ``dense_first_step``).
+        Multi-round compressors (``LowRank(rounds=2)``, PowerSGD's two all-reduces) need it to run their first
+        round on exactly the tensor that is compressed afterwards.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support multi-round compressors.")
+
     def _message(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:  # pragma: no cover
         raise NotImplementedError
 
@@ -174,6 +183,9 @@ class NoFeedback(FeedbackRule):
 
     def _message(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:
         return compressor.compress(x, step, key)
+
+    def compressor_input(self, key: str, grad: Tensor) -> Tensor | None:
+        return grad.detach().to(torch.float32)
 
     def update(self, key: str, mean: Tensor) -> Tensor:
         return mean

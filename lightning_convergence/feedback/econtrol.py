@@ -105,5 +105,13 @@ class EControl(FeedbackRule):
             self.buffers["e"][key] = torch.zeros_like(x)
         return zero_message(compressor, x, step, key, dense=first and self.dense_first_step)
 
+    def compressor_input(self, key: str, grad: Tensor) -> Tensor | None:
+        x = grad.detach().to(torch.float32)
+        old_e, old_h = get_buffer(self.buffers["e"], key, x), get_buffer(self.buffers["h_i"], key, x)
+        if old_h is None and self.dense_first_step:
+            return None
+        shifted = x if old_h is None else x - old_h
+        return shifted + self.eta * old_e if (self.eta and old_e is not None) else shifted
+
     def update(self, key: str, mean: Tensor) -> Tensor:
         return ef21_server_step(self.buffers["h"], key, mean)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from lightning_convergence.compress.base import Compressor, Payload
@@ -10,12 +11,17 @@ from lightning_convergence.feedback.base import FeedbackRule, get_buffer
 __all__ = ["EF14", "ef14_worker_step"]
 
 
+def ef14_input(e: dict[str, Tensor], key: str, grad: Tensor) -> Tensor:
+    """The compressor's input ``p = ∇f_i + e_i``."""
+    old = get_buffer(e, key, grad)
+    return grad if old is None else grad + old
+
+
 def ef14_worker_step(
     e: dict[str, Tensor], key: str, grad: Tensor, compressor: Compressor, step: int
 ) -> tuple[Payload, Tensor]:
     """Worker ``i``: ``p = ∇f_i + e_i``, ``c_i = C(p)``, ``e_i ← p − c_i``. Returns the message and the new ``e_i``."""
-    old = get_buffer(e, key, grad)
-    p = grad if old is None else grad + old
+    p = ef14_input(e, key, grad)
     payload = compressor.compress(p, step, key)
     e[key] = p - payload.decompress().reshape(grad.shape).to(grad.dtype)
     return payload, e[key]
@@ -51,6 +57,9 @@ class EF14(FeedbackRule):
         payload, e = ef14_worker_step(self.buffers["e"], key, x, compressor, step)
         self._set_residual(key, e)
         return payload
+
+    def compressor_input(self, key: str, grad: Tensor) -> Tensor | None:
+        return ef14_input(self.buffers["e"], key, grad.detach().to(torch.float32))
 
     def update(self, key: str, mean: Tensor) -> Tensor:
         return mean

@@ -87,5 +87,12 @@ class EF21(FeedbackRule):
             self.buffers["g_i"][key] = torch.zeros_like(x)  # keeps g = mean_i g_i on every rank
         return zero_message(compressor, x, step, key, dense)
 
+    def compressor_input(self, key: str, grad: Tensor) -> Tensor | None:
+        x = grad.detach().to(torch.float32)
+        old = get_buffer(self.buffers["g_i"], key, x)
+        if old is None:
+            return None if self.dense_first_step else x
+        return x - old
+
     def update(self, key: str, mean: Tensor) -> Tensor:
         return ef21_server_step(self.buffers["g"], key, mean)

@@ -88,5 +88,13 @@ class EF21SGDM(FeedbackRule):
             self.buffers["v"][key] = torch.zeros_like(x)
         return zero_message(compressor, x, step, key, dense=first and self.dense_first_step)
 
+    def compressor_input(self, key: str, grad: Tensor) -> Tensor | None:
+        x = grad.detach().to(torch.float32)
+        old_v, old_g = get_buffer(self.buffers["v"], key, x), get_buffer(self.buffers["g_i"], key, x)
+        if old_g is None and self.dense_first_step:
+            return None
+        v = x * self.momentum if old_v is None else old_v.mul(1.0 - self.momentum).add_(x, alpha=self.momentum)
+        return v if old_g is None else v - old_g
+
     def update(self, key: str, mean: Tensor) -> Tensor:
         return ef21_server_step(self.buffers["g"], key, mean)

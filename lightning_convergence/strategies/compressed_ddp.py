@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence.compress import Compressor, TopK
-from lightning_convergence.compress.comm import average_payloads, dist_collectives
+from lightning_convergence.compress.comm import average_payloads, dist_collectives, first_round
 from lightning_convergence.feedback import FeedbackRule, make_rule
 from lightning_convergence.feedback.base import DENSE, zero_message
 from lightning_convergence.stats import per_tensor_norms
@@ -76,6 +76,8 @@ def compressed_comm_hook(state: CompressionHookState, bucket):
         ]
         state.rule.nonfinite_skipped_total += finite.count(False)
     else:
+        if state.compressor.rounds > 1:  # PowerSGD's first all-reduce, on the inputs the rule compresses next
+            state.counters["bytes_sent_total"] += _first_round(state, names, grads, finite)
         payloads = [state.rule.message(n, g, state.compressor, f) for n, g, f in zip(names, grads, finite)]
     means = average_payloads(payloads, state.world_size, state.all_reduce, state.all_gather, state.rank)
     for name, grad, mean in zip(names, grads, means):
@@ -87,6 +89,15 @@ def compressed_comm_hook(state: CompressionHookState, bucket):
     fut: torch.futures.Future = torch.futures.Future()
     fut.set_result(bucket.buffer())
     return fut
+
+
+def _first_round(state: CompressionHookState, names: list[str], grads: list[torch.Tensor], finite: list[bool]) -> int:
+    items = []
+    for n, g, f in zip(names, grads, finite):
+        x = state.rule.compressor_input(n, g)  # None: sent dense this step, on every rank alike (no first round)
+        if x is not None:  # a rank with a non-finite gradient joins the collective with zeros
+            items.append((n, x if f else torch.zeros_like(x), state.rule.steps.get(n, 0)))
+    return first_round(state.compressor, items, state.world_size, state.all_reduce)
 
 
 class CompressedDDPStrategy(HookedDDPStrategy):
@@ -180,6 +191,12 @@ class CompressedDDPStrategy(HookedDDPStrategy):
         self.start_step = start_step
         self.rule = make_rule(feedback, owner)
         self.rule.check_compressor(compressor)
+        if compressor.rounds > 1 and type(self.rule).compressor_input is FeedbackRule.compressor_input:
+            raise ValueError(
+                f"{owner}: `compressor` {compressor!r} needs {compressor.rounds} rounds per step, which `feedback` "
+                f"{type(self.rule).__name__} does not support (it defines no `compressor_input`); use one of "
+                "'none', 'ef14', 'ef21', 'ef21_sgdm', 'econtrol', or a single-round compressor."
+            )
         self.compressor = compressor
         self.every_n_steps = every_n_steps
         if bucket_cap_mb is not None:

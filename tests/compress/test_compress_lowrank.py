@@ -68,3 +68,52 @@ def test_state_is_keyed_by_name_and_round_trips():
 def test_bad_lowrank_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=f"`{match}`"):
         LowRank(**kwargs)
+
+
+def _two_rank_powersgd_step(comps, mats, step, key="w"):
+    """One rounds=2 step of two simulated ranks through first_round + average_payloads (fake all-reduces)."""
+    from lightning_convergence.compress.comm import first_round
+
+    firsts = [c.prepare(m, step, key) for c, m in zip(comps, mats)]
+    for r, c in enumerate(comps):  # round one: each rank's all-reduce returns the sum of both ranks' P_i
+        other = firsts[1 - r].tensors["factor"].reshape(-1)
+        sent = first_round(c, [(key, mats[r], step)], 2, lambda t, other=other: t + other)
+        assert sent == firsts[r].nbytes
+    seconds = [c.compress(m, step, key) for c, m in zip(comps, mats)]
+    outs = []
+    for r in range(2):
+        other = seconds[1 - r].tensors["factor"].reshape(-1)
+        outs.append(average_payloads([seconds[r]], 2, lambda t, other=other: t + other, None)[0])
+    return firsts, seconds, outs
+
+
+def test_two_rounds_are_powersgd_algorithm_1_on_two_ranks():
+    gen = torch.Generator().manual_seed(3)
+    mats = [torch.randn(12, 9, generator=gen) for _ in range(2)]
+    comps = [LowRank(rank=2, rounds=2, seed=4), LowRank(rank=2, rounds=2, seed=4)]
+    q0 = comps[0]._factor_random("w", 12, 9, 0, torch.device("cpu"))[0]  # the shared initial right factor
+    firsts, seconds, outs = _two_rank_powersgd_step(comps, mats, 0)
+    mean = (mats[0] + mats[1]) / 2
+    p_hat = torch.linalg.qr(mean @ q0).Q  # hand-computed Algorithm 1: P = M Q, orthogonalise, Q = Mᵀ P̂
+    expected = p_hat @ (mean.T @ p_hat).T
+    for out in outs:
+        assert torch.allclose(out, expected, atol=1e-5)
+    for r in range(2):  # each rank's own message stands for P̂ P̂ᵀ M_i (what error feedback subtracts)
+        assert torch.allclose(seconds[r].decompress(), p_hat @ p_hat.T @ mats[r], atol=1e-5)
+        assert firsts[r].nbytes + seconds[r].nbytes == 2 * (12 + 9) * 4  # r·(n + m) float32 per step
+    # warm start: the next step's first round uses orth(mean Q_i) as Q
+    q1 = torch.linalg.qr(mean.T @ p_hat).Q
+    nxt = comps[0].prepare(mats[0], 1, "w")
+    assert torch.allclose(nxt.tensors["factor"], mats[0] @ q1, atol=1e-4)
+
+
+def test_two_rounds_recover_a_low_rank_matrix_in_one_step_and_need_their_first_round():
+    a = _rank2()
+    comps = [LowRank(rank=2, rounds=2), LowRank(rank=2, rounds=2)]
+    _, _, outs = _two_rank_powersgd_step(comps, [a, a], 0)
+    assert torch.allclose(outs[0], a, atol=1e-4)  # exact rank 2: one two-round step suffices (rounds=1 needs more)
+    assert comps[0].prepare(torch.randn(7), 0, "v") is None  # vectors stay dense, no first round
+    with pytest.raises(RuntimeError, match="first round"):
+        comps[0].compress(a, 1, "w")
+    with pytest.raises(ValueError, match="`rounds`"):
+        LowRank(rounds=3)

@@ -216,3 +216,38 @@ def test_cores_import_without_lightning():
         "import lightning_convergence.compress, lightning_convergence.compress.comm, lightning_convergence.feedback\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class _Recording(Identity):
+    """Identity that remembers what it was asked to compress."""
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def compress(self, tensor, step=0, key=""):
+        self.seen.append(tensor.clone())
+        return super().compress(tensor, step, key)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [NoFeedback, EF14, EF21, lambda: EF21(dense_first_step=False), lambda: EF21SGDM(momentum=0.3),
+     lambda: EF21SGDM(momentum=0.3, dense_first_step=False), lambda: EControl(eta=0.5),
+     lambda: EControl(eta=0.5, dense_first_step=False)],
+)
+def test_compressor_input_is_what_message_compresses(make):
+    """Two-round compressors run their first round on compressor_input(); it must equal message()'s input."""
+    rule, rec, gen = make(), _Recording(), torch.Generator().manual_seed(0)
+    lossy = TopK(0.3)  # a lossy compressor between the recorded steps, so every buffer is non-trivial
+    for step in range(4):
+        g = torch.randn(10, generator=gen)
+        expected = rule.compressor_input("w", g)
+        before = {b: {k: v.clone() for k, v in d.items()} for b, d in rule.buffers.items()}
+        rule.compressor_input("w", g)  # no side effects
+        assert all(torch.equal(before[b][k], v) for b, d in rule.buffers.items() for k, v in d.items())
+        rule.message("w", g, rec if step % 2 else lossy)
+        rule.update("w", torch.zeros(10))
+        if step % 2:
+            assert expected is not None and torch.equal(rec.seen[-1], expected)
+        elif step == 0:
+            assert (expected is None) == getattr(rule, "dense_first_step", False)

@@ -50,6 +50,8 @@ def fit(tmp: Path, strategy, *, mlp: bool = False, callbacks=(), ckpt_path=None,
     L.seed_everything(0, verbose=False)
     if mlp:
         model, data = MLPClassifier(hidden=[16, 16], lr=0.05), _MLPData()
+        if kwargs.pop("sgd", False):  # Adam's first step is sign-like: it turns 1e-9 float noise into lr-sized steps
+            model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.05)
     else:
         model = LinearModel(dim=10, lr=kwargs.pop("lr", 0.05))
         data = kwargs.pop("data", None) or SyntheticRegressionDataModule(n_samples=128, dim=10, batch_size=16)
@@ -178,8 +180,8 @@ def test_gradient_accumulation_runs_the_hook_on_sync_steps_only(tmp_path, plain_
 
 @pytest.mark.parametrize(
     ("feedback", "make"),
-    [("ef21_sgdm", lambda: TopK(0.2)), ("ef14", lambda: LowRank(rank=1))],  # LowRank: compressor state resumes too
-    ids=["ef21_sgdm-topk", "ef14-lowrank"],
+    [("ef21_sgdm", lambda: TopK(0.2)), ("ef14", lambda: LowRank(rank=1)), ("ef21", lambda: LowRank(rank=2, rounds=2))],
+    ids=["ef21_sgdm-topk", "ef14-lowrank", "ef21-powersgd"],  # LowRank: compressor state resumes too
 )
 def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path, feedback, make):
     def strategy():
@@ -193,7 +195,7 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path, feedback, make
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     entry = saved["convergence/compressed_ddp"]
     assert entry["world_size"] == 2 and len(entry["ranks"]) == 2
-    buf = "v" if feedback == "ef21_sgdm" else "e"
+    buf = {"ef21_sgdm": "v", "ef14": "e", "ef21": "g_i"}[feedback]
     assert not torch.equal(
         entry["ranks"][0]["feedback"]["buffers"][buf]["net.0.weight"],
         entry["ranks"][1]["feedback"]["buffers"][buf]["net.0.weight"],
@@ -256,3 +258,20 @@ def test_start_step_is_plain_ddp_before_the_switch_and_compressed_after(tmp_path
     assert diff > 1e-4  # compression really started
     for k in mixed[0]["params"]:  # replicas stay equal
         assert torch.equal(mixed[0]["params"][k], mixed[1]["params"][k])
+
+
+@pytest.mark.parametrize("feedback", ["ef14", "ef21"])
+def test_full_rank_two_round_lowrank_equals_plain_ddp_and_counts_both_rounds(tmp_path, feedback):
+    """PowerSGD's two all-reduces through the real hook: at full rank the projection is exact, so it is DDP."""
+    comp = LowRank(rank=16, rounds=2, min_compression_rate=0.01)  # every MLP matrix has <= 16 rows: exact
+    kw = dict(mlp=True, max_steps=6, sgd=True)
+    got = fit(tmp_path / "ours", ours(feedback, comp, bucket_cap_mb=0.001), callbacks=[_CountWire()], **kw)
+    plain = fit(tmp_path / "plain", ddp_fork_strategy(), **kw)
+    for rank in range(2):
+        _assert_params_close(got[rank]["params"], plain[rank]["params"], atol=1e-5)
+        assert got[rank]["metrics"]["wire_bytes"] == got[rank]["counters"]["bytes_sent_total"]
+    # bytes per compressed step: 16·(16+64) + 16·(16+16) + 10·(10+16) floats in the two rounds, plus the 3 biases
+    per_step = 4 * (16 * 80 + 16 * 32 + 10 * 26 + 16 + 16 + 10)
+    dense = 4 * (16 * 64 + 16 + 16 * 16 + 16 + 10 * 16 + 10)
+    first = dense if feedback == "ef21" else per_step  # EF21 sends its first step dense, with no first round
+    assert got[0]["counters"]["bytes_sent_total"] == first + 5 * per_step
