@@ -60,6 +60,15 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ef14_topk2%_8bit": ("ours", {"feedback": "ef14", "compressor": "topk2_8"}),
     "ef21_topk2%_8bit": ("ours", {"feedback": "ef21", "compressor": "topk2_8"}),
     "ef14_topk1%_8bit": ("ours", {"feedback": "ef14", "compressor": "topk8"}),
+    # PowerSGD's two rounds per step (LowRank(rounds=2)): r·(n+m) floats per matrix, like torch's hook
+    "ef14_powersgd_r4": ("ours", {"feedback": "ef14", "compressor": "powersgd4"}),
+    "ef14_powersgd_r2": ("ours", {"feedback": "ef14", "compressor": "powersgd2"}),
+    "ef14_powersgd_r8": ("ours", {"feedback": "ef14", "compressor": "powersgd8"}),
+    "ef14_powersgd_r16": ("ours", {"feedback": "ef14", "compressor": "powersgd16"}),
+    # int8 factors with per-column scales (LowRank(factor_bits=8)): ~4x fewer bytes per factor at 2 ranks
+    "ef14_powersgd_r4_8bit": ("ours", {"feedback": "ef14", "compressor": "powersgd4_8"}),
+    "ef14_powersgd_r8_8bit": ("ours", {"feedback": "ef14", "compressor": "powersgd8_8"}),
+    "ef21_powersgd_r4": ("ours", {"feedback": "ef21", "compressor": "powersgd4"}),
 }
 QUICK = ["ddp", "fp16_hook", "powersgd_r1", "powersgd_r4", "ef21_topk1%", "ef21_sgdm_topk1%", "econtrol_topk1%",
          "ef21_topk1%_8bit", "ef14_sign"]
@@ -78,6 +87,12 @@ def _compressor(name: str):
         "lowrank4": lambda: LowRank(rank=4),
         "lowrank2": lambda: LowRank(rank=2),
         "topk2_8": lambda: Compose(TopK(k_fraction=0.02), QSGD(levels=127, norm="max")),
+        "powersgd4": lambda: LowRank(rank=4, rounds=2),
+        "powersgd2": lambda: LowRank(rank=2, rounds=2),
+        "powersgd8": lambda: LowRank(rank=8, rounds=2),
+        "powersgd16": lambda: LowRank(rank=16, rounds=2),
+        "powersgd4_8": lambda: LowRank(rank=4, rounds=2, factor_bits=8),
+        "powersgd8_8": lambda: LowRank(rank=8, rounds=2, factor_bits=8),
     }[name]()
 
 

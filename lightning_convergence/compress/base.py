@@ -111,6 +111,10 @@ class Compressor:
         """Called on every rank with the averaged payload of a summable compressor (low-rank warm start uses it)."""
         return None
 
+    def observe_gathered(self, payloads: list[Payload]) -> None:
+        """Called on every rank with every rank's payload (rank order) of a non-summable compressor."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Training state (none for stateless compressors)."""
         return {}

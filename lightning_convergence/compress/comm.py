@@ -72,21 +72,46 @@ def _mean_summable(payloads: Sequence[Payload], world_size: int, all_reduce: All
     return means
 
 
+def _gather(mine: list[Payload], world_size: int, all_gather: AllGather | None, rank: int) -> list[list[Payload]]:
+    """Every rank's payloads (rank order; ours as they are), from one all-gather of their bytes."""
+    if world_size == 1:
+        return [mine]
+    blobs = all_gather(_to_bytes(mine))  # type: ignore[misc]
+    per_rank = []
+    for r, blob in enumerate(blobs):
+        if r == rank:
+            per_rank.append(mine)
+            continue
+        theirs, offset = [], 0
+        for template in mine:
+            p, offset = _from_bytes(blob, template, offset)
+            theirs.append(p)
+        per_rank.append(theirs)
+    return per_rank
+
+
 def first_round(
-    compressor: Compressor, items: Sequence[tuple[str, Tensor, int]], world_size: int, all_reduce: AllReduce | None
+    compressor: Compressor, items: Sequence[tuple[str, Tensor, int]], world_size: int, all_reduce: AllReduce | None,
+    all_gather: AllGather | None = None, rank: int = 0,
 ) -> int:
     """Round one of a multi-round compressor (``compressor.rounds > 1``) for a whole bucket, in one all-reduce.
 
     ``items`` are ``(key, tensor, step)`` in the same order on every rank (a rank with nothing to send passes
-    zeros of the right shape, so the collective matches). Every average goes to ``compressor.observe_mean``; the
-    second round is then the ordinary :meth:`Compressor.compress` + :func:`average_payloads`. Returns the bytes
-    this rank sent.
+    zeros of the right shape, so the collective matches). Summable first rounds are averaged by one all-reduce and
+    handed to ``compressor.observe_mean``; the others (quantised factors) are all-gathered and every rank's payloads
+    go to ``compressor.observe_gathered``. The second round is then the ordinary :meth:`Compressor.compress` +
+    :func:`average_payloads`. Returns the bytes this rank sent.
     """
     payloads = [p for p in (compressor.prepare(x, step, key) for key, x, step in items) if p is not None]
     if not payloads:
         return 0
-    for mean in _mean_summable(payloads, world_size, all_reduce):
-        compressor.observe_mean(mean)
+    if compressor.summable:
+        for mean in _mean_summable(payloads, world_size, all_reduce):
+            compressor.observe_mean(mean)
+    else:
+        per_rank = _gather(payloads, world_size, all_gather, rank)
+        for j in range(len(payloads)):
+            compressor.observe_gathered([theirs[j] for theirs in per_rank])
     return sum(p.nbytes for p in payloads)
 
 
@@ -107,18 +132,13 @@ def average_payloads(
             out[i] = mean.decompress().float()
             payloads[i].compressor.observe_mean(mean)
     if gath:
-        mine = [payloads[i] for i in gath]
-        blobs = all_gather(_to_bytes(mine)) if world_size > 1 else [None]  # type: ignore[misc]
-        for i in gath:
-            out[i] = payloads[i].decompress().float().clone()
-        for r, blob in enumerate(blobs):
-            if r == rank or blob is None:
-                continue
-            offset = 0
-            for j, i in enumerate(gath):
-                theirs, offset = _from_bytes(blob, mine[j], offset)
-                out[i].add_(theirs.decompress().float())  # type: ignore[union-attr]
-        if world_size > 1:
-            for i in gath:
-                out[i].div_(world_size)  # type: ignore[union-attr]
+        per_rank = _gather(
+            [payloads[i] for i in gath], world_size, all_gather, rank)
+        for j, i in enumerate(gath):
+            # the same summation order on every rank keeps the replicas bit-identical for any world size
+            total = per_rank[0][j].decompress().float().clone()
+            for theirs in per_rank[1:]:
+                total.add_(theirs[j].decompress().float())
+            out[i] = total.div_(world_size) if world_size > 1 else total
+            payloads[i].compressor.observe_gathered([theirs[j] for theirs in per_rank])
     return out  # type: ignore[return-value]

@@ -97,7 +97,7 @@ def _first_round(state: CompressionHookState, names: list[str], grads: list[torc
         x = state.rule.compressor_input(n, g)  # None: sent dense this step, on every rank alike (no first round)
         if x is not None:  # a rank with a non-finite gradient joins the collective with zeros
             items.append((n, x if f else torch.zeros_like(x), state.rule.steps.get(n, 0)))
-    return first_round(state.compressor, items, state.world_size, state.all_reduce)
+    return first_round(state.compressor, items, state.world_size, state.all_reduce, state.all_gather, state.rank)
 
 
 class CompressedDDPStrategy(HookedDDPStrategy):

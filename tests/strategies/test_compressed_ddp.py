@@ -275,3 +275,17 @@ def test_full_rank_two_round_lowrank_equals_plain_ddp_and_counts_both_rounds(tmp
     dense = 4 * (16 * 64 + 16 + 16 * 16 + 16 + 10 * 16 + 10)
     first = dense if feedback == "ef21" else per_step  # EF21 sends its first step dense, with no first round
     assert got[0]["counters"]["bytes_sent_total"] == first + 5 * per_step
+
+
+def test_8bit_powersgd_factors_keep_replicas_identical_and_count_their_bytes(tmp_path):
+    comp = LowRank(rank=2, rounds=2, factor_bits=8)  # non-summable: both rounds all-gather int8 codes
+    got = fit(tmp_path, ours("ef14", comp, bucket_cap_mb=0.001), mlp=True, max_steps=4, sgd=True,
+              callbacks=[_CountWire()])
+    # per step: int8 codes r·(n+m) for 16x64, 16x16, 10x16, a float32 scale per column and round; int8 biases
+    # with one float32 scale each
+    per_step = 2 * (16 + 64) + 2 * (16 + 16) + 2 * (10 + 16) + 3 * 2 * 2 * 4 + (16 + 16 + 10) + 3 * 4
+    for rank in range(2):
+        assert got[rank]["counters"]["bytes_sent_total"] == 4 * per_step
+        assert got[rank]["metrics"]["wire_bytes"] == 4 * per_step
+    _assert_params_close(got[0]["params"], got[1]["params"], atol=0)  # replicas bit-identical
+    assert torch.equal(got[0]["compressor"]["factors"]["net.0.weight"], got[1]["compressor"]["factors"]["net.0.weight"])
