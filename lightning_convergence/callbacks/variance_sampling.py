@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_convergence import stats
@@ -25,35 +25,12 @@ from lightning_convergence.sampling import (
     GroupStats,
     allocate_budget,
     cooldown_temperature,
-    effective_sample_size,
+    effective_sample_size_sum,
+    resolve_groups,
     weighted_estimator_variance,
 )
 
 __all__ = ["GradientVarianceSampling", "resolve_groups"]
-
-_GROUP_ATTRS = ("groups", "targets", "labels")
-
-
-def resolve_groups(dataset: Dataset, group_fn: Callable[[Dataset, int], int] | None = None) -> Tensor:
-    """Group id of every example: ``group_fn(dataset, i)`` if given, else the first of the dataset attributes
-    ``groups``, ``targets``, ``labels``, else (``TensorDataset``) its last tensor when it is 1-D integer labels.
-
-    Raises:
-        TypeError: if none of these applies (pass ``group_fn``).
-    """
-    if group_fn is not None:
-        return torch.tensor([int(group_fn(dataset, i)) for i in range(len(dataset))], dtype=torch.long)
-    for attr in _GROUP_ATTRS:
-        if hasattr(dataset, attr):
-            return torch.as_tensor(getattr(dataset, attr)).long().flatten()
-    if isinstance(dataset, TensorDataset):
-        last = dataset.tensors[-1]
-        if last.ndim == 1 and not last.is_floating_point():
-            return last.long()
-    raise TypeError(
-        f"GradientVarianceSampling: cannot tell the groups of a {type(dataset).__name__}: pass `group_fn(dataset, "
-        f"index) -> int`, or give the dataset a `groups`/`targets`/`labels` attribute."
-    )
 
 
 def _default_inputs(batch: Any) -> tuple[Tensor, Tensor]:
@@ -239,13 +216,18 @@ class GradientVarianceSampling(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._accept = torch.zeros(2, 0, dtype=torch.float64)  # [accepted; generated] per group, not yet folded
         self._ess = [0.0, 0]  # sum of batch ESS, number of batches since the last log
+        self._batch_weights: list[Tensor] = []  # this window's batch weights; ESS computed at the log, not per step
         self._last_step = -1
         self._overhead_s = 0.0
         self._warned = False
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(policy=self.policy, every_n_steps=self.every_n_steps)
+        # Lightning reads this at every hook call; build the string once per (policy, every_n_steps).
+        key = (self.policy, self.every_n_steps)
+        if getattr(self, "_state_key", (None, ""))[0] != key:
+            self._state_key = (key, self._generate_state_key(policy=self.policy, every_n_steps=self.every_n_steps))
+        return self._state_key[1]
 
     # -- hooks ----------------------------------------------------------------------------------------------------
     @override
@@ -277,8 +259,7 @@ class GradientVarianceSampling(Callback):
         weights, groups = self._require_sampler().pop(int(extract_batch_size(batch)))
         if not self.reweight:
             weights = torch.ones_like(weights)
-        self._ess[0] += effective_sample_size(weights)
-        self._ess[1] += 1
+        self._batch_weights.append(weights)
         pl_module.sample_weights = weights.to(pl_module.device)
         pl_module.sample_groups = groups.to(pl_module.device)
 
@@ -412,6 +393,7 @@ class GradientVarianceSampling(Callback):
             m, full = gs.value("grad_sq"), gs.full_grad_sq
             metrics["grad_variance"] = weighted_estimator_variance(share, q, m, full)
             metrics["grad_variance_uniform"] = weighted_estimator_variance(share, share, m, full)
+        self._fold_ess()
         ess = torch.tensor(self._ess, dtype=torch.float64)
         if trainer.world_size > 1:  # every rank logs at the same re-allocation step, so the collective is matched
             ess = trainer.strategy.reduce(ess, reduce_op="sum")
@@ -426,9 +408,15 @@ class GradientVarianceSampling(Callback):
         self._ess = [0.0, 0]
         self._overhead_s = 0.0
 
+    def _fold_ess(self) -> None:
+        self._ess[0] += effective_sample_size_sum(self._batch_weights)
+        self._ess[1] += len(self._batch_weights)
+        self._batch_weights = []
+
     # -- state --------------------------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
+        self._fold_ess()
         state: dict[str, Any] = {
             "version": self.STATE_VERSION,
             "policy": self.policy,
@@ -460,6 +448,7 @@ class GradientVarianceSampling(Callback):
         self._accept = state_dict["accept"].clone().double()
         ess = state_dict["ess"]
         self._ess = [float(ess[0]), int(ess[1])]
+        self._batch_weights = []
         if self.sampler is not None:
             self._apply_state(state_dict)
         else:

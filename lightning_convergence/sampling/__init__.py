@@ -10,9 +10,11 @@ from lightning_convergence.sampling.allocation import (
     integerize_preserve_sum,
 )
 from lightning_convergence.sampling.group_stats import GroupStats
+from lightning_convergence.sampling.groups import resolve_groups
 from lightning_convergence.sampling.sampler import GroupBudgetSampler
 from lightning_convergence.sampling.weights import (
     effective_sample_size,
+    effective_sample_size_sum,
     importance_weights,
     weighted_estimator_variance,
 )
@@ -25,8 +27,10 @@ __all__ = [
     "allocation_ratios",
     "cooldown_temperature",
     "effective_sample_size",
+    "effective_sample_size_sum",
     "gvm_scores",
     "importance_weights",
     "integerize_preserve_sum",
+    "resolve_groups",
     "weighted_estimator_variance",
 ]

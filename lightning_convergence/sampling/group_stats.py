@@ -9,9 +9,10 @@ group seen rarely is not pulled towards 0) of
 * ``accept_rate`` — ``p_i``, the share of generated candidates that pass the filter (generate-and-filter training;
   1 until something is recorded),
 
-and one global ``full_grad_sq`` ≈ ``‖∇F‖²`` of the uniform objective. Statistics come from per-example gradients
-through :mod:`lightning_convergence.stats` (no norm or variance is computed here). Non-finite gradients are skipped
-and counted in ``nonfinite_skipped_total``. Torch only: no ``lightning`` import.
+and one global ``full_grad_sq`` ≈ ``‖∇F‖²`` of the uniform objective. Norms come from per-example gradients through
+:mod:`lightning_convergence.stats`; the within-group variance is assembled from per-group sums with the
+Bessel-corrected formula of ``stats.sample_grad_stats`` (equal to it per group, tested), in one pass for all groups.
+Non-finite gradients are skipped and counted in ``nonfinite_skipped_total``. Torch only: no ``lightning`` import.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_convergence.stats import all_finite, sample_grad_stats, sq_norm
+from lightning_convergence.stats import sq_norm
 from lightning_convergence.stats.per_sample_norms import per_sample_sq_norms
 
 __all__ = ["GroupStats"]
@@ -90,32 +91,33 @@ class GroupStats:
         group_ids = torch.as_tensor(group_ids, dtype=torch.long).flatten().cpu()
         if not samples or group_ids.numel() != samples[0].shape[0]:
             raise ValueError("GroupStats: `group_ids` must have one entry per row of `samples`.")
-        if not all_finite(samples):
+        # One pass for all groups (no per-group Python loop): a float64 [n, D] matrix once (the Bessel formula below
+        # cancels heavily in float32), group sums as one matrix product with the [groups present, n] membership.
+        present, local = torch.unique(group_ids, return_inverse=True)
+        n = group_ids.numel()
+        flat = torch.cat([s.reshape(n, -1) for s in samples], dim=1).double()
+        member = torch.zeros(present.numel(), n, dtype=torch.float64, device=flat.device)
+        member[local.to(flat.device), torch.arange(n, device=flat.device)] = 1.0
+        count = member.sum(dim=1)
+        sq = per_sample_sq_norms([flat])
+        # A NaN or inf anywhere makes its row's float64 squared norm non-finite (float32 squares cannot overflow in
+        # float64), so this replaces a separate pass over the gradients.
+        if not bool(torch.isfinite(sq).all()):
             self.nonfinite_skipped_total += 1
             return False
-        sq = per_sample_sq_norms(samples).cpu()
-        present = torch.unique(group_ids)
-        norms, seconds, var_groups, variances = [], [], [], []
-        means: list[Tensor] | None = None
-        for g in present.tolist():
-            rows = (group_ids == g).nonzero().flatten()
-            norms.append(sq[rows].sqrt().mean())
-            seconds.append(sq[rows].mean())
-            idx = rows.to(samples[0].device)
-            part = [s.index_select(0, idx) for s in samples]
-            if rows.numel() >= 2:
-                var_groups.append(g)
-                variances.append(torch.tensor(sample_grad_stats(part).trace_cov))
-            if group_weights is not None:
-                w = float(group_weights[g])
-                contrib = [w * p.double().mean(dim=0) for p in part]
-                means = contrib if means is None else [a + b for a, b in zip(means, contrib)]
-        self._ema("grad_norm", present, torch.stack(norms))
-        self._ema("grad_sq", present, torch.stack(seconds))
-        if var_groups:
-            self._ema("grad_var", torch.tensor(var_groups), torch.stack(variances))
-        if means is not None:
-            self._full[0] = self.beta * self._full[0] + (1.0 - self.beta) * float(sq_norm(means))
+        means = (member @ flat) / count[:, None]
+        sum_sq = (member @ sq).cpu()
+        count = count.cpu()
+        self._ema("grad_norm", present, (member @ sq.sqrt()).cpu() / count)
+        self._ema("grad_sq", present, sum_sq / count)
+        multi = count >= 2  # a variance needs two rows; Bessel-corrected tr Cov = (Σ‖g‖² − n‖ḡ‖²) / (n − 1)
+        if multi.any():
+            mean_sq = per_sample_sq_norms([means]).cpu()
+            var = ((sum_sq - count * mean_sq) / (count - 1).clamp_min(1)).clamp_min(0.0)
+            self._ema("grad_var", present[multi], var[multi])
+        if group_weights is not None:
+            w = torch.as_tensor(group_weights, dtype=torch.float64).flatten()[present].to(flat.device)
+            self._full[0] = self.beta * self._full[0] + (1.0 - self.beta) * float(sq_norm([w @ means]))
             self._full[1] += 1
         return True
 

@@ -224,6 +224,12 @@ class GroupBudgetSampler(DistributedSampler):
 
     def pop(self, n: int) -> tuple[Tensor, Tensor]:
         """Like :meth:`pop_weights`, returning ``(weights, group_ids)`` of the next ``n`` indices."""
+        if self._queue and self._queue_pos + n < self._queue[0][0].numel():
+            # Fast path (nearly every batch): the batch lies inside one window; views, no concatenation.
+            w_all, g_all = self._queue[0]
+            start, self._queue_pos = self._queue_pos, self._queue_pos + n
+            self._consumed += n
+            return w_all[start : start + n], g_all[start : start + n]
         weights: list[Tensor] = []
         groups: list[Tensor] = []
         need = n

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["effective_sample_size", "importance_weights", "weighted_estimator_variance"]
+__all__ = ["effective_sample_size", "effective_sample_size_sum", "importance_weights", "weighted_estimator_variance"]
 
 
 def importance_weights(group_sizes: Sequence[int] | Tensor, counts: Sequence[int] | Tensor) -> Tensor:
@@ -53,6 +53,19 @@ def effective_sample_size(weights: Tensor) -> float:
     w = torch.as_tensor(weights, dtype=torch.float64).flatten()
     den = float(w.pow(2).sum())
     return float(w.sum()) ** 2 / den if den > 0 else 0.0
+
+
+def effective_sample_size_sum(batches: Sequence[Tensor]) -> float:
+    """Sum over ``batches`` (a list of weight vectors, sizes may differ) of each batch's Kish ESS, in one vectorised
+    pass: equal to ``sum(effective_sample_size(b) for b in batches)`` without a per-batch cost in the training loop."""
+    if not batches:
+        return 0.0
+    w = torch.cat([torch.as_tensor(b).flatten() for b in batches]).double()
+    sizes = torch.tensor([torch.as_tensor(b).numel() for b in batches])
+    ids = torch.repeat_interleave(torch.arange(len(batches)), sizes)
+    total = torch.zeros(len(batches), dtype=torch.float64).index_add_(0, ids, w)
+    square = torch.zeros(len(batches), dtype=torch.float64).index_add_(0, ids, w * w)
+    return float(torch.where(square > 0, total * total / square.clamp_min(1e-300), torch.zeros_like(total)).sum())
 
 
 def weighted_estimator_variance(

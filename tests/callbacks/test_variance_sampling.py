@@ -13,7 +13,12 @@ from torch.utils.data import Dataset, TensorDataset
 from lightning_convergence.callbacks import GradientVarianceSampling
 from lightning_convergence.callbacks.variance_sampling import resolve_groups
 from lightning_convergence.examples import DigitsDataModule, MLPClassifier
-from lightning_convergence.sampling import GroupBudgetSampler, allocate_budget, importance_weights
+from lightning_convergence.sampling import (
+    GroupBudgetSampler,
+    allocate_budget,
+    effective_sample_size,
+    importance_weights,
+)
 from tests.helpers.loggers import MemoryLogger
 
 
@@ -64,6 +69,12 @@ def test_allocation_follows_gvm_formula_and_weights_reach_the_module():
     for key in ("grad_variance", "grad_variance_uniform", "effective_sample_size", "budget/0", "step_overhead_ms"):
         assert logger.values(f"convergence/sampling/{key}"), key
     assert sum(logger.values(f"convergence/sampling/budget/{g}")[-1] for g in range(10)) == 48
+    # ESS (computed at the log from the window's batches): the mean Kish ESS of the 3 batches since the last log.
+    ess = [effective_sample_size(w) for w in model.seen_weights]
+    assert logger.values("convergence/sampling/effective_sample_size")[-2:] == pytest.approx(
+        [sum(ess[:3]) / 3, sum(ess[3:]) / 3]
+    )
+    assert min(ess) < 16  # the GVM allocation is not uniform, so the weights differ and ESS < batch size
 
 
 def test_rms_norm_statistic_gives_the_iid_optimum():

@@ -50,3 +50,27 @@ def test_nonfinite_probe_is_skipped_and_state_round_trips():
         GroupStats(3).load_state_dict(gs.state_dict())
     with pytest.raises(ValueError, match="beta"):
         GroupStats(2, beta=1.0)
+
+
+def test_one_pass_statistics_equal_per_group_reference():
+    """The vectorised update equals a per-group computation with stats.sample_grad_stats (random, 2 params)."""
+    from lightning_convergence.stats import sample_grad_stats, sq_norm
+
+    gen = torch.Generator().manual_seed(3)
+    groups = torch.tensor([2, 0, 2, 2, 0, 4, 0, 2, 4, 1])  # group 3 absent, group 1 has one row
+    a, b = torch.randn(10, 3, 2, generator=gen), torch.randn(10, 5, generator=gen) * 4
+    share = torch.tensor([0.3, 0.1, 0.4, 0.05, 0.15])
+    gs = GroupStats(5, beta=0.0)
+    gs.update_grads(groups, [a, b], group_weights=share)
+    sq = a.flatten(1).double().pow(2).sum(1) + b.double().pow(2).sum(1)
+    full = [torch.zeros(3, 2, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)]
+    for g in (0, 1, 2, 4):
+        rows = groups == g
+        assert gs.value("grad_norm")[g] == pytest.approx(float(sq[rows].sqrt().mean()))
+        assert gs.value("grad_sq")[g] == pytest.approx(float(sq[rows].mean()))
+        if rows.sum() >= 2:
+            assert gs.value("grad_var")[g] == pytest.approx(sample_grad_stats([a[rows], b[rows]]).trace_cov, rel=1e-5)
+        full = [f + float(share[g]) * t[rows].double().mean(0) for f, t in zip(full, (a, b))]
+    assert gs.measured("grad_var").tolist() == [True, False, True, False, True]
+    assert gs.measured("grad_norm").tolist() == [True, True, True, False, True]
+    assert gs.full_grad_sq == pytest.approx(float(sq_norm(full)))

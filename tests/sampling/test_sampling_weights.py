@@ -8,6 +8,7 @@ from lightning_convergence.sampling import (
     GroupBudgetSampler,
     allocate_budget,
     effective_sample_size,
+    effective_sample_size_sum,
     importance_weights,
     weighted_estimator_variance,
 )
@@ -32,6 +33,10 @@ def test_weights_formula():
         importance_weights([6, 3, 1], [4, 4, 0])
     assert effective_sample_size(torch.ones(8)) == pytest.approx(8.0)
     assert effective_sample_size(torch.tensor([1.0, 0.0])) == pytest.approx(1.0)
+    # The vectorised sum over batches of different sizes equals the per-batch sum (and 0 for an all-zero batch).
+    batches = [torch.tensor([2.4, 0.6, 0.6]), torch.ones(5), torch.tensor([0.4, 2.4]), torch.zeros(2)]
+    assert effective_sample_size_sum(batches) == pytest.approx(sum(effective_sample_size(b) for b in batches))
+    assert effective_sample_size_sum([]) == 0.0
 
 
 def test_weighted_estimator_is_exactly_unbiased_by_enumeration():
