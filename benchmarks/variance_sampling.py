@@ -1,6 +1,11 @@
 """Gradient-variance sampling vs uniform sampling on a heterogeneous-noise digits classifier.
 
-    python benchmarks/variance_sampling.py [--quick] [--seeds 3] [--max-steps 1500] [--setting sources|classes]
+    python benchmarks/variance_sampling.py [--quick] [--seeds 10] [--setting sources|classes] [--target-metric ...]
+
+Default regime (chosen so that training is variance-limited at the target; see docs/algorithms/variance_sampling.md):
+the ``sources`` data, an MLP 64-256-10, SGD lr 1.0, batch 32, target = the training objective (the uniform full-data
+cross-entropy, which the importance weights keep unbiased) ≤ 0.05. The earlier regime is
+``--hidden 64 --lr 0.3 --target-metric val_acc --target 0.95`` (target reached before any allocation gains).
 
 Data: scikit-learn digits (DigitsDataModule's seeded split); validation is always the clean, balanced held-out split.
 
@@ -16,15 +21,22 @@ Data: scikit-learn digits (DigitsDataModule's seeded split); validation is alway
   ``--label-noise`` 20% of their labels replaced by a random minority label. Groups = observed labels.
 
 Two measurements, each against uniform sampling in the same run:
-1. Gradient variance at equal sample budget (batch 32): at four points of a uniform training run (steps 0,
-   max/8, max/2, max), exact per-example gradients of the whole training set give each group's statistics; the
-   per-example trace covariance of the importance-weighted gradient (Σ π_i² M_i / q_i − ‖∇F‖²) is computed for each
-   policy's allocation, and checked empirically from 400 batches drawn by GroupBudgetSampler (mean ‖ĝ − ∇F‖² times
-   32). ``oracle_sqrt_m`` (q ∝ π·sqrt(M), exact statistics) is the best any group-level allocation can do.
-2. Time to target validation accuracy with the GradientVarianceSampling callback (plain SGD, same lr), in optimizer
-   steps, examples and wall seconds (median over seeds); the probe overhead is included in the wall time.
-   ``uniform_2x_batch`` is a control: uniform sampling with a batch of 64 (half the variance per step): if it is not
-   faster in steps, training is not variance-limited at that target and no allocation can be faster in steps.
+1. Gradient variance at equal sample budget (batch 32): at four points (``--variance-steps``, default 0, max/8, max/4,
+   3max/8, i.e. up to where the default target is reached) of a training run
+   of each policy in ``--variance-runs`` (default: uniform and neyman, i.e. at the parameters uniform sampling reaches
+   and at those the method reaches), exact per-example gradients of the whole training set give each group's
+   statistics; the per-example trace covariance of the importance-weighted gradient (Σ π_i² M_i / q_i − ‖∇F‖²) is
+   computed for each allocation, and checked empirically from 400 batches drawn by GroupBudgetSampler (mean
+   ‖ĝ − ∇F‖² times 32). ``oracle_sqrt_m`` (q ∝ π·sqrt(M), exact statistics) is the best any group-level allocation can
+   do; ``callback`` (runs of a callback policy) is the allocation the callback actually held, from its probes.
+2. Time to target with the GradientVarianceSampling callback (plain SGD, same lr): ``--target-metric train_loss``
+   (default: mean cross-entropy over the whole training set ≤ ``--target``) or ``val_acc`` (clean validation accuracy
+   ≥ ``--target``), checked every 10 steps, in optimizer steps, examples and wall seconds (median and quartiles over
+   seeds). Policies run interleaved per seed, so machine load hits all alike; wall time (and the process CPU time,
+   less sensitive to other jobs on a shared machine) counts training and the callback (probes included) but not the
+   target checks. ``uniform_2x_batch`` is a control: uniform sampling with a
+   batch of 64 (half the variance per step): if it is not faster in steps, training is not variance-limited at that
+   target and no allocation can be faster in steps.
 
 Writes benchmarks/out/variance_sampling.png.
 """
@@ -55,7 +67,7 @@ from lightning_convergence.sampling import (
 from lightning_convergence.stats import per_sample_grads, sample_grad_stats
 from lightning_convergence.stats.per_sample_norms import per_sample_sq_norms
 
-BATCH, LR, HIDDEN = 32, 0.3, (64,)
+BATCH, LR, HIDDEN = 32, 1.0, (256,)
 
 
 class WeightedMLP(MLPClassifier):
@@ -123,28 +135,39 @@ def groups_of(train_set: TensorDataset) -> torch.Tensor:
 
 
 class EvalUntil(Callback):
-    """Clean-validation accuracy every ``every`` steps; stops at ``target`` and records when."""
+    """Checks the target every ``every`` steps (clean validation accuracy ≥ ``target``, or the training objective ≤
+    ``target``), stops there and records the step and the wall time spent outside these checks."""
 
-    def __init__(self, val: TensorDataset, every: int, target: float) -> None:
-        self.xv, self.yv = val.tensors
-        self.every, self.target = every, target
-        self.hit: tuple[int, float] | None = None
-        self.t0 = 0.0
+    def __init__(self, val: TensorDataset, every: int, target: float, metric: str = "val_acc", train=None) -> None:
+        self.x, self.y = (train if metric == "train_loss" else val).tensors[:2]
+        self.every, self.target, self.metric = every, target, metric
+        self.hit: tuple[int, float, float] | None = None  # (step, wall s, process CPU s), target checks excluded
+        self.t0 = self.c0 = 0.0
+        self.eval_s = self.eval_cpu = 0.0
         self.curve: list[tuple[int, float]] = []
 
     def on_train_start(self, trainer, pl_module):
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if step % self.every:
             return
+        t, c = time.perf_counter(), time.process_time()
         with torch.no_grad():
-            acc = float((pl_module(self.xv).argmax(1) == self.yv).float().mean())
-        self.curve.append((step, acc))
-        if acc >= self.target and self.hit is None:
-            self.hit = (step, time.perf_counter() - self.t0)
+            out = pl_module(self.x)
+            loss = self.metric == "train_loss"
+            value = float(F.cross_entropy(out, self.y) if loss else (out.argmax(1) == self.y).float().mean())
+        self.curve.append((step, value))
+        reached = value <= self.target if self.metric == "train_loss" else value >= self.target
+        if reached and self.hit is None:
+            self.hit = (step, t - self.t0 - self.eval_s, c - self.c0 - self.eval_cpu)
             trainer.should_stop = True
+        self.eval_s += time.perf_counter() - t
+        self.eval_cpu += time.process_time() - c
+
+
+PROBE_PARAMS: list[str] | None = None  # --probe-params: parameter-name prefixes the probes differentiate
 
 
 def make_callback(name: str, every: int) -> GradientVarianceSampling | None:
@@ -157,26 +180,32 @@ def make_callback(name: str, every: int) -> GradientVarianceSampling | None:
         )
     if name == "gvm_rms":
         return GradientVarianceSampling(
-            policy="gvm", gvm_statistic="rms_norm", every_n_steps=every, probe_per_group=8, ema_beta=0.7
+            policy="gvm", gvm_statistic="rms_norm", every_n_steps=every, probe_per_group=8, ema_beta=0.7,
+            probe_params=PROBE_PARAMS,
         )
-    return GradientVarianceSampling(policy=name, every_n_steps=every, probe_per_group=8, ema_beta=0.7)
+    return GradientVarianceSampling(
+        policy=name, every_n_steps=every, probe_per_group=8, ema_beta=0.7, probe_params=PROBE_PARAMS
+    )
 
 
-def train(name: str, train_set, val_set, seed: int, max_steps: int, target: float, every: int, lr: float = LR):
+def train(
+    name: str, train_set, val_set, seed: int, max_steps: int, target: float, every: int, lr: float = LR,
+    hidden: tuple[int, ...] = HIDDEN, metric: str = "val_acc",
+):
     seed_everything(seed, verbose=False)
     cb = make_callback(name, every)
-    ev = EvalUntil(val_set, every=10, target=target)
+    ev = EvalUntil(val_set, every=10, target=target, metric=metric, train=train_set)
     trainer = Trainer(
         accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=[c for c in (cb, ev) if c is not None],
     )
-    model = WeightedMLP(hidden=HIDDEN, lr=lr)
+    model = WeightedMLP(hidden=hidden, lr=lr)
     # Control: uniform sampling with twice the batch (half the variance per step, twice the examples per step).
     batch = 2 * BATCH if name == "uniform_2x_batch" else BATCH
     loader = DataLoader(train_set, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
     trainer.fit(model, loader)
-    return ev, model
+    return ev, model, cb
 
 
 def exact_group_stats(model, train_set):
@@ -196,7 +225,7 @@ def exact_group_stats(model, train_set):
     return sizes, pi, g_norm, m, sigma, flat, full, grp
 
 
-def variance_table(model, train_set, n_batches: int, label: str):
+def variance_table(model, train_set, n_batches: int, label: str, extra: dict | None = None):
     sizes, pi, g_norm, m, sigma, flat, full, y = exact_group_stats(model, train_set)
     full_sq = float(full.pow(2).sum())
     window = BATCH * 8
@@ -207,10 +236,11 @@ def variance_table(model, train_set, n_batches: int, label: str):
         # The i.i.d. importance-sampling optimum q ∝ π·sqrt(M): the ceiling for any allocation on this data.
         "oracle_sqrt_m": allocate_budget("gvm", window, sizes, grad_norms=m.sqrt(), min_per_group=1),
     }
+    allocs.update(extra or {})  # e.g. the allocation a callback held (its own window size)
     out = {}
     for name, counts in allocs.items():
-        theory = weighted_estimator_variance(pi, counts.double() / window, m, full_sq)
-        sampler = GroupBudgetSampler(train_set, y, window_size=window, counts=counts, seed=7)
+        theory = weighted_estimator_variance(pi, counts.double() / counts.sum(), m, full_sq)
+        sampler = GroupBudgetSampler(train_set, y, window_size=int(counts.sum()), counts=counts, seed=7)
         errs = []
         epoch = 0
         while len(errs) < n_batches:
@@ -228,18 +258,39 @@ def variance_table(model, train_set, n_batches: int, label: str):
     return rows
 
 
+POLICIES = ("uniform", "uniform_2x_batch", "gvm", "gvm_rms", "neyman", "temperature")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, 400 steps max, 100 variance batches")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--max-steps", type=int, default=1500)
-    parser.add_argument("--target", type=float, default=0.8, help="clean validation accuracy to reach")
-    parser.add_argument("--every", type=int, default=20, help="re-allocation period (optimizer steps)")
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 400 steps max, 100 variance batches")
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--max-steps", type=int, default=4000)
+    parser.add_argument(
+        "--target-metric", choices=("train_loss", "val_acc"), default="train_loss",
+        help="train_loss: uniform full-data training objective <= target; val_acc: clean validation accuracy >= target",
+    )
+    parser.add_argument("--target", type=float, default=0.05, help="value of --target-metric to reach")
+    parser.add_argument("--every", type=int, default=50, help="re-allocation period, steps (callback default)")
     parser.add_argument(
         "--setting", choices=("sources", "classes"), default="sources",
         help="sources: clean + noisy data sources, groups = source; classes: imbalanced noisy classes, groups = label",
     )
     parser.add_argument("--lr", type=float, default=LR, help="SGD learning rate (every policy)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN), help="MLP hidden widths")
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    parser.add_argument(
+        "--variance-runs", nargs="*", choices=("uniform", "gvm", "gvm_rms", "neyman"), default=["uniform", "neyman"],
+        help="training runs whose parameters the variance table is measured at (none: skip the table)",
+    )
+    parser.add_argument(
+        "--variance-steps", type=int, nargs="*", default=None,
+        help="steps of the variance table (default 0, max/8, max/4, 3max/8: up to where the target is reached)",
+    )
+    parser.add_argument(
+        "--probe-params", nargs="*", default=None,
+        help="parameter-name prefixes the probes use (net.2: last layer of a 1-hidden-layer MLP); default all",
+    )
     parser.add_argument("--web-share", type=float, default=0.05, help="sources setting: share of the web source")
     parser.add_argument(
         "--web-label-noise", type=float, default=1.0, help="sources setting: share of random labels in the web source"
@@ -247,9 +298,12 @@ def main() -> None:
     parser.add_argument("--feature-noise", type=float, default=0.6, help="classes setting: feature noise sd, 5-9")
     parser.add_argument("--label-noise", type=float, default=0.2, help="classes setting: label-noise share, 5-9")
     args = parser.parse_args()
-    seeds = 1 if args.quick else args.seeds
+    global PROBE_PARAMS
+    PROBE_PARAMS = args.probe_params
+    seeds = 2 if args.quick else args.seeds
     max_steps = 400 if args.quick else args.max_steps
     n_batches = 100 if args.quick else 400
+    hidden, lr, metric = tuple(args.hidden), args.lr, args.target_metric
     torch.set_num_threads(1)
     web_rest = (1.0 - args.web_share - SOURCES[3][1]) / 2
     sources = (
@@ -267,58 +321,71 @@ def main() -> None:
             f"classes: groups (observed labels) sizes {sizes}; feature noise {args.feature_noise}, "
             f"label noise {args.label_noise} on classes 5-9"
         )
-    print(f"{desc}; val: {len(val_set)} clean balanced examples; SGD lr {args.lr}, batch {BATCH}")
-
-    # 1. Gradient variance at equal sample budget, at three points of a uniform run.
-    var_rows = []
-    checkpoints = sorted({0, max_steps // 8, max_steps // 2, max_steps})
-    for step in checkpoints:
-        seed_everything(0, verbose=False)
-        if step == 0:
-            model = WeightedMLP(hidden=HIDDEN, lr=args.lr)
-        else:
-            _, model = train("uniform", train_set, val_set, 0, step, target=2.0, every=args.every, lr=args.lr)
-        var_rows += variance_table(model, train_set, n_batches, f"step {step}")
-    print_table(
-        "Per-example gradient variance of the weighted estimator at equal budget (batch 32); ratio = uniform / method",
-        ["model", "allocation", "var_theory", "var_empirical", "ratio_theory", "ratio_empirical"], var_rows,
+    print(
+        f"{desc}; val: {len(val_set)} clean balanced examples; MLP 64-{'-'.join(map(str, hidden))}-10, SGD lr {lr}, "
+        f"batch {BATCH}, re-allocation every {args.every} steps"
     )
 
-    # 2. Time to target accuracy.
-    results: dict[str, list[tuple[int, float] | None]] = {}
-    for name in ("uniform", "uniform_2x_batch", "gvm", "gvm_rms", "neyman", "temperature"):
-        results[name] = []
-        for seed in range(seeds):
-            ev, _ = train(name, train_set, val_set, seed, max_steps, args.target, args.every, args.lr)
+    # 1. Gradient variance at equal sample budget, at four points of training runs (uniform's and the methods').
+    var_rows = []
+    checkpoints = args.variance_steps or sorted({0, max_steps // 8, max_steps // 4, 3 * max_steps // 8})
+    for run in args.variance_runs:
+        for step in checkpoints:
+            seed_everything(0, verbose=False)
+            extra = {}
+            if step == 0:
+                model = WeightedMLP(hidden=hidden, lr=lr)
+            else:
+                _, model, cb = train(run, train_set, val_set, 0, step, float("nan"), args.every, lr, hidden, metric)
+                if cb is not None and cb.sampler is not None:
+                    extra["callback"] = cb.sampler.counts
+            var_rows += variance_table(model, train_set, n_batches, f"{run} step {step}", extra)
+    if var_rows:
+        print_table(
+            "Per-example gradient variance of the weighted estimator at equal budget (batch 32), at the parameters of "
+            "the named run; ratio = uniform / allocation",
+            ["run, step", "allocation", "var_theory", "var_empirical", "ratio_theory", "ratio_empirical"], var_rows,
+        )
+
+    # 2. Time to target; policies interleaved per seed so that machine load falls on all of them alike.
+    results: dict[str, list[tuple[int, float, float] | None]] = {name: [] for name in args.policies}
+    for seed in range(seeds):
+        for name in args.policies:
+            ev, _, _ = train(name, train_set, val_set, seed, max_steps, args.target, args.every, lr, hidden, metric)
             results[name].append(ev.hit)
-    base = _median_hit(results["uniform"])
+    base = _median_hit(results[args.policies[0]])
     rows = []
     for name, hits in results.items():
         med = _median_hit(hits)
         reached = sum(h is not None for h in hits)
         rows.append([
-            name, f"{reached}/{len(hits)}", med[0], _quartiles(hits),
-            med[0] * BATCH * (2 if name == "uniform_2x_batch" else 1), med[1],
-            base[0] / med[0] if med[0] else float("nan"), base[1] / med[1] if med[1] else float("nan"),
+            name, f"{reached}/{len(hits)}", med[0], _quartiles(hits, 0),
+            med[0] * BATCH * (2 if name == "uniform_2x_batch" else 1), med[1], _quartiles(hits, 1), med[2],
+            *(b / m if m else float("nan") for b, m in zip(base, med)),
         ])
+    what = (
+        f"training objective <= {args.target:g}" if metric == "train_loss" else f"{args.target:.0%} clean val accuracy"
+    )
     print_table(
-        f"Time to {args.target:.0%} clean validation accuracy (median over {seeds} seed(s); not reached = max steps);"
-        " speedup = uniform / method",
-        ["policy", "reached", "steps", "steps_q1-q3", "examples", "wall_s", "speedup_steps", "speedup_wall"], rows,
+        f"Time to {what} (median over {seeds} seed(s); not reached = inf); speedup = {args.policies[0]} / method "
+        "(medians)",
+        ["policy", "reached", "steps", "steps_q1-q3", "examples", "wall_s", "wall_q1-q3", "cpu_s", "speedup_steps",
+         "speedup_wall", "speedup_cpu"],
+        rows,
     )
     _plot(var_rows, rows)
 
 
-def _quartiles(hits) -> str:
-    steps = sorted(h[0] if h is not None else float("inf") for h in hits)
-    n = len(steps) - 1
-    return f"{steps[round(0.25 * n)]:g}-{steps[round(0.75 * n)]:g}"
+def _quartiles(hits, col: int) -> str:
+    vals = sorted(h[col] if h is not None else float("inf") for h in hits)
+    n = len(vals) - 1
+    lo, hi = vals[round(0.25 * n)], vals[round(0.75 * n)]
+    return f"{lo:g}-{hi:g}" if col == 0 else f"{lo:.3g}-{hi:.3g}"
 
 
-def _median_hit(hits) -> tuple[float, float]:
-    steps = [h[0] if h is not None else float("inf") for h in hits]
-    walls = [h[1] if h is not None else float("inf") for h in hits]
-    return statistics.median(steps), statistics.median(walls)
+def _median_hit(hits) -> tuple[float, ...]:
+    """Medians of (steps, wall s, CPU s); a run that missed the target counts as inf."""
+    return tuple(statistics.median(h[i] if h is not None else float("inf") for h in hits) for i in range(3))
 
 
 def _plot(var_rows, time_rows) -> None:
@@ -334,7 +401,7 @@ def _plot(var_rows, time_rows) -> None:
     axes[0].set_xticks(range(len(var_rows)), labels, fontsize=7)
     axes[0].set_ylabel("variance ratio uniform / method (empirical)")
     axes[0].axhline(1.0, color="k", lw=0.5)
-    axes[1].bar([r[0] for r in time_rows], [r[6] for r in time_rows])
+    axes[1].bar([r[0] for r in time_rows], [r[8] for r in time_rows])
     axes[1].set_ylabel("speedup in steps to target")
     axes[1].axhline(1.0, color="k", lw=0.5)
     fig.tight_layout()
