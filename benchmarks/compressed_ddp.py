@@ -84,8 +84,8 @@ def _compressor(name: str):
         "topk8": lambda: Compose(TopK(k_fraction=0.01), QSGD(levels=127, norm="max")),
         "sign": lambda: ScaledSign(),
         "ternary": lambda: QSGD(levels=1, norm="max"),
-        "lowrank4": lambda: LowRank(rank=4),
-        "lowrank2": lambda: LowRank(rank=2),
+        "lowrank4": lambda: LowRank(rank=4, rounds=1),
+        "lowrank2": lambda: LowRank(rank=2, rounds=1),
         "topk2_8": lambda: Compose(TopK(k_fraction=0.02), QSGD(levels=127, norm="max")),
         "powersgd4": lambda: LowRank(rank=4, rounds=2),
         "powersgd2": lambda: LowRank(rank=2, rounds=2),
@@ -218,7 +218,7 @@ def worker(args: argparse.Namespace) -> None:
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     for method in args.methods:
-        L.seed_everything(0, verbose=False)
+        L.seed_everything(args.seed, verbose=False)
         model, data = _task(args.task, args.optimizer, args.lr, args.schedule, args.steps, args.batch_size)
         rec = _recorder(args.warmup)
         trainer = L.Trainer(
@@ -232,7 +232,7 @@ def worker(args: argparse.Namespace) -> None:
             row = {
                 "task": args.task, "method": method, "rate": args.rate, "steps": args.steps,
                 "optimizer": args.optimizer, "lr": args.lr, "start_step": args.start_step, "schedule": args.schedule,
-                "batch_size": args.batch_size,
+                "batch_size": args.batch_size, "seed": args.seed,
                 "params": sum(p.numel() for p in model.parameters()),
                 "net_bytes_per_step": (rec.net1 - rec.net0) / n,
                 "our_bytes_per_step": (rec.ours1 - rec.ours0) * world / n if rec.ours1 else None,
@@ -318,6 +318,15 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _free_port() -> int:
+    """A free TCP port (a fixed one collides with a previous run's socket still in TIME_WAIT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer steps and methods")
@@ -333,6 +342,7 @@ def main() -> None:
     p.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
                    help="learning rate over the run: constant, or 5%% linear warm-up then cosine decay to zero")
     p.add_argument("--batch-size", type=int, default=32, help="per-rank batch size")
+    p.add_argument("--seed", type=int, default=0, help="model initialisation and data order (same for all methods)")
     p.add_argument("--start-step", type=int, default=0,
                    help="dense warm-up steps: our strategy's start_step and PowerSGD's start_powerSGD_iter (min 2)")
     # worker-only
@@ -355,10 +365,11 @@ def main() -> None:
     for rate in args.rates:
         for task in args.tasks:
             argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                    "--master_port=29611", __file__, "--worker", "--task", task, "--rate", rate, "--out", str(results),
+                    f"--master_port={_free_port()}", __file__, "--worker", "--task", task, "--rate", rate,
+                    "--out", str(results),
                     "--steps", str(args.steps or steps[task]), "--warmup", str(args.warmup),
                     "--optimizer", args.optimizer, "--start-step", str(args.start_step),
-                    "--schedule", args.schedule, "--batch-size", str(args.batch_size),
+                    "--schedule", args.schedule, "--batch-size", str(args.batch_size), "--seed", str(args.seed),
                     *(["--lr", str(args.lr)] if args.lr else []), "--methods", *methods]
             t0 = time.time()
             if args.no_netem:

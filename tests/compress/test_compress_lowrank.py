@@ -1,4 +1,4 @@
-"""LowRank: power iteration over steps recovers low-rank matrices, warm start by name, state, dense fallback, errors."""
+"""LowRank: PowerSGD's two rounds (hand-computed), int8 factors, the one-round variant, state, dense fallback, errors."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _step(comp, x, step, key="w"):
 
 
 def test_warm_start_recovers_a_low_rank_matrix_and_alternates_factors():
-    comp, a = LowRank(rank=2), _rank2()
+    comp, a = LowRank(rank=2, rounds=1), _rank2()
     sizes = []
     for s in range(4):
         out = _step(comp, a, s)
@@ -31,8 +31,8 @@ def test_warm_start_recovers_a_low_rank_matrix_and_alternates_factors():
 
 
 def test_without_warm_start_it_is_a_shared_random_projection():
-    comp, a = LowRank(rank=2, warm_start=False, seed=1), _rank2()
-    one, two = comp.compress(a, 3, "w"), LowRank(rank=2, warm_start=False, seed=1).compress(a, 3, "w")
+    comp, a = LowRank(rank=2, warm_start=False, seed=1, rounds=1), _rank2()
+    one, two = comp.compress(a, 3, "w"), LowRank(rank=2, warm_start=False, seed=1, rounds=1).compress(a, 3, "w")
     assert torch.equal(one.tensors["factor"], two.tensors["factor"])  # same draw on every rank
     assert (one.decompress() - a).norm() <= a.norm() + 1e-4  # a projection never expands
 
@@ -46,12 +46,12 @@ def test_vectors_and_small_matrices_are_sent_dense():
 
 
 def test_state_is_keyed_by_name_and_round_trips():
-    comp, a = LowRank(rank=2), _rank2()
+    comp, a = LowRank(rank=2, rounds=1), _rank2()
     for s in range(3):
         _step(comp, a, s, key="layer.weight")
     state = comp.state_dict()
     assert set(state["factors"]) == {"layer.weight"}
-    fresh = LowRank(rank=2)
+    fresh = LowRank(rank=2, rounds=1)
     fresh.load_state_dict(state)
     x = _rank2(5)
     assert torch.equal(fresh.compress(x, 3, "layer.weight").tensors["factor"], comp.compress(x, 3, "layer.weight")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lightning_convergence.cli import ConvergenceCLI
-from lightning_convergence.compress import ScaledSign, TopK
+from lightning_convergence.compress import LowRank, ScaledSign, TopK
 from lightning_convergence.feedback import EF14, EF21, EF21SGDM, EControl
 from lightning_convergence.strategies.compressed_ddp import CompressedDDPStrategy
 
@@ -17,6 +17,7 @@ EXPECTED = {
     "ef21_sgdm_topk.yaml": (EF21SGDM, TopK),
     "econtrol_topk.yaml": (EControl, TopK),
     "ef14_sign.yaml": (EF14, ScaledSign),
+    "ef14_powersgd_int8_char_lm.yaml": (EF14, LowRank),
 }
 
 
@@ -36,10 +37,21 @@ def test_recipe_parses(name, tmp_path):
     assert type(strategy.rule) is rule_cls and type(strategy.compressor) is comp_cls
 
 
-def test_recipe_runs_fast_dev_run_on_two_ranks(tmp_path):
+def test_powersgd_recipe_is_two_rounds_of_int8_factors(tmp_path):
+    cli = ConvergenceCLI(
+        args=["--config", str(CONFIGS / "ef14_powersgd_int8_char_lm.yaml"), f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.logger=false"],
+        run=False, save_config_callback=None,
+    )
+    comp = cli.trainer.strategy.compressor
+    assert (comp.rank, comp.rounds, comp.factor_bits, comp.summable) == (8, 2, 8, False)
+
+
+@pytest.mark.parametrize("name", ["ef21_topk.yaml", "ef14_powersgd_int8_char_lm.yaml"])
+def test_recipe_runs_fast_dev_run_on_two_ranks(tmp_path, name):
     ConvergenceCLI(
         args=[
-            "fit", "--config", str(CONFIGS / "ef21_topk.yaml"), f"--trainer.default_root_dir={tmp_path}",
+            "fit", "--config", str(CONFIGS / name), f"--trainer.default_root_dir={tmp_path}",
             "--trainer.logger=false", "--trainer.fast_dev_run=2", "--trainer.enable_progress_bar=false",
             "--trainer.strategy.init_args.start_method=fork",
         ],
