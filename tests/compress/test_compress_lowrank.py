@@ -1,4 +1,4 @@
-"""LowRank: PowerSGD's two rounds (hand-computed), int8 factors, the one-round variant, state, dense fallback, errors."""
+"""LowRank: PowerSGD's two rounds (hand-computed), int8 factors, the one-round variant, state, dense fallback."""
 
 from __future__ import annotations
 
