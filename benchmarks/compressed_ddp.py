@@ -68,6 +68,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # int8 factors with per-column scales (LowRank(factor_bits=8)): ~4x fewer bytes per factor at 2 ranks
     "ef14_powersgd_r4_8bit": ("ours", {"feedback": "ef14", "compressor": "powersgd4_8"}),
     "ef14_powersgd_r8_8bit": ("ours", {"feedback": "ef14", "compressor": "powersgd8_8"}),
+    "ef14_powersgd_r9_8bit": ("ours", {"feedback": "ef14", "compressor": "powersgd9_8"}),
     "ef21_powersgd_r4": ("ours", {"feedback": "ef21", "compressor": "powersgd4"}),
 }
 QUICK = ["ddp", "fp16_hook", "powersgd_r1", "powersgd_r4", "ef21_topk1%", "ef21_sgdm_topk1%", "econtrol_topk1%",
@@ -93,6 +94,7 @@ def _compressor(name: str):
         "powersgd16": lambda: LowRank(rank=16, rounds=2),
         "powersgd4_8": lambda: LowRank(rank=4, rounds=2, factor_bits=8),
         "powersgd8_8": lambda: LowRank(rank=8, rounds=2, factor_bits=8),
+        "powersgd9_8": lambda: LowRank(rank=9, rounds=2, factor_bits=8),
     }[name]()
 
 
