@@ -1,5 +1,8 @@
 """Compressed DDP vs plain DDP, torch's fp16 hook and PowerSGD, on a rate-limited link (2 CPU ranks, gloo).
 
+    # the issue's comparison (a full 600-step cosine run, SGD momentum; 17 min on 2 cores):
+    /work/venv/bin/python benchmarks/compressed_ddp.py --tasks lm --steps 600 --schedule cosine --optimizer sgd \
+        --lr 0.2 --methods ddp powersgd_r1 powersgd_r4 ef14_powersgd_r4 ef14_powersgd_r8_8bit ef14_lowrank_r4
     /work/venv/bin/python benchmarks/compressed_ddp.py --quick          # ~5 minutes on 2 shared cores
     /work/venv/bin/python benchmarks/compressed_ddp.py --rates 100mbit 1gbit
     # the card's longer runs (each ≤ 8 min on 2 idle cores): a subset of methods, 300 LM steps

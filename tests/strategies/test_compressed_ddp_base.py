@@ -98,3 +98,21 @@ def test_bad_strategy_arguments_fail_at_construction(kwargs, exc, match):
 def test_non_contractive_compressor_warns_for_ef21():
     with pytest.warns(UserWarning, match="not a contraction"):
         CompressedDDPStrategy(feedback=EF21(), compressor=QSGD(levels=1))
+
+
+def test_two_round_compressor_needs_a_rule_that_exposes_its_compressor_input():
+    from lightning_convergence.compress import LowRank
+    from lightning_convergence.feedback import FeedbackRule
+
+    class Custom(FeedbackRule):  # a user rule written before compressor_input existed
+        name = "custom"
+
+        def _message(self, key, x, compressor, step):
+            return compressor.compress(x, step, key)
+
+        def update(self, key, mean):
+            return mean
+
+    with pytest.raises(ValueError, match="`feedback` Custom"):
+        CompressedDDPStrategy(feedback=Custom(), compressor=LowRank(rank=2))
+    CompressedDDPStrategy(feedback=Custom(), compressor=LowRank(rank=2, rounds=1))  # one round: fine
