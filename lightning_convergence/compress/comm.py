@@ -57,7 +57,7 @@ def _mean_summable(payloads: Sequence[Payload], world_size: int, all_reduce: All
     """The payloads averaged over the ranks, wire tensor by wire tensor, in one all-reduce."""
     parts = [t.reshape(-1) for p in payloads for t in p.tensors.values()]
     if len({t.dtype for t in parts}) != 1 or not parts[0].is_floating_point():
-        raise RuntimeError("average_payloads: summable payloads must share one floating dtype.")
+        raise RuntimeError("summable payloads must share one floating dtype.")
     flat = torch.cat(parts)
     if world_size > 1:
         flat = all_reduce(flat)  # type: ignore[misc]
@@ -94,7 +94,7 @@ def first_round(
     compressor: Compressor, items: Sequence[tuple[str, Tensor, int]], world_size: int, all_reduce: AllReduce | None,
     all_gather: AllGather | None = None, rank: int = 0,
 ) -> int:
-    """Round one of a multi-round compressor (``compressor.rounds > 1``) for a whole bucket, in one all-reduce.
+    """Round one of a multi-round compressor (``compressor.rounds > 1``) for a whole bucket, in one collective.
 
     ``items`` are ``(key, tensor, step)`` in the same order on every rank (a rank with nothing to send passes
     zeros of the right shape, so the collective matches). Summable first rounds are averaged by one all-reduce and
@@ -132,8 +132,7 @@ def average_payloads(
             out[i] = mean.decompress().float()
             payloads[i].compressor.observe_mean(mean)
     if gath:
-        per_rank = _gather(
-            [payloads[i] for i in gath], world_size, all_gather, rank)
+        per_rank = _gather([payloads[i] for i in gath], world_size, all_gather, rank)
         for j, i in enumerate(gath):
             # the same summation order on every rank keeps the replicas bit-identical for any world size
             total = per_rank[0][j].decompress().float().clone()
