@@ -19,6 +19,7 @@ CORES = [
     "lightning_convergence.optim",
     "lightning_convergence._state",
     "lightning_convergence._validate",
+    "lightning_convergence._nonfinite",
     "lightning_convergence.data.loader",
     "lightning_convergence.data.resizable",
 ]
