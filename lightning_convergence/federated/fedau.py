@@ -17,10 +17,12 @@ class FedAU(FedAvg):
         ICLR 2024, arXiv:2306.03401 (Algorithm 1 with its online weight estimation).
 
     Deviations:
-        None intended. Every round (closed when all expected participants reported, or by :meth:`close_round`),
-        each client's current interval grows by one; it closes when the client participates or reaches the cutoff
-        K, and ω_n is the running mean of the closed intervals (so ω_n → 1/p_n under Bernoulli(p_n) participation).
-        A participant whose update was lost counts as absent in that round.
+        None intended; the timing follows the authors' code (IBM/fedau ``main.py``, ``weighting_method='adaptive'``).
+        A round's update weighs each participant by ω_n from the intervals closed *before* this round (ω_n = 1
+        while none is closed); then every client's open interval grows by one and closes when the client
+        participated or reached the cutoff K, and ω_n becomes the running mean of the closed intervals
+        (ω_n → 1/p_n under Bernoulli(p_n) participation). A round ends when all expected participants reported or
+        at :meth:`close_round`; a participant whose update was lost counts as absent in that round.
 
     Args:
         num_clients: N, ≥ 1 (ids ``0..N-1``); the update divides by N, non-participants contribute 0.
@@ -44,7 +46,7 @@ class FedAU(FedAvg):
         >>> rule = FedAU(num_clients=2)
         >>> rule.init_params({"w": torch.zeros(1)})
         >>> rule.begin_round([0]); _ = rule.receive(0, {"w": torch.ones(1)}, 0)
-        >>> rule.params["w"].item()   # (1/N)·ω_0·Δ_0 with ω_0 = 1
+        >>> rule.params["w"].item()   # (1/N)·ω_0·Δ_0 with ω_0 = 1 (no interval closed yet)
         0.5
     """
 
@@ -73,9 +75,11 @@ class FedAU(FedAvg):
                 self.open_interval[n] = 0
 
     def _aggregate(self) -> None:
-        # Every round, empty or not, advances the participation intervals before the (re-weighted) FedAvg step.
-        self.update_weights(self.buffer)
+        # The step uses ω from intervals closed before this round (the authors' timing); then every round, empty or
+        # not, advances the participation intervals with this round's participants.
+        participated = set(self.buffer)
         super()._aggregate()
+        self.update_weights(participated)
 
     def _round_weights(self) -> dict[int, float]:
         """``ω_n / N`` (not renormalised over the participants: non-participants contribute 0)."""

@@ -19,6 +19,7 @@ from lightning_convergence.federated import (
     proximal_term,
     staleness_weight,
 )
+from tests.reference.fedau_authors import fedau_authors
 
 
 def _d(x: float, y: float = 0.0) -> dict[str, torch.Tensor]:
@@ -148,9 +149,50 @@ def test_fedau_cutoff_and_update_by_hand():
         rule.receive(0, _d(1.0), rule.version)
     assert rule.omega == [1.0, 3.0]  # client 1 never came: interval closed at the cutoff K=3
     rule.begin_round([1])
-    rule.receive(1, _d(2.0), rule.version)  # ω_1 stays (M=1: (3 + 1)/2 = 2)
+    rule.receive(1, _d(2.0), rule.version)  # weighted by ω_1 = 3 (closed before); then ω_1 = (3 + 1)/2 = 2
     assert rule.omega[1] == pytest.approx(2.0)
-    assert rule.params["w"].item() == pytest.approx(3 * 0.5 + 0.5 * 2.0 * 2.0)
+    # Rounds 1-3: client 0 with ω_0 = 1 (no interval closed before round 1, then intervals of 1): 3·½·1;
+    # round 4: client 1 with ω_1 = 3: ½·3·2.
+    assert rule.params["w"].item() == pytest.approx(3 * 0.5 + 0.5 * 3.0 * 2.0)
+
+
+def test_fedau_client_first_seen_in_round_5_gets_weight_1_as_in_the_authors_code():
+    """Hand case of the authors' timing: the interval a participation closes is used from the next round on."""
+    rule = _init(FedAU(num_clients=2, cutoff_rounds=50))
+    for _ in range(4):
+        rule.begin_round([0])
+        rule.receive(0, _d(0.0), rule.version)
+    rule.begin_round([1])
+    rule.receive(1, _d(2.0), rule.version)
+    # ½·ω_1·2 with ω_1 = 1 (the authors' code leaves the delta unscaled); weighting by this round's interval
+    # (5 rounds) would give 5.
+    assert rule.params["w"].item() == pytest.approx(1.0)
+    assert rule.omega[1] == pytest.approx(5.0)  # the interval closed this round counts from the next round
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fedau_equals_the_authors_loop_on_random_participation(seed):
+    """60 rounds, 5 clients with different Bernoulli rates, cutoff K=4: same model and weights as the transcription
+    of IBM/fedau's ``adaptive`` loop (tests/reference/fedau_authors.py)."""
+    g = torch.Generator().manual_seed(seed)
+    probs, n_clients, k_value = (0.9, 0.5, 0.2, 0.05, 0.3), 5, 4
+    rounds = []
+    for _ in range(60):
+        part = [n for n, p in enumerate(probs) if torch.rand((), generator=g).item() < p]
+        rounds.append({n: torch.randn(2, generator=g) for n in part})
+    x_ref, weights_ref = fedau_authors(torch.zeros(2), rounds, n_clients, k_value, step_size_global=0.5)
+    rule = FedAU(num_clients=n_clients, cutoff_rounds=k_value, server_lr=0.5)
+    rule.init_params({"w": torch.zeros(2)})
+    for r, deltas in enumerate(rounds):
+        used = [rule.omega[n] if n in deltas else None for n in range(n_clients)]
+        assert used == pytest.approx(weights_ref[r])  # ω read before the round, as the authors' code does
+        rule.begin_round(list(deltas))
+        for n, d in sorted(deltas.items()):
+            rule.receive(n, {"w": d}, rule.version)
+        if not deltas:
+            rule.close_round()
+    # Same sums in the same order up to the association of ω·Δ/N: float32 rounding only.
+    assert torch.allclose(rule.params["w"], x_ref, atol=1e-5)
 
 
 def test_fedprox_term_and_gradient():
