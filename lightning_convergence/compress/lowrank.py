@@ -46,8 +46,17 @@ class LowRank(Compressor):
     the warm start is orthonormalised (span unchanged); the compressor has no uncompressed warm-up of its own
     (``CompressedDDPStrategy(start_step=...)`` provides one, and EF21-type rules send the first step uncompressed);
     error feedback is the rule's business, not the compressor's.
-    Tensors with one dimension, or whose rank-``r`` factors would not be ``min_compression_rate`` times smaller, are
-    sent uncompressed (as PowerSGD does for vectors).
+    Tensors with one dimension, or whose factors would not be ``min_compression_rate`` times smaller than the matrix,
+    are sent uncompressed (as PowerSGD does for vectors): a ``n × m`` matrix is factorised when
+    ``n·m > min_compression_rate · r·(n + m)·rounds/2``, i.e. the floats the factors send per step (torch's
+    ``_should_compress`` for ``rounds=2``; the authors' ``powersgd`` package's average per step for ``rounds=1``).
+
+    Error definition (``error``): PowerSGD's error feedback subtracts the *decompressed average*, so each rank's error
+    is ``M_i − P̂·mean_j(Q_j)ᵀ`` (``error="average"``; torch's ``powerSGD_hook`` and both of the authors' codes,
+    ``epfml/powersgd``, where uncompressed tensors also keep ``x_i − mean_j x_j``). The default
+    ``error="projection"`` keeps ``M_i − P̂ Q_iᵀ = M_i − P̂P̂ᵀM_i``, the rank's own message; the two have the same
+    average over ranks and differ per rank by ``P̂P̂ᵀ(M_i − mean_j M_j)``. ``"average"`` needs a rule that sets its
+    error after the average is known (``EF14``; other rules raise when given it).
 
     Properties: a projection, so ``||C(x) − x|| ≤ ||x||``; with a random factor ``E||C(x) − x||² = (1 − r/m)·||x||²``.
     :meth:`contraction` returns ``r/numel`` (a conservative lower bound). Biased: use it with error feedback.
@@ -56,7 +65,8 @@ class LowRank(Compressor):
         rank: ``r``, columns of the factors, an int ≥ 1. Default ``1``. Start with 1 and increase by factors of 2
             while the loss gap to DDP is too large (PowerSGD's advice); bytes grow linearly in r.
         warm_start: reuse the averaged factor of the previous step (power iteration). Default ``True``.
-        min_compression_rate: send a matrix uncompressed unless ``n·m / ((n or m)·r) ≥`` this, > 0. Default ``2``.
+        min_compression_rate: send a matrix uncompressed unless ``n·m > `` this ``· r·(n + m)·rounds/2``, > 0.
+            Default ``2`` (torch's and the authors' default).
         seed: base seed of the random initial factors. Default ``0``.
         rounds: ``2``: PowerSGD's two all-reduces per step (``r·(n+m)`` floats per matrix, the faithful method);
             ``1``: one all-reduce per step, one factor (half the bytes at equal rank, a staler subspace; measured
@@ -69,6 +79,9 @@ class LowRank(Compressor):
             all-reduce of the float32 factors sends ``2(W−1)/W·4c``: a saving of ``8/W``, so worth it for fewer than
             8 ranks only. Per-column scales because ``Q``'s columns scale with the singular values. The rounding
             error of a rank's own ``Q_i`` is part of what error feedback sees. Default ``None``.
+        error: what error feedback subtracts from the compressor's input: ``"projection"`` (this rank's own
+            message ``P̂ Q_iᵀ``) or ``"average"`` (the decompressed average ``P̂·mean(Q_j)ᵀ``, torch's and the
+            authors' definition; only with ``EF14``). Default ``"projection"``.
 
     State: the shared factor of each parameter (by name) and whether it is a left or right factor. The first
     round's ``P̂`` lives only within one step and is not saved.
@@ -77,7 +90,7 @@ class LowRank(Compressor):
         ValueError: if ``rank`` < 1, ``min_compression_rate`` ≤ 0 or ``rounds`` not in (1, 2).
         TypeError: if ``rank`` is not an int.
         RuntimeError: if ``rounds=2`` and :meth:`compress` is called on a matrix without its first round.
-        ValueError: if ``factor_bits`` is not ``None`` or ``8``.
+        ValueError: if ``factor_bits`` is not ``None`` or ``8``, or ``error`` not ``"projection"``/``"average"``.
 
     Example::
 
@@ -90,7 +103,7 @@ class LowRank(Compressor):
 
     def __init__(
         self, rank: int = 1, warm_start: bool = True, min_compression_rate: float = 2.0, seed: int = 0, rounds: int = 2,
-        factor_bits: int | None = None,
+        factor_bits: int | None = None, error: str = "projection",
     ):
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise TypeError(f"LowRank: `rank` must be an int >= 1, got {type(rank).__name__} {rank!r}.")
@@ -102,6 +115,9 @@ class LowRank(Compressor):
             raise ValueError(f"LowRank: `rounds` must be 1 or 2, got {rounds!r}.")
         if factor_bits is not None and (isinstance(factor_bits, bool) or factor_bits != 8):
             raise ValueError(f"LowRank: `factor_bits` must be None or 8, got {factor_bits!r}.")
+        if error not in ("projection", "average"):
+            raise ValueError(f"LowRank: `error` must be one of 'projection', 'average', got {error!r}.")
+        self.error = error
         self.rank = rank
         self.rounds = rounds
         self.factor_bits = factor_bits
@@ -124,7 +140,7 @@ class LowRank(Compressor):
         for s in shape[1:]:
             m *= int(s)
         r = min(self.rank, n, m)
-        return n * m >= self.min_compression_rate * max(n, m) * r
+        return n * m > self.min_compression_rate * r * (n + m) * self.rounds / 2
 
     def _factor(self, key: str, n: int, m: int, step: int, device: torch.device) -> tuple[Tensor, bool]:
         f = self._factors.get(key) if self.warm_start else None

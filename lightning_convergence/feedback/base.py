@@ -63,11 +63,13 @@ class FeedbackRule:
         name: registered short name (``"ef21"``, ...).
         buffer_names: names of the per-parameter tensor dicts in the state.
         needs_contraction: the rule's theory assumes a contractive compressor (``alpha > 0``).
+        supports_average_error: the rule sets its error from the average, for ``LowRank(error="average")``.
     """
 
     name = "base"
     buffer_names: tuple[str, ...] = ()
     needs_contraction = True
+    supports_average_error = False  # can set its error from the average (a compressor with ``error="average"``)
 
     def __init__(self) -> None:
         self.buffers: dict[str, dict[str, Tensor]] = {b: {} for b in self.buffer_names}
@@ -119,7 +121,17 @@ class FeedbackRule:
         self.residual_sq[key] = sq_norm([tensor])
 
     def check_compressor(self, compressor: Compressor) -> None:
-        """Warn when ``compressor`` does not fit the rule's theory (not contractive)."""
+        """Warn when ``compressor`` does not fit the rule's theory (not contractive).
+
+        Raises:
+            ValueError: for a compressor with ``error="average"`` and a rule that cannot honour it.
+        """
+        if getattr(compressor, "error", None) == "average" and not self.supports_average_error:
+            raise ValueError(
+                f"{type(self).__name__}: `compressor` {compressor!r} has `error` 'average' (the error is taken "
+                "against the decompressed average), which only 'ef14' supports; use feedback='ef14' or "
+                "error='projection'."
+            )
         if self.needs_contraction and compressor.contraction(1_000_000) <= 0.0:
             warnings.warn(
                 f"{type(self).__name__}: `compressor` {compressor!r} is not a contraction (alpha = 0), which this "

@@ -36,6 +36,10 @@ class EF14(FeedbackRule):
 
         p_i = ∇f_i(x) + e_i;   c_i = C(p_i);   e_i ← p_i − c_i;   x ← x − γ (1/n) Σ_i c_i
 
+    With a compressor whose ``error`` is ``"average"`` (``LowRank(error="average")``, torch's PowerSGD hook), the
+    error is set once the average is known: ``e_i ← p_i − (1/n) Σ_j c_j`` (:meth:`update`), as PowerSGD's authors
+    and torch do; the average over workers is the same as with ``e_i ← p_i − c_i``.
+
     Deviations: the error is kept in gradient units (like torch's PowerSGD hook), not multiplied by the learning
     rate as in Karimireddy et al. (``p = γ g + e``). The two agree for a constant learning rate; under a schedule
     the stored error is re-scaled implicitly by the new rate. Minibatch gradients replace ``∇f_i``.
@@ -52,8 +56,16 @@ class EF14(FeedbackRule):
 
     name = "ef14"
     buffer_names = ("e",)
+    supports_average_error = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._input: dict[str, Tensor] = {}  # error="average": this step's p_i until update() sees the average
 
     def _message(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:
+        if getattr(compressor, "error", None) == "average":
+            self._input[key] = p = ef14_input(self.buffers["e"], key, x)
+            return compressor.compress(p, step, key)
         payload, e = ef14_worker_step(self.buffers["e"], key, x, compressor, step)
         self._set_residual(key, e)
         return payload
@@ -62,6 +74,10 @@ class EF14(FeedbackRule):
         return ef14_input(self.buffers["e"], key, grad.detach().to(torch.float32))
 
     def update(self, key: str, mean: Tensor) -> Tensor:
+        p = self._input.pop(key, None)
+        if p is not None:  # error="average": e_i = p_i − the decompressed average
+            self.buffers["e"][key] = e = p - mean.reshape(p.shape).to(p.dtype)
+            self._set_residual(key, e)
         return mean
 
 
