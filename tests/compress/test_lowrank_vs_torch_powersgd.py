@@ -60,7 +60,8 @@ def _ranks(rank: int, world_size: int, error: str):
 
     comp, rule = LowRank(rank=RANK, rounds=2, error=error), EF14()
     rule.check_compressor(comp)
-    comp.load_state_dict({"version": 1, "factors": {"0.weight": _torch_initial_q(16, RANK)}, "left": {"0.weight": False}})
+    start = {"version": 1, "factors": {"0.weight": _torch_initial_q(16, RANK)}, "left": {"0.weight": False}}
+    comp.load_state_dict(start)
 
     def all_reduce(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
@@ -88,12 +89,14 @@ def _ranks(rank: int, world_size: int, error: str):
             torch_err.append([err[n].reshape(g.shape) for n, g in zip(names, grads)])
             our_err.append([rule.buffers["e"].get(n, torch.zeros_like(g)) for n, g in zip(names, grads)])
     as_arrays = lambda steps: [[t.detach().numpy().copy() for t in ts] for ts in steps]  # noqa: E731
-    return as_arrays(torch_out), as_arrays(ours), as_arrays(torch_err), as_arrays(our_err)  # tensors would travel through shared memory that dies with the rank
+    # numpy copies: tensors would travel through shared memory that dies with the rank
+    return as_arrays(torch_out), as_arrays(ours), as_arrays(torch_err), as_arrays(our_err)
 
 
 @pytest.mark.parametrize("error", ["average", "projection"])
 def test_two_rank_lowrank_ef14_equals_torch_powersgd_hook(error):
-    results = [[[[torch.from_numpy(a) for a in ts] for ts in steps] for steps in r] for r in run_processes(_ranks, 2, error)]
+    raw = run_processes(_ranks, 2, error)
+    results = [[[[torch.from_numpy(a) for a in ts] for ts in steps] for steps in r] for r in raw]
     for rank_out in results:
         torch_out, ours, torch_err, our_err = rank_out
         for step in range(STEPS):
