@@ -48,7 +48,9 @@ class GradientVarianceSampling(Callback):
     Paper: Yao, Hao, Zhang, Dong, Xiong, Jiang, Zhang. *Optimizing Chain-of-Thought Reasoners via Gradient Variance
     Minimization in Rejection Sampling and RL* (GVM-RAFT), NeurIPS 2025, arXiv:2505.02391 (``gvm``:
     ``n_i ∝ G_i / sqrt(p_i + α/p_i^(β−1))``, verified against RLHFlow/GVM). Neyman, *On the Two Different Aspects
-    of the Representative Method*, JRSS 1934 (``neyman``: ``n_i ∝ π_i σ_i``). Li, Xu, Tan, Murray, Khashabi.
+    of the Representative Method*, JRSS 1934 (``neyman``: ``n_i ∝ π_i σ_i``, optimal for stratified batches only;
+    ``min_variance``: ``n_i ∝ π_i sqrt(E‖∇f‖²)``, the optimum for the shuffled batches delivered here). Li, Xu, Tan,
+    Murray, Khashabi.
     *Upsample or Upweight? Balanced Training on Heavily Imbalanced Datasets*, NAACL 2025, arXiv:2410.04579
     (``temperature``: ``n_i ∝ N_i^(1/T)`` with a cooldown of ``T``). Formulas: :mod:`lightning_convergence.sampling`.
 
@@ -80,7 +82,8 @@ class GradientVarianceSampling(Callback):
     budget, not the coverage (under a skewed allocation some examples repeat and others wait).
 
     Args:
-        policy: ``"gvm"`` (default), ``"neyman"``, ``"uniform"`` or ``"temperature"``.
+        policy: ``"gvm"`` (default), ``"min_variance"`` (the per-batch variance optimum: recommended when the goal
+            is a lower-variance gradient), ``"neyman"``, ``"uniform"`` or ``"temperature"``.
         every_n_steps: optimizer steps between re-allocations (and probes, and logs), ≥ 1. Default ``50``. Smaller
             adapts faster but probes more often.
         group_fn: ``group_fn(dataset, index) -> int``; default: the dataset's ``groups``/``targets``/``labels``
@@ -173,7 +176,7 @@ class GradientVarianceSampling(Callback):
                 raise ValueError(f"{name}: `{field}` must be an int >= {low}, got {value!r}.")
         if not isinstance(probe_per_group, int) or probe_per_group < 0 or probe_per_group == 1:
             raise ValueError(f"{name}: `probe_per_group` must be 0 or an int >= 2, got {probe_per_group!r}.")
-        if probe_per_group == 0 and policy in ("gvm", "neyman"):
+        if probe_per_group == 0 and policy in ("gvm", "min_variance", "neyman"):
             raise ValueError(f"{name}: `probe_per_group` = 0 leaves policy {policy!r} without statistics; use >= 2.")
         if reweight and min_per_group < 1:
             raise ValueError(f"{name}: `min_per_group` must be >= 1 with `reweight=True` (unbiasedness), got 0.")
@@ -372,7 +375,7 @@ class GradientVarianceSampling(Callback):
         counts = allocate_budget(
             self.policy, sampler.window_size, sampler.group_sizes,
             grad_norms=gs.value("grad_norm") if self.gvm_statistic == "mean_norm" else gs.value("grad_sq").sqrt(),
-            grad_stds=gs.value("grad_var").clamp_min(0).sqrt(),
+            grad_stds=gs.value("grad_var").clamp_min(0).sqrt(), grad_rms=gs.value("grad_sq").sqrt(),
             accept_rates=gs.value("accept_rate", default=1.0), temperature=temperature,
             alpha=self.alpha, beta=self.beta, min_per_group=self.min_per_group,
         )

@@ -1,4 +1,4 @@
-"""Sampling-budget allocation across data groups: GVM, Neyman, uniform and temperature (with cooldown).
+"""Sampling-budget allocation across data groups: GVM, minimum variance, Neyman, uniform and temperature (cooldown).
 
 A *group* is any partition of the training set (class labels, domains, clients, prompts). Given a budget of
 ``total`` draws per window, every policy returns non-negative integer counts ``n_i`` with ``Σ n_i = total``.
@@ -12,10 +12,18 @@ Policies (``π_i = N_i / N`` is group ``i``'s share of the data, i.e. of the uni
   (RLHFlow/GVM, ``em/stage_2_calc_sample_size.py``) computes ``r_i = G_i / sqrt(p_i + α/p_i^(β−1))`` with
   ``α = 1e-3``, ``β = 2`` and ``n_i = N · r_i / Σ_j r_j``. ``G_i`` is the group's mean per-example gradient norm and
   ``p_i`` its acceptance rate (1 when nothing is filtered).
+* ``min_variance``: ``n_i ∝ π_i · sqrt(M_i)`` with ``M_i = E‖∇f_x‖²`` over group ``i`` (the rms per-example gradient
+  norm). The minimiser of the variance of the batches :class:`GroupBudgetSampler` delivers: a batch is a shuffled
+  share of a window, so each draw is from group ``i`` with probability ``q_i = n_i/n`` and the importance-weighted
+  per-example gradient ``(π_i/q_i)∇f_x`` has trace covariance ``Σ_i π_i² M_i / q_i − ‖∇F‖²``, minimised under
+  ``Σ q_i = 1`` by ``q_i ∝ π_i sqrt(M_i)`` (Cauchy–Schwarz). Equal to ``gvm`` with the rms statistic and no filter.
 * ``neyman``: ``n_i ∝ π_i · σ_i`` with ``σ_i² = tr Cov(∇f_x | x ∈ group i)`` the within-group per-example
   gradient variance. Neyman. *On the Two Different Aspects of the Representative Method.* JRSS 97(4), 1934: for
-  the stratified estimator ``Σ_i π_i ḡ_i`` (``ḡ_i`` the mean of ``n_i`` draws from group ``i``) the variance
-  ``Σ_i π_i² σ_i² / n_i`` is minimised under ``Σ n_i = n`` by ``n_i ∝ π_i σ_i`` (Lagrange / Cauchy–Schwarz).
+  the *stratified* estimator ``Σ_i π_i ḡ_i`` (``ḡ_i`` the mean of exactly ``n_i`` draws from group ``i``) the variance
+  ``Σ_i π_i² σ_i² / n_i`` is minimised under ``Σ n_i = n`` by ``n_i ∝ π_i σ_i``. Only a whole window is stratified
+  that way; the batches inside it are not, and Neyman ignores the spread of the group means ``ḡ_i``: with two equal
+  groups of means ±10 and σ 0.1 / 1 it has about 3× uniform's per-batch variance (tested). Use it when the group
+  means are close (then ``M_i ≈ σ_i²`` and it matches ``min_variance``) or when one optimizer step spans a window.
 * ``temperature``: ``n_i ∝ N_i^(1/T)``; ``T = 1`` is ``uniform``, ``T → ∞`` gives every group the same budget.
   Li, Xu, Tan, Murray, Khashabi. *Upsample or Upweight? Balanced Training on Heavily Imbalanced Datasets.*
   NAACL 2025, arXiv:2410.04579 ("Cooldown": start with a high temperature, lower it during training).
@@ -47,7 +55,7 @@ __all__ = [
     "integerize_preserve_sum",
 ]
 
-POLICIES = ("gvm", "neyman", "uniform", "temperature")
+POLICIES = ("gvm", "min_variance", "neyman", "uniform", "temperature")
 
 _Vec = Sequence[float] | Tensor
 
@@ -122,6 +130,7 @@ def allocation_ratios(
     temperature: float = 1.0,
     alpha: float = 1e-3,
     beta: float = 2.0,
+    grad_rms: _Vec | None = None,
 ) -> Tensor:
     """Each group's share of the budget (float64, sums to 1) under ``policy``; see the module docstring.
 
@@ -149,6 +158,10 @@ def allocation_ratios(
             raise ValueError("allocate_budget: policy 'gvm' needs `grad_norms` (G_i).")
         p = torch.ones(k, dtype=torch.float64) if accept_rates is None else _vec(accept_rates, "accept_rates", k)
         scores = share * gvm_scores(_vec(grad_norms, "grad_norms", k), p, alpha, beta)
+    elif policy == "min_variance":
+        if grad_rms is None:
+            raise ValueError("allocate_budget: policy 'min_variance' needs `grad_rms` (sqrt(M_i)).")
+        scores = share * _vec(grad_rms, "grad_rms", k)
     else:  # neyman
         if grad_stds is None:
             raise ValueError("allocate_budget: policy 'neyman' needs `grad_stds` (σ_i).")
@@ -170,15 +183,17 @@ def allocate_budget(
     alpha: float = 1e-3,
     beta: float = 2.0,
     min_per_group: int = 0,
+    grad_rms: _Vec | None = None,
 ) -> Tensor:
     """Integer draws per group, summing to ``total``, under ``policy``.
 
     Args:
-        policy: ``"gvm"``, ``"neyman"``, ``"uniform"`` or ``"temperature"``.
+        policy: ``"gvm"``, ``"min_variance"``, ``"neyman"``, ``"uniform"`` or ``"temperature"``.
         total: draws to allocate (the paper's N), ≥ 0.
         group_sizes: ``N_i``, examples per group.
         grad_norms: ``G_i``, mean per-example gradient norm per group (``gvm``).
         grad_stds: ``σ_i``, within-group per-example gradient standard deviation (``neyman``).
+        grad_rms: ``sqrt(M_i)``, rms per-example gradient norm per group (``min_variance``).
         accept_rates: ``p_i`` in [0, 1] (``gvm``; default all 1: no filtering).
         temperature: ``T`` > 0 (``temperature``).
         alpha: GVM's α ≥ 0, default ``1e-3`` (paper/code). Larger values penalise low-acceptance groups more.
@@ -198,7 +213,7 @@ def allocate_budget(
         raise ValueError(f"allocate_budget: `min_per_group` must be an int >= 0, got {min_per_group!r}.")
     ratios = allocation_ratios(
         policy, group_sizes, grad_norms=grad_norms, grad_stds=grad_stds, accept_rates=accept_rates,
-        temperature=temperature, alpha=alpha, beta=beta,
+        temperature=temperature, alpha=alpha, beta=beta, grad_rms=grad_rms,
     )
     floors = (torch.as_tensor(group_sizes, dtype=torch.float64).flatten() > 0).long() * int(min_per_group)
     rest = int(total) - int(floors.sum())
