@@ -4,7 +4,9 @@ Imports torch only (never ``lightning``), so it is usable and testable outside a
 """
 
 from lightning_convergence.stats.batch_tests import (
+    BlockwiseGradStats,
     augmented_test_batch_size,
+    blockwise_sample_grad_stats,
     inner_product_test_batch_size,
     next_batch_size,
     noise_estimate,
@@ -38,12 +40,14 @@ from lightning_convergence.stats.variance import (
 __all__ = [
     "AllReduce",
     "BiasCorrectedEMA",
+    "BlockwiseGradStats",
     "GradientNoiseScale",
     "NoiseEstimate",
     "SampleGradStats",
     "StepGradientSamples",
     "all_finite",
     "augmented_test_batch_size",
+    "blockwise_sample_grad_stats",
     "estimate_noise",
     "grads_of",
     "inner",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -143,3 +144,77 @@ def test_next_batch_size_errors():
         stats.next_batch_size(4, 1.0, min_batch_size=8, max_batch_size=4)
     with pytest.raises(ValueError, match="`max_growth_factor`"):
         stats.next_batch_size(4, 1.0, max_growth_factor=1.0)
+
+
+def _correlated_blocks(n: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two parameter tensors whose per-example noise shares one scalar factor z_i (correlated across tensors)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    a = torch.tensor([1.0, 0.5, -0.5], dtype=torch.float64) + z * torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    b = torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64) + z * torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64)
+    a = a + 0.3 * torch.randn(n, 3, generator=g, dtype=torch.float64)
+    b = b + 0.3 * torch.randn(n, 3, generator=g, dtype=torch.float64)
+    return {"a": a, "b": b.reshape(n, 3, 1)}
+
+
+def test_blockwise_statistics_equal_the_authors_per_tensor_tests():
+    from tests.reference.adadagrad_authors import inner_product_demand, orthogonality_demand
+
+    grads = _correlated_blocks()
+    s = stats.blockwise_sample_grad_stats(list(grads.values()))
+    # Same sums in another order, float64: 1e-9 relative.
+    assert s.inner_var / (0.5**2 * s.grad_sq_norm**2) == pytest.approx(inner_product_demand(grads, 0.5), rel=1e-9)
+    assert s.orthogonal_trace / (1.0 * s.grad_sq_norm) == pytest.approx(orthogonality_demand(grads, 1.0), rel=1e-9)
+    assert stats.inner_product_test_batch_size(s, 0.5) == math.ceil(inner_product_demand(grads, 0.5))
+    assert stats.orthogonality_test_batch_size(s, 1.0) == math.ceil(orthogonality_demand(grads, 1.0))
+    full = stats.sample_grad_stats(list(grads.values()))
+    # The norm test agrees under both (sample_grad_stats rounds its inputs to float32 first: 1e-6 relative).
+    assert s.trace_cov == pytest.approx(full.trace_cov, rel=1e-6)
+
+
+def test_full_vector_and_per_tensor_inner_product_tests_differ_on_correlated_blocks():
+    grads = _correlated_blocks()
+    flat = torch.cat([g.reshape(64, -1) for g in grads.values()], dim=1)
+    mean = flat.mean(0)
+    # The paper's statistic computed directly on the concatenated vector (torch.var, Bessel-corrected).
+    direct_ip = torch.var(flat @ mean, correction=1).item()
+    full = stats.sample_grad_stats(list(grads.values()))
+    block = stats.blockwise_sample_grad_stats(list(grads.values()))
+    assert full.inner_var == pytest.approx(direct_ip, rel=1e-6)  # float32 inputs in sample_grad_stats
+    b_full, b_block = stats.inner_product_test_batch_size(full, 0.5), stats.inner_product_test_batch_size(block, 0.5)
+    # The shared factor z adds the cross-tensor covariance 2·Cov(⟨aᵢ, ā⟩, ⟨bᵢ, b̄⟩) to the full-vector variance only:
+    # demands 30.5 and 15.4 (about 2x: two equally loud, perfectly correlated blocks), far from any rounding edge.
+    assert (b_full, b_block) == (31, 16)
+    ortho = flat - torch.outer(flat @ mean, mean) / mean.pow(2).sum()
+    assert full.orthogonal_trace == pytest.approx(torch.var(ortho, dim=0, correction=1).sum().item(), rel=1e-6)
+    assert block.orthogonal_trace < 0.95 * full.orthogonal_trace  # 2.07 vs 2.23: projected per tensor
+
+
+def test_blockwise_statistics_reduce_across_ranks_like_one_process():
+    grads = list(_correlated_blocks().values())
+    one = stats.blockwise_sample_grad_stats(grads)
+    halves = [[g[:40] for g in grads], [g[40:] for g in grads]]  # unequal shares
+
+    # Two 'ranks' as threads meeting at a barrier: each collective sums the two ranks' buffers (a fake all-reduce).
+    parts: list[list[torch.Tensor]] = [[], []]
+    barrier = threading.Barrier(2)
+    results: list = [None, None]
+
+    def run(r: int) -> None:
+        def all_reduce(t: torch.Tensor) -> None:
+            parts[r].append(t)
+            barrier.wait()
+            total = parts[0][-1] + parts[1][-1]
+            barrier.wait()
+            t.copy_(total)
+        results[r] = stats.blockwise_sample_grad_stats(halves[r], all_reduce=all_reduce)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for res in results:  # float64 sums in another grouping: 1e-9 relative
+        assert res.inner_var == pytest.approx(one.inner_var, rel=1e-9)
+        assert res.orthogonal_trace == pytest.approx(one.orthogonal_trace, rel=1e-9)
+        assert res.count == one.count == 64
