@@ -5,8 +5,10 @@ Refinement.* arXiv:2310.07831, 2023. Formulas checked against the authors' code 
 adaptive_scheduling``, ``find_closed_form_schedule``); see ``shared/papers/ALGORITHMS.md`` section 12::
 
     norms G_t of run 1 (SGD: l2 norm of the gradient, Adam-type: l1 norm)
-    resample to n points (default 10,000); median filter of width w = 2*floor(tau*n/2) + 1 (tau = 0.1),
-        right end padded by 2w reflected values, edges 'nearest'
+    runs shorter than n points (default 10,000) are interpolated up to n; longer runs stay at full resolution
+    median filter of width w = 2*floor(tau*n/2) + 1 points (tau = 0.1; a fixed 1,001 points, so 10% of a run of
+        up to 10,000 steps and 1% of a 100,000-step run), right end padded by 2w reflected values, edges 'nearest'
+    resample the filtered norms to n points (``visual.py`` of the authors' code)
     weights  w_t = G_t^-2 (l2 / SGD)   or   w_t = G_t^-1 (l1 / Adam)
     eta_t = w_t * sum_{p > t} w_p,   normalised to peak 1 (so eta_T = 0)
     run 2:  lr(step) = peak_lr * eta(relative time)
@@ -83,23 +85,28 @@ def _reflect_index(i: Tensor, n: int) -> Tensor:
     return torch.where(j >= n, period - j, j)
 
 
-def median_smooth(values: Tensor | Sequence[float], tau: float = 0.1) -> Tensor:
-    """The paper's median filter: width ``w = 2*floor(tau*n/2) + 1``, right end padded by ``2w`` reflected values.
+def median_smooth(values: Tensor | Sequence[float], tau: float = 0.1, width_points: int | None = None) -> Tensor:
+    """The paper's median filter: width ``w = 2*floor(tau*m/2) + 1``, right end padded by ``2w`` reflected values.
 
-    Equivalent to ``scipy.ndimage.median_filter(np.pad(G, (0, 2w), mode='reflect'), size=w, mode='nearest')[:-2w]``
-    (checked in the tests). ``tau = 0`` (``w = 1``) returns the input unchanged.
+    ``m`` is ``width_points`` (the authors' code: the 10,000 points of the schedule, whatever the run's length) or,
+    by default, the number of values. Equivalent to
+    ``scipy.ndimage.median_filter(np.pad(G, (0, 2w), mode='reflect'), size=w, mode='nearest')[:-2w]`` (checked in
+    the tests). ``tau = 0`` (``w = 1``) returns the input unchanged. Memory stays bounded on long runs (windows
+    are taken in blocks).
     """
     v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
     n = v.numel()
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"median_smooth: `tau` must be in [0, 1], got {tau}.")
-    w = 2 * math.floor(tau * n / 2) + 1
+    w = 2 * math.floor(tau * (n if width_points is None else int(width_points)) / 2) + 1
     if w == 1 or n == 0:
         return v.clone()
     padded = v[_reflect_index(torch.arange(n + 2 * w), n)]
     h = w // 2
     edged = torch.cat([padded[:1].expand(h), padded, padded[-1:].expand(h)])
-    return edged.unfold(0, w, 1).median(dim=1).values[:n]
+    block = max(1, 4_000_000 // w)  # output positions per block: at most ~4M window entries in memory
+    out = [edged[j : j + min(block, n - j) + w - 1].unfold(0, w, 1).median(dim=1).values for j in range(0, n, block)]
+    return torch.cat(out)
 
 
 def refinement_weights(smoothed: Tensor, norm_type: str) -> Tensor:
@@ -133,9 +140,11 @@ def refine_schedule(
     Args:
         norms: per-step norms ``G_t`` (l2 for SGD-type, l1 for Adam-type), at least 2 values, all > 0.
         norm_type: ``"l2"`` (weights ``G^-2``) or ``"l1"`` (weights ``G^-1``).
-        tau: median-filter width as a fraction of the points (paper: 0.1). 0 disables smoothing.
-        resample_points: resample the norms to this many points first (paper: 10,000); ``None`` keeps one point
-            per step (used for hand-computed checks).
+        tau: median-filter width as a fraction of ``resample_points`` (paper: 0.1). 0 disables smoothing.
+        resample_points: the schedule's points ``n`` (paper: 10,000). A run with fewer steps is interpolated up to
+            ``n`` before filtering; a longer one is filtered at full resolution (the window stays ``tau·n`` points,
+            as in the authors' code) and then resampled to ``n``. ``None`` keeps one point per step and a window of
+            ``tau`` times the run (used for hand-computed checks).
 
     Returns:
         float64 tensor of length ``resample_points`` (or ``len(norms)``), evenly spaced over relative time [0, 1].
@@ -144,9 +153,14 @@ def refine_schedule(
     g = torch.as_tensor(norms, dtype=torch.float64).reshape(-1)
     if g.numel() < 2:
         raise ValueError(f"refine_schedule: need at least 2 gradient norms, got {g.numel()}.")
-    if resample_points is not None:
-        g = resample(g, int(resample_points))
-    return schedule_from_weights(refinement_weights(median_smooth(g, tau), norm_type))
+    if resample_points is None:
+        smoothed = median_smooth(g, tau)
+    else:
+        n = int(resample_points)
+        if g.numel() < n:
+            g = resample(g, n)
+        smoothed = resample(median_smooth(g, tau, width_points=n), n)
+    return schedule_from_weights(refinement_weights(smoothed, norm_type))
 
 
 def interp_profile(profile: Sequence[float], u: float) -> float:
@@ -169,9 +183,11 @@ def online_profile(
 ) -> Tensor:
     """Online refit: the refined schedule over ``total_steps`` from the first ``k`` observed norms.
 
-    The observed norms are median-smoothed as in the paper (after resampling to at most ``max_points`` points so the
-    cost stays bounded) and the last smoothed value is extrapolated as constant for steps ``k..T-1``. Returns a
-    float64 tensor of length ``total_steps`` with peak 1 (past and future steps alike).
+    The observed norms are median-smoothed (after resampling to at most ``max_points`` points so the cost of a refit
+    stays bounded: past ``max_points`` observed steps the window is ``tau`` of the steps seen, not the fixed
+    ``tau·max_points`` points of :func:`refine_schedule`) and the last smoothed value is extrapolated as constant
+    for steps ``k..T-1``. Returns a float64 tensor of length ``total_steps`` with peak 1 (past and future steps
+    alike).
 
     Raises:
         ValueError: for fewer than 2 norms, or ``total_steps`` smaller than the number of norms.
