@@ -18,16 +18,18 @@ def ef21_sgdm_worker_step(
     v: dict[str, Tensor], g_i: dict[str, Tensor], key: str, grad: Tensor, compressor: Compressor, step: int,
     momentum: float, dense_first_step: bool,
 ) -> tuple[Payload, Tensor]:
-    """``v_i ← (1−η) v_i + η ∇f_i``, ``c_i = C(v_i − g_i)``, ``g_i ← g_i + c_i``. Returns the message, ``v_i − g_i``."""
+    """``v_i ← (1−η) v_i + η ∇f_i``, ``c_i = C(v_i − g_i)``, ``g_i ← g_i + c_i``. Returns the message, ``v_i − g_i``.
+
+    The first call starts from ``v_i⁰ = ∇f_i(x⁰)`` (the paper's initialisation); with ``dense_first_step`` it also
+    sets ``g_i⁰ = ∇f_i(x⁰)`` and sends it uncompressed, otherwise ``g_i⁰ = 0`` and the message is ``C(∇f_i(x⁰))``.
+    """
     old_v, old_g = get_buffer(v, key, grad), get_buffer(g_i, key, grad)
     if old_g is None and dense_first_step:
         v[key], g_i[key] = grad.clone(), grad.clone()
         return DENSE.compress(grad, step, key), torch.zeros_like(grad)
-    if old_v is None:
-        old_v = torch.zeros_like(grad)
     if old_g is None:
         old_g = torch.zeros_like(grad)
-    v[key] = old_v.mul(1.0 - momentum).add_(grad, alpha=momentum)
+    v[key] = grad.clone() if old_v is None else old_v.mul(1.0 - momentum).add_(grad, alpha=momentum)
     payload = compressor.compress(v[key] - old_g, step, key)
     g_i[key] = old_g + payload.decompress().reshape(grad.shape).to(grad.dtype)
     return payload, v[key] - g_i[key]
@@ -41,9 +43,14 @@ class EF21SGDM(FeedbackRule):
 
         v_i ← (1 − η) v_i + η ∇f_i(x; ξ_i);   c_i = C(v_i − g_i);   g_i ← g_i + c_i;   g ← g + (1/n) Σ_i c_i
 
-    UNVERIFIED reconstruction from the abstract (see ``ALGORITHMS.md`` §2c); ``momentum = 1`` gives EF21 exactly
-    (tested). Deviations: the first step sends the uncompressed gradient and sets ``v_i = g_i = ∇f_i`` (the paper
-    may use a larger initial batch); the double-momentum variant EF21-SGD2M is not implemented.
+    Checked line by line against the method's restatement (its Algorithm 2 without normalisation) in Khirirat et
+    al. (Khirirat, Riabinin, Sadiev, Gorbunov, Richtárik), *Error Feedback under (L0,L1)-Smoothness:
+    Normalization and Momentum*: ``v_i⁰ = ∇f_i(x⁰; ξ⁰)``, then
+    every step ``v_i``, ``Δ_i = C(v_i − g_i)``, ``g_i += Δ_i``, ``x ← x − γ·mean g_i``; the order (optimizer step with
+    ``g^t``, then the gradient at ``x^{t+1}``) is tested against a transcription on least squares. ``momentum = 1``
+    gives EF21 exactly (tested). Deviations: with ``dense_first_step`` (default) the first step sends the
+    uncompressed gradient and sets ``v_i⁰ = g_i⁰ = ∇f_i(x⁰)`` (the paper allows a larger initial batch for
+    ``g_i⁰ = v_i⁰``); without it ``g_i⁰ = 0``. The double-momentum variant EF21-SGD2M is not implemented.
 
     Args:
         momentum: EMA weight ``η`` of the new gradient, in (0, 1]. Default ``0.1`` (an EMA with β = 0.9). The
@@ -93,7 +100,7 @@ class EF21SGDM(FeedbackRule):
         old_v, old_g = get_buffer(self.buffers["v"], key, x), get_buffer(self.buffers["g_i"], key, x)
         if old_g is None and self.dense_first_step:
             return None
-        v = x * self.momentum if old_v is None else old_v.mul(1.0 - self.momentum).add_(x, alpha=self.momentum)
+        v = x if old_v is None else old_v.mul(1.0 - self.momentum).add_(x, alpha=self.momentum)
         return v if old_g is None else v - old_g
 
     def update(self, key: str, mean: Tensor) -> Tensor:
