@@ -1,4 +1,4 @@
-"""NoLoCo's outer step: random pairs, pairwise averaging inside a modified Nesterov step, no all-reduce.
+"""NoLoCo's outer step: random pairs, pairwise averaging inside a heavy-ball (not Nesterov) step, no all-reduce.
 
 Imports torch only.
 """

@@ -411,7 +411,7 @@ def register_strategies() -> None:
                       outer="average", schedule=8)
     register_strategy("diloco", LocalSGDStrategy, "DiLoCo: outer Nesterov SGD (lr 0.7, momentum 0.9) every 32 steps",
                       outer="diloco", schedule=32)
-    register_strategy("noloco", LocalSGDStrategy, "NoLoCo: random-pair outer Nesterov step every 32 steps, no "
+    register_strategy("noloco", LocalSGDStrategy, "NoLoCo: random-pair outer heavy-ball step every 32 steps, no "
                       "all-reduce", outer="noloco", schedule=32)
     register_strategy("co2", LocalSGDStrategy, "CO2: overlapped one-round-stale outer momentum every 32 steps",
                       outer="co2", schedule=32)
