@@ -42,11 +42,15 @@ class CO2(OuterStep):
     (``weigao266/fairscale-CO2``, ``_perform_local_optimization``): ``m ← β m + (θ_old − θ̄)/λ``, clip, ``θ_old ←
     θ_old − lr·m``.
 
-    Deviations: (1) the released code's clip is a no-op (``torch.clamp`` result discarded); here ``clamp_`` clips as
-    intended. (2) λ is a constant (as in the released code); the paper's adaptive staleness-gap penalty was not
-    retrieved. (3) How a replica re-bases after the stale update (keep its own last round of progress) is our
-    reconstruction of "one-step asynchronous" overlap; the released code also runs LocalSGD all-reduces inside the
-    round, which the schedule's H covers here. (4) A non-finite arrived mean is dropped (momentum untouched).
+    Deviations (checked against the released ``co2.py``): (1) its clip is a no-op (``torch.clamp`` result
+    discarded); here ``clamp_`` clips as intended. (2) λ is a constant, as there; the paper's adaptive staleness-gap
+    penalty was not retrieved. (3) The overlap is ours. The released code takes the outer step on a *synchronous*
+    reduce/broadcast of the current parameters (blocking, in the training thread) and overlaps only the LocalSGD
+    parameter all-reduce, run every ``localsgd_frequency`` steps in a background thread on the live parameters; here
+    the outer pseudo-gradient itself travels during the next round and is applied one round late, each replica
+    keeping its own last round of progress (the paper's "one-step asynchronous" outer update as we read it). With
+    H equal to the released ``outer_frequency`` there is no separate inner LocalSGD averaging. (4) A non-finite
+    arrived mean is dropped (momentum untouched).
 
     Args:
         lr: outer learning rate (released code default 1.0), > 0.

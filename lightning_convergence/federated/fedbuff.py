@@ -22,10 +22,12 @@ class FedBuff(ServerRule):
         (``FedBuffAggregator``, polynomial staleness weights).
 
     Deviations:
-        ``reduction="mean"`` divides by K (the paper's Algorithm 1, as commonly reported; UNVERIFIED there), ``"sum"``
-        does not (FLSim's weighted-sum reducer, scaling folded into η_g). The polynomial weight is ``(1+τ)^(−a)``
-        without FLSim's normalisation by the average staleness (a constant factor, absorbed by η_g). Optional server
-        momentum is FLSim's server-SGD momentum.
+        ``reduction="mean"`` divides by K (the paper's Algorithm 1 as commonly restated; the paper's text was not
+        checked). ``"sum"`` does not, and is what the authors' group's code runs: FLSim's ``HybridAggregator`` sums
+        the weighted deltas (reducer ``WEIGHTED_SUM``) and takes one server-SGD step (tested against a transcription).
+        The two differ only by the factor K in η_g. The polynomial weight is ``(1+τ)^(−a)`` without FLSim's
+        normalisation by the average staleness (a constant factor, absorbed by η_g). Optional server momentum is
+        FLSim's server-SGD momentum.
 
     Args:
         buffer_size: K, client updates per server step, ≥ 1. Default ``10`` (FLSim example). K = number of clients

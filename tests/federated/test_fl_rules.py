@@ -20,6 +20,7 @@ from lightning_convergence.federated import (
     staleness_weight,
 )
 from tests.reference.fedau_authors import fedau_authors
+from tests.reference.fedbuff_flsim import fedbuff_flsim
 
 
 def _d(x: float, y: float = 0.0) -> dict[str, torch.Tensor]:
@@ -282,3 +283,22 @@ def test_receive_errors():
     with pytest.raises(ValueError, match="participants"):
         FedAvg(num_clients=2).begin_round([5])
     assert math.isfinite(rule.metrics()["staleness_steps"])
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_fedbuff_sum_equals_flsims_hybrid_aggregator(momentum):
+    """FLSim (the authors' group's code) sums the buffered deltas (no 1/K) and steps torch's SGD: reduction='sum'."""
+    g = torch.Generator().manual_seed(3)
+    reports = [torch.randn(3, generator=g) for _ in range(12)]
+    ref = fedbuff_flsim(torch.zeros(3), reports, buffer_size=4, lr=0.7, momentum=momentum)
+    rule = FedBuff(buffer_size=4, server_lr=0.7, staleness="constant", server_momentum=momentum, reduction="sum")
+    rule.init_params({"w": torch.zeros(3)})
+    for k, d in enumerate(reports):
+        rule.receive(k % 5, {"w": d}, rule.version)
+    # torch's SGD folds lr into a different product order: float32 rounding on values of size ~1.
+    assert torch.allclose(rule.params["w"], ref, atol=1e-5)
+    mean = FedBuff(buffer_size=4, server_lr=0.7, staleness="constant", server_momentum=momentum)
+    mean.init_params({"w": torch.zeros(3)})
+    for k, d in enumerate(reports):
+        mean.receive(k % 5, {"w": d}, mean.version)
+    assert torch.allclose(mean.params["w"], ref / 4, atol=1e-5)  # 'mean' is the same run with η_g/K
