@@ -17,7 +17,7 @@ class FedBuff(ServerRule):
     """Buffered asynchronous aggregation: ``Δ̄ += s(τ)·Δ``; after K updates ``w ← w + η_g·Δ̄/K``, then reset.
 
     Paper:
-        Nguyen, Malik, Zhao, Rabbat, Esmaeili, Huba, et al. *Federated Learning with Buffered Asynchronous
+        Nguyen, Malik, Zhan, Yousefpour, Rabbat, Malek, Huba. *Federated Learning with Buffered Asynchronous
         Aggregation.* AISTATS 2022, arXiv:2106.06639 (Algorithm 1). Checked against the authors' group's FLSim
         (``FedBuffAggregator``, polynomial staleness weights).
 
