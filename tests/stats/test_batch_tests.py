@@ -158,15 +158,16 @@ def _correlated_blocks(n: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def test_blockwise_statistics_equal_the_authors_per_tensor_tests():
-    from tests.reference.adadagrad_authors import inner_product_demand, orthogonality_demand
+    from tests.reference.adadagrad_authors import per_tensor_demands
 
     grads = _correlated_blocks()
     s = stats.blockwise_sample_grad_stats(list(grads.values()))
+    ip_demand, orth_demand = per_tensor_demands(grads, theta=0.5, nu=1.0)
     # Same sums in another order, float64: 1e-9 relative.
-    assert s.inner_var / (0.5**2 * s.grad_sq_norm**2) == pytest.approx(inner_product_demand(grads, 0.5), rel=1e-9)
-    assert s.orthogonal_trace / (1.0 * s.grad_sq_norm) == pytest.approx(orthogonality_demand(grads, 1.0), rel=1e-9)
-    assert stats.inner_product_test_batch_size(s, 0.5) == math.ceil(inner_product_demand(grads, 0.5))
-    assert stats.orthogonality_test_batch_size(s, 1.0) == math.ceil(orthogonality_demand(grads, 1.0))
+    assert s.inner_var / (0.5**2 * s.grad_sq_norm**2) == pytest.approx(ip_demand, rel=1e-9)
+    assert s.orthogonal_trace / (1.0 * s.grad_sq_norm) == pytest.approx(orth_demand, rel=1e-9)
+    assert stats.inner_product_test_batch_size(s, 0.5) == math.ceil(ip_demand)
+    assert stats.orthogonality_test_batch_size(s, 1.0) == math.ceil(orth_demand)
     full = stats.sample_grad_stats(list(grads.values()))
     # The norm test agrees under both (sample_grad_stats rounds its inputs to float32 first: 1e-6 relative).
     assert s.trace_cov == pytest.approx(full.trace_cov, rel=1e-6)
