@@ -28,7 +28,8 @@ class LowRank(Compressor):
     ``Q_i = M_iᵀ P̂`` (second all-reduce, :meth:`compress`), and the average decompresses to ``P̂ (mean Q_i)ᵀ``;
     ``orth(mean Q_i)`` is the next step's ``Q``. Each rank's own message stands for ``P̂ Q_iᵀ = P̂ P̂ᵀ M_i``, the
     projection of its matrix onto a column space fitted to *this* step's average, which is what error feedback
-    subtracts. Bytes: ``r·(n + m)`` floats per matrix per step. :class:`CompressedDDPStrategy` runs the first round
+    subtracts with the default ``error="projection"`` (``error="average"``: torch's and the authors' choice, see
+    below). Bytes: ``r·(n + m)`` floats per matrix per step. :class:`CompressedDDPStrategy` runs the first round
     for every compressible matrix of a bucket in one all-reduce, on the input its feedback rule is about to
     compress (``FeedbackRule.compressor_input``).
 
