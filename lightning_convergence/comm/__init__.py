@@ -23,9 +23,10 @@ from lightning_convergence.comm.payloads import (
     payload_bytes,
     payloads_from_bytes,
 )
-from lightning_convergence.comm.quantized import quantized_link_bytes, quantized_mean_async
+from lightning_convergence.comm.quantized import BLOCK, quantized_link_bytes, quantized_mean_async
 
 __all__ = [
+    "BLOCK",
     "Communicator",
     "PendingMean",
     "SingleProcessCommunicator",
