@@ -69,6 +69,11 @@ class CompressionHookState:
                 f"CompressedDDPStrategy: a bucket parameter of shape {tuple(param.shape)} has no known name."
             ) from err
 
+    def layout(self, bucket: Any) -> tuple[list[str], list[torch.Tensor]]:
+        """The bucket's parameter names and gradients, sorted by name."""
+        pairs = sorted(zip((self.name_of(p) for p in bucket.parameters()), bucket.gradients()), key=lambda t: t[0])
+        return [n for n, _ in pairs], [g for _, g in pairs]
+
     def add_nonfinite(self, count: torch.Tensor) -> None:
         self.step_nonfinite = count if self.step_nonfinite is None else self.step_nonfinite + count
 
@@ -105,8 +110,9 @@ def compressed_comm_hook(state: CompressionHookState, bucket):
             state.add_nonfinite(count)
             return buffer.copy_(mean)
     else:
-        grads = bucket.gradients()
-        names = [state.name_of(p) for p in bucket.parameters()]
+        # by name: the message layout (and so a ring all-reduce's float summation order) does not depend on the
+        # order in which DDP put the parameters into the bucket, which changes when DDP rebuilds its buckets
+        names, grads = state.layout(bucket)
         rule, compressor = state.rule, state.compressor
         if compressor.rounds > 1:  # the first round (PowerSGD's P, cyclic Top-K's indices) on the rule's inputs
             items = [(n, x, rule.steps.get(n, 0)) for n, g in zip(names, grads)
