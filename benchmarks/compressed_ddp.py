@@ -265,6 +265,64 @@ def worker(args: argparse.Namespace) -> None:
                 f.write(json.dumps(row) + "\n")
 
 
+# ------------------------------------------------------------------------------------------------------ hook cost
+class _FakeBucket:
+    """What the hook reads from ``dist.GradBucket``: a flat buffer, its per-parameter views and the parameters."""
+
+    def __init__(self, params: list[Any], buffer: Any) -> None:
+        self._params, self._buffer = params, buffer
+        self._grads, offset = [], 0
+        for p in params:
+            self._grads.append(buffer[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def buffer(self) -> Any:
+        return self._buffer
+
+    def gradients(self) -> list[Any]:
+        return self._grads
+
+    def parameters(self) -> list[Any]:
+        return self._params
+
+
+def hook_cost(total: int = 6_400_000, counts: tuple[int, ...] = (10, 100, 300), steps: int = 8) -> None:
+    """The hook's own time per step at world size 1 (no communication), for the same number of gradient entries
+    split into 10, 100 or 300 square-ish matrices: what the per-parameter work costs as the tensor count grows."""
+    import torch
+
+    from lightning_convergence.comm import SingleProcessCommunicator
+    from lightning_convergence.feedback import make_rule
+    from lightning_convergence.strategies.compressed_ddp import CompressionHookState, compressed_comm_hook
+
+    torch.set_num_threads(1)
+    schemes = {"ef14_cyclic_topk1%": ("ef14", "cyclic1"), "ef14_powersgd_r9_8bit": ("ef14", "powersgd9_8"),
+               "ef21_topk1%": ("ef21", "topk")}
+    print(f"hook time per step (ms), {total} entries, world size 1, 1 thread")
+    print(f"{'scheme':<22}" + "".join(f"{n:>10}" for n in counts) + f"{'300/10':>9}")
+    for label, (rule_name, comp_name) in schemes.items():
+        times = []
+        for n in counts:
+            side = int((total / n) ** 0.5)
+            params = [torch.nn.Parameter(torch.zeros(side, side)) for _ in range(n)]
+            names = {id(p): f"p{i}" for i, p in enumerate(params)}
+            state = CompressionHookState(make_rule(rule_name, "bench"), _compressor(comp_name), names,
+                                         SingleProcessCommunicator())
+            gen = torch.Generator().manual_seed(0)
+            buf = torch.empty(n * side * side)
+            laps = []
+            for step in range(steps + 2):
+                buf.copy_(torch.randn(buf.numel(), generator=gen))
+                bucket = _FakeBucket(params, buf)
+                t0 = time.perf_counter()
+                compressed_comm_hook(state, bucket).wait()
+                state.take_nonfinite()
+                if step >= 2:  # the first steps send dense (EF21) or warm up
+                    laps.append(time.perf_counter() - t0)
+            times.append(1e3 * sorted(laps)[len(laps) // 2])
+        print(f"{label:<22}" + "".join(f"{t:>10.1f}" for t in times) + f"{times[-1] / times[0]:>9.2f}")
+
+
 # ---------------------------------------------------------------------------------------------------------- parent
 def _smooth(xs: list[float], w: int = 10) -> list[float]:
     return [sum(xs[max(0, i - w + 1) : i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(xs))]
@@ -354,6 +412,8 @@ def _free_port() -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer steps and methods")
+    p.add_argument("--hook-cost", action="store_true",
+                   help="only the hook's own time per step for 10, 100, 300 tensors of the same total size")
     p.add_argument("--rates", nargs="+", default=["100mbit"],
                    help="tc rates of the emulated link; 'unlimited': a private namespace without a rate limit")
     p.add_argument("--world-size", nargs="+", type=int, default=[2], help="CPU ranks (one torchrun per value)")
@@ -379,6 +439,9 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.hook_cost:
+        hook_cost()
         return
 
     OUT.mkdir(parents=True, exist_ok=True)

@@ -194,22 +194,16 @@ class LowRank(Compressor):
         """Take the averaged factor as the next shared factor (called with the *averaged* payload on every rank)."""
         if payload.meta.get("dense"):
             return
-        mean = self._decode(payload.tensors)
+        # no host sync: NaN/inf entries (an overflowed average) become 0, and the orthonormal basis of an all-zero
+        # matrix is the identity's first columns, the same on every rank
+        mean = torch.nan_to_num(self._decode(payload.tensors).float(), nan=0.0, posinf=0.0, neginf=0.0)
         key = payload.meta["key"]
         if payload.meta.get("round") == 1:
-            if torch.isfinite(mean).all() and bool(mean.abs().sum() > 0):
-                self._pending[key] = _orthonormal(mean.float()).detach()
-            else:  # nothing to fit (all-zero or overflowed average): any shared orthonormal basis will do
-                n = mean.shape[0]
-                rand = torch.randn(n, mean.shape[1], generator=generator_for(self.seed + 1, payload.meta["step"], key))
-                self._pending[key] = _orthonormal(rand).to(mean.device)
+            self._pending[key] = _orthonormal(mean).detach()
             return
         if not self.warm_start:
             return
-        if not torch.isfinite(mean).all():
-            self._factors.pop(key, None)  # restart from a random factor
-            return
-        self._factors[key] = _orthonormal(mean.float()).detach()
+        self._factors[key] = _orthonormal(mean).detach()
         self._left[key] = not payload.meta["left"]
 
     def state_dict(self) -> dict[str, Any]:

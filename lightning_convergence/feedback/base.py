@@ -82,10 +82,10 @@ class FeedbackRule:
     ) -> Payload:
         """This worker's message for parameter ``key`` (updates the worker-side state).
 
-        ``finite`` may be a 0-dim bool tensor on the gradient's device (the comm hook's flag, no host sync): where it
-        is false the message is all zeros and the state keeps its old values, selected on the device
-        (:meth:`_message_masked`). A Python bool (or ``None``: checked here, one host sync) takes the branch on the
-        host and counts the skip in ``nonfinite_skipped_total``.
+        ``finite`` may be a 0-dim bool tensor on the gradient's device (the comm hook's flag, no host sync; ``grad``
+        must then hold zeros where the flag is false): the message is all zeros and the state keeps its old values,
+        selected on the device (:meth:`_message_masked`). A Python bool (or ``None``: checked here, one host sync)
+        takes the branch on the host and counts the skip in ``nonfinite_skipped_total``.
         """
         x = grad.detach().to(torch.float32)
         step = self.steps.get(key, 0)
@@ -100,18 +100,17 @@ class FeedbackRule:
         return self._message(key, x, compressor, step)
 
     def _message_masked(self, key: str, x: Tensor, compressor: Compressor, step: int, finite: Tensor) -> Payload:
-        """:meth:`_message` on ``x`` with non-finite entries zeroed, then, where ``finite`` is false, a zero message
-        and every buffer of ``key`` back at its old value (a missing buffer starts at zero, as :meth:`_skip` does).
-        Rules replace their buffers rather than writing into them, so the old tensors are still intact here."""
+        """:meth:`_message` on ``x`` (the caller has zeroed it where ``finite`` is false: the comm hook cleans the
+        whole bucket in one op), then, where ``finite`` is false, a zero message and every buffer of ``key`` back at
+        its old value (a missing buffer starts at zero, as :meth:`_skip` does). Rules replace their buffers rather
+        than writing into them, so the old tensors are still intact here."""
         old = {b: self.buffers[b].get(key) for b in self.buffer_names}
-        payload = self._message(key, torch.where(finite, x, torch.zeros_like(x)), compressor, step)
+        payload = self._message(key, x, compressor, step)
         for b, before in old.items():
             new = self.buffers[b].get(key)
             if new is not None and new is not before:
-                self.buffers[b][key] = torch.where(finite, new, torch.zeros_like(new) if before is None else before)
-        if key in self.residual_sq:
-            self.residual_sq[key] = torch.where(finite, self.residual_sq[key], torch.zeros_like(self.residual_sq[key]))
-        return payload.replace({n: torch.where(finite, t, torch.zeros_like(t)) for n, t in payload.tensors.items()})
+                self.buffers[b][key] = torch.where(finite, new, 0.0 if before is None else before)
+        return payload.replace({n: torch.where(finite, t, 0) for n, t in payload.tensors.items()})
 
     def update(self, key: str, mean: Tensor) -> Tensor:  # pragma: no cover - abstract
         """The gradient estimate for ``key`` given the average of all workers' decompressed messages."""
