@@ -20,6 +20,7 @@ from lightning_convergence.comm.payloads import (
     average_payloads,
     average_payloads_async,
     first_round,
+    link_bytes_per_rank,
     payload_bytes,
     payloads_from_bytes,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "ddp_link_bytes",
     "done",
     "first_round",
+    "link_bytes_per_rank",
     "payload_bytes",
     "payloads_from_bytes",
     "quantized_link_bytes",

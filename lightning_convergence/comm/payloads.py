@@ -23,10 +23,14 @@ import torch
 from torch import Tensor
 
 from lightning_convergence.comm.communicator import Communicator, done
-from lightning_convergence.comm.quantized import BLOCK, quantized_mean_async
+from lightning_convergence.comm.links import all_gather_link_bytes, all_reduce_link_bytes
+from lightning_convergence.comm.quantized import BLOCK, quantized_link_bytes, quantized_mean_async
 from lightning_convergence.compress.base import Compressor, Payload
 
-__all__ = ["average_payloads", "average_payloads_async", "first_round", "payload_bytes", "payloads_from_bytes"]
+__all__ = [
+    "average_payloads", "average_payloads_async", "first_round", "link_bytes_per_rank", "payload_bytes",
+    "payloads_from_bytes",
+]
 
 
 def payload_bytes(payloads: Sequence[Payload]) -> Tensor:
@@ -46,6 +50,19 @@ def payloads_from_bytes(blob: Tensor, templates: Sequence[Payload]) -> tuple[lis
             offset += nb
         out.append(template.replace(tensors))
     return out, offset
+
+
+def link_bytes_per_rank(compressor: Compressor, shape: tuple[int, ...], world_size: int) -> int | None:
+    """Link bytes one rank sends for one float32 tensor of ``shape`` under ``compressor``'s transport at
+    ``world_size`` (single-round compressors; ``None`` for two-round ones, whose first round needs its partners)."""
+    if compressor.rounds > 1:
+        return None
+    nbytes = compressor.compress(torch.zeros(shape), 0, "probe").nbytes
+    if compressor.transport == "all_gather":
+        return all_gather_link_bytes(nbytes, world_size)
+    if compressor.transport == "quantized_all_reduce":
+        return quantized_link_bytes(nbytes // 4, world_size)
+    return all_reduce_link_bytes(nbytes, world_size)
 
 
 def _flat_float(payloads: Sequence[Payload]) -> Tensor:

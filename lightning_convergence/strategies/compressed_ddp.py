@@ -29,13 +29,16 @@ from lightning_convergence.comm import (
     average_payloads_async,
     ddp_link_bytes,
     first_round,
+    link_bytes_per_rank,
 )
 from lightning_convergence.compress import Compressor, TopK
 from lightning_convergence.feedback import FeedbackRule, make_rule
 from lightning_convergence.feedback.base import DENSE
 from lightning_convergence.strategies._ddp_base import HookedDDPStrategy
 
-__all__ = ["CompressedDDPStrategy", "CompressionHookState", "compressed_comm_hook", "register_strategies"]
+__all__ = [
+    "CompressedDDPStrategy", "CompressionHookState", "check_saving", "compressed_comm_hook", "register_strategies",
+]
 
 STATE_VERSION = 2
 _COUNTERS = ("bytes_sent_total", "dense_bytes_total", "hook_calls_total", "nonfinite_skipped_total")
@@ -142,6 +145,21 @@ def compressed_comm_hook(state: CompressionHookState, bucket):
     c["dense_bytes_total"] += ddp_link_bytes(buffer.numel() * buffer.element_size(), comm.world_size)
     c["hook_calls_total"] += 1
     return fut.then(finish)
+
+
+def check_saving(owner: str, compressor: Compressor, world_size: int) -> None:
+    """Raise when ``compressor`` sends at least as many link bytes as plain DDP at ``world_size`` (a 1000 x 1000
+    float32 probe): payloads that travel by all-gather cost ``(W−1)·c`` per rank, DDP ``2(W−1)/W·D``."""
+    shape = (1000, 1000)
+    ours = link_bytes_per_rank(compressor, shape, world_size)
+    ddp = ddp_link_bytes(4 * shape[0] * shape[1], world_size)
+    if world_size > 1 and ours is not None and ours >= ddp:
+        raise ValueError(
+            f"{owner}: `compressor` {compressor!r} travels by {compressor.transport}, which at world size "
+            f"{world_size} sends {ours} bytes per rank for a 1000x1000 float32 gradient against plain DDP's {ddp}: "
+            "no saving. Use a scheme whose payloads are summed on the wire (CyclicTopK, LowRank, RandK) or a "
+            "smaller fraction."
+        )
 
 
 class CompressedDDPStrategy(HookedDDPStrategy):
@@ -271,6 +289,7 @@ class CompressedDDPStrategy(HookedDDPStrategy):
     def build_comm_hook(self, model: DistributedDataParallel) -> tuple[Any, Any]:
         comm: Communicator = TorchDistCommunicator() if dist.is_initialized() else SingleProcessCommunicator()
         self.compressor.bind(comm.rank, comm.world_size, comm.backend, self.root_device.type)
+        check_saving(type(self).__name__, self.compressor, comm.world_size)
         if comm.world_size == 1:
             warnings.warn(
                 f"{type(self).__name__}: world size 1, so nothing is sent and compression saves no bytes; the "
