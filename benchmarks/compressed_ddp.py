@@ -111,25 +111,8 @@ def _strategy(method: str, start_step: int = 0):
     from lightning.pytorch.strategies import DDPStrategy
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
-    from lightning_convergence.strategies._ddp_base import HookedDDPStrategy
+    from benchmarks._common import torch_hook_strategy
     from lightning_convergence.strategies.compressed_ddp import CompressedDDPStrategy
-
-    class TorchHookDDP(HookedDDPStrategy):
-        """Registers one of torch's hooks on CPU too (Lightning drops them off CUDA)."""
-
-        def __init__(self, state: Any, hook: Any, **kw: Any) -> None:
-            super().__init__(**kw)
-            self._bench_state, self._bench_hook = state, hook
-
-        def build_comm_hook(self, model: Any) -> tuple[Any, Any]:
-            state = self._bench_state() if callable(self._bench_state) else self._bench_state
-            return state, self._bench_hook
-
-        def rank_state_dict(self) -> dict[str, Any]:
-            return {}
-
-        def load_rank_state_dict(self, state: dict[str, Any]) -> None:
-            return None
 
     kind, opts = METHODS[method]
     # one bucket for every method: torch's PowerSGD hook is unreliable on gloo with several (shared/NOTES.md)
@@ -137,7 +120,7 @@ def _strategy(method: str, start_step: int = 0):
     if kind == "ddp":
         return DDPStrategy(**common)
     if kind == "fp16":
-        return TorchHookDDP(None, default_hooks.fp16_compress_hook, **common)
+        return torch_hook_strategy(None, default_hooks.fp16_compress_hook, **common)
     if kind == "powersgd":
         def make_state():
             return powerSGD_hook.PowerSGDState(
@@ -145,7 +128,7 @@ def _strategy(method: str, start_step: int = 0):
                 start_powerSGD_iter=max(2, start_step),
                 min_compression_rate=2, use_error_feedback=True, warm_start=True, random_seed=0,
             )
-        return TorchHookDDP(make_state, powerSGD_hook.powerSGD_hook, **common)
+        return torch_hook_strategy(make_state, powerSGD_hook.powerSGD_hook, **common)
     return CompressedDDPStrategy(
         feedback=opts["feedback"], compressor=_compressor(opts["compressor"]), start_step=start_step, **common
     )

@@ -50,26 +50,18 @@ def _strategy(name: str, backend: str) -> Any:
     from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
+    from benchmarks._common import torch_hook_strategy
     from lightning_convergence import compress
-    from lightning_convergence.strategies._ddp_base import HookedDDPStrategy
     from lightning_convergence.strategies.compressed_ddp import CompressedDDPStrategy
 
     if name == "ddp":
         return DDPStrategy(process_group_backend=backend)
     if name == "torch_powersgd_r4":
-        class _PowerSGD(HookedDDPStrategy):
-            def build_comm_hook(self, model: Any) -> tuple[Any, Any]:
-                state = powerSGD_hook.PowerSGDState(process_group=dist.group.WORLD, matrix_approximation_rank=4,
-                                                    start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)
-                return state, powerSGD_hook.powerSGD_hook
+        def state() -> Any:
+            return powerSGD_hook.PowerSGDState(process_group=dist.group.WORLD, matrix_approximation_rank=4,
+                                               start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)
 
-            def rank_state_dict(self) -> dict[str, Any]:
-                return {}
-
-            def load_rank_state_dict(self, state: dict[str, Any]) -> None:
-                return None
-
-        return _PowerSGD(process_group_backend=backend)
+        return torch_hook_strategy(state, powerSGD_hook.powerSGD_hook, process_group_backend=backend)
     if name in EXTRA:
         feedback, cls, kwargs = EXTRA[name]
         return CompressedDDPStrategy(feedback=feedback, compressor=getattr(compress, cls)(**kwargs),
