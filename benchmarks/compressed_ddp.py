@@ -1,26 +1,29 @@
-"""Compressed DDP vs plain DDP, torch's fp16 hook and PowerSGD, on a rate-limited link (2 CPU ranks, gloo).
+"""Compressed DDP vs plain DDP, torch's fp16 hook and PowerSGD, on a private (optionally rate-limited) link, gloo.
 
-    # the issue's comparison (a full 600-step cosine run, SGD momentum; 17 min on 2 cores):
-    /work/venv/bin/python benchmarks/compressed_ddp.py --tasks lm --steps 600 --schedule cosine --optimizer sgd \
-        --lr 0.2 --methods ddp powersgd_r1 powersgd_r4 ef14_powersgd_r4 ef14_powersgd_r8_8bit ef14_lowrank_r4
-    /work/venv/bin/python benchmarks/compressed_ddp.py --quick          # ~5 minutes on 2 shared cores
-    /work/venv/bin/python benchmarks/compressed_ddp.py --rates 100mbit 1gbit
-    # the card's longer runs (each ≤ 8 min on 2 idle cores): a subset of methods, 300 LM steps
-    /work/venv/bin/python benchmarks/compressed_ddp.py --tasks lm --steps 300 --methods ddp powersgd_r4 \
-        ef14_lowrank_r4 ef14_topk2%_8bit [--lr 1e-3] [--start-step 30] [--optimizer sgd --lr 0.3]
+    # world sizes 2, 4 and 8 in one run: kernel-counted link bytes per rank and the final-loss gap to DDP
+    python benchmarks/compressed_ddp.py --tasks lm --rates unlimited --world-size 2 4 8 --steps 300 --warmup 5 \
+        --optimizer sgd --lr 0.2 --schedule cosine --methods ddp ef14_cyclic_topk1% ef14_powersgd_r9_8bit
+    # logged ratio against the kernel's on the 6.4M-parameter, 102-tensor LM (step times at W=2: the hook's cost)
+    python benchmarks/compressed_ddp.py --tasks lm100 --rates unlimited --world-size 2 3 4 --steps 20 --warmup 5 \
+        --optimizer sgd --lr 0.2 --methods ddp powersgd_r4 ef14_powersgd_r9_8bit ef14_cyclic_topk1%
+    python benchmarks/compressed_ddp.py --hook-cost     # the hook's own time for 10, 100, 300 tensors, world size 1
+    python benchmarks/compressed_ddp.py --quick         # 100 Mbit/s link, 2 ranks, Adam, a few methods
 
-For every link rate the script creates a fresh network namespace whose loopback is capped by ``tc tbf``
-(:mod:`benchmarks._netem`), launches ``torchrun --nproc_per_node=2`` inside it once per task (char LM, digits MLP),
-and the two ranks train every method in turn from the same seed with the same data order. Per method it measures:
+For every link rate and world size the script creates a fresh network namespace (:mod:`benchmarks._netem`; its
+loopback capped by ``tc tbf`` unless the rate is ``unlimited``), launches ``torchrun --nproc_per_node=W`` inside it
+once per task (char LM ``lm``: 438k parameters in 30 tensors; ``lm100``: 6.4M in 102; digits MLP), and the ranks
+train every method in turn from the same seed with the same data order. Per method it measures:
 
-* bytes/step on the link: ``/proc/net/dev`` of the namespace's ``lo`` (all ranks, both directions), after
-  ``--warmup`` steps (excludes the parameter broadcast and the uncompressed first step of EF21-type rules);
-* bytes/step by our own accounting (payload bytes of all ranks; only for our strategy);
-* median step time, mean training loss over the last 10% of steps (equal steps for all methods), and the cumulative
-  step time until the smoothed loss first reaches a target: plain DDP's smoothed loss at 75% of its steps.
+* link bytes/step: ``/proc/net/dev`` of the namespace's ``lo`` (all ranks; printed per rank), after ``--warmup``
+  steps (excludes the parameter broadcast and the uncompressed first step of EF21-type rules);
+* our own counts over the same steps (summed over ranks): link bytes sent and what plain DDP sends at this W, whose
+  quotient is the logged ``convergence/compress/ratio``;
+* median step time, mean training loss over the last 10% of steps (equal steps for all methods; its gap to DDP's),
+  and the cumulative step time until the smoothed loss first reaches plain DDP's smoothed loss at 75% of its steps.
 
-All are printed as ratios to plain DDP measured in the same run, and plotted into ``benchmarks/out/``. Without root
-(no namespaces) pass ``--no-netem`` to run on the unlimited host loopback.
+All are printed as ratios to plain DDP measured in the same run at the same W, and plotted into
+``benchmarks/out/``. Without root (no namespaces) pass ``--no-netem`` (host loopback: the kernel's count then
+includes any other traffic on it).
 """
 
 from __future__ import annotations
