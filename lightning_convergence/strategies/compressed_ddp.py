@@ -62,7 +62,7 @@ class CompressionHookState:
         self.comm = comm
         self.dense = False  # set by the strategy before each backward: the `start_step` warm-up (plain averaging)
         self.counters = dict.fromkeys(_COUNTERS, 0)
-        self.step_nonfinite: torch.Tensor | None = None  # flagged (rank, bucket) pairs this step, on the device
+        self.step_nonfinite: list[torch.Tensor] = []  # flagged-rank counts of this step's buckets, on the device
 
     def name_of(self, param: torch.Tensor) -> str:
         try:
@@ -84,12 +84,13 @@ class CompressionHookState:
         return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
     def add_nonfinite(self, count: torch.Tensor) -> None:
-        self.step_nonfinite = count if self.step_nonfinite is None else self.step_nonfinite + count
+        # called from the collectives' callbacks, possibly on two threads at once: list.append is atomic
+        self.step_nonfinite.append(count.reshape(1))
 
     def take_nonfinite(self) -> bool:
-        """Whether any rank flagged a bucket this step (the one host read per optimizer step); resets the count."""
-        count, self.step_nonfinite = self.step_nonfinite, None
-        return count is not None and bool(count > 0)
+        """Whether any rank flagged a bucket this step (the one host read per optimizer step); resets the counts."""
+        counts, self.step_nonfinite = self.step_nonfinite, []
+        return bool(counts) and bool(torch.cat(counts).sum() > 0)
 
 
 def compressed_comm_hook(state: CompressionHookState, bucket):
