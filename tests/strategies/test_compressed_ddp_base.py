@@ -148,3 +148,8 @@ def test_one_device_warns_that_nothing_is_sent(monkeypatch):
     with pytest.warns(UserWarning, match="world size 1, so nothing is sent"):
         state, _ = strategy.build_comm_hook(_Wrapped())  # no process group: world size 1
     assert state.comm.world_size == 1
+
+
+def test_bad_on_nonfinite_fails_at_construction():
+    with pytest.raises(ValueError, match="`on_nonfinite` must be one of 'stop', 'skip', got 'ignore'"):
+        CompressedDDPStrategy(on_nonfinite="ignore")
