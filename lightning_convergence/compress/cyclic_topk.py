@@ -14,9 +14,8 @@ __all__ = ["CyclicTopK"]
 class CyclicTopK(Compressor):
     """Top-K whose indices are chosen by one rank per step, in rotation, so the values can be summed on the wire.
 
-    Paper: Chen, Ni, Kim, Venkataramani, Zhang, Gopalakrishnan, et al. *ScaleCom: Scalable Sparsified Gradient
-    Compression for Communication-Efficient Distributed Training.* NeurIPS 2020, arXiv:2104.11125 (cyclic local
-    top-k, CLT-k, Algorithm 1).
+    Paper: Chia-Yu Chen, Jiamin Ni, et al. *ScaleCom: Scalable Sparsified Gradient Compression for
+    Communication-Efficient Distributed Training.* NeurIPS 2020 (cyclic local top-k, CLT-k).
 
     Two rounds per step (:attr:`rounds` = 2). Round one: the leader rank ``step mod W`` takes the ``k`` largest
     magnitudes of *its own* input (the tensor its feedback rule is about to compress, e.g. ``∇f_i + e_i`` for EF14)
