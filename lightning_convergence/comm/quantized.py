@@ -1,7 +1,7 @@
 """Quantized mean of a float tensor over the ranks: 8-bit reduce-scatter by all-to-all, then 8-bit all-gather.
 
 The transport ZeRO++ calls qgZ (Wang et al. *ZeRO++: Extremely Efficient Collective Communication for Giant Model
-Training.* arXiv:2306.10209, ICLR 2024), here with one hop: every rank splits its flat float tensor into ``W``
+Training.* arXiv:2306.10209), here with one hop: every rank splits its flat float tensor into ``W``
 chunks, rounds each block of :data:`BLOCK` entries to int8 with a float32 scale (``max|block| / 127``), and sends
 chunk ``j`` to rank ``j`` (all-to-all); rank ``j`` decodes the ``W`` copies of its chunk, sums them in rank order in
 float32, divides by ``W``, rounds the mean to int8 blocks again and all-gathers it. Every rank decodes the same
