@@ -149,12 +149,15 @@ def compressed_comm_hook(state: CompressionHookState, bucket):
 
 
 def check_saving(owner: str, compressor: Compressor, world_size: int) -> None:
-    """Raise when ``compressor`` sends at least as many link bytes as plain DDP at ``world_size`` (a 1000 x 1000
-    float32 probe): payloads that travel by all-gather cost ``(W−1)·c`` per rank, DDP ``2(W−1)/W·D``."""
+    """Raise when ``compressor``'s payloads travel by all-gather and so send at least as many link bytes as plain
+    DDP at ``world_size`` (a 1000 x 1000 float32 probe): ``(W−1)·c`` per rank against DDP's ``2(W−1)/W·D``. Summed
+    payloads never cost more than DDP (``Identity`` costs the same: it is the uncompressed reference)."""
+    if world_size <= 1 or compressor.transport != "all_gather":
+        return
     shape = (1000, 1000)
     ours = link_bytes_per_rank(compressor, shape, world_size)
     ddp = ddp_link_bytes(4 * shape[0] * shape[1], world_size)
-    if world_size > 1 and ours is not None and ours >= ddp:
+    if ours is not None and ours >= ddp:
         raise ValueError(
             f"{owner}: `compressor` {compressor!r} travels by {compressor.transport}, which at world size "
             f"{world_size} sends {ours} bytes per rank for a 1000x1000 float32 gradient against plain DDP's {ddp}: "

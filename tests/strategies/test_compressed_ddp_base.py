@@ -128,7 +128,8 @@ def test_a_scheme_that_saves_nothing_at_this_world_size_fails_at_setup_naming_th
         check_saving("S", TopK(0.3), 8)  # 7 x 2.4 = 16.8 against 7
     with pytest.raises(ValueError, match="`compressor`"):
         check_saving("S", QSGD(levels=127), 8)  # int8 codes by all-gather: 7 bytes per entry, DDP's 7: no saving
-    check_saving("S", CyclicTopK(0.3), 8)  # summed on the wire: two-round, nothing to refuse
+    check_saving("S", CyclicTopK(0.3), 8)  # summed on the wire: never more than DDP
+    check_saving("S", Identity(), 8)  # the uncompressed reference costs what DDP costs
     check_saving("S", LowRank(rank=4, factor_bits=8), 64)
 
 
