@@ -40,7 +40,7 @@ __all__ = [
     "CompressedDDPStrategy", "CompressionHookState", "check_saving", "compressed_comm_hook", "register_strategies",
 ]
 
-STATE_VERSION = 2
+STATE_VERSION = 1  # counters gained `nonfinite_skipped_total`; a missing counter loads as 0
 _COUNTERS = ("bytes_sent_total", "dense_bytes_total", "hook_calls_total", "nonfinite_skipped_total")
 
 
