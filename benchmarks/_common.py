@@ -68,3 +68,22 @@ def save_bar_plot(path: Path, labels: list[str], values: list[float], ylabel: st
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def torch_hook_strategy(state: Any, hook: Any, **kwargs: Any) -> Any:
+    """A DDP strategy that registers one of torch's comm hooks on CPU too (Lightning drops them off CUDA).
+
+    ``state`` may be a callable, called once the process group exists (``PowerSGDState`` needs it)."""
+    from lightning_convergence.strategies._ddp_base import HookedDDPStrategy
+
+    class TorchHookDDP(HookedDDPStrategy):
+        def build_comm_hook(self, model: Any) -> tuple[Any, Any]:
+            return (state() if callable(state) else state), hook
+
+        def rank_state_dict(self) -> dict[str, Any]:
+            return {}
+
+        def load_rank_state_dict(self, rank_state: dict[str, Any]) -> None:
+            return None
+
+    return TorchHookDDP(**kwargs)

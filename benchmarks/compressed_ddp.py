@@ -1,26 +1,29 @@
-"""Compressed DDP vs plain DDP, torch's fp16 hook and PowerSGD, on a rate-limited link (2 CPU ranks, gloo).
+"""Compressed DDP vs plain DDP, torch's fp16 hook and PowerSGD, on a private (optionally rate-limited) link, gloo.
 
-    # the issue's comparison (a full 600-step cosine run, SGD momentum; 17 min on 2 cores):
-    /work/venv/bin/python benchmarks/compressed_ddp.py --tasks lm --steps 600 --schedule cosine --optimizer sgd \
-        --lr 0.2 --methods ddp powersgd_r1 powersgd_r4 ef14_powersgd_r4 ef14_powersgd_r8_8bit ef14_lowrank_r4
-    /work/venv/bin/python benchmarks/compressed_ddp.py --quick          # ~5 minutes on 2 shared cores
-    /work/venv/bin/python benchmarks/compressed_ddp.py --rates 100mbit 1gbit
-    # the card's longer runs (each ≤ 8 min on 2 idle cores): a subset of methods, 300 LM steps
-    /work/venv/bin/python benchmarks/compressed_ddp.py --tasks lm --steps 300 --methods ddp powersgd_r4 \
-        ef14_lowrank_r4 ef14_topk2%_8bit [--lr 1e-3] [--start-step 30] [--optimizer sgd --lr 0.3]
+    # world sizes 2, 4 and 8 in one run: kernel-counted link bytes per rank and the final-loss gap to DDP
+    python benchmarks/compressed_ddp.py --tasks lm --rates unlimited --world-size 2 4 8 --steps 300 --warmup 5 \
+        --optimizer sgd --lr 0.2 --schedule cosine --methods ddp ef14_cyclic_topk1% ef14_powersgd_r9_8bit
+    # logged ratio against the kernel's on the 6.4M-parameter, 102-tensor LM (step times at W=2: the hook's cost)
+    python benchmarks/compressed_ddp.py --tasks lm100 --rates unlimited --world-size 2 3 4 --steps 20 --warmup 5 \
+        --optimizer sgd --lr 0.2 --methods ddp powersgd_r4 ef14_powersgd_r9_8bit ef14_cyclic_topk1%
+    python benchmarks/compressed_ddp.py --hook-cost     # the hook's own time for 10, 100, 300 tensors, world size 1
+    python benchmarks/compressed_ddp.py --quick         # 100 Mbit/s link, 2 ranks, Adam, a few methods
 
-For every link rate the script creates a fresh network namespace whose loopback is capped by ``tc tbf``
-(:mod:`benchmarks._netem`), launches ``torchrun --nproc_per_node=2`` inside it once per task (char LM, digits MLP),
-and the two ranks train every method in turn from the same seed with the same data order. Per method it measures:
+For every link rate and world size the script creates a fresh network namespace (:mod:`benchmarks._netem`; its
+loopback capped by ``tc tbf`` unless the rate is ``unlimited``), launches ``torchrun --nproc_per_node=W`` inside it
+once per task (char LM ``lm``: 438k parameters in 30 tensors; ``lm100``: 6.4M in 102; digits MLP), and the ranks
+train every method in turn from the same seed with the same data order. Per method it measures:
 
-* bytes/step on the link: ``/proc/net/dev`` of the namespace's ``lo`` (all ranks, both directions), after
-  ``--warmup`` steps (excludes the parameter broadcast and the uncompressed first step of EF21-type rules);
-* bytes/step by our own accounting (payload bytes of all ranks; only for our strategy);
-* median step time, mean training loss over the last 10% of steps (equal steps for all methods), and the cumulative
-  step time until the smoothed loss first reaches a target: plain DDP's smoothed loss at 75% of its steps.
+* link bytes/step: ``/proc/net/dev`` of the namespace's ``lo`` (all ranks; printed per rank), after ``--warmup``
+  steps (excludes the parameter broadcast and the uncompressed first step of EF21-type rules);
+* our own counts over the same steps (summed over ranks): link bytes sent and what plain DDP sends at this W, whose
+  quotient is the logged ``convergence/compress/ratio``;
+* median step time, mean training loss over the last 10% of steps (equal steps for all methods; its gap to DDP's),
+  and the cumulative step time until the smoothed loss first reaches plain DDP's smoothed loss at 75% of its steps.
 
-All are printed as ratios to plain DDP measured in the same run, and plotted into ``benchmarks/out/``. Without root
-(no namespaces) pass ``--no-netem`` to run on the unlimited host loopback.
+All are printed as ratios to plain DDP measured in the same run at the same W, and plotted into
+``benchmarks/out/``. Without root (no namespaces) pass ``--no-netem`` (host loopback: the kernel's count then
+includes any other traffic on it).
 """
 
 from __future__ import annotations
@@ -73,6 +76,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ef14_powersgd_r8_8bit": ("ours", {"feedback": "ef14", "compressor": "powersgd8_8"}),
     "ef14_powersgd_r9_8bit": ("ours", {"feedback": "ef14", "compressor": "powersgd9_8"}),
     "ef21_powersgd_r4": ("ours", {"feedback": "ef21", "compressor": "powersgd4"}),
+    # ScaleCom's cyclic local Top-K: the leader's indices by broadcast, everyone's values by one all-reduce
+    "ef14_cyclic_topk1%": ("ours", {"feedback": "ef14", "compressor": "cyclic1"}),
+    "ef14_cyclic_topk2%": ("ours", {"feedback": "ef14", "compressor": "cyclic2"}),
 }
 QUICK = ["ddp", "fp16_hook", "powersgd_r1", "powersgd_r4", "ef21_topk1%", "ef21_sgdm_topk1%", "econtrol_topk1%",
          "ef21_topk1%_8bit", "ef14_sign"]
@@ -80,7 +86,7 @@ QUICK = ["ddp", "fp16_hook", "powersgd_r1", "powersgd_r4", "ef21_topk1%", "ef21_
 
 # ---------------------------------------------------------------------------------------------------------- worker
 def _compressor(name: str):
-    from lightning_convergence.compress import QSGD, Compose, LowRank, ScaledSign, TopK
+    from lightning_convergence.compress import QSGD, Compose, CyclicTopK, LowRank, ScaledSign, TopK
 
     return {
         "topk": lambda: TopK(k_fraction=0.01),
@@ -98,6 +104,8 @@ def _compressor(name: str):
         "powersgd4_8": lambda: LowRank(rank=4, rounds=2, factor_bits=8),
         "powersgd8_8": lambda: LowRank(rank=8, rounds=2, factor_bits=8),
         "powersgd9_8": lambda: LowRank(rank=9, rounds=2, factor_bits=8),
+        "cyclic1": lambda: CyclicTopK(k_fraction=0.01),
+        "cyclic2": lambda: CyclicTopK(k_fraction=0.02),
     }[name]()
 
 
@@ -106,25 +114,8 @@ def _strategy(method: str, start_step: int = 0):
     from lightning.pytorch.strategies import DDPStrategy
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
-    from lightning_convergence.strategies._ddp_base import HookedDDPStrategy
+    from benchmarks._common import torch_hook_strategy
     from lightning_convergence.strategies.compressed_ddp import CompressedDDPStrategy
-
-    class TorchHookDDP(HookedDDPStrategy):
-        """Registers one of torch's hooks on CPU too (Lightning drops them off CUDA)."""
-
-        def __init__(self, state: Any, hook: Any, **kw: Any) -> None:
-            super().__init__(**kw)
-            self._bench_state, self._bench_hook = state, hook
-
-        def build_comm_hook(self, model: Any) -> tuple[Any, Any]:
-            state = self._bench_state() if callable(self._bench_state) else self._bench_state
-            return state, self._bench_hook
-
-        def rank_state_dict(self) -> dict[str, Any]:
-            return {}
-
-        def load_rank_state_dict(self, state: dict[str, Any]) -> None:
-            return None
 
     kind, opts = METHODS[method]
     # one bucket for every method: torch's PowerSGD hook is unreliable on gloo with several (shared/NOTES.md)
@@ -132,7 +123,7 @@ def _strategy(method: str, start_step: int = 0):
     if kind == "ddp":
         return DDPStrategy(**common)
     if kind == "fp16":
-        return TorchHookDDP(None, default_hooks.fp16_compress_hook, **common)
+        return torch_hook_strategy(None, default_hooks.fp16_compress_hook, **common)
     if kind == "powersgd":
         def make_state():
             return powerSGD_hook.PowerSGDState(
@@ -140,7 +131,7 @@ def _strategy(method: str, start_step: int = 0):
                 start_powerSGD_iter=max(2, start_step),
                 min_compression_rate=2, use_error_feedback=True, warm_start=True, random_seed=0,
             )
-        return TorchHookDDP(make_state, powerSGD_hook.powerSGD_hook, **common)
+        return torch_hook_strategy(make_state, powerSGD_hook.powerSGD_hook, **common)
     return CompressedDDPStrategy(
         feedback=opts["feedback"], compressor=_compressor(opts["compressor"]), start_step=start_step, **common
     )
@@ -154,13 +145,14 @@ def _task(task: str, optimizer: str = "adam", lr: float | None = None, schedule:
 
     from lightning_convergence.examples import CharTransformerLM, DigitsDataModule, MLPClassifier, StdlibTextDataModule
 
-    if task == "lm":
-        model = CharTransformerLM(d_model=128, n_layers=2, lr=lr or 3e-3)
+    if task in ("lm", "lm100"):  # lm100: 6.4M parameters in 102 tensors (the hook-cost model)
+        size = {"d_model": 256, "n_layers": 8} if task == "lm100" else {"d_model": 128, "n_layers": 2}
+        model = CharTransformerLM(**size, lr=lr or 3e-3)
         data = StdlibTextDataModule(seq_len=64, batch_size=batch_size)
     else:
         model, data = MLPClassifier(hidden=[128, 128], lr=lr or 3e-3), DigitsDataModule(batch_size=batch_size)
     if optimizer.startswith("sgd"):  # SGD (momentum 0.9 or none) for every method (EF21's analysis is for SGD steps)
-        sgd_lr = lr or (0.3 if task == "lm" else 0.1)
+        sgd_lr = lr or (0.3 if task.startswith("lm") else 0.1)
         momentum = 0.9 if optimizer == "sgd" else 0.0
 
         def make_opt() -> torch.optim.Optimizer:
@@ -194,15 +186,24 @@ def _recorder(warmup: int):
             self.losses: list[float] = []
             self.times: list[float] = []
             self.t0 = 0.0
-            self.net0 = self.ours0 = 0
+            self.net0 = self.ours0 = self.dense0 = self.dense1 = 0
 
-        def _ours(self, trainer: Any) -> int:
+        def _ours(self, trainer: Any, key: str = "bytes_sent_total") -> int:
+            """Our counter summed over the ranks (every rank calls this at the same step: a collective)."""
+            import torch
+            import torch.distributed as dist
+
             hs = getattr(trainer.strategy, "hook_state", None)
-            return hs.counters["bytes_sent_total"] if hs is not None and hasattr(hs, "counters") else 0
+            if hs is None or not hasattr(hs, "counters"):
+                return 0
+            t = torch.tensor([float(hs.counters[key])], dtype=torch.float64)
+            dist.all_reduce(t)
+            return int(t.item())
 
         def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
             if trainer.global_step == warmup:
                 self.net0, self.ours0 = lo_tx_bytes(), self._ours(trainer)
+                self.dense0 = self._ours(trainer, "dense_bytes_total")
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -211,6 +212,7 @@ def _recorder(warmup: int):
 
         def on_train_end(self, trainer: Any, module: Any) -> None:
             self.net1, self.ours1 = lo_tx_bytes(), self._ours(trainer)
+            self.dense1 = self._ours(trainer, "dense_bytes_total")
 
     return Recorder()
 
@@ -235,16 +237,76 @@ def worker(args: argparse.Namespace) -> None:
         if rank == 0:
             n = args.steps - args.warmup
             row = {
-                "task": args.task, "method": method, "rate": args.rate, "steps": args.steps,
+                "task": args.task, "method": method, "rate": args.rate, "steps": args.steps, "world_size": world,
                 "optimizer": args.optimizer, "lr": args.lr, "start_step": args.start_step, "schedule": args.schedule,
                 "batch_size": args.batch_size, "seed": args.seed,
                 "params": sum(p.numel() for p in model.parameters()),
                 "net_bytes_per_step": (rec.net1 - rec.net0) / n,
-                "our_bytes_per_step": (rec.ours1 - rec.ours0) * world / n if rec.ours1 else None,
+                # our own counts, summed over the ranks: link bytes sent, and what plain DDP sends at this W
+                "our_bytes_per_step": (rec.ours1 - rec.ours0) / n if rec.ours1 else None,
+                "our_ddp_bytes_per_step": (rec.dense1 - rec.dense0) / n if rec.dense1 else None,
                 "losses": rec.losses, "times": rec.times,
             }
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------------ hook cost
+class _FakeBucket:
+    """What the hook reads from ``dist.GradBucket``: a flat buffer, its per-parameter views and the parameters."""
+
+    def __init__(self, params: list[Any], buffer: Any) -> None:
+        self._params, self._buffer = params, buffer
+        self._grads, offset = [], 0
+        for p in params:
+            self._grads.append(buffer[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def buffer(self) -> Any:
+        return self._buffer
+
+    def gradients(self) -> list[Any]:
+        return self._grads
+
+    def parameters(self) -> list[Any]:
+        return self._params
+
+
+def hook_cost(total: int = 6_400_000, counts: tuple[int, ...] = (10, 100, 300), steps: int = 8) -> None:
+    """The hook's own time per step at world size 1 (no communication), for the same number of gradient entries
+    split into 10, 100 or 300 square-ish matrices: what the per-parameter work costs as the tensor count grows."""
+    import torch
+
+    from lightning_convergence.comm import SingleProcessCommunicator
+    from lightning_convergence.feedback import make_rule
+    from lightning_convergence.strategies.compressed_ddp import CompressionHookState, compressed_comm_hook
+
+    torch.set_num_threads(1)
+    schemes = {"ef14_cyclic_topk1%": ("ef14", "cyclic1"), "ef14_powersgd_r9_8bit": ("ef14", "powersgd9_8"),
+               "ef21_topk1%": ("ef21", "topk")}
+    print(f"hook time per step (ms), {total} entries, world size 1, 1 thread")
+    print(f"{'scheme':<22}" + "".join(f"{n:>10}" for n in counts) + f"{'300/10':>9}")
+    for label, (rule_name, comp_name) in schemes.items():
+        times = []
+        for n in counts:
+            side = int((total / n) ** 0.5)
+            params = [torch.nn.Parameter(torch.zeros(side, side)) for _ in range(n)]
+            names = {id(p): f"p{i}" for i, p in enumerate(params)}
+            state = CompressionHookState(make_rule(rule_name, "bench"), _compressor(comp_name), names,
+                                         SingleProcessCommunicator())
+            gen = torch.Generator().manual_seed(0)
+            buf = torch.empty(n * side * side)
+            laps = []
+            for step in range(steps + 2):
+                buf.copy_(torch.randn(buf.numel(), generator=gen))
+                bucket = _FakeBucket(params, buf)
+                t0 = time.perf_counter()
+                compressed_comm_hook(state, bucket).wait()
+                state.take_nonfinite()
+                if step >= 2:  # the first steps send dense (EF21) or warm up
+                    laps.append(time.perf_counter() - t0)
+            times.append(1e3 * sorted(laps)[len(laps) // 2])
+        print(f"{label:<22}" + "".join(f"{t:>10.1f}" for t in times) + f"{times[-1] / times[0]:>9.2f}")
 
 
 # ---------------------------------------------------------------------------------------------------------- parent
@@ -256,13 +318,14 @@ def _summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     import statistics
 
     out = []
-    for (task, rate) in sorted({(r["task"], r["rate"]) for r in rows}):
-        group = [r for r in rows if r["task"] == task and r["rate"] == rate]
+    for (task, rate, world) in sorted({(r["task"], r["rate"], r.get("world_size", 2)) for r in rows}):
+        group = [r for r in rows if (r["task"], r["rate"], r.get("world_size", 2)) == (task, rate, world)]
         base = next((r for r in group if r["method"] == "ddp"), None)
         if base is None:
             continue
         sb = _smooth(base["losses"])
         target = sb[int(0.75 * len(sb))]
+        first = len(out)
         for r in group:
             s = _smooth(r["losses"])
             tail = r["losses"][-max(1, len(r["losses"]) // 10) :]
@@ -272,33 +335,33 @@ def _summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if loss <= target:
                     ttt = cum
                     break
+            ours, dense = r.get("our_bytes_per_step"), r.get("our_ddp_bytes_per_step")
             out.append({
-                "task": task, "rate": rate, "method": r["method"],
-                "net_bytes": r["net_bytes_per_step"], "our_bytes": r["our_bytes_per_step"],
+                "task": task, "rate": rate, "world_size": world, "method": r["method"],
+                "net_bytes": r["net_bytes_per_step"], "our_bytes": ours,
+                "logged_ratio": dense / ours if ours and dense else None,
                 "step_s": statistics.median(r["times"][1:]), "loss": sum(tail) / len(tail), "ttt_s": ttt,
             })
-        b = next(o for o in out if o["task"] == task and o["rate"] == rate and o["method"] == "ddp")
-        for o in out:
-            if o["task"] == task and o["rate"] == rate:
-                o["bytes_ratio"] = b["net_bytes"] / max(o["net_bytes"], 1.0)
-                o["step_ratio"] = o["step_s"] / b["step_s"]
-                o["loss_ratio"] = o["loss"] / b["loss"]
-                o["ttt_ratio"] = (o["ttt_s"] / b["ttt_s"]) if o["ttt_s"] and b["ttt_s"] else None
+        b = next(o for o in out[first:] if o["method"] == "ddp")
+        for o in out[first:]:
+            o["bytes_ratio"] = b["net_bytes"] / max(o["net_bytes"], 1.0)
+            o["step_ratio"] = o["step_s"] / b["step_s"]
+            o["loss_gap"] = o["loss"] / b["loss"] - 1.0
+            o["ttt_ratio"] = (o["ttt_s"] / b["ttt_s"]) if o["ttt_s"] and b["ttt_s"] else None
     return out
 
 
 def _print_table(summary: list[dict[str, Any]]) -> None:
-    head = (f"{'task':<5} {'link':<8} {'method':<18} {'net B/step':>11} {'our B/step':>11} {'DDP/bytes':>9} "
-            f"{'step s':>7} {'step/DDP':>8} {'loss':>7} {'loss/DDP':>8} {'TTT s':>7} {'TTT/DDP':>7}")
+    head = (f"{'task':<5} {'link':<9} {'W':>2} {'method':<20} {'kernel B/step/rank':>18} {'DDP/ours kernel':>15} "
+            f"{'DDP/ours logged':>15} {'step/DDP':>8} {'loss':>7} {'gap':>7} {'TTT/DDP':>7}")
     print(head)
     print("-" * len(head))
     for o in summary:
-        ours = f"{o['our_bytes']:.0f}" if o["our_bytes"] else "-"
-        ttt = f"{o['ttt_s']:.1f}" if o["ttt_s"] else "never"
+        logged = f"{o['logged_ratio']:.1f}" if o["logged_ratio"] else "-"
         tr = f"{o['ttt_ratio']:.2f}" if o["ttt_ratio"] else "-"
-        print(f"{o['task']:<5} {o['rate']:<8} {o['method']:<18} {o['net_bytes']:>11.0f} {ours:>11} "
-              f"{o['bytes_ratio']:>9.1f} {o['step_s']:>7.3f} {o['step_ratio']:>8.2f} {o['loss']:>7.4f} "
-              f"{o['loss_ratio']:>8.3f} {ttt:>7} {tr:>7}")
+        print(f"{o['task']:<5} {o['rate']:<9} {o['world_size']:>2} {o['method']:<20} "
+              f"{o['net_bytes'] / o['world_size']:>18.0f} {o['bytes_ratio']:>15.1f} {logged:>15} "
+              f"{o['step_ratio']:>8.2f} {o['loss']:>7.4f} {100 * o['loss_gap']:>+6.1f}% {tr:>7}")
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -335,8 +398,12 @@ def _free_port() -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer steps and methods")
-    p.add_argument("--rates", nargs="+", default=["100mbit"], help="tc rates of the emulated link")
-    p.add_argument("--tasks", nargs="+", default=["lm", "classifier"], choices=["lm", "classifier"])
+    p.add_argument("--hook-cost", action="store_true",
+                   help="only the hook's own time per step for 10, 100, 300 tensors of the same total size")
+    p.add_argument("--rates", nargs="+", default=["100mbit"],
+                   help="tc rates of the emulated link; 'unlimited': a private namespace without a rate limit")
+    p.add_argument("--world-size", nargs="+", type=int, default=[2], help="CPU ranks (one torchrun per value)")
+    p.add_argument("--tasks", nargs="+", default=["lm", "classifier"], choices=["lm", "lm100", "classifier"])
     p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
     p.add_argument("--steps", type=int, default=None, help="steps per method (default: task-dependent)")
     p.add_argument("--warmup", type=int, default=3)
@@ -359,30 +426,33 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if args.hook_cost:
+        hook_cost()
+        return
 
     OUT.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = OUT / f"compressed_ddp-{stamp}.jsonl"
     methods = args.methods or (QUICK if args.quick else list(METHODS))
-    steps = {"lm": 60 if args.quick else 150, "classifier": 100 if args.quick else 300}
+    steps = {"lm": 60 if args.quick else 150, "lm100": 40, "classifier": 100 if args.quick else 300}
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    for rate in args.rates:
-        for task in args.tasks:
-            argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                    f"--master_port={_free_port()}", __file__, "--worker", "--task", task, "--rate", rate,
-                    "--out", str(results),
-                    "--steps", str(args.steps or steps[task]), "--warmup", str(args.warmup),
-                    "--optimizer", args.optimizer, "--start-step", str(args.start_step),
-                    "--schedule", args.schedule, "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-                    *(["--lr", str(args.lr)] if args.lr else []), "--methods", *methods]
-            t0 = time.time()
-            if args.no_netem:
-                subprocess.run(argv, check=True, env=env)
-            else:
-                with RateLimitedNamespace(rate) as ns:
-                    ns.run(argv, check=True, env=env)
-            print(f"[{task} @ {rate}: {time.time() - t0:.0f} s]", file=sys.stderr)
+    for rate, task, world in [(r, t, w) for r in args.rates for t in args.tasks for w in args.world_size]:
+        argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}", __file__, "--worker", "--task", task, "--rate", rate,
+                "--out", str(results),
+                "--steps", str(args.steps or steps[task]), "--warmup", str(args.warmup),
+                "--optimizer", args.optimizer, "--start-step", str(args.start_step),
+                "--schedule", args.schedule, "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+                *(["--lr", str(args.lr)] if args.lr else []), "--methods", *methods]
+        t0 = time.time()
+        if args.no_netem:
+            subprocess.run(argv, check=True, env=env)
+        else:
+            with RateLimitedNamespace(None if rate == "unlimited" else rate) as ns:
+                ns.run(argv, check=True, env=env)
+        print(f"[{task} @ {rate}, W={world}: {time.time() - t0:.0f} s]", file=sys.stderr)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     summary = _summarise(rows)
     _print_table(summary)

@@ -1,17 +1,19 @@
 """Shared pieces of the local-SGD cores: the communicator, flat-buffer helpers and the outer-step interface.
 
-A core never calls ``torch.distributed`` directly: it is handed a :class:`Communicator`, so tests can pass a fake
-(torchft's doubling all-reduce trick) and the strategy passes :class:`TorchDistCommunicator`. Imports torch only.
+A core never calls ``torch.distributed`` directly: it is handed a :class:`Communicator` (from the one communication
+layer, :mod:`lightning_convergence.comm`, re-exported here), so tests can pass a fake (torchft's doubling all-reduce
+trick) and the strategy passes :class:`TorchDistCommunicator`. Imports torch only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_convergence.comm import Communicator, PendingMean, TorchDistCommunicator
 from lightning_convergence.stats import all_finite, sq_norm
 
 __all__ = [
@@ -26,109 +28,6 @@ __all__ = [
 ]
 
 STATE_VERSION = 1
-
-
-class PendingMean(Protocol):
-    """A mean in flight (an ``async_op`` all-reduce): :meth:`wait` returns the averaged tensor."""
-
-    def wait(self) -> Tensor: ...
-
-
-class Communicator:
-    """What a local-SGD core may ask of the network. Subclass it for fakes in tests.
-
-    Attributes:
-        rank: this process's rank in the averaging group.
-        world_size: processes in the averaging group.
-    """
-
-    rank: int = 0
-    world_size: int = 1
-
-    def all_reduce_mean_(self, tensor: Tensor) -> None:
-        """Replace ``tensor`` by its mean over all ranks, in place."""
-        raise NotImplementedError
-
-    def all_reduce_mean_async(self, tensor: Tensor) -> PendingMean:
-        """Start averaging ``tensor`` (owned by the callee until :meth:`PendingMean.wait`) without blocking."""
-        raise NotImplementedError
-
-    def exchange(self, tensor: Tensor, peer: int) -> Tensor:
-        """Send ``tensor`` to ``peer`` and return the tensor ``peer`` sent back (point-to-point, no collective)."""
-        raise NotImplementedError
-
-    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        """The sum of ``tensor`` over all ranks (in place; returned). Default: the mean times ``world_size``."""
-        self.all_reduce_mean_(tensor)
-        return tensor.mul_(self.world_size)
-
-    def all_gather(self, tensor: Tensor) -> list[Tensor]:
-        """Every rank's ``tensor`` (same shape everywhere), ordered by rank (compressed payloads that cannot be
-        summed)."""
-        raise NotImplementedError
-
-
-class _DistPending:
-    def __init__(self, work: Any, tensor: Tensor, world_size: int) -> None:
-        self._work, self._tensor, self._world_size = work, tensor, world_size
-
-    def wait(self) -> Tensor:
-        if self._work is not None:
-            self._work.wait()
-            self._tensor.div_(self._world_size)
-            self._work = None
-        return self._tensor
-
-
-class TorchDistCommunicator(Communicator):
-    """:class:`Communicator` over ``torch.distributed`` (gloo or NCCL), optionally restricted to ``group``.
-
-    Args:
-        group: process group to average over; ``None`` is the default (world) group. Ranks in :meth:`exchange`
-            are ranks *within* ``group``.
-    """
-
-    def __init__(self, group: Any = None) -> None:
-        import torch.distributed as dist
-
-        self._dist = dist
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-
-    def _global(self, peer: int) -> int:
-        if self.group is None:
-            return peer
-        return self._dist.get_global_rank(self.group, peer)
-
-    def all_reduce_mean_(self, tensor: Tensor) -> None:
-        if self.world_size > 1:
-            self._dist.all_reduce(tensor, group=self.group)
-            tensor.div_(self.world_size)
-
-    def all_reduce_mean_async(self, tensor: Tensor) -> PendingMean:
-        if self.world_size == 1:
-            return _DistPending(None, tensor, 1)
-        work = self._dist.all_reduce(tensor, group=self.group, async_op=True)
-        return _DistPending(work, tensor, self.world_size)
-
-    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        if self.world_size > 1:
-            self._dist.all_reduce(tensor, group=self.group)
-        return tensor
-
-    def all_gather(self, tensor: Tensor) -> list[Tensor]:
-        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        self._dist.all_gather(out, tensor.contiguous(), group=self.group)
-        return out
-
-    def exchange(self, tensor: Tensor, peer: int) -> Tensor:
-        out = torch.empty_like(tensor)
-        send = self._dist.isend(tensor.contiguous(), self._global(peer), group=self.group)
-        recv = self._dist.irecv(out, self._global(peer), group=self.group)
-        send.wait()
-        recv.wait()
-        return out
 
 
 def flatten(tensors: list[Tensor], dtype: torch.dtype | None = torch.float32) -> Tensor:

@@ -107,7 +107,7 @@ class DiLoCo(OuterStep):
         if self.compressor is None:
             comm.all_reduce_mean_(delta)
             return delta, allreduce_bytes(delta.numel() * delta.element_size(), comm.world_size)
-        from lightning_convergence.compress.comm import average_payloads
+        from lightning_convergence.comm import average_payloads
 
         if self.error_feedback:
             if self.residual is None:
@@ -116,7 +116,7 @@ class DiLoCo(OuterStep):
         payload = self.compressor.compress(delta, step, "diloco")
         if self.error_feedback:
             self.residual = delta - payload.decompress().float()
-        (mean,) = average_payloads([payload], comm.world_size, comm.all_reduce_sum, comm.all_gather, comm.rank)
+        (mean,) = average_payloads([payload], comm)
         w = comm.world_size
         nbytes = allreduce_bytes(payload.nbytes, w) if self.compressor.summable else w * (w - 1) * payload.nbytes
         return mean.to(delta.dtype), nbytes

@@ -10,6 +10,9 @@ tell a rule whether a compressor fits its theory:
 * ``summable``: payloads of different ranks can be summed entry-wise on the wire and the sum decompresses to the sum
   of the decompressed tensors (the compressor is linear and its randomness is shared), so an all-reduce can carry
   them. Otherwise the payloads are all-gathered and each rank decompresses every rank's payload.
+* ``wire_bits``: ``8`` sends summable float payloads through the 8-bit reduce-scatter + all-gather
+  (:mod:`lightning_convergence.comm.quantized`) instead of a float all-reduce. :attr:`Compressor.transport` names the
+  collective that results; :mod:`lightning_convergence.comm.links` gives its link bytes per rank at world size W.
 
 Randomness comes from a fresh ``torch.Generator`` seeded by ``(seed, step, key)`` (:func:`generator_for`): every
 rank draws alike for the same parameter and step, a resumed run replays the same draws, and the training's own
@@ -78,13 +81,43 @@ class Compressor:
         unbiased: ``E[C(x)] = x``.
         alpha: size-independent contraction factor in [0, 1] (``0.0``: none guaranteed).
         summable: payloads may be summed by an all-reduce (linear, shared randomness).
-        rounds: collectives per step; ``2`` means :meth:`prepare` runs a first, summable round (PowerSGD).
+        rounds: collectives per step; ``2`` means :meth:`prepare` runs a first round (PowerSGD, cyclic Top-K).
+        wire_bits: ``None`` (payloads travel as they are) or ``8`` (summable payloads rounded to 8 bits in transit).
+        first_round_transport: ``None`` (the first round travels like the second) or ``"broadcast"`` (one rank,
+            :meth:`first_round_root`, sends its message to all; :meth:`observe_broadcast` receives it).
     """
 
     unbiased: bool = False
     alpha: float = 0.0
     summable: bool = False
     rounds: int = 1
+    wire_bits: int | None = None
+    first_round_transport: str | None = None
+
+    @property
+    def transport(self) -> str:
+        """``"all_reduce"``, ``"quantized_all_reduce"`` (summable, ``wire_bits=8``) or ``"all_gather"``."""
+        if not self.summable:
+            return "all_gather"
+        return "quantized_all_reduce" if self.wire_bits == 8 else "all_reduce"
+
+    def bind(self, rank: int, world_size: int, backend: str, device_type: str) -> None:
+        """Called once at setup with the group the payloads travel over; raise ``ValueError`` naming the field when
+        this compressor cannot run there. Default: the 8-bit transport needs an all-to-all, which gloo does not run
+        on CUDA tensors."""
+        if self.wire_bits == 8 and backend == "gloo" and device_type == "cuda" and world_size > 1:
+            raise ValueError(
+                f"{type(self).__name__}: `factor_bits`/`wire_bits` 8 needs an all-to-all, which the gloo backend does "
+                "not run on CUDA tensors; use process_group_backend='nccl' or leave it None."
+            )
+
+    def first_round_root(self, step: int) -> int:
+        """The rank whose first-round message is broadcast at ``step`` (``first_round_transport="broadcast"``)."""
+        return 0
+
+    def observe_broadcast(self, payload: Payload) -> None:
+        """Called on every rank with the root's first-round payload (``first_round_transport="broadcast"``)."""
+        return None
 
     def prepare(self, tensor: Tensor, step: int = 0, key: str = "") -> Payload | None:
         """First-round message of a multi-round compressor (``rounds > 1``) for the tensor about to be compressed.
@@ -123,7 +156,7 @@ class Compressor:
         return None
 
     def __repr__(self) -> str:
-        skip = ("_", "alpha", "unbiased", "summable")
+        skip = ("_", "alpha", "unbiased", "summable", "wire_bits")
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith(skip))
         return f"{type(self).__name__}({args})"
 

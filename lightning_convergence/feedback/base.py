@@ -7,8 +7,9 @@ rebuilds and resumes with other bucket sizes. Communication is not done here: th
 (a DDP comm hook, or a fake all-reduce in tests).
 
 Non-finite gradients: a parameter whose local gradient holds NaN/inf sends an all-zero message of the usual shape
-(so collectives still match across ranks), leaves its state untouched and is counted in
-``nonfinite_skipped_total``.
+(so collectives still match across ranks) and leaves its state untouched. With a device flag (the DDP comm hook)
+this is selected on the device without a host sync and the caller counts once per optimizer step; with a host
+bool it is counted here in ``nonfinite_skipped_total``.
 
 Imports torch only.
 """
@@ -78,17 +79,40 @@ class FeedbackRule:
         self.nonfinite_skipped_total = 0
 
     # -- the two steps -------------------------------------------------------------------------------------------
-    def message(self, key: str, grad: Tensor, compressor: Compressor, finite: bool | None = None) -> Payload:
-        """This worker's message for parameter ``key`` (updates the worker-side state)."""
+    def message(
+        self, key: str, grad: Tensor, compressor: Compressor, finite: bool | Tensor | None = None
+    ) -> Payload:
+        """This worker's message for parameter ``key`` (updates the worker-side state).
+
+        ``finite`` may be a 0-dim bool tensor on the gradient's device (the comm hook's flag, no host sync; ``grad``
+        must then hold zeros where the flag is false): the message is all zeros and the state keeps its old values,
+        selected on the device (:meth:`_message_masked`). A Python bool (or ``None``: checked here, one host sync)
+        takes the branch on the host and counts the skip in ``nonfinite_skipped_total``.
+        """
         x = grad.detach().to(torch.float32)
         step = self.steps.get(key, 0)
         self.steps[key] = step + 1
+        if isinstance(finite, Tensor):
+            return self._message_masked(key, x, compressor, step, finite)
         if finite is None:
             finite = all_finite([x])
         if not finite:
             self.nonfinite_skipped_total += 1
             return self._skip(key, x, compressor, step)
         return self._message(key, x, compressor, step)
+
+    def _message_masked(self, key: str, x: Tensor, compressor: Compressor, step: int, finite: Tensor) -> Payload:
+        """:meth:`_message` on ``x`` (the caller has zeroed it where ``finite`` is false: the comm hook cleans the
+        whole bucket in one op), then, where ``finite`` is false, a zero message and every buffer of ``key`` back at
+        its old value (a missing buffer starts at zero, as :meth:`_skip` does). Rules replace their buffers rather
+        than writing into them, so the old tensors are still intact here."""
+        old = {b: self.buffers[b].get(key) for b in self.buffer_names}
+        payload = self._message(key, x, compressor, step)
+        for b, before in old.items():
+            new = self.buffers[b].get(key)
+            if new is not None and new is not before:
+                self.buffers[b][key] = torch.where(finite, new, 0.0 if before is None else before)
+        return payload.replace({n: torch.where(finite, t, 0) for n, t in payload.tensors.items()})
 
     def update(self, key: str, mean: Tensor) -> Tensor:  # pragma: no cover - abstract
         """The gradient estimate for ``key`` given the average of all workers' decompressed messages."""

@@ -1,12 +1,14 @@
 """``CompressedDDPStrategy``: DDP whose gradient averaging sends compressed messages with error feedback.
 
 The adapter holds no math: the comm hook asks the feedback rule (:mod:`lightning_convergence.feedback`) for each
-parameter's message, averages the messages with :func:`~lightning_convergence.compress.comm.average_payloads`, and
-writes the rule's gradient estimate back into the bucket.
+parameter's message, averages the messages through the communication layer
+(:func:`~lightning_convergence.comm.average_payloads_async`), and writes the rule's gradient estimate back into the
+bucket when the collective completes.
 """
 
 from __future__ import annotations
 
+import warnings
 from datetime import timedelta
 from typing import Any
 
@@ -15,35 +17,52 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import StrategyRegistry
 from torch.distributed.constants import default_pg_timeout
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_convergence._metrics import log_metrics, should_log
+from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
+from lightning_convergence.comm import (
+    Communicator,
+    SingleProcessCommunicator,
+    TorchDistCommunicator,
+    average_payloads_async,
+    ddp_link_bytes,
+    first_round,
+    link_bytes_per_rank,
+)
 from lightning_convergence.compress import Compressor, TopK
-from lightning_convergence.compress.comm import average_payloads, dist_collectives, first_round
 from lightning_convergence.feedback import FeedbackRule, make_rule
-from lightning_convergence.feedback.base import DENSE, zero_message
-from lightning_convergence.stats import per_tensor_norms
+from lightning_convergence.feedback.base import DENSE
 from lightning_convergence.strategies._ddp_base import HookedDDPStrategy
 
-__all__ = ["CompressedDDPStrategy", "CompressionHookState", "compressed_comm_hook", "register_strategies"]
+__all__ = [
+    "CompressedDDPStrategy", "CompressionHookState", "check_saving", "compressed_comm_hook", "register_strategies",
+]
 
-STATE_VERSION = 1
+STATE_VERSION = 1  # counters gained `nonfinite_skipped_total`; a missing counter loads as 0
+_COUNTERS = ("bytes_sent_total", "dense_bytes_total", "hook_calls_total", "nonfinite_skipped_total")
 
 
 class CompressionHookState:
-    """What the comm hook needs: the rule, the compressor, parameter names and the byte counters (per rank)."""
+    """Everything the comm hook touches: the rule, the compressor, parameter names, the communicator, the counters
+    and this step's non-finite count (a device tensor; the strategy reads it once per optimizer step).
 
-    def __init__(self, rule: FeedbackRule, compressor: Compressor, names: dict[int, str], group: Any = None) -> None:
+    Args:
+        rule: the feedback rule (per-parameter state by name).
+        compressor: the compressor (already bound to the group).
+        names: parameter ``id`` → name.
+        comm: the communicator the payloads travel over.
+    """
+
+    def __init__(self, rule: FeedbackRule, compressor: Compressor, names: dict[int, str], comm: Communicator) -> None:
         self.rule = rule
         self.compressor = compressor
         self.names = names
-        self.group = group
-        self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
-        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
-        self.all_reduce, self.all_gather = dist_collectives(group)
-        self.before_call: Any = None
-        self.dense = False  # True during the strategy's `start_step` warm-up: plain averaging, rule untouched
-        self.counters = {"bytes_sent_total": 0, "dense_bytes_total": 0, "hook_calls_total": 0}
+        self.comm = comm
+        self.dense = False  # set by the strategy before each backward: the `start_step` warm-up (plain averaging)
+        self.counters = dict.fromkeys(_COUNTERS, 0)
+        self.step_nonfinite: list[torch.Tensor] = []  # flagged-rank counts of this step's buckets, on the device
 
     def name_of(self, param: torch.Tensor) -> str:
         try:
@@ -53,6 +72,26 @@ class CompressionHookState:
                 f"CompressedDDPStrategy: a bucket parameter of shape {tuple(param.shape)} has no known name."
             ) from err
 
+    def layout(self, bucket: Any, clean: torch.Tensor) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
+        """The bucket's parameter names, gradients (views of its buffer) and the same views of ``clean`` (a copy of
+        the buffer), sorted by name."""
+        views, offset = [], 0
+        for g in bucket.gradients():
+            views.append(clean[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        names = (self.name_of(p) for p in bucket.parameters())
+        rows = sorted(zip(names, bucket.gradients(), views), key=lambda t: t[0])
+        return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+    def add_nonfinite(self, count: torch.Tensor) -> None:
+        # called from the collectives' callbacks, possibly on two threads at once: list.append is atomic
+        self.step_nonfinite.append(count.reshape(1))
+
+    def take_nonfinite(self) -> bool:
+        """Whether any rank flagged a bucket this step (the one host read per optimizer step); resets the counts."""
+        counts, self.step_nonfinite = self.step_nonfinite, []
+        return bool(counts) and bool(torch.cat(counts).sum() > 0)
+
 
 def compressed_comm_hook(state: CompressionHookState, bucket):
     """DDP comm hook: compress every parameter of the bucket with feedback, average, write the estimate back.
@@ -60,101 +99,137 @@ def compressed_comm_hook(state: CompressionHookState, bucket):
     ``(state, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]``; the annotations are left off because DDP
     compares them with the real classes and this module uses postponed (string) annotations.
 
-    Parameters are identified by name (``bucket.parameters()``), so DDP's bucket rebuild after the first iteration
-    and any ``bucket_cap_mb`` leave the per-parameter state intact. Runs only on synchronising steps (DDP skips the
-    hook inside ``no_sync``, which Lightning uses for gradient accumulation).
+    The averaging collective is left in flight and the returned future is chained with ``.then()``, so DDP can go on
+    with the backward pass of the next bucket (a two-round compressor's first round, and the 8-bit transport's
+    all-to-all, are waited for here: collectives are issued from this thread only, never from a callback, so every
+    rank issues them in the same order). Non-finite gradients are found on the device (no host sync): a bucket
+    holding NaN/inf contributes zeros and a flag that travels in the same collective. Parameters are identified by
+    name, so DDP's bucket rebuild and any ``bucket_cap_mb`` leave the per-parameter state intact. Runs only on
+    synchronising steps (DDP skips the hook inside ``no_sync``, which Lightning uses for gradient accumulation).
     """
-    if state.before_call is not None:
-        state.before_call()
-    grads = bucket.gradients()
-    names = [state.name_of(p) for p in bucket.parameters()]
-    finite = torch.isfinite(per_tensor_norms(grads, float("inf"))).tolist()  # one host sync per bucket
-    if state.dense:  # warm-up: uncompressed average, the rule sees nothing (its state starts at the switch)
-        payloads = [
-            DENSE.compress(g.detach().to(torch.float32), 0, n) if f else zero_message(DENSE, g, 0, n, True)
-            for n, g, f in zip(names, grads, finite)
-        ]
-        state.rule.nonfinite_skipped_total += finite.count(False)
+    buffer = bucket.buffer()
+    # NaN/inf anywhere makes the float32 sum non-finite (one reduction; a finite bucket whose sum overflows float32,
+    # |sum| > 3e38, would count as non-finite too); 1.0 flags this rank's bucket
+    ok = torch.isfinite(buffer.sum(dtype=torch.float32))
+    bad = (~ok).to(torch.float32)
+    clean = torch.where(ok, buffer, 0.0)  # a flagged bucket contributes zeros (one op for the whole bucket)
+    comm, before = state.comm, state.comm.link_bytes_total
+    if state.dense:  # warm-up: uncompressed float32 average of the whole bucket, the rule sees nothing
+        flat = clean.to(torch.float32)
+        fut = average_payloads_async([DENSE.compress(flat, 0, "bucket")], comm, bad)
+
+        def finish(f: torch.futures.Future) -> torch.Tensor:
+            (mean,), count = f.value()
+            state.add_nonfinite(count)
+            return buffer.copy_(mean)
     else:
-        if state.compressor.rounds > 1:  # PowerSGD's first all-reduce, on the inputs the rule compresses next
-            state.counters["bytes_sent_total"] += _first_round(state, names, grads, finite)
-        payloads = [state.rule.message(n, g, state.compressor, f) for n, g, f in zip(names, grads, finite)]
-    means = average_payloads(payloads, state.world_size, state.all_reduce, state.all_gather, state.rank)
-    for name, grad, mean in zip(names, grads, means):
-        grad.copy_(mean.reshape(grad.shape) if state.dense else state.rule.update(name, mean.reshape(grad.shape)))
+        # by name: the message layout (and so a ring all-reduce's float summation order) does not depend on the
+        # order in which DDP put the parameters into the bucket, which changes when DDP rebuilds its buckets
+        names, grads, cleaned = state.layout(bucket, clean)
+        rule, compressor = state.rule, state.compressor
+        if compressor.rounds > 1:  # the first round (PowerSGD's P, cyclic Top-K's indices) on the rule's inputs
+            items = [(n, x, rule.steps.get(n, 0)) for n, g in zip(names, cleaned)
+                     if (x := rule.compressor_input(n, g)) is not None]
+            first_round(compressor, items, comm, bad)
+        payloads = [rule.message(n, g, compressor, ok) for n, g in zip(names, cleaned)]
+        fut = average_payloads_async(payloads, comm, bad)
+
+        def finish(f: torch.futures.Future) -> torch.Tensor:
+            means, count = f.value()
+            state.add_nonfinite(count)
+            for name, grad, mean in zip(names, grads, means):
+                grad.copy_(rule.update(name, mean.reshape(grad.shape)))
+            return buffer
+
     c = state.counters
-    c["bytes_sent_total"] += sum(p.nbytes for p in payloads)
-    c["dense_bytes_total"] += sum(g.numel() * g.element_size() for g in grads)
+    c["bytes_sent_total"] += comm.link_bytes_total - before
+    c["dense_bytes_total"] += ddp_link_bytes(buffer.numel() * buffer.element_size(), comm.world_size)
     c["hook_calls_total"] += 1
-    fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(bucket.buffer())
-    return fut
+    return fut.then(finish)
 
 
-def _first_round(state: CompressionHookState, names: list[str], grads: list[torch.Tensor], finite: list[bool]) -> int:
-    items = []
-    for n, g, f in zip(names, grads, finite):
-        x = state.rule.compressor_input(n, g)  # None: sent dense this step, on every rank alike (no first round)
-        if x is not None:  # a rank with a non-finite gradient joins the collective with zeros
-            items.append((n, x if f else torch.zeros_like(x), state.rule.steps.get(n, 0)))
-    return first_round(state.compressor, items, state.world_size, state.all_reduce, state.all_gather, state.rank)
+def check_saving(owner: str, compressor: Compressor, world_size: int) -> None:
+    """Raise when ``compressor``'s payloads travel by all-gather and so send at least as many link bytes as plain
+    DDP at ``world_size`` (a 1000 x 1000 float32 probe): ``(W−1)·c`` per rank against DDP's ``2(W−1)/W·D``. Summed
+    payloads never cost more than DDP (``Identity`` costs the same: it is the uncompressed reference)."""
+    if world_size <= 1 or compressor.transport != "all_gather":
+        return
+    shape = (1000, 1000)
+    ours = link_bytes_per_rank(compressor, shape, world_size)
+    ddp = ddp_link_bytes(4 * shape[0] * shape[1], world_size)
+    if ours is not None and ours >= ddp:
+        raise ValueError(
+            f"{owner}: `compressor` {compressor!r} travels by {compressor.transport}, which at world size "
+            f"{world_size} sends {ours} bytes per rank for a 1000x1000 float32 gradient against plain DDP's {ddp}: "
+            "no saving. Use a scheme whose payloads are summed on the wire (CyclicTopK, LowRank, RandK) or a "
+            "smaller fraction."
+        )
 
 
 class CompressedDDPStrategy(HookedDDPStrategy):
     """Compressed gradient averaging with error feedback (EF21, EF21-SGDM, EControl, classic EF), on CPU or GPU.
 
     Paper: Richtárik, Sokolov, Fatkhullin. *EF21: A New, Simpler, Theoretically Better, and Practically Faster Error
-    Feedback.* NeurIPS 2021, arXiv:2106.05203 (default rule); the other rules cite their papers in
-    :mod:`lightning_convergence.feedback`.
+    Feedback.* NeurIPS 2021, arXiv:2106.05203 (default rule); the other rules and compressors cite their papers in
+    :mod:`lightning_convergence.feedback` and :mod:`lightning_convergence.compress`.
 
-    Each rank compresses each parameter's gradient message with ``compressor``; summable payloads (Identity, Rand-K)
-    travel in one all-reduce per bucket, the others (Top-K values + indices, sign bits, QSGD codes) in one all-gather
-    of their bytes per bucket. The optimizer sees the rule's gradient estimate (EF21's ``g``).
+    Each rank compresses each parameter's gradient message with ``compressor``; per bucket, summable payloads
+    (Identity, Rand-K, LowRank, CyclicTopK values) travel in one ring all-reduce (8-bit reduce-scatter + all-gather
+    with ``LowRank(factor_bits=8)``), the others (Top-K values + indices, sign bits, QSGD codes) in one all-gather of
+    their bytes; each compressor's docstring gives its link bytes per rank as a function of the world size. The
+    optimizer sees the rule's gradient estimate (EF21's ``g``).
 
-    Deviations: collectives inside the hook are blocking (no overlap of communication with the rest of the backward
-    pass); the first step of EF21-type rules is sent uncompressed (``dense_first_step``); the optional dense warm-up
-    (``start_step``) is not in the papers' algorithms (it is PowerSGD's ``start_powerSGD_iter``); a parameter whose
-    local gradient is non-finite sends zeros and is counted, so AMP's ``GradScaler`` will not see that inf (its scale
-    is not lowered): prefer bf16 over fp16 mixed precision here.
+    Non-finite gradients: found on the device in the hook (no host sync per bucket); a rank's bucket with NaN/inf
+    contributes zeros, its rule state keeps its old values, and a flag summed with the payload tells every rank. Once
+    per optimizer step, after the backward pass, the strategy reads that flag (one host read per step, as AMP's
+    ``GradScaler`` does) and applies ``on_nonfinite`` to the whole step: the optimizer step is not applied.
+
+    Deviations: the first step of EF21-type rules is sent uncompressed (``dense_first_step``); the optional dense
+    warm-up (``start_step``) is not in the papers' algorithms (it is PowerSGD's ``start_powerSGD_iter``); on a step
+    skipped for non-finite gradients the finite ranks' rule states keep that step's update (their messages were sent;
+    every replica stays identical); AMP's ``GradScaler`` never sees the inf (its scale is not lowered): prefer bf16
+    over fp16 mixed precision here.
 
     Args:
         feedback: the error-feedback rule: a name (``"ef21"``, ``"ef21_sgdm"``, ``"econtrol"``, ``"ef14"``, or
             ``"none"`` for plain compressed averaging) or a :class:`~lightning_convergence.feedback.FeedbackRule`
             instance (a ``class_path`` in YAML) to set its hyperparameters. Default ``"ef21"``.
         compressor: a :class:`~lightning_convergence.compress.Compressor` (``class_path`` in YAML). Default
-            ``TopK(k_fraction=0.01)``: about 50x fewer bytes than float32 DDP.
+            ``TopK(k_fraction=0.01)``: 50x fewer link bytes than DDP at 2 ranks, ``100/W``x at ``W`` ranks
+            (all-gather); ``CyclicTopK(0.01)`` keeps 67x at every ``W``.
         every_n_steps: log every this many optimizer steps, ≥ 1. Default ``None``: the trainer's
             ``log_every_n_steps``.
         bucket_cap_mb: DDP bucket size in MiB (``None``: DDP's default of 25). The hook is bucket-agnostic.
         start_step: optimizer steps of plain (uncompressed, float32) gradient averaging before compression starts,
             an int ≥ 0. Default ``0``. The rule and compressor see nothing before it, so their state starts at the
-            switch (EF21-type rules with ``dense_first_step`` send the switch step's gradient uncompressed:
-            ``g_i = ∇f_i`` there). Like PowerSGD's ``start_powerSGD_iter``; a few percent of the run (e.g. 10–50
-            steps) avoids compressing the large, fast-changing gradients of the first steps. Those steps cost DDP's
-            bytes (counted in ``bytes_sent_total``).
+            switch. Like PowerSGD's ``start_powerSGD_iter``; a few percent of the run (e.g. 10–50 steps) avoids
+            compressing the large, fast-changing gradients of the first steps. Those steps cost DDP's bytes.
+        on_nonfinite: ``"stop"`` (default: the step is not applied and training stops with a message) or ``"skip"``
+            (the step is not applied, counted once under ``nonfinite_skipped_total``, training goes on).
         find_unused_parameters: passed to DDP. Default ``False``.
         process_group_backend, timeout, start_method, accelerator, parallel_devices, cluster_environment,
             checkpoint_io, precision_plugin: as in Lightning's ``DDPStrategy``.
         **kwargs: further ``DistributedDataParallel`` arguments (not ``ddp_comm_*``).
 
     State: under ``convergence/compressed_ddp`` in the checkpoint, every rank's rule state (per-parameter buffers by
-    name, step counts), compressor state and byte counters, with a ``version`` key; each rank takes its slice back.
+    name, step counts), compressor state and counters, with a ``version`` key; each rank takes its slice back.
 
-    Logs: ``convergence/compress/bytes_sent_total`` (payload bytes sent by all ranks together),
-    ``convergence/compress/ratio`` (bytes plain DDP would have sent / bytes sent),
+    Logs: ``convergence/compress/bytes_sent_total`` (link bytes sent by all ranks together, under each collective's
+    real algorithm), ``convergence/compress/ratio`` (link bytes plain DDP sends at the same world size / ours),
     ``convergence/compress/residual_norm`` (root mean over ranks of each rank's squared error-state norm),
-    ``convergence/compress/nonfinite_skipped_total``.
+    ``convergence/compress/nonfinite_skipped_total`` (optimizer steps skipped).
 
     Raises:
-        ValueError: for an unknown ``feedback`` name, ``every_n_steps`` < 1, ``start_step`` < 0, or a ``ddp_comm_*``
-            argument.
+        ValueError: for an unknown ``feedback`` name, ``every_n_steps`` < 1, ``start_step`` < 0, a bad
+            ``on_nonfinite``, a ``ddp_comm_*`` argument, or (at setup) a compressor that cannot run on this world
+            size or backend (the message names the field).
         TypeError: if ``compressor`` is not a ``Compressor``, ``feedback`` has the wrong type, or ``start_step`` is
             not an int.
         RuntimeError: if hook registration fails, or a checkpoint holds another rule's or world size's state.
 
     Example::
 
-        Trainer(accelerator="cpu", devices=2, strategy=CompressedDDPStrategy(feedback="ef21", compressor=TopK(0.01)))
+        Trainer(accelerator="cpu", devices=4, strategy=CompressedDDPStrategy(feedback="ef14", compressor=CyclicTopK()))
     """
 
     rank_state_key = "convergence/compressed_ddp"
@@ -166,6 +241,7 @@ class CompressedDDPStrategy(HookedDDPStrategy):
         every_n_steps: int | None = None,
         bucket_cap_mb: float | None = None,
         start_step: int = 0,
+        on_nonfinite: str = "stop",
         find_unused_parameters: bool = False,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
@@ -188,6 +264,7 @@ class CompressedDDPStrategy(HookedDDPStrategy):
             raise TypeError(f"{owner}: `start_step` must be an int >= 0, got {kind} {start_step!r}.")
         if start_step < 0:
             raise ValueError(f"{owner}: `start_step` must be >= 0, got {start_step}.")
+        self.on_nonfinite = check_nonfinite_policy(owner, on_nonfinite)
         self.start_step = start_step
         self.rule = make_rule(feedback, owner)
         self.rule.check_compressor(compressor)
@@ -209,23 +286,40 @@ class CompressedDDPStrategy(HookedDDPStrategy):
         )
         self.hook_state: CompressionHookState | None = None
         self._pending_counters: dict[str, int] | None = None
+        self._stats_comm: Communicator | None = None
+        self._warned_skip = False
 
     @override
     def build_comm_hook(self, model: DistributedDataParallel) -> tuple[Any, Any]:
+        comm: Communicator = TorchDistCommunicator() if dist.is_initialized() else SingleProcessCommunicator()
+        self.compressor.bind(comm.rank, comm.world_size, comm.backend, self.root_device.type)
+        check_saving(type(self).__name__, self.compressor, comm.world_size)
+        if comm.world_size == 1:
+            warnings.warn(
+                f"{type(self).__name__}: world size 1, so nothing is sent and compression saves no bytes; the "
+                "optimizer still sees the compressed, error-fed gradient estimate (`feedback`, `compressor`), so "
+                "training changes as it would on several devices. Use more devices, or plain DDP.",
+                stacklevel=2,
+            )
         names = {id(p): n for n, p in model.module.named_parameters()}
-        self.hook_state = CompressionHookState(self.rule, self.compressor, names)
-        self.hook_state.before_call = self._before_hook
+        self.hook_state = CompressionHookState(self.rule, self.compressor, names, comm)
+        self._stats_comm = TorchDistCommunicator() if dist.is_initialized() else SingleProcessCommunicator()
         if self._pending_counters is not None:
             self.hook_state.counters.update(self._pending_counters)
             self._pending_counters = None
         return self.hook_state, compressed_comm_hook
 
-    def _before_hook(self) -> None:
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
         self.apply_pending_rank_state()
-        if self.hook_state is not None:
-            trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-            step = trainer.global_step if trainer is not None else self.start_step  # optimizer steps done so far
-            self.hook_state.dense = step < self.start_step
+
+    @override
+    def pre_backward(self, closure_loss: torch.Tensor) -> None:
+        super().pre_backward(closure_loss)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if self.hook_state is not None and trainer is not None:
+            self.hook_state.dense = trainer.global_step < self.start_step  # optimizer steps done so far
 
     # -- per-rank state --------------------------------------------------------------------------------------------
     def rank_state_dict(self) -> dict[str, Any]:
@@ -248,30 +342,41 @@ class CompressedDDPStrategy(HookedDDPStrategy):
         else:
             self._pending_counters = counters
 
-    # -- logging ---------------------------------------------------------------------------------------------------
+    # -- the step: one non-finite decision, then logging -----------------------------------------------------------
     @override
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
-        out = super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        if self.hook_state is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        result = closure()  # forward + backward: DDP has waited for every bucket's future when it returns
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is not None and self.hook_state is not None and should_log(trainer, self.every_n_steps):
+        if self.hook_state.take_nonfinite():  # the same decision on every rank: the flag was reduced
+            if trainer is not None:
+                self._warned_skip = act_on_nonfinite(
+                    trainer, "CompressedDDPStrategy", self.on_nonfinite, "gradients", warned=self._warned_skip
+                )
+            if self.on_nonfinite == "skip":
+                self.hook_state.counters["nonfinite_skipped_total"] += 1
+            out = result
+        else:
+            out = super().optimizer_step(optimizer, lambda: result, model, **kwargs)
+        if trainer is not None and should_log(trainer, self.every_n_steps):
             self._log(trainer)
         return out
 
     def _log(self, trainer: Any) -> None:
         c = self.hook_state.counters  # type: ignore[union-attr]
-        local = torch.tensor(
-            [c["bytes_sent_total"], c["dense_bytes_total"], float(self.rule.residual_sq_total()),
-             self.rule.nonfinite_skipped_total],
-            dtype=torch.float64, device=self.root_device,
-        )
-        if dist.is_initialized():
-            dist.all_reduce(local)  # every rank reaches this on the same steps (global_step is shared)
-        sent, dense, res_sq, skipped = local.tolist()
+        local = torch.stack([
+            torch.tensor([c["bytes_sent_total"], c["dense_bytes_total"]], dtype=torch.float64),
+            torch.stack([self.rule.residual_sq_total().double().cpu(),
+                         torch.tensor(float(c["nonfinite_skipped_total"]), dtype=torch.float64)]),
+        ]).reshape(-1).to(self.root_device)
+        self._stats_comm.all_reduce_sum(local)  # type: ignore[union-attr]  # every rank logs on the same steps
+        sent, dense, res_sq, _ = local.tolist()  # logging steps only
         log_metrics(trainer, "compress", {
             "bytes_sent_total": sent,
-            "ratio": dense / sent if sent else 0.0,
+            "ratio": dense / sent if sent else 1.0,
             "residual_norm": (res_sq / self.world_size) ** 0.5,
-            "nonfinite_skipped_total": skipped,
+            "nonfinite_skipped_total": float(c["nonfinite_skipped_total"]),  # identical on every rank
         })
 
     @classmethod

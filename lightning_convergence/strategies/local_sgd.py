@@ -36,29 +36,13 @@ from lightning_convergence.averaging.base import (
 from lightning_convergence.averaging.diloco import DiLoCo
 from lightning_convergence.averaging.periodic import PeriodicAveraging
 from lightning_convergence.averaging.schedules import FixedPeriod, SyncSchedule
+from lightning_convergence.comm import SingleProcessCommunicator
 
 __all__ = ["LocalSGDStrategy", "register_strategies"]
 
 _OPTIMIZER_STATE = ("keep", "average", "reset")
 _REJECTED_KWARGS = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
 STATE_VERSION = 1
-
-
-class _SingleProcess(Communicator):
-    """World size 1 (no process group): every mean is the tensor itself."""
-
-    def all_reduce_mean_(self, tensor: Tensor) -> None:
-        return None
-
-    def all_reduce_mean_async(self, tensor: Tensor) -> Any:
-        class _Done:
-            def wait(self) -> Tensor:
-                return tensor
-
-        return _Done()
-
-    def exchange(self, tensor: Tensor, peer: int) -> Tensor:  # pragma: no cover - never paired alone
-        return tensor
 
 
 def _resolve_outer(outer: str | OuterStep) -> OuterStep:
@@ -199,7 +183,7 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
             raise RuntimeError(f"LocalSGDStrategy: needs exactly one optimizer, got {len(self.optimizers)}.")
         module = self.lightning_module
         distributed = dist.is_available() and dist.is_initialized()
-        self._comm = TorchDistCommunicator() if distributed else _SingleProcess()
+        self._comm = TorchDistCommunicator() if distributed else SingleProcessCommunicator()
         if distributed and self._comm.world_size > 1:
             with torch.no_grad():
                 for t in list(module.parameters()) + list(module.buffers()):

@@ -94,7 +94,7 @@ def test_averaging_diloco_topk_error_feedback_carries_the_dropped_part():
     outer = DiLoCo(lr=1.0, momentum=0.0, compressor=TopK(k_fraction=0.5))
     params = _params([0.0, 0.0, 0.0, 0.0])
     outer.init_state(_params([4.0, 3.0, 2.0, 1.0]))  # own δ = [4, 3, 2, 1]; Top-2 keeps [4, 3, 0, 0]
-    from lightning_convergence.compress.comm import _to_bytes
+    from lightning_convergence.comm import payload_bytes as _to_bytes
 
     # the other rank's δ = [0, 0, 2, 2]: its Top-2 payload arrives as bytes through the all-gather
     other_blob = _to_bytes([TopK(k_fraction=0.5).compress(torch.tensor([0.0, 0.0, 2.0, 2.0]), 1, "diloco")])

@@ -130,24 +130,22 @@ def test_ef21_topk_converges_to_the_optimum_in_a_trainer(tmp_path):
 
 
 class _CountWire(Callback):
-    """Wraps the hook's collectives to count the bytes they carry."""
+    """Wraps the hook's communicator to count the bytes its collectives carry (at 2 ranks a ring all-reduce and an
+    all-gather each send exactly the message's size per rank: an independent check of the link-byte formulas)."""
 
     def __init__(self):
         self.wire = 0
 
     def on_train_start(self, trainer, module):
-        hs = trainer.strategy.hook_state
-        gather, reduce = hs.all_gather, hs.all_reduce
+        comm = trainer.strategy.hook_state.comm
+        for name, share in (("all_reduce_sum_async", 1), ("all_gather_async", 1), ("all_to_all_async", 2)):
+            real = getattr(comm, name)
 
-        def g(t):
-            self.wire += t.numel() * t.element_size()
-            return gather(t)
+            def counted(t, *a, real=real, share=share):  # an all-to-all keeps half of its buffer at 2 ranks
+                self.wire += t.numel() * t.element_size() // share
+                return real(t, *a)
 
-        def r(t):
-            self.wire += t.numel() * t.element_size()
-            return reduce(t)
-
-        hs.all_gather, hs.all_reduce = g, r
+            setattr(comm, name, counted)
 
     def on_train_end(self, trainer, module):
         trainer.callback_metrics["wire_bytes"] = torch.tensor(float(self.wire))
@@ -157,7 +155,8 @@ class _CountWire(Callback):
 def test_bytes_on_wire_equal_payload_sizes(tmp_path, compressor, per_step):
     steps = 6
     got = fit(tmp_path, ours("ef21", compressor, every_n_steps=1), callbacks=[_CountWire()], max_steps=steps)
-    per_rank = 10 * 4 + (steps - 1) * per_step  # dense first step (10 float32), then k values (+ int32 indices)
+    # dense first step (10 float32), then k values (+ int32 indices); a float32 non-finite flag in every bucket
+    per_rank = 10 * 4 + (steps - 1) * per_step + steps * 4
     for rank in range(2):
         assert got[rank]["counters"]["bytes_sent_total"] == per_rank
         assert got[rank]["counters"]["dense_bytes_total"] == steps * 40
@@ -209,7 +208,10 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path, feedback, make
         assert resumed[rank]["rule"]["steps"] == straight[rank]["rule"]["steps"]
         for name, f in straight[rank]["compressor"].get("factors", {}).items():
             assert torch.equal(resumed[rank]["compressor"]["factors"][name], f)
-        for key in ("bytes_sent_total", "dense_bytes_total"):  # hook calls depend on DDP's first-step bucketing
+        # hook calls depend on DDP's first-step bucketing; each carries a 4-byte non-finite flag
+        for c in (resumed[rank]["counters"], straight[rank]["counters"]):
+            c["payload_bytes"] = c["bytes_sent_total"] - 4 * c["hook_calls_total"]
+        for key in ("payload_bytes", "dense_bytes_total"):
             assert resumed[rank]["counters"][key] == straight[rank]["counters"][key]
 
 
@@ -223,20 +225,52 @@ class _NaNOnRank1(LinearModel):
         return loss
 
 
-def test_nonfinite_gradient_on_one_rank_is_skipped_and_counted(tmp_path):
+class _Params(Callback):
+    """Records each rank's parameters after every optimizer step and saves them at the end (ddp_fork: the parent
+    never sees the ranks' callbacks)."""
+
+    def __init__(self, directory):
+        self.directory, self.after = Path(directory), []
+
+    def on_train_batch_end(self, trainer, module, *args):
+        self.after.append({k: v.detach().clone() for k, v in module.named_parameters()})
+
+    def on_train_end(self, trainer, module):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        torch.save(self.after, self.directory / f"after{trainer.global_rank}.pt")
+
+
+def _nan_run(tmp_path, policy):
     L.seed_everything(0, verbose=False)
+    rec = _Params(tmp_path / "after")
     trainer = L.Trainer(
-        strategy=ours("ef21", TopK(0.2), every_n_steps=1), max_steps=5, callbacks=[DumpOnRanks(tmp_path, _dump)],
-        enable_checkpointing=False, **TRAINER,
+        strategy=ours("ef21", TopK(0.2), every_n_steps=1, on_nonfinite=policy), max_steps=5,
+        callbacks=[rec, DumpOnRanks(tmp_path, _dump)], enable_checkpointing=False, **TRAINER,
     )
     trainer.fit(_NaNOnRank1(dim=10), SyntheticRegressionDataModule(n_samples=128, dim=10, batch_size=16))
-    got = load_rank_results(tmp_path, 2)
+    return load_rank_results(tmp_path, 2), torch.load(tmp_path / "after" / "after0.pt", weights_only=True)
+
+
+def test_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    got, after = _nan_run(tmp_path, "skip")
     for rank in range(2):
         assert torch.isfinite(got[rank]["params"]["linear.weight"]).all()
         assert all(torch.isfinite(t).all() for b in got[rank]["rule"]["buffers"].values() for t in b.values())
-    assert got[1]["rule"]["nonfinite_skipped_total"] == 1 and got[0]["rule"]["nonfinite_skipped_total"] == 0
-    assert got[0]["metrics"]["convergence/compress/nonfinite_skipped_total"] == 1  # reduced over ranks, logged
+        assert got[rank]["counters"]["nonfinite_skipped_total"] == 1  # once per optimizer step, on every rank
+    assert got[0]["metrics"]["convergence/compress/nonfinite_skipped_total"] == 1
+    assert len(after) == 5  # training went on
+    for k in after[1]:  # step index 2 (the NaN step) was not applied on rank 0 either: the flag was reduced
+        assert torch.equal(after[2][k], after[1][k]) and not torch.equal(after[3][k], after[2][k])
     _assert_params_close(got[0]["params"], got[1]["params"], atol=0)  # replicas still agree
+
+
+def test_nonfinite_gradient_stops_training_by_default(tmp_path):
+    got, after = _nan_run(tmp_path, "stop")
+    assert len(after) == 3  # steps 0, 1 and the NaN step 2, which was not applied; then the trainer stopped
+    for k in after[1]:
+        assert torch.equal(after[2][k], after[1][k])
+    assert got[0]["counters"]["nonfinite_skipped_total"] == 0
+    _assert_params_close(got[0]["params"], got[1]["params"], atol=0)
 
 
 def test_start_step_is_plain_ddp_before_the_switch_and_compressed_after(tmp_path, plain_mlp):
@@ -246,8 +280,9 @@ def test_start_step_is_plain_ddp_before_the_switch_and_compressed_after(tmp_path
     for rank in range(2):
         _assert_params_close(dense[rank]["params"], plain_mlp[rank]["params"], atol=1e-6)  # float32 mean, same order
         assert dense[rank]["rule"]["steps"] == {} and dense[rank]["rule"]["buffers"]["g_i"] == {}
-    # the dense steps are counted at full size: bytes sent = DDP's bytes
-    assert dense[0]["counters"]["bytes_sent_total"] == dense[0]["counters"]["dense_bytes_total"]
+    # the dense steps are counted at full size: bytes sent = DDP's bytes, plus a 4-byte non-finite flag per bucket
+    c = dense[0]["counters"]
+    assert c["bytes_sent_total"] == c["dense_bytes_total"] + 4 * c["hook_calls_total"]
 
     # start_step=3: the rule starts at the switch (3 of 6 steps) from g_i = the dense gradient there
     mixed = fit(tmp_path / "mixed", ours("ef21", TopK(0.1), start_step=3), mlp=True, max_steps=6)
@@ -274,18 +309,17 @@ def test_full_rank_two_round_lowrank_equals_plain_ddp_and_counts_both_rounds(tmp
     per_step = 4 * (16 * 80 + 16 * 32 + 10 * 26 + 16 + 16 + 10)
     dense = 4 * (16 * 64 + 16 + 16 * 16 + 16 + 10 * 16 + 10)
     first = dense if feedback == "ef21" else per_step  # EF21 sends its first step dense, with no first round
-    assert got[0]["counters"]["bytes_sent_total"] == first + 5 * per_step
+    flags = 4 * got[0]["counters"]["hook_calls_total"]  # a float32 non-finite flag per bucket
+    assert got[0]["counters"]["bytes_sent_total"] == first + 5 * per_step + flags
 
 
 def test_8bit_powersgd_factors_keep_replicas_identical_and_count_their_bytes(tmp_path):
-    comp = LowRank(rank=2, rounds=2, factor_bits=8)  # non-summable: both rounds all-gather int8 codes
+    comp = LowRank(rank=2, rounds=2, factor_bits=8)  # both rounds: 8-bit all-to-all + all-gather
     got = fit(tmp_path, ours("ef14", comp, bucket_cap_mb=0.001), mlp=True, max_steps=4, sgd=True,
               callbacks=[_CountWire()])
-    # per step: int8 codes r·(n+m) for 16x64, 16x16, 10x16, a float32 scale per column and round; int8 biases
-    # with one float32 scale each
-    per_step = 2 * (16 + 64) + 2 * (16 + 16) + 2 * (10 + 16) + 3 * 2 * 2 * 4 + (16 + 16 + 10) + 3 * 4
     for rank in range(2):
-        assert got[rank]["counters"]["bytes_sent_total"] == 4 * per_step
-        assert got[rank]["metrics"]["wire_bytes"] == 4 * per_step
+        assert got[rank]["counters"]["bytes_sent_total"] == got[rank]["metrics"]["wire_bytes"]
+    # 2 ranks: int8 codes + a float32 scale per 256 entries, padded to 512 entries per message; far below float32
+    assert got[0]["counters"]["bytes_sent_total"] < got[0]["counters"]["dense_bytes_total"] / 2
     _assert_params_close(got[0]["params"], got[1]["params"], atol=0)  # replicas bit-identical
     assert torch.equal(got[0]["compressor"]["factors"]["net.0.weight"], got[1]["compressor"]["factors"]["net.0.weight"])

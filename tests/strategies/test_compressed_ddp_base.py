@@ -116,3 +116,41 @@ def test_two_round_compressor_needs_a_rule_that_exposes_its_compressor_input():
     with pytest.raises(ValueError, match="`feedback` Custom"):
         CompressedDDPStrategy(feedback=Custom(), compressor=LowRank(rank=2))
     CompressedDDPStrategy(feedback=Custom(), compressor=LowRank(rank=2, rounds=1))  # one round: fine
+
+
+def test_a_scheme_that_saves_nothing_at_this_world_size_fails_at_setup_naming_the_field():
+    from lightning_convergence.compress import QSGD, CyclicTopK, LowRank, TopK
+    from lightning_convergence.strategies.compressed_ddp import check_saving
+
+    check_saving("S", TopK(0.01), 8)  # 7 x 8 bytes per kept entry: 14x fewer than DDP's 2·7/8·4 per entry
+    check_saving("S", TopK(0.3), 2)  # 2.4 bytes per entry against DDP's 4
+    with pytest.raises(ValueError, match="`compressor`.*all_gather.*world size 8"):
+        check_saving("S", TopK(0.3), 8)  # 7 x 2.4 = 16.8 against 7
+    with pytest.raises(ValueError, match="`compressor`"):
+        check_saving("S", QSGD(levels=127), 8)  # int8 codes by all-gather: 7 bytes per entry, DDP's 7: no saving
+    check_saving("S", CyclicTopK(0.3), 8)  # summed on the wire: never more than DDP
+    check_saving("S", Identity(), 8)  # the uncompressed reference costs what DDP costs
+    check_saving("S", LowRank(rank=4, factor_bits=8), 64)
+
+
+def test_one_device_warns_that_nothing_is_sent(monkeypatch):
+    import torch
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    from lightning_convergence.compress import TopK
+    from lightning_convergence.strategies.compressed_ddp import CompressedDDPStrategy
+
+    strategy = CompressedDDPStrategy(compressor=TopK(0.1), parallel_devices=[torch.device("cpu")],
+                                     cluster_environment=LightningEnvironment())
+
+    class _Wrapped:
+        module = torch.nn.Linear(3, 2)
+
+    with pytest.warns(UserWarning, match="world size 1, so nothing is sent"):
+        state, _ = strategy.build_comm_hook(_Wrapped())  # no process group: world size 1
+    assert state.comm.world_size == 1
+
+
+def test_bad_on_nonfinite_fails_at_construction():
+    with pytest.raises(ValueError, match="`on_nonfinite` must be one of 'stop', 'skip', got 'ignore'"):
+        CompressedDDPStrategy(on_nonfinite="ignore")

@@ -44,7 +44,7 @@ def test_powersgd_recipe_is_two_rounds_of_int8_factors(tmp_path):
         run=False, save_config_callback=None,
     )
     comp = cli.trainer.strategy.compressor
-    assert (comp.rank, comp.rounds, comp.factor_bits, comp.summable) == (9, 2, 8, False)
+    assert (comp.rank, comp.rounds, comp.factor_bits, comp.transport) == (9, 2, 8, "quantized_all_reduce")
 
 
 @pytest.mark.parametrize("name", ["ef21_topk.yaml", "ef14_powersgd_int8_char_lm.yaml"])
