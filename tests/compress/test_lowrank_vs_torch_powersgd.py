@@ -8,12 +8,12 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
+from lightning_convergence.comm import TorchDistCommunicator
+from lightning_convergence.comm.payloads import average_payloads, first_round
 from lightning_convergence.compress import LowRank
-from lightning_convergence.compress.comm import average_payloads, first_round
 from lightning_convergence.feedback import EF14, EF21
 from tests.helpers.dist import run_processes
 
@@ -63,10 +63,7 @@ def _ranks(rank: int, world_size: int, error: str):
     start = {"version": 1, "factors": {"0.weight": _torch_initial_q(16, RANK)}, "left": {"0.weight": False}}
     comp.load_state_dict(start)
 
-    def all_reduce(t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t)
-        return t
-
+    comm = TorchDistCommunicator()
     torch_out, ours, torch_err, our_err = [], [], [], []
     for step in range(STEPS):
         x, y = _batch(rank, step)
@@ -75,12 +72,12 @@ def _ranks(rank: int, world_size: int, error: str):
         torch_out.append([p.grad.clone() for p in ddp.parameters()])
         grads = torch.autograd.grad(nn.functional.mse_loss(local(x), y), list(local.parameters()))
         if step < START:  # torch's plain all-reduce before start_powerSGD_iter (our strategy's start_step)
-            means = [all_reduce(g.clone()) / world_size for g in grads]
+            means = [comm.all_reduce_sum(g.clone()) / world_size for g in grads]
         else:
             items = [(n, rule.compressor_input(n, g), rule.steps.get(n, 0)) for n, g in zip(names, grads)]
-            first_round(comp, items, world_size, all_reduce)
+            first_round(comp, items, comm)
             payloads = [rule.message(n, g, comp) for n, g in zip(names, grads)]
-            means = average_payloads(payloads, world_size, all_reduce, None, rank)
+            means = average_payloads(payloads, comm)
             means = [rule.update(n, m.reshape(g.shape)) for n, m, g in zip(names, means, grads)]
         ours.append(means)
         if step >= START:  # the per-rank error state after this step, in parameter order
