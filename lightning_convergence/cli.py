@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch.optim.lr_scheduler import OneCycleLR
 
 import lightning_convergence  # noqa: F401  (registers strategy names before the config is parsed)
+from lightning_convergence.optim.schedules import resolve_total_steps
 
 __all__ = ["ConvergenceCLI", "main", "ensure_wandb_mode"]
 
@@ -51,7 +52,11 @@ class ConvergenceCLI(LightningCLI):
     @staticmethod
     def configure_optimizers(lightning_module, optimizer, lr_scheduler=None):  # type: ignore[no-untyped-def]
         """LightningCLI's, except that schedules declaring ``interval = "step"`` (``lightning_convergence.optim``) and
-        torch's ``OneCycleLR`` step after every optimizer step instead of every epoch."""
+        torch's ``OneCycleLR`` step after every optimizer step instead of every epoch, and budget schedules with
+        ``total_steps=None`` take the trainer's ``estimated_stepping_batches`` (a differing explicit value warns)."""
+        trainer = getattr(lightning_module, "_trainer", None)
+        if lr_scheduler is not None and trainer is not None:
+            resolve_total_steps(lr_scheduler, float(trainer.estimated_stepping_batches))
         if lr_scheduler is not None and (
             getattr(lr_scheduler, "interval", None) == "step" or isinstance(lr_scheduler, OneCycleLR)
         ):
