@@ -82,8 +82,8 @@ class AdaptiveBatchSize(Callback):
     Statistics. ``variance_estimator="auto"`` (default) picks ``"microbatch"`` when a step has at least two
     micro-batch gradients (``accumulate_grad_batches`` ≥ 2 or ≥ 2 devices) and ``"per_sample"`` otherwise (a bare
     ``Trainer()``), and says once in the log which it chose. ``"microbatch"``: tensor hooks capture each
-    micro-batch's local gradient before accumulation and DDP's all-reduce (as :class:`GradientStatsMonitor` does); the ``k × devices``
-    micro-batch means are the samples, with ``scale`` = per-device batch, reduced across ranks by the law of total
+    micro-batch's local gradient before accumulation and DDP's all-reduce (as :class:`GradientStatsMonitor` does);
+    the ``k × devices`` micro-batch means are the samples, with ``scale`` = per-device batch, reduced across ranks by the law of total
     variance in :func:`~lightning_convergence.stats.sample_grad_stats`. No extra backward pass. For the
     ``inner_product`` and ``augmented`` tests the cost is one copy of the gradient per micro-batch on test steps and
     one all-reduce of a gradient-sized vector; the ``norm`` test and the noise-scale rule need only each micro-batch's

@@ -15,8 +15,8 @@ from typing_extensions import override
 
 from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics, should_log
-from lightning_convergence._state import check_state_version
 from lightning_convergence._nonfinite import check_nonfinite_policy
+from lightning_convergence._state import check_state_version
 from lightning_convergence.callbacks._common import finite_metrics, handle_nonfinite, hook_loss_factor
 
 __all__ = ["GradientStatsMonitor"]
@@ -99,6 +99,8 @@ class GradientStatsMonitor(Callback):
         self.log_per_item = log_per_item
         self.on_nonfinite = check_nonfinite_policy("GradientStatsMonitor", on_nonfinite)
         self._nonfinite_warned = False
+        self._owner = type(self).__name__  # an embedding part (ConvergenceEarlyStopping) reports under its own name
+        self._writes_metrics = True  # False inside ConvergenceEarlyStopping: one owner per `grad_stats` key
         self._one_size_noted = False
         self.tracker = stats.GradientNoiseScale(beta=self.ema_beta)
         self.nonfinite_skipped_total = 0
@@ -117,7 +119,8 @@ class GradientStatsMonitor(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and self.noise_scale:
             self._capture.attach([p for p in pl_module.parameters() if p.requires_grad])
-            if trainer.world_size * trainer.accumulate_grad_batches < 2 and not self._one_size_noted:
+            if (trainer.world_size * trainer.accumulate_grad_batches < 2 and not self._one_size_noted
+                    and self._writes_metrics):
                 self._one_size_noted = True
                 rank_zero_info(
                     f"{type(self).__name__}: one device and `accumulate_grad_batches`=1 give a single batch size, so "
@@ -149,7 +152,7 @@ class GradientStatsMonitor(Callback):
         norms = stats.per_tensor_norms(grads, 2.0)
         sq = norms.pow(2).sum()
         found = not (bool(torch.isfinite(sq)) or stats.all_finite(grads))
-        found, self._nonfinite_warned = handle_nonfinite(trainer, pl_module, type(self).__name__, self.on_nonfinite,
+        found, self._nonfinite_warned = handle_nonfinite(trainer, pl_module, self._owner, self.on_nonfinite,
                                                          found, self._nonfinite_warned)
         if found:
             self.nonfinite_skipped_total += 1
@@ -171,7 +174,8 @@ class GradientStatsMonitor(Callback):
         self._overhead_s += time.perf_counter() - t0 + self._capture.take_capture_time()
         metrics["step_overhead_ms"] = 1e3 * self._overhead_s
         self._overhead_s = 0.0
-        self.last_metrics = log_metrics(trainer, "grad_stats", finite_metrics(trainer, "grad_stats", metrics))
+        if self._writes_metrics:
+            self.last_metrics = log_metrics(trainer, "grad_stats", finite_metrics(trainer, "grad_stats", metrics))
 
     # -- internals --------------------------------------------------------------------------------------------
     def _noise_metrics(self, trainer: Trainer, grad_sq_norm: Tensor) -> dict[str, float]:

@@ -12,6 +12,7 @@ from lightning_convergence.stats.batch_tests import (
     orthogonality_test_batch_size,
 )
 from lightning_convergence.stats.capture import StepGradientSamples
+from lightning_convergence.stats.module_grads import BatchLossFn, ExampleGradients, batch_length, slice_batch
 from lightning_convergence.stats.noise_scale import (
     BiasCorrectedEMA,
     GradientNoiseScale,
@@ -37,6 +38,8 @@ from lightning_convergence.stats.variance import (
 
 __all__ = [
     "AllReduce",
+    "BatchLossFn",
+    "ExampleGradients",
     "BiasCorrectedEMA",
     "GradientNoiseScale",
     "NoiseEstimate",
@@ -44,6 +47,7 @@ __all__ = [
     "StepGradientSamples",
     "all_finite",
     "augmented_test_batch_size",
+    "batch_length",
     "estimate_noise",
     "grads_of",
     "inner",
@@ -58,5 +62,6 @@ __all__ = [
     "per_sample_sq_norms",
     "per_tensor_norms",
     "sample_grad_stats",
+    "slice_batch",
     "sq_norm",
 ]
