@@ -83,19 +83,20 @@ class AdaptiveBatchSize(Callback):
     micro-batch gradients (``accumulate_grad_batches`` ≥ 2 or ≥ 2 devices) and ``"per_sample"`` otherwise (a bare
     ``Trainer()``), and says once in the log which it chose. ``"microbatch"``: tensor hooks capture each
     micro-batch's local gradient before accumulation and DDP's all-reduce (as :class:`GradientStatsMonitor` does);
-    the ``k × devices`` micro-batch means are the samples, with ``scale`` = per-device batch, reduced across ranks by the law of total
-    variance in :func:`~lightning_convergence.stats.sample_grad_stats`. No extra backward pass. For the
-    ``inner_product`` and ``augmented`` tests the cost is one copy of the gradient per micro-batch on test steps and
-    one all-reduce of a gradient-sized vector; the ``norm`` test and the noise-scale rule need only each micro-batch's
-    squared norm and the step's gradient (the two-batch estimator, algebraically the same sample variance), so they
-    store nothing and all-reduce two numbers. It needs at least 2 samples per step: ``accumulate_grad_batches ≥ 2``
-    or ≥ 2 devices (checked at setup; a per-device resize keeps 2 micro-batches on one device).
-    ``"per_sample"``: exact per-example gradients with ``torch.func`` on the first ``per_sample_max_examples``
-    examples of the step's last micro-batch on each rank (AdAdaGrad's estimator; costs a vmapped backward); they
-    give the covariance terms, and ``‖ḡ‖²`` is the step's whole gradient. The loss is the module's own
-    ``training_step`` on the sub-batch (any batch shape: tuples, dicts, custom), or ``batch_loss_fn(module, batch)``,
-    or ``loss_fn(output, target)`` / ``pl_module.per_sample_loss`` on ``(inputs, targets, ...)`` batches. Where
-    ``vmap`` cannot trace the model (RNNs), it warns once and uses 8 micro-batch slices, one backward each.
+    the ``k × devices`` micro-batch means are the samples, with ``scale`` = per-device batch, reduced across ranks
+    by the law of total variance in :func:`~lightning_convergence.stats.sample_grad_stats`. No extra backward pass.
+    For the ``inner_product`` and ``augmented`` tests the cost is one copy of the gradient per micro-batch on test
+    steps and one all-reduce of a gradient-sized vector; the ``norm`` test and the noise-scale rule need only each
+    micro-batch's squared norm and the step's gradient (the two-batch estimator, algebraically the same sample
+    variance), so they store nothing and all-reduce two numbers. It needs at least 2 samples per step:
+    ``accumulate_grad_batches ≥ 2`` or ≥ 2 devices (checked at setup; a per-device resize keeps 2 micro-batches on
+    one device). ``"per_sample"``: exact per-example gradients with ``torch.func`` on the first
+    ``per_sample_max_examples`` examples of the step's last micro-batch on each rank (AdAdaGrad's estimator; costs a
+    vmapped backward); they give the covariance terms, and ``‖ḡ‖²`` is the step's whole gradient. The loss is the
+    module's own ``training_step`` on the sub-batch (any batch shape: tuples, dicts, custom), or
+    ``batch_loss_fn(module, batch)``, or ``loss_fn(output, target)`` / ``pl_module.per_sample_loss`` on ``(inputs,
+    targets, ...)`` batches. Where ``vmap`` cannot trace the model (RNNs), it warns once and uses 8 micro-batch
+    slices, one backward each.
 
     Bounds: the global batch never exceeds ``max_batch_size`` nor one epoch of the training set (with
     ``max_batch_size=None``), grows at most ``max_growth_factor`` per test, and a warning says once when a bound

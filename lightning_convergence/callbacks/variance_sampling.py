@@ -51,7 +51,8 @@ class GradientVarianceSampling(Callback):
     module's own ``training_step`` loss (``stats.module_grads``: ``vmap``, or one backward per example with a
     one-time warning where ``vmap`` cannot trace the model, e.g. RNNs), per-group statistics (``GroupStats``: mean
     norm ``G_i``, second moment, within-group variance ``σ_i²``; EMA), then sets the next windows' allocation. A
-    window is the ``every_n_steps × batch_size × accumulate_grad_batches × world_size`` draws between two re-allocations.
+    window is the ``every_n_steps × batch_size × accumulate_grad_batches × world_size`` draws between two
+    re-allocations.
 
     Importance weights: before each training batch it sets ``pl_module.sample_weights`` (``[batch]`` float tensor,
     ``w = (N_i/N)/(n_i/n)``; all ones with ``reweight=False``). The module applies them with one line::
