@@ -18,9 +18,10 @@ from typing_extensions import override
 
 from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics, should_log
+from lightning_convergence._nonfinite import check_nonfinite_policy
 from lightning_convergence._state import check_state_version
 from lightning_convergence._validate import check_int_at_least
-from lightning_convergence.callbacks._common import finite_metrics, hook_loss_factor, probe_loss
+from lightning_convergence.callbacks._common import finite_metrics, handle_nonfinite, hook_loss_factor, probe_loss
 from lightning_convergence.data import rebuild_dataloader, wrap_train_dataloader
 from lightning_convergence.data.resizable import BatchSizeController, EpochShuffleSampler, ResizableBatchSampler
 from lightning_convergence.stats.capture import StepGradientSamples
@@ -150,6 +151,9 @@ class AdaptiveBatchSize(Callback):
         seed: seed of the single-process shuffling sampler. Default ``0``.
         log_every_n_steps: log on test steps that fall on a multiple of this, ≥ 1. Default ``None``: the trainer's
             ``log_every_n_steps``.
+        on_nonfinite: ``"stop"`` (default) or ``"skip"``: the shared non-finite policy
+            (``lightning_convergence._nonfinite``) for non-finite statistics on a test step; the step is not applied
+            and the batch plan does not change.
 
     State: the global batch, its target, per-device batch and accumulation (and a pending accumulation change),
     the sampler position (epoch, examples consumed), samples seen, the statistics and noise-scale EMAs, the count
@@ -201,8 +205,11 @@ class AdaptiveBatchSize(Callback):
         noise_ema_beta: float = 0.9,
         seed: int = 0,
         log_every_n_steps: int | None = None,
+        on_nonfinite: str = "stop",
     ) -> None:
         name = type(self).__name__
+        self.on_nonfinite = check_nonfinite_policy(name, on_nonfinite)
+        self._nonfinite_warned = False
         for field, value, choices in (
             ("test", test, _TESTS), ("lr_scaling", lr_scaling, _LR_SCALING),
             ("variance_estimator", variance_estimator, _ESTIMATORS),
@@ -408,8 +415,12 @@ class AdaptiveBatchSize(Callback):
             values = (sample_stats.trace_cov, sample_stats.grad_sq_norm, sample_stats.inner_var)
             if all(math.isfinite(v) for v in values):
                 demanded = self._demand(sample_stats)
-            else:
-                self.nonfinite_skipped_total += 1
+        bad = sample_stats is not None and math.isnan(demanded)
+        bad, self._nonfinite_warned = handle_nonfinite(trainer, pl_module, type(self).__name__, self.on_nonfinite,
+                                                       bad, self._nonfinite_warned)
+        if bad:
+            self.nonfinite_skipped_total += 1
+            demanded = math.nan
         demanded = float(trainer.strategy.broadcast(demanded, src=0))
         self.last_demanded = demanded
         if math.isnan(demanded):  # no measurement (skipped): keep the current plan, pending change included

@@ -285,7 +285,7 @@ def test_logged_keys_match_the_docstring():
 def test_nonfinite_statistics_are_skipped_and_counted():
     model = LeastSquares(n=256, batch_size=8, lr=0.0, shuffle=False)
     model.x[20, 0] = float("nan")  # the 3rd micro-batch (step 1) has a NaN gradient
-    cb = AdaptiveBatchSize(eta=0.05, max_batch_size=64)
+    cb = AdaptiveBatchSize(eta=0.05, max_batch_size=64, on_nonfinite="skip")
     make_trainer(max_steps=2, accumulate_grad_batches=2, callbacks=[cb]).fit(model)
     assert cb.nonfinite_skipped_total == 1
     assert math.isnan(cb.history[1]["demanded"])
