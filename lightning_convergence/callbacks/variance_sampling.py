@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
@@ -90,7 +91,9 @@ class GradientVarianceSampling(Callback):
             GVM's cheap-proxy idea); default all trainable parameters.
         batch_loss_fn: ``batch_loss_fn(module, batch) -> scalar``, the mean loss of a collated batch (any shape).
             Default ``None``: the module's ``training_step`` (its ``self.log`` calls are silenced, and
-            ``pl_module.sample_weights`` is all ones during the probe).
+            ``pl_module.sample_weights`` is all ones during the probe); for a module that declares
+            ``uses_sample_weights = True`` (written for this callback, whose ``training_step`` may read
+            ``sample_groups`` or record acceptance) cross-entropy of ``forward(inputs)`` on ``(inputs, targets)``.
         loss_fn: ``loss_fn(output, target)`` on ``module(inputs)``, mean-reduced; an alternative to
             ``batch_loss_fn`` for ``(inputs, targets)`` batches. Default ``None``.
         batch_to_inputs: maps a collated probe batch to ``(inputs, targets)`` for ``loss_fn`` (cross-entropy when
@@ -202,7 +205,7 @@ class GradientVarianceSampling(Callback):
         self.loss_fn = loss_fn
         self.batch_to_inputs = batch_to_inputs
         self.batch_loss_fn = batch_loss_fn
-        self._grads = ExampleGradients(name, probe_loss(name, batch_loss_fn, loss_fn, batch_to_inputs))
+        self._grads: ExampleGradients | None = None  # built at the first probe (the default depends on the module)
         self.reweight = reweight
         self.gvm_statistic = gvm_statistic
         self.ema_beta = float(ema_beta)
@@ -344,7 +347,8 @@ class GradientVarianceSampling(Callback):
         weights = pl_module.__dict__.get("sample_weights")
         pl_module.sample_weights = torch.ones(1, device=pl_module.device)  # one example per vmapped call
         try:
-            grads, _ = self._grads(pl_module, batch, params)  # per example: every call sees a batch of one
+            # Per example: every (vmapped or looped) call sees a batch of one.
+            grads, _ = self._example_grads(pl_module)(pl_module, batch, params)
         finally:
             pl_module.train(was_training)
             if weights is None:
@@ -353,6 +357,17 @@ class GradientVarianceSampling(Callback):
                 pl_module.sample_weights = weights
         share = sampler.group_sizes.double() / sampler.group_sizes.sum()
         gs.update_grads(torch.cat(grp), list(grads.values()), group_weights=share)
+
+    def _example_grads(self, pl_module: LightningModule) -> ExampleGradients:
+        if self._grads is None:
+            name = type(self).__name__
+            loss = probe_loss(name, self.batch_loss_fn, self.loss_fn, self.batch_to_inputs)
+            if loss is None and getattr(pl_module, "uses_sample_weights", False):
+                # A module written for this callback may read per-batch attributes (sample_groups) or record
+                # acceptance in training_step: probe it by cross-entropy of forward(inputs), as it was designed for.
+                loss = probe_loss(name, None, F.cross_entropy)
+            self._grads = ExampleGradients(name, loss)
+        return self._grads
 
     def _fold_acceptance(self, trainer: Trainer) -> None:
         if self._accept.shape[1] == 0 and trainer.world_size == 1:
