@@ -433,6 +433,10 @@ def _simulate_scheduler(trainer: Trainer, config: Any, optimizer: torch.optim.Op
     except Exception as err:
         rank_zero_warn(f"ConvergenceEarlyStopping: cannot copy the LR scheduler ({err}); `future_lr`='constant'.")
         return [float(optimizer.param_groups[0]["lr"])] * remaining
+    if hasattr(twin, "_advanced_by_optimizer"):
+        # A budget schedule advanced itself on the optimizer step just taken; the shadow holds that step's
+        # successor rate already, so every twin.step() below must advance (not re-apply, as after a real step).
+        twin._advanced_by_optimizer = False
     freq = max(int(config.frequency), 1)
     per_epoch = max(int(trainer.num_training_batches) // max(trainer.accumulate_grad_batches, 1), 1)
     out: list[float] = []

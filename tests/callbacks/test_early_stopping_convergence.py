@@ -252,3 +252,18 @@ def test_unsized_dataset_needs_dataset_size() -> None:
     cb = ConvergenceEarlyStopping(dataset_size=64)
     _trainer([cb], max_steps=4, accumulate_grad_batches=2).fit(LinearModel(dim=DIM), loader)
     assert cb.noise_rule.dataset_size == 64
+
+
+def test_future_lrs_of_a_budget_schedule_that_steps_itself() -> None:
+    # LinearDecay advances on the optimizer's step hook; right after a step the rate is already step 1's, and the
+    # simulation must continue 0.8, 0.7, ... (1 - s/10), not repeat 0.9.
+    from types import SimpleNamespace
+
+    from lightning_convergence.optim import LinearDecay
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = LinearDecay(opt, total_steps=10)
+    opt.step()
+    config = SimpleNamespace(scheduler=sched, frequency=1, interval="step")
+    trainer = SimpleNamespace(num_training_batches=100, accumulate_grad_batches=1)
+    assert _simulate_scheduler(trainer, config, opt, 1, 4) == pytest.approx([0.9, 0.8, 0.7, 0.6], abs=1e-12)
