@@ -168,7 +168,7 @@ def _strategy_cases() -> list[Any]:
     two_ranks = pytest.mark.skipif(
         not os.environ.get("LC_ZOO_TWO_RANKS"),
         reason="forked ranks deadlock in a pytest process that already ran in-process gloo groups (seen in the whole "
-               "suite); run them in their own process: LC_ZOO_TWO_RANKS=1 pytest tests/zoo -k '-2-'",
+               "suite); run them in their own process: LC_ZOO_TWO_RANKS=1 pytest <the '-2-' node ids of this test>",
     )
     for i, n in enumerate(s for s in STRATEGIES if s != "async_fl"):
         for z in {ZOO[0].name: ZOO[0], ZOO[1 + i % (len(ZOO) - 1)].name: ZOO[1 + i % (len(ZOO) - 1)]}.values():
