@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
@@ -17,17 +18,19 @@ from typing_extensions import override
 
 from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics, should_log
+from lightning_convergence._nonfinite import check_nonfinite_policy
 from lightning_convergence._state import check_state_version
 from lightning_convergence._validate import check_int_at_least
-from lightning_convergence.callbacks._common import hook_loss_factor
+from lightning_convergence.callbacks._common import finite_metrics, handle_nonfinite, hook_loss_factor, probe_loss
 from lightning_convergence.data import rebuild_dataloader, wrap_train_dataloader
 from lightning_convergence.data.resizable import BatchSizeController, EpochShuffleSampler, ResizableBatchSampler
 from lightning_convergence.stats.capture import StepGradientSamples
+from lightning_convergence.stats.module_grads import BatchLossFn
 
 __all__ = ["AdaptiveBatchSize", "plan_batch"]
 
 _TESTS = ("norm", "inner_product", "augmented", "noise_scale")
-_ESTIMATORS = ("microbatch", "per_sample")
+_ESTIMATORS = ("auto", "microbatch", "per_sample")
 _LR_SCALING = ("none", "linear", "sqrt")
 
 
@@ -77,20 +80,28 @@ class AdaptiveBatchSize(Callback):
     multiples of ``per_device × devices``: the target is rounded up (down if that would pass ``max_batch_size``)
     and the real global batch is logged.
 
-    Statistics. ``variance_estimator="microbatch"`` (default): tensor hooks capture each micro-batch's local
-    gradient before accumulation and DDP's all-reduce (as :class:`GradientStatsMonitor` does); the ``k × devices``
-    micro-batch means are the samples, with ``scale`` = per-device batch, reduced across ranks by the law of total
-    variance in :func:`~lightning_convergence.stats.sample_grad_stats`. No extra backward pass. For the
-    ``inner_product`` and ``augmented`` tests the cost is one copy of the gradient per micro-batch on test steps and
-    one all-reduce of a gradient-sized vector; the ``norm`` test and the noise-scale rule need only each micro-batch's
-    squared norm and the step's gradient (the two-batch estimator, algebraically the same sample variance), so they
-    store nothing and all-reduce two numbers. It needs at least 2 samples per step: ``accumulate_grad_batches ≥ 2``
-    or ≥ 2 devices (checked at setup; a per-device resize keeps 2 micro-batches on one device).
-    ``"per_sample"``: exact per-example gradients with ``torch.func`` on the first ``per_sample_max_examples``
-    examples of the step's last micro-batch on each rank (AdAdaGrad's estimator; costs a vmapped backward); they
-    give the covariance terms, and ``‖ḡ‖²`` is the step's whole gradient. The batch must be
-    ``(inputs, targets, ...)`` and a per-example loss ``loss_fn(output, target)`` is taken from the ``loss_fn``
-    argument or a ``per_sample_loss`` method of the LightningModule.
+    Statistics. ``variance_estimator="auto"`` (default) picks ``"microbatch"`` when a step has at least two
+    micro-batch gradients (``accumulate_grad_batches`` ≥ 2 or ≥ 2 devices) and ``"per_sample"`` otherwise (a bare
+    ``Trainer()``), and says once in the log which it chose. ``"microbatch"``: tensor hooks capture each
+    micro-batch's local gradient before accumulation and DDP's all-reduce (as :class:`GradientStatsMonitor` does);
+    the ``k × devices`` micro-batch means are the samples, with ``scale`` = per-device batch, reduced across ranks
+    by the law of total variance in :func:`~lightning_convergence.stats.sample_grad_stats`. No extra backward pass.
+    For the ``inner_product`` and ``augmented`` tests the cost is one copy of the gradient per micro-batch on test
+    steps and one all-reduce of a gradient-sized vector; the ``norm`` test and the noise-scale rule need only each
+    micro-batch's squared norm and the step's gradient (the two-batch estimator, algebraically the same sample
+    variance), so they store nothing and all-reduce two numbers. It needs at least 2 samples per step:
+    ``accumulate_grad_batches ≥ 2`` or ≥ 2 devices (checked at setup; a per-device resize keeps 2 micro-batches on
+    one device). ``"per_sample"``: exact per-example gradients with ``torch.func`` on the first
+    ``per_sample_max_examples`` examples of the step's last micro-batch on each rank (AdAdaGrad's estimator; costs a
+    vmapped backward); they give the covariance terms, and ``‖ḡ‖²`` is the step's whole gradient. The loss is the
+    module's own ``training_step`` on the sub-batch (any batch shape: tuples, dicts, custom), or
+    ``batch_loss_fn(module, batch)``, or ``loss_fn(output, target)`` / ``pl_module.per_sample_loss`` on ``(inputs,
+    targets, ...)`` batches. Where ``vmap`` cannot trace the model (RNNs), it warns once and uses 8 micro-batch
+    slices, one backward each.
+
+    Bounds: the global batch never exceeds ``max_batch_size`` nor one epoch of the training set (with
+    ``max_batch_size=None``), grows at most ``max_growth_factor`` per test, and a warning says once when a bound
+    holds the batch below what the test demands.
 
     Decisions are computed from all-reduced statistics and broadcast from rank 0, so every rank acts alike.
     Single-process runs get a deterministic sampler: a plain ``RandomSampler`` is replaced by an
@@ -120,23 +131,29 @@ class AdaptiveBatchSize(Callback):
             cost of the copying tests (inner product, augmented) under a few percent of a step on small models.
         min_batch_size: lower bound of the global batch, ≥ 1; applied at the start of training. Default ``None``
             (the initial global batch).
-        max_batch_size: upper bound of the global batch (``b_max``). Default ``None`` (unbounded: set one).
+        max_batch_size: upper bound of the global batch (``b_max``). Default ``None``: the training set's size (one
+            epoch per optimizer step at most; a warning says once when it binds), or unbounded without a length.
         max_growth_factor: at most this growth per test, > 1, or ``None`` (paper: no cap). Default ``2.0``.
         allow_shrink: let the batch decrease when the test demands less. Default ``False`` (paper).
         max_per_device_batch_size: the largest per-device batch; ``None`` (default) keeps the per-device batch and
             grows only accumulation.
         lr_scaling: ``"none"``, ``"linear"`` (SGD) or ``"sqrt"`` (Adam-type); on a batch change of ``×k`` every
             param group's lr is multiplied by ``k`` or ``√k``. Default ``"none"``.
-        variance_estimator: ``"microbatch"`` or ``"per_sample"`` (see above). Default ``"microbatch"``.
+        variance_estimator: ``"auto"``, ``"microbatch"`` or ``"per_sample"`` (see above). Default ``"auto"``.
         loss_fn: per-example loss for ``"per_sample"``, ``loss_fn(output, target) -> scalar`` on a batch of one
             (e.g. ``torch.nn.functional.cross_entropy``; in YAML ``loss_fn: torch.nn.functional.cross_entropy``).
-            Default ``None``: use ``pl_module.per_sample_loss``.
+            Default ``None``: use ``pl_module.per_sample_loss`` if it exists, else ``batch_loss_fn``.
+        batch_loss_fn: ``batch_loss_fn(module, batch) -> scalar`` mean loss of any batch, for ``"per_sample"``.
+            Default ``None``: the module's ``training_step`` (its ``self.log`` calls are silenced).
         per_sample_max_examples: examples per rank used by ``"per_sample"``, ≥ 2. Default ``64``.
         smoothing: EMA factor in [0, 1) for the statistics before the test. Default ``0.9`` (see Deviations).
         noise_ema_beta: EMA factor in [0, 1) of the gradient-noise-scale numerator and denominator. Default ``0.9``.
         seed: seed of the single-process shuffling sampler. Default ``0``.
         log_every_n_steps: log on test steps that fall on a multiple of this, ≥ 1. Default ``None``: the trainer's
             ``log_every_n_steps``.
+        on_nonfinite: ``"stop"`` (default) or ``"skip"``: the shared non-finite policy
+            (``lightning_convergence._nonfinite``) for non-finite statistics on a test step; the step is not applied
+            and the batch plan does not change.
 
     State: the global batch, its target, per-device batch and accumulation (and a pending accumulation change),
     the sampler position (epoch, examples consumed), samples seen, the statistics and noise-scale EMAs, the count
@@ -180,15 +197,19 @@ class AdaptiveBatchSize(Callback):
         allow_shrink: bool = False,
         max_per_device_batch_size: int | None = None,
         lr_scaling: str = "none",
-        variance_estimator: str = "microbatch",
+        variance_estimator: str = "auto",
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        batch_loss_fn: BatchLossFn | None = None,
         per_sample_max_examples: int = 64,
         smoothing: float = 0.9,
         noise_ema_beta: float = 0.9,
         seed: int = 0,
         log_every_n_steps: int | None = None,
+        on_nonfinite: str = "stop",
     ) -> None:
         name = type(self).__name__
+        self.on_nonfinite = check_nonfinite_policy(name, on_nonfinite)
+        self._nonfinite_warned = False
         for field, value, choices in (
             ("test", test, _TESTS), ("lr_scaling", lr_scaling, _LR_SCALING),
             ("variance_estimator", variance_estimator, _ESTIMATORS),
@@ -214,8 +235,9 @@ class AdaptiveBatchSize(Callback):
         for field, value in (("smoothing", smoothing), ("noise_ema_beta", noise_ema_beta)):
             if not 0.0 <= float(value) < 1.0:
                 raise ValueError(f"{name}: `{field}` must be in [0, 1), got {value!r}.")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"{name}: `loss_fn` must be callable, got {type(loss_fn).__name__}.")
+        for field, fn in (("loss_fn", loss_fn), ("batch_loss_fn", batch_loss_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name}: `{field}` must be callable, got {type(fn).__name__}.")
         self.test, self.eta, self.theta, self.nu = test, float(eta), float(theta), float(nu)
         self.noise_scale_factor = float(noise_scale_factor)
         self.test_interval = test_interval
@@ -226,6 +248,11 @@ class AdaptiveBatchSize(Callback):
         self.lr_scaling = lr_scaling
         self.variance_estimator = variance_estimator
         self.loss_fn = loss_fn
+        self.batch_loss_fn = batch_loss_fn
+        self.estimator = variance_estimator  # resolved at setup when "auto"
+        self.dataset_size: int | None = None  # examples per epoch (the default bound), read from the train loader
+        self._bound_warned = False
+        self._probe_loss: BatchLossFn | None = None
         self.per_sample_max_examples = per_sample_max_examples
         self.smoothing = float(smoothing)
         self.seed = int(seed)
@@ -250,7 +277,7 @@ class AdaptiveBatchSize(Callback):
         self._undo: Callable[[], None] | None = None
         # Norm test and noise scale need only Σ‖x_i‖² and the step's gradient: stream instead of storing copies.
         self._samples = StepGradientSamples(
-            variance_estimator, test in ("norm", "noise_scale"), per_sample_max_examples, type(self).__name__
+            "microbatch", test in ("norm", "noise_scale"), per_sample_max_examples, type(self).__name__
         )
         self._step_at_batch_start = -1
         self._overhead_s = 0.0  # statistics time since the last log (capture hooks included)
@@ -265,9 +292,22 @@ class AdaptiveBatchSize(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._resolve_estimator(trainer)
         self._check_trainer(trainer, pl_module)
+        self._probe_loss = self._batch_loss(pl_module)
         self._samples.attach([p for p in pl_module.parameters() if p.requires_grad])
         self._undo = wrap_train_dataloader(trainer, self._install_sampler)
+
+    def _resolve_estimator(self, trainer: Trainer) -> None:
+        self.estimator = self.variance_estimator
+        if self.estimator == "auto":
+            samples = trainer.accumulate_grad_batches * trainer.world_size
+            self.estimator = "microbatch" if samples >= 2 else "per_sample"
+            rank_zero_info(
+                f"{type(self).__name__}: variance_estimator='auto' chose {self.estimator!r} "
+                f"(accumulate_grad_batches={trainer.accumulate_grad_batches}, {trainer.world_size} device(s))."
+            )
+        self._samples.set_estimator(self.estimator)
 
     def _check_trainer(self, trainer: Trainer, pl_module: LightningModule) -> None:
         name = type(self).__name__
@@ -279,7 +319,7 @@ class AdaptiveBatchSize(Callback):
             raise RuntimeError(
                 f"{name}: cannot be combined with `GradientAccumulationScheduler`: both set `accumulate_grad_batches`."
             )
-        if self.variance_estimator == "microbatch" and trainer.accumulate_grad_batches * trainer.world_size < 2:
+        if self.estimator == "microbatch" and trainer.accumulate_grad_batches * trainer.world_size < 2:
             raise ValueError(
                 f"{name}: `variance_estimator='microbatch'` needs >= 2 gradient samples per step: set "
                 f"`accumulate_grad_batches` >= 2 or use >= 2 devices, or use `variance_estimator='per_sample'`; got "
@@ -290,17 +330,17 @@ class AdaptiveBatchSize(Callback):
                 f"{name}: `max_per_device_batch_size` needs `Trainer(reload_dataloaders_every_n_epochs=1)` so "
                 f"Lightning recounts the batches after a resize; got {trainer.reload_dataloaders_every_n_epochs}."
             )
-        if self.variance_estimator == "per_sample" and self._loss_fn(pl_module) is None:
-            raise ValueError(
-                f"{name}: `variance_estimator='per_sample'` needs `loss_fn` or a `per_sample_loss(output, target)` "
-                f"method on {type(pl_module).__name__}."
-            )
 
-    def _loss_fn(self, pl_module: LightningModule) -> Callable[[Tensor, Tensor], Tensor] | None:
-        return self.loss_fn if self.loss_fn is not None else getattr(pl_module, "per_sample_loss", None)
+    def _batch_loss(self, pl_module: LightningModule) -> BatchLossFn | None:
+        output_loss = self.loss_fn if self.loss_fn is not None else getattr(pl_module, "per_sample_loss", None)
+        return probe_loss(type(self).__name__, self.batch_loss_fn, output_loss)
 
     def _install_sampler(self, loader: DataLoader) -> DataLoader:
         """The DataLoader transform: the same loader, batched by a ResizableBatchSampler on our controller."""
+        try:
+            self.dataset_size = len(loader.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            self.dataset_size = None
         if loader.batch_size is None or type(loader.batch_sampler) is not BatchSampler:
             raise TypeError(
                 f"{type(self).__name__}: the train DataLoader must use `batch_size` (not a custom `batch_sampler`) so "
@@ -375,17 +415,22 @@ class AdaptiveBatchSize(Callback):
             values = (sample_stats.trace_cov, sample_stats.grad_sq_norm, sample_stats.inner_var)
             if all(math.isfinite(v) for v in values):
                 demanded = self._demand(sample_stats)
-            else:
-                self.nonfinite_skipped_total += 1
+        bad = sample_stats is not None and math.isnan(demanded)
+        bad, self._nonfinite_warned = handle_nonfinite(trainer, pl_module, type(self).__name__, self.on_nonfinite,
+                                                       bad, self._nonfinite_warned)
+        if bad:
+            self.nonfinite_skipped_total += 1
+            demanded = math.nan
         demanded = float(trainer.strategy.broadcast(demanded, src=0))
         self.last_demanded = demanded
         if math.isnan(demanded):  # no measurement (skipped): keep the current plan, pending change included
             target = self.target_batch_size
         else:
             target = stats.next_batch_size(
-                self.global_batch_size, demanded, self.min_batch_size or 1, self.max_batch_size,
+                self.global_batch_size, demanded, self.min_batch_size or 1, self._max_batch(),
                 self.max_growth_factor, self.allow_shrink,
             )
+            self._warn_if_bounded(demanded)
             self.target_batch_size = target
             self._replan(trainer, resize_device=False, apply_now=False)
         self.history.append({
@@ -415,7 +460,7 @@ class AdaptiveBatchSize(Callback):
             loss_factor=hook_loss_factor(trainer),
             all_reduce=_all_reduce if trainer.world_size > 1 else None,
             pl_module=pl_module,
-            loss_fn=self._loss_fn(pl_module),
+            loss_fn=self._probe_loss,
             global_batch=self.global_batch_size,
         )
 
@@ -438,8 +483,8 @@ class AdaptiveBatchSize(Callback):
     def _replan(self, trainer: Trainer, resize_device: bool, apply_now: bool) -> None:
         per_device, k = plan_batch(
             self.target_batch_size, trainer.world_size, self.controller.batch_size, self.accumulation,
-            self.max_per_device_batch_size, self.max_batch_size, resize_device,
-            min_accumulation=2 if self.variance_estimator == "microbatch" and trainer.world_size == 1 else 1,
+            self.max_per_device_batch_size, self._max_batch(), resize_device,
+            min_accumulation=2 if self.estimator == "microbatch" and trainer.world_size == 1 else 1,
         )
         if not self.allow_shrink and per_device * k * trainer.world_size < self.global_batch_size:
             return  # rounding down (at max_batch_size) must not shrink a batch that may not shrink
@@ -450,6 +495,25 @@ class AdaptiveBatchSize(Callback):
             self.pending_accumulation = k
         else:
             self.pending_accumulation = None
+
+    def _max_batch(self) -> int | None:
+        """``max_batch_size``, or by default one epoch of the training set (``None`` only without a length)."""
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        if self.dataset_size is None:
+            return None
+        return max(self.dataset_size, self.min_batch_size or 1, self.global_batch_size)
+
+    def _warn_if_bounded(self, demanded: float) -> None:
+        bound = self._max_batch()  # an explicit `max_batch_size` is the user's b_max: only the default warns
+        if self._bound_warned or self.max_batch_size is not None or bound is None or not demanded > bound:
+            return
+        self._bound_warned = True
+        rank_zero_warn(
+            f"{type(self).__name__}: the {self.test} test demands a global batch of {demanded:.4g}, above one epoch "
+            f"of the training set ({bound} examples, the default bound); the batch stays there. The gradient is "
+            "noise-dominated: set `max_batch_size`, lower the learning rate, or raise `eta`/`theta` to grow less."
+        )
 
     def _set_batch(self, trainer: Trainer, per_device: int, accumulation: int) -> None:
         new = per_device * trainer.world_size * accumulation
@@ -481,7 +545,7 @@ class AdaptiveBatchSize(Callback):
         }
         self._overhead_s = 0.0
         self._tests_since_log = 0
-        self.last_metrics = log_metrics(trainer, "batch", metrics)
+        self.last_metrics = log_metrics(trainer, "batch", finite_metrics(trainer, "batch", metrics))
 
     # -- state ------------------------------------------------------------------------------------------------
     @override

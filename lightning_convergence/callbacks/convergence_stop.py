@@ -16,9 +16,12 @@ from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
+from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics
+from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
 from lightning_convergence._state import check_state_version
 from lightning_convergence._validate import check_int_at_least
+from lightning_convergence.callbacks._common import handle_nonfinite, hook_loss_factor
 from lightning_convergence.callbacks.grad_stats_monitor import GradientStatsMonitor
 from lightning_convergence.stopping.loss_curve import LossCurveRule, validate_curve_args
 from lightning_convergence.stopping.statistical import NoiseDominatedRule, validate_noise_args
@@ -46,8 +49,10 @@ class ConvergenceEarlyStopping(Callback):
       ``tr(Σ)/(η²‖g‖²) > N`` (with ``‖g‖²`` replaced by an upper confidence bound over a window of measurements),
       for ``patience`` consecutive checks: the gradient signal is below the noise of the dataset itself. ``tr(Σ)``
       and ``‖g‖²`` come from McCandlish et al.'s unbiased two-batch-size estimator over micro-batch and per-rank
-      gradients (captured by an internal :class:`GradientStatsMonitor`, no extra backward pass). Needs two batch
-      sizes: ``accumulate_grad_batches`` ≥ 2 or several devices.
+      gradients (captured by an internal :class:`GradientStatsMonitor`, no extra backward pass, which logs nothing
+      itself: ``convergence/grad_stats/*`` belongs to a user's own monitor). With one device and no accumulation (a
+      bare ``Trainer()``) it uses per-example gradients of the module's ``training_step`` on up to 64 examples of
+      the check step's batch instead (``stats.module_grads``), and says so once.
     * ``"loss_curve"``: the LR-annealing scaling law ``L = L0 + A·S1^(−α) − C·S2``, fitted online to the training
       loss, predicts less than ``min_delta`` improvement between now and the end of the step budget under the
       current LR schedule, for ``patience`` consecutive checks.
@@ -88,6 +93,9 @@ class ConvergenceEarlyStopping(Callback):
         future_lr: ``"scheduler"`` or ``"constant"`` (see Deviations). Default ``"scheduler"``.
         annealing_decay: λ, the momentum of the annealing area S2, in [0, 1). Default ``0.999`` (paper).
         verbose: print the stop reason on rank 0. Default ``True``.
+        on_nonfinite: ``"stop"`` (default, as Lightning's ``EarlyStopping(check_finite=True)``) or ``"skip"``: what
+            a non-finite gradient (at checks) or training loss does (the shared policy of
+            ``lightning_convergence._nonfinite``; the step is not applied either way).
 
     State: both rules (incl. the loss-curve history of ``(step, S1, S2, loss)``), the noise-estimator EMAs, the
     stop step and reason, ``version``.
@@ -131,6 +139,7 @@ class ConvergenceEarlyStopping(Callback):
         future_lr: str = "scheduler",
         annealing_decay: float = 0.999,
         verbose: bool = True,
+        on_nonfinite: str = "stop",
     ) -> None:
         name = type(self).__name__
         rules = tuple([rules] if isinstance(rules, str) else rules)
@@ -153,8 +162,14 @@ class ConvergenceEarlyStopping(Callback):
         self.window, self.confidence_z = window, float(confidence_z)
         self.min_delta, self.min_points, self.future_lr = float(min_delta), min_points, future_lr
         self.annealing_decay, self.verbose = float(annealing_decay), verbose
+        self.on_nonfinite = check_nonfinite_policy(name, on_nonfinite)
         self.monitor = (GradientStatsMonitor(every_n_steps=every_n_steps, norm_types=(), noise_scale=True,
-                                             ema_beta=self.ema_beta) if "noise_dominated" in rules else None)
+                                             ema_beta=self.ema_beta, on_nonfinite=on_nonfinite)
+                        if "noise_dominated" in rules else None)
+        if self.monitor is not None:
+            self.monitor._owner, self.monitor._writes_metrics = name, False
+        self._per_sample: stats.StepGradientSamples | None = None  # the one-device, no-accumulation estimator
+        self._nonfinite_warned = False
         self.noise_rule: NoiseDominatedRule | None = None  # built when N is known (train start)
         self.curve_rule = (LossCurveRule(self.min_delta, patience, min_step, min_points, self.annealing_decay)
                            if "loss_curve" in rules else None)
@@ -189,9 +204,11 @@ class ConvergenceEarlyStopping(Callback):
         if not pl_module.automatic_optimization:
             raise RuntimeError(f"{name} needs automatic optimization; the LightningModule disables it.")
         if self.monitor is not None and trainer.world_size == 1 and trainer.accumulate_grad_batches < 2:
-            raise RuntimeError(
-                f"{name}: the `noise_dominated` rule needs two batch sizes: set the Trainer's "
-                "`accumulate_grad_batches` >= 2 or train on several devices (or drop it from `rules`)."
+            self._per_sample = stats.StepGradientSamples("per_sample", False, 64, name)
+            self._per_sample.attach([p for p in pl_module.parameters() if p.requires_grad])
+            rank_zero_info(
+                f"{name}: one device and `accumulate_grad_batches`=1: the `noise_dominated` rule uses per-example "
+                "gradients of up to 64 examples of the check step's batch (one extra vmapped backward per check)."
             )
         if self.curve_rule is not None and not math.isfinite(float(trainer.estimated_stepping_batches)):
             raise RuntimeError(
@@ -220,7 +237,10 @@ class ConvergenceEarlyStopping(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.monitor is not None:
+        if self._per_sample is not None:
+            n = stats.batch_length(batch)
+            self._per_sample.begin_batch(batch, n, capturing=trainer.global_step % self.every_n_steps == 0)
+        elif self.monitor is not None:
             self.monitor.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     @override
@@ -236,6 +256,9 @@ class ConvergenceEarlyStopping(Callback):
             self.curve_rule.areas.step(float(optimizer.param_groups[0]["lr"]))
         if self.monitor is None or self.noise_rule is None:
             return
+        if self._per_sample is not None:
+            self._per_sample_update(trainer, pl_module)
+            return
         before = self.monitor.tracker.grad_sq_ema.count
         self.monitor.on_before_optimizer_step(trainer, pl_module, optimizer)
         if self.monitor.tracker.grad_sq_ema.count > before:  # a fresh measurement was folded in
@@ -250,7 +273,14 @@ class ConvergenceEarlyStopping(Callback):
     ) -> None:
         if self.curve_rule is not None:
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            if isinstance(loss, Tensor):
+            bad = isinstance(loss, Tensor) and not bool(torch.isfinite(loss.detach()).all())
+            if trainer.world_size > 1:  # every rank takes the same branch
+                bad = bool(trainer.strategy.reduce_boolean_decision(bad, all=False))
+            if bad:
+                # A non-finite loss never enters the fitted curve; the policy decides whether training goes on.
+                self._nonfinite_warned = act_on_nonfinite(trainer, type(self).__name__, self.on_nonfinite, "loss",
+                                                          warned=self._nonfinite_warned)
+            elif isinstance(loss, Tensor):
                 # Lightning divides the returned loss by the accumulation factor.
                 value = loss.detach().float() * trainer.accumulate_grad_batches
                 self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
@@ -260,6 +290,24 @@ class ConvergenceEarlyStopping(Callback):
             return
         self._check_done_at = step
         self._check(trainer, step)
+
+    def _per_sample_update(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        samples = self._per_sample
+        assert samples is not None and self.noise_rule is not None
+        if not samples.capturing:
+            return
+        batch = sum(samples._sizes) * trainer.world_size
+        grads = stats.grads_of(pl_module.parameters())
+        found = bool(grads) and not stats.all_finite(grads)
+        found, self._nonfinite_warned = handle_nonfinite(trainer, pl_module, type(self).__name__, self.on_nonfinite,
+                                                         found, self._nonfinite_warned)
+        if not found and grads:
+            s = samples.stats(trainer.world_size, hook_loss_factor(trainer), None, pl_module, None, batch)
+            if s is not None:
+                # ‖ḡ_B‖² overestimates ‖G‖² by tr Σ / B: subtract it (the two-batch estimator's unbiased form).
+                g2 = s.grad_sq_norm - s.trace_cov / max(batch, 1)
+                self._noise_fired = self.noise_rule.update(trainer.global_step, s.trace_cov, g2)
+        samples.reset()
 
     # -- decisions --------------------------------------------------------------------------------------------
     def _check(self, trainer: Trainer, step: int) -> None:
@@ -385,6 +433,10 @@ def _simulate_scheduler(trainer: Trainer, config: Any, optimizer: torch.optim.Op
     except Exception as err:
         rank_zero_warn(f"ConvergenceEarlyStopping: cannot copy the LR scheduler ({err}); `future_lr`='constant'.")
         return [float(optimizer.param_groups[0]["lr"])] * remaining
+    if hasattr(twin, "_advanced_by_optimizer"):
+        # A budget schedule advanced itself on the optimizer step just taken; the shadow holds that step's
+        # successor rate already, so every twin.step() below must advance (not re-apply, as after a real step).
+        twin._advanced_by_optimizer = False
     freq = max(int(config.frequency), 1)
     per_epoch = max(int(trainer.num_training_batches) // max(trainer.accumulate_grad_batches, 1), 1)
     out: list[float] = []

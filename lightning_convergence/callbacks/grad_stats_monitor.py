@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics, should_log
+from lightning_convergence._nonfinite import check_nonfinite_policy
 from lightning_convergence._state import check_state_version
-from lightning_convergence.callbacks._common import hook_loss_factor
+from lightning_convergence.callbacks._common import finite_metrics, handle_nonfinite, hook_loss_factor
 
 __all__ = ["GradientStatsMonitor"]
 
@@ -30,8 +33,13 @@ class GradientStatsMonitor(Callback):
     How the two batch sizes arise without extra backward passes: a tensor hook on every parameter sees each
     micro-batch's *local* gradient before DDP all-reduces it or accumulation sums it, and adds its squared norm up.
     ``b_small`` is the per-device micro-batch, ``b_big`` the global batch (micro-batch × accumulation × world size)
-    whose gradient the optimizer sees. With one device and no accumulation the two coincide and no noise scale is
-    logged (use ``accumulate_grad_batches`` ≥ 2 or several devices).
+    whose gradient the optimizer sees. With one device and no accumulation the two coincide: then no noise scale can
+    be measured, and the monitor says so once at fit start (use ``accumulate_grad_batches`` ≥ 2 or several devices,
+    or ``AdaptiveBatchSize``, whose per-example estimator works on one device).
+
+    Non-finite gradients (checked on measuring steps): the shared policy ``on_nonfinite`` of
+    ``lightning_convergence._nonfinite``; the step's gradients are dropped so the optimizer does not apply it, and
+    the monitor's norm keys are removed from ``trainer.callback_metrics`` (no stale value stays there).
 
     Deviations: micro-batches of unequal size (a short last batch) are treated as if equal to their mean size, a
     small bias on that one step. Norms are taken after AMP unscaling and before gradient clipping.
@@ -45,6 +53,8 @@ class GradientStatsMonitor(Callback):
             measurement every few steps, 0.99 (gpt-neox's value) would react over thousands of steps.
         log_per_item: also log each parameter's l2 norm as ``convergence/grad_stats/grad_l2_norm/<name>``.
             Default ``False``.
+        on_nonfinite: ``"stop"`` (default: stop training with a message, like Lightning's
+            ``EarlyStopping(check_finite=True)``) or ``"skip"`` (drop the step, count it, warn once).
 
     State: the noise-scale EMAs, the count of skipped non-finite steps, and a ``version`` key.
 
@@ -56,7 +66,8 @@ class GradientStatsMonitor(Callback):
     ``convergence/grad_stats/grad_l2_norm/<param>``.
 
     Raises:
-        ValueError: for ``every_n_steps`` < 1, an unknown norm type, or ``ema_beta`` outside [0, 1).
+        ValueError: for ``every_n_steps`` < 1, an unknown norm type, ``ema_beta`` outside [0, 1), or an unknown
+            ``on_nonfinite``.
 
     Example::
 
@@ -72,6 +83,7 @@ class GradientStatsMonitor(Callback):
         noise_scale: bool = True,
         ema_beta: float = 0.9,
         log_per_item: bool = False,
+        on_nonfinite: str = "stop",
     ) -> None:
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(f"GradientStatsMonitor: `every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
@@ -85,6 +97,11 @@ class GradientStatsMonitor(Callback):
         self.noise_scale = noise_scale
         self.ema_beta = float(ema_beta)
         self.log_per_item = log_per_item
+        self.on_nonfinite = check_nonfinite_policy("GradientStatsMonitor", on_nonfinite)
+        self._nonfinite_warned = False
+        self._owner = type(self).__name__  # an embedding part (ConvergenceEarlyStopping) reports under its own name
+        self._writes_metrics = True  # False inside ConvergenceEarlyStopping: one owner per `grad_stats` key
+        self._one_size_noted = False
         self.tracker = stats.GradientNoiseScale(beta=self.ema_beta)
         self.nonfinite_skipped_total = 0
         self.last_metrics: dict[str, float] = {}
@@ -102,6 +119,13 @@ class GradientStatsMonitor(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and self.noise_scale:
             self._capture.attach([p for p in pl_module.parameters() if p.requires_grad])
+            if (trainer.world_size * trainer.accumulate_grad_batches < 2 and not self._one_size_noted
+                    and self._writes_metrics):
+                self._one_size_noted = True
+                rank_zero_info(
+                    f"{type(self).__name__}: one device and `accumulate_grad_batches`=1 give a single batch size, so "
+                    "no noise scale is logged; set `accumulate_grad_batches` >= 2 (or several devices) to measure it."
+                )
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -127,8 +151,13 @@ class GradientStatsMonitor(Callback):
         # follow from it. Only a non-finite l2 needs the exact check (it may be an overflow of finite values).
         norms = stats.per_tensor_norms(grads, 2.0)
         sq = norms.pow(2).sum()
-        if not (bool(torch.isfinite(sq)) or stats.all_finite(grads)):
+        found = not (bool(torch.isfinite(sq)) or stats.all_finite(grads))
+        found, self._nonfinite_warned = handle_nonfinite(trainer, pl_module, self._owner, self.on_nonfinite,
+                                                         found, self._nonfinite_warned)
+        if found:
             self.nonfinite_skipped_total += 1
+            for name in ("grad_l2_norm", "grad_l1_norm", "noise_scale", "trace_cov", "grad_sq_norm"):
+                metrics[name] = math.nan  # removed from callback_metrics below, never logged
         else:
             if "l2" in self.norm_types:
                 metrics["grad_l2_norm"] = sq.sqrt()
@@ -145,7 +174,8 @@ class GradientStatsMonitor(Callback):
         self._overhead_s += time.perf_counter() - t0 + self._capture.take_capture_time()
         metrics["step_overhead_ms"] = 1e3 * self._overhead_s
         self._overhead_s = 0.0
-        self.last_metrics = log_metrics(trainer, "grad_stats", metrics)
+        if self._writes_metrics:
+            self.last_metrics = log_metrics(trainer, "grad_stats", finite_metrics(trainer, "grad_stats", metrics))
 
     # -- internals --------------------------------------------------------------------------------------------
     def _noise_metrics(self, trainer: Trainer, grad_sq_norm: Tensor) -> dict[str, float]:

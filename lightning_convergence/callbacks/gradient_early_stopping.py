@@ -14,9 +14,12 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics, should_log
+from lightning_convergence._nonfinite import check_nonfinite_policy
 from lightning_convergence._state import check_state_version
 from lightning_convergence._validate import check_int_at_least
+from lightning_convergence.callbacks._common import handle_nonfinite
 from lightning_convergence.stopping.grades import GradES, validate_grades_args
 
 __all__ = ["GradientEarlyStopping", "FREEZE_MODES"]
@@ -71,12 +74,17 @@ class GradientEarlyStopping(Callback):
         total_steps: T, the step budget α refers to, ≥ 1. Default ``None``: ``trainer.estimated_stepping_batches``.
         stop_training: stop when ``max_frozen_ratio`` is reached. Default ``True``; ``False`` only freezes.
         log_per_item: also log each matrix's last signal. Default ``False``.
+        on_nonfinite: ``"stop"`` (default) or ``"skip"``: the shared non-finite policy
+            (``lightning_convergence._nonfinite``) for a non-finite signal; that step is not applied and no matrix
+            freezes on it.
 
     State: the frozen matrices (name → step), per-matrix streaks and last signals, the weight-change reference
     copies, the stop step, ``version``. The frozen set is re-applied when a checkpoint is resumed.
 
     Logs: ``convergence/stop/frozen_fraction``, ``convergence/stop/frozen_total``,
-    ``convergence/stop/frozen_numel_total``, ``convergence/stop/nonfinite_skipped_total``, and with
+    ``convergence/stop/frozen_numel_total``, ``convergence/stop/nonfinite_skipped_total``,
+    ``convergence/stop/signal_max`` and ``convergence/stop/signal_median`` (over the matrices not yet frozen, at
+    their last check: pick ``tau`` from these, e.g. the median reached late in a reference run), and with
     ``log_per_item`` ``convergence/stop/signal/<param>``.
 
     Raises:
@@ -110,8 +118,11 @@ class GradientEarlyStopping(Callback):
         total_steps: int | None = None,
         stop_training: bool = True,
         log_per_item: bool = False,
+        on_nonfinite: str = "stop",
     ) -> None:
         name = type(self).__name__
+        self.on_nonfinite = check_nonfinite_policy(name, on_nonfinite)
+        self._nonfinite_warned = False
         validate_grades_args(name, tau, grace_fraction, max_frozen_ratio, signal, reduction, patience)
         for field, value in (("every_n_steps", every_n_steps), ("min_ndim", min_ndim)):
             check_int_at_least(name, field, value, 1)
@@ -193,7 +204,13 @@ class GradientEarlyStopping(Callback):
         step = trainer.global_step
         if step % self.every_n_steps == 0 and core.active:
             signals = self._measure(trainer, core)
-            newly = core.decide(step, signals)
+            bad = signals is not None and not bool(torch.isfinite(signals).all())
+            if self.signal == "weight_change" and not bad:  # the weights are finite until a bad step is applied
+                grads = [p.grad for p in self._params.values() if p.grad is not None]
+                bad = bool(grads) and not stats.all_finite(grads)
+            bad, self._nonfinite_warned = handle_nonfinite(trainer, self._module, type(self).__name__,
+                                                           self.on_nonfinite, bad, self._nonfinite_warned, "signal")
+            newly = core.decide(step, None if bad else signals)
             self._freeze(newly, keep_going=self._keeps_training(trainer, core))
         self._drop_frozen_grads()
         # Decisions only change at checks, so the (collective) reduction runs only there.
@@ -288,8 +305,12 @@ class GradientEarlyStopping(Callback):
             "frozen_numel_total": float(self.frozen_numel),
             "nonfinite_skipped_total": float(self.nonfinite_skipped_total),
         }
+        unfrozen = sorted(v for n, v in core.last_signal.items() if n not in core.frozen and math.isfinite(v))
+        if unfrozen:
+            metrics["signal_max"] = unfrozen[-1]
+            metrics["signal_median"] = unfrozen[len(unfrozen) // 2]
         if self.log_per_item:
-            metrics.update({f"signal/{n}": v for n, v in core.last_signal.items()})
+            metrics.update({f"signal/{n}": v for n, v in core.last_signal.items() if math.isfinite(v)})
         log_metrics(trainer, "stop", metrics)
 
     @staticmethod

@@ -15,9 +15,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics
 from lightning_convergence._state import check_state_version
+from lightning_convergence.callbacks._common import finite_metrics, probe_loss
 from lightning_convergence.data import rebuild_dataloader, wrap_train_dataloader
 from lightning_convergence.sampling import (
     POLICIES,
@@ -29,16 +29,9 @@ from lightning_convergence.sampling import (
     resolve_groups,
     weighted_estimator_variance,
 )
+from lightning_convergence.stats.module_grads import BatchLossFn, ExampleGradients
 
 __all__ = ["GradientVarianceSampling", "resolve_groups"]
-
-
-def _default_inputs(batch: Any) -> tuple[Tensor, Tensor]:
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise TypeError(
-        "GradientVarianceSampling: the probe batch is not an (inputs, targets) pair; pass `batch_to_inputs`."
-    )
 
 
 class GradientVarianceSampling(Callback):
@@ -56,10 +49,13 @@ class GradientVarianceSampling(Callback):
 
     How it works: in ``setup`` it replaces the train loader's sampler by a :class:`GroupBudgetSampler` (a
     ``DistributedSampler`` subclass, so Lightning keeps it under DDP; each rank draws a disjoint share of every
-    window). Every ``every_n_steps`` optimizer steps it *probes*: ``probe_per_group`` seeded examples per group, exact
-    per-example gradients (``stats.per_sample_grads``), per-group statistics (``GroupStats``: mean norm ``G_i``,
-    second moment, within-group variance ``σ_i²``; EMA), then sets the next windows' allocation. A window is the
-    ``every_n_steps × batch_size × accumulate_grad_batches × world_size`` draws between two re-allocations.
+    window). Every ``every_n_steps`` optimizer steps it *probes*: ``probe_per_group`` seeded examples per group,
+    collated by the train loader's own ``collate_fn`` (so any batch shape works), exact per-example gradients of the
+    module's own ``training_step`` loss (``stats.module_grads``: ``vmap``, or one backward per example with a
+    one-time warning where ``vmap`` cannot trace the model, e.g. RNNs), per-group statistics (``GroupStats``: mean
+    norm ``G_i``, second moment, within-group variance ``σ_i²``; EMA), then sets the next windows' allocation. A
+    window is the ``every_n_steps × batch_size × accumulate_grad_batches × world_size`` draws between two
+    re-allocations.
 
     Importance weights: before each training batch it sets ``pl_module.sample_weights`` (``[batch]`` float tensor,
     ``w = (N_i/N)/(n_i/n)``; all ones with ``reweight=False``). The module applies them with one line::
@@ -96,8 +92,15 @@ class GradientVarianceSampling(Callback):
             every rank (no communication).
         probe_params: parameter-name prefixes to differentiate in the probe (e.g. ``["net.4"]`` for the last layer,
             GVM's cheap-proxy idea); default all trainable parameters.
-        loss_fn: ``loss_fn(output, target)`` for a batch of one example, mean-reduced. Default cross-entropy.
-        batch_to_inputs: maps a collated probe batch to ``(inputs, targets)``; default ``(batch[0], batch[1])``.
+        batch_loss_fn: ``batch_loss_fn(module, batch) -> scalar``, the mean loss of a collated batch (any shape).
+            Default ``None``: the module's ``training_step`` (its ``self.log`` calls are silenced, and
+            ``pl_module.sample_weights`` is all ones during the probe); for a module that declares
+            ``uses_sample_weights = True`` (written for this callback, whose ``training_step`` may read
+            ``sample_groups`` or record acceptance) cross-entropy of ``forward(inputs)`` on ``(inputs, targets)``.
+        loss_fn: ``loss_fn(output, target)`` on ``module(inputs)``, mean-reduced; an alternative to
+            ``batch_loss_fn`` for ``(inputs, targets)`` batches. Default ``None``.
+        batch_to_inputs: maps a collated probe batch to ``(inputs, targets)`` for ``loss_fn`` (cross-entropy when
+            ``loss_fn`` is unset); default ``(batch[0], batch[1])``.
         reweight: deliver importance weights (default ``True``: unbiased for the uniform objective). ``False``
             trains on the sampling mixture itself (the paper setting of temperature sampling).
         gvm_statistic: ``G_i`` for ``gvm``: ``"mean_norm"`` (default, the paper's ``E‖∇f‖``) or ``"rms_norm"``
@@ -150,6 +153,7 @@ class GradientVarianceSampling(Callback):
         probe_params: Sequence[str] | None = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         batch_to_inputs: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
+        batch_loss_fn: BatchLossFn | None = None,
         reweight: bool = True,
         gvm_statistic: str = "mean_norm",
         ema_beta: float = 0.9,
@@ -198,8 +202,13 @@ class GradientVarianceSampling(Callback):
         self.group_names = list(group_names) if group_names is not None else None
         self.probe_per_group = probe_per_group
         self.probe_params = tuple(probe_params) if probe_params is not None else None
-        self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
-        self.batch_to_inputs = batch_to_inputs if batch_to_inputs is not None else _default_inputs
+        for field, fn in (("loss_fn", loss_fn), ("batch_to_inputs", batch_to_inputs), ("batch_loss_fn", batch_loss_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name}: `{field}` must be callable, got {type(fn).__name__}.")
+        self.loss_fn = loss_fn
+        self.batch_to_inputs = batch_to_inputs
+        self.batch_loss_fn = batch_loss_fn
+        self._grads: ExampleGradients | None = None  # built at the first probe (the default depends on the module)
         self.reweight = reweight
         self.gvm_statistic = gvm_statistic
         self.ema_beta = float(ema_beta)
@@ -331,21 +340,37 @@ class GradientVarianceSampling(Callback):
                 grp.append(torch.full((take.numel(),), g, dtype=torch.long))
         indices = torch.cat(idx)
         batch = self._collate([self._dataset[i] for i in indices.tolist()])
-        x, y = self.batch_to_inputs(batch)
+        batch = _to_device(batch, pl_module.device)
         params = {
             n: p for n, p in pl_module.named_parameters()
             if p.requires_grad and (self.probe_params is None or n.startswith(self.probe_params))
         }
         was_training = pl_module.training
-        pl_module.eval()  # deterministic probe (no dropout draws; vmap refuses random ops by default)
+        pl_module.eval()  # deterministic probe (no dropout draws)
+        weights = pl_module.__dict__.get("sample_weights")
+        pl_module.sample_weights = torch.ones(1, device=pl_module.device)  # one example per vmapped call
         try:
-            grads = stats.per_sample_grads(
-                pl_module, self.loss_fn, x.to(pl_module.device), y.to(pl_module.device), params
-            )
+            # Per example: every (vmapped or looped) call sees a batch of one.
+            grads, _ = self._example_grads(pl_module)(pl_module, batch, params)
         finally:
             pl_module.train(was_training)
+            if weights is None:
+                pl_module.__dict__.pop("sample_weights", None)
+            else:
+                pl_module.sample_weights = weights
         share = sampler.group_sizes.double() / sampler.group_sizes.sum()
         gs.update_grads(torch.cat(grp), list(grads.values()), group_weights=share)
+
+    def _example_grads(self, pl_module: LightningModule) -> ExampleGradients:
+        if self._grads is None:
+            name = type(self).__name__
+            loss = probe_loss(name, self.batch_loss_fn, self.loss_fn, self.batch_to_inputs)
+            if loss is None and getattr(pl_module, "uses_sample_weights", False):
+                # A module written for this callback may read per-batch attributes (sample_groups) or record
+                # acceptance in training_step: probe it by cross-entropy of forward(inputs), as it was designed for.
+                loss = probe_loss(name, None, F.cross_entropy)
+            self._grads = ExampleGradients(name, loss)
+        return self._grads
 
     def _fold_acceptance(self, trainer: Trainer) -> None:
         if self._accept.shape[1] == 0 and trainer.world_size == 1:
@@ -407,7 +432,7 @@ class GradientVarianceSampling(Callback):
         if self.log_per_item:
             names = self.group_names or [str(g) for g in range(sampler.num_groups)]
             metrics.update({f"budget/{names[g]}": float(c) for g, c in enumerate(counts.tolist())})
-        self.last_metrics = log_metrics(trainer, "sampling", metrics)
+        self.last_metrics = log_metrics(trainer, "sampling", finite_metrics(trainer, "sampling", metrics))
         self._ess = [0.0, 0]
         self._overhead_s = 0.0
 
@@ -464,3 +489,13 @@ class GradientVarianceSampling(Callback):
         self.group_stats.load_state_dict(state["group_stats"])
 
 
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import AttributeDict
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_convergence.federated.partition import PARTITIONS, partition_indices
@@ -31,6 +33,26 @@ def _labels_of(dataset: Any) -> torch.Tensor:
     if tensors is not None and len(tensors) >= 2:
         return torch.as_tensor(tensors[1]).reshape(-1)
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+def _repair_nested_hparams(datamodule: Any) -> None:
+    """Give a wrapped datamodule built by LightningCLI its own hyperparameters back.
+
+    LightningCLI hands every ``LightningDataModule`` instantiated under the ``data`` key the *whole* ``data``
+    config as hyperparameters, so an inner module that calls ``save_hyperparameters()`` gets ours (``num_clients``,
+    ``datamodule``, ...) and ``self.hparams.<its field>`` fails. Its own ``init_args`` sit in that config: restore
+    them. (Private attributes of Lightning's hyperparameters mixin; ``tests/data`` fails if they change.)
+    """
+    hparams = getattr(datamodule, "_hparams", None)
+    if not hparams or "datamodule" not in hparams or "num_clients" not in hparams:
+        return
+    inner = hparams["datamodule"]
+    init_args = inner.get("init_args") if isinstance(inner, dict) else getattr(inner, "init_args", None)
+    if init_args is None:
+        return
+    own = AttributeDict(dict(vars(init_args)) if not isinstance(init_args, dict) else init_args)
+    datamodule._hparams = own
+    datamodule._hparams_initial = copy.deepcopy(own)
 
 
 class FederatedDataModule(LightningDataModule):
@@ -80,6 +102,7 @@ class FederatedDataModule(LightningDataModule):
             raise ValueError(
                 f"FederatedDataModule: `server_steps_per_epoch` must be >= 1, got {server_steps_per_epoch}."
             )
+        _repair_nested_hparams(datamodule)
         self.datamodule = datamodule
         self.num_clients, self.partition, self.alpha = num_clients, partition, alpha
         self.seed, self.min_size = seed, min_size

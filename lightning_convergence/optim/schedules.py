@@ -13,8 +13,17 @@ with ``peak`` the optimizer's initial ``lr`` (per parameter group), ``r = min_lr
 ``shape(0) = 1``, ``shape(1) = 0``. The warm-up ramp reaches the peak exactly at the first decay step; the last
 step ``s = T - 1`` still gets a small positive rate (``z = (T-W-1)/(T-W)``), as in ``1 - t/T``.
 
-These are *step* schedules: return them from ``configure_optimizers`` with ``"interval": "step"``. Each class
-carries ``interval = "step"`` so a CLI can do that automatically (see ``docs/algorithms/schedules.md``).
+These are *step* schedules, and they advance once per optimizer step however they are returned: each registers a
+step post-hook on its optimizer, so ``return [opt], [LinearDecay(opt, ...)]`` (which Lightning steps once per
+*epoch*) and ``{"scheduler": sched, "interval": "step"}`` give the same sequence, as does a plain PyTorch loop that
+calls ``opt.step(); sched.step()``. ``sched.step()`` after an optimizer step only re-applies the current rate; called
+without an optimizer step in between (a simulation on a stand-in optimizer) it advances, as any torch scheduler.
+Each class still carries ``interval = "step"`` for code that reads it.
+
+``total_steps=None`` leaves the budget to be filled in from the trainer
+(``trainer.estimated_stepping_batches``) by :func:`resolve_total_steps`, which the
+``lightning-convergence`` CLI and the ``BudgetScheduleSync`` callback call at fit start; they also warn once when
+an explicit ``total_steps`` differs from the trainer's budget.
 
 Pure functions (``*_shape``) are exported for use in any training loop and in tests. This module imports only torch.
 """
@@ -22,7 +31,10 @@ Pure functions (``*_shape``) are exported for use in any training loop and in te
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -37,6 +49,7 @@ __all__ = [
     "UBADecay",
     "WSDSchedule",
     "budget_factor",
+    "resolve_total_steps",
     "cosine_shape",
     "linear_shape",
     "rex_shape",
@@ -117,6 +130,8 @@ class BudgetSchedule(LRScheduler):
         optimizer: the wrapped optimizer; each group's ``lr`` at construction is its peak (``eta_max``).
         total_steps: the budget ``T`` in optimizer steps (``trainer.max_steps``, or
             ``trainer.estimated_stepping_batches``), > ``warmup_steps``. Past ``T`` the rate stays at the minimum.
+            ``None``: filled in from the trainer at fit start (see the module docstring); stepping past warm-up
+            before that raises.
         warmup_steps: linear warm-up steps ``W`` in ``[0, T)``. Default 0. Typical: 1-5% of ``T`` for Adam-type
             optimizers on transformers, 0 for SGD on small models.
         min_lr_ratio: ``eta_min / eta_max`` in ``[0, 1]``. Default 0 (decay to zero, as the budget-aware papers
@@ -126,6 +141,7 @@ class BudgetSchedule(LRScheduler):
     Raises:
         ValueError: if ``total_steps`` < 1, ``warmup_steps`` is outside ``[0, total_steps)``, or ``min_lr_ratio``
             is outside ``[0, 1]``.
+        RuntimeError: on an optimizer step past warm-up while ``total_steps`` is still ``None``.
     """
 
     interval = "step"
@@ -134,29 +150,76 @@ class BudgetSchedule(LRScheduler):
     def __init__(
         self,
         optimizer: Optimizer,
-        total_steps: int,
+        total_steps: int | None = None,
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
         name = type(self).__name__
-        check_int_at_least(name, "total_steps", total_steps, 1)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps < total_steps:
-            raise ValueError(f"{name}: `warmup_steps` must be an int in [0, total_steps={total_steps}), "
-                             f"got {warmup_steps!r}.")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"{name}: `warmup_steps` must be an int in [0, total_steps), got {warmup_steps!r}.")
         if not 0.0 <= float(min_lr_ratio) <= 1.0:
             raise ValueError(f"{name}: `min_lr_ratio` must be in [0, 1], got {min_lr_ratio!r}.")
-        self.total_steps = int(total_steps)
         self.warmup_steps = int(warmup_steps)
+        self.total_steps: int | None = None
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
         self.min_lr_ratio = float(min_lr_ratio)
         self.version = self.STATE_VERSION
+        self._advanced_by_optimizer = False
         super().__init__(optimizer, last_epoch)
+        ref = weakref.ref(self)
+
+        def advance(opt: Optimizer, args: Any, kwargs: Any) -> None:
+            sched = ref()
+            if sched is not None:
+                sched._on_optimizer_step()
+
+        optimizer.register_step_post_hook(advance)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Set the budget ``T`` (checked as in the constructor)."""
+        name = type(self).__name__
+        check_int_at_least(name, "total_steps", total_steps, 1)
+        if not self.warmup_steps < total_steps:
+            raise ValueError(f"{name}: `warmup_steps` must be an int in [0, total_steps={total_steps}), "
+                             f"got {self.warmup_steps!r}.")
+        self.total_steps = int(total_steps)
+
+    def _on_optimizer_step(self) -> None:
+        """The optimizer's step post-hook: advance one step and apply the new rate."""
+        self.last_epoch += 1
+        self._apply()
+        self._advanced_by_optimizer = True
+
+    def _apply(self) -> None:
+        lrs = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = list(lrs)
+
+    def step(self, epoch: int | None = None) -> None:  # type: ignore[override]
+        """Re-apply the current rate after an optimizer step already advanced the schedule; otherwise advance."""
+        if self._advanced_by_optimizer and epoch is None:
+            self._advanced_by_optimizer = False
+            self._apply()
+            return
+        super().step(epoch)
 
     def shape(self, z: float) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def factor(self, step: int) -> float:
         """Multiplier of the peak LR at 0-based optimizer step ``step``."""
+        if self.total_steps is None:
+            if step <= self.warmup_steps:  # warm-up and the peak do not depend on the budget
+                return budget_factor(step, step + 1, self.warmup_steps, self.min_lr_ratio, self.shape)
+            raise RuntimeError(
+                f"{type(self).__name__}: `total_steps` is None at optimizer step {step} and nothing filled it in: "
+                "pass `total_steps` (e.g. `self.trainer.estimated_stepping_batches` in configure_optimizers), add "
+                "`lightning_convergence.callbacks.BudgetScheduleSync()` to the Trainer's callbacks, or train "
+                "through the lightning-convergence CLI."
+            )
         return budget_factor(step, self.total_steps, self.warmup_steps, self.min_lr_ratio, self.shape)
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
@@ -244,7 +307,7 @@ class UBADecay(BudgetSchedule):
     def __init__(
         self,
         optimizer: Optimizer,
-        total_steps: int,
+        total_steps: int | None = None,
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
         phi: float = 2.0,
@@ -281,7 +344,7 @@ class WSDSchedule(BudgetSchedule):
     def __init__(
         self,
         optimizer: Optimizer,
-        total_steps: int,
+        total_steps: int | None = None,
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
         decay_fraction: float = 0.2,
@@ -299,3 +362,38 @@ class WSDSchedule(BudgetSchedule):
 
     def shape(self, z: float) -> float:
         return wsd_shape(z, self.decay_fraction, self.decay_shape)
+
+
+def resolve_total_steps(scheduler: Any, budget: float, warned: set[int] | None = None) -> None:
+    """Fit a :class:`BudgetSchedule` to the trainer's budget of ``budget`` optimizer steps.
+
+    ``total_steps=None`` becomes ``budget``; an explicit ``total_steps`` that differs from a finite ``budget`` warns
+    (once per scheduler when ``warned`` is passed and kept). Anything that is not a :class:`BudgetSchedule` is left
+    alone.
+
+    Raises:
+        ValueError: if ``total_steps`` is None and ``budget`` is not a finite number >= 1 (set ``max_steps``).
+    """
+    if not isinstance(scheduler, BudgetSchedule):
+        return
+    name = type(scheduler).__name__
+    finite = isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 1
+    if scheduler.total_steps is None:
+        if not finite:
+            raise ValueError(
+                f"{name}: `total_steps` is None but the trainer's budget is unknown ({budget}); pass `total_steps` "
+                "or set the Trainer's `max_steps` or `max_epochs`."
+            )
+        scheduler.set_total_steps(int(budget))
+        return
+    if finite and scheduler.total_steps != int(budget) and (warned is None or id(scheduler) not in warned):
+        if warned is not None:
+            warned.add(id(scheduler))
+        share = min(int(budget) / scheduler.total_steps, 1.0)
+        warnings.warn(
+            f"{name}: `total_steps`={scheduler.total_steps} but the trainer will take {int(budget)} optimizer steps "
+            f"(`trainer.estimated_stepping_batches`): training covers {share:.0%} of the schedule"
+            + (" and then stays at the minimum rate" if int(budget) > scheduler.total_steps else "")
+            + ". Pass `total_steps=None` to follow the trainer.",
+            stacklevel=2,
+        )

@@ -14,6 +14,7 @@ from lightning_convergence.stats.batch_tests import (
     orthogonality_test_batch_size,
 )
 from lightning_convergence.stats.capture import StepGradientSamples
+from lightning_convergence.stats.module_grads import BatchLossFn, ExampleGradients, batch_length, slice_batch
 from lightning_convergence.stats.noise_scale import (
     BiasCorrectedEMA,
     GradientNoiseScale,
@@ -39,6 +40,8 @@ from lightning_convergence.stats.variance import (
 
 __all__ = [
     "AllReduce",
+    "BatchLossFn",
+    "ExampleGradients",
     "BiasCorrectedEMA",
     "BlockwiseGradStats",
     "GradientNoiseScale",
@@ -48,6 +51,7 @@ __all__ = [
     "all_finite",
     "augmented_test_batch_size",
     "blockwise_sample_grad_stats",
+    "batch_length",
     "estimate_noise",
     "grads_of",
     "inner",
@@ -62,5 +66,6 @@ __all__ = [
     "per_sample_sq_norms",
     "per_tensor_norms",
     "sample_grad_stats",
+    "slice_batch",
     "sq_norm",
 ]

@@ -9,7 +9,8 @@ Three ways to turn a step into :class:`~lightning_convergence.SampleGradStats`, 
   before DDP all-reduces it); ``sample_grad_stats`` reduces the ``k × devices`` samples across ranks.
 * ``microbatch`` streaming (norm test, noise scale): the hooks only add each micro-batch's squared norm; with the
   step's all-reduced gradient, ``stats.estimate_noise`` gives the same unbiased ``tr Σ`` without any copy.
-* ``per_sample``: ``per_sample_grads`` (torch.func) on a sub-batch of the step's last micro-batch.
+* ``per_sample``: per-example gradients of the module's loss (``module_grads.ExampleGradients``: ``vmap``, or
+  micro-batch slices where ``vmap`` cannot trace the model) on a sub-batch of the step's last micro-batch.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_convergence.stats.module_grads import BatchLossFn, ExampleGradients, batch_length, slice_batch
 from lightning_convergence.stats.noise_scale import NoiseEstimate, estimate_noise
 from lightning_convergence.stats.norms import grads_of, sq_norm
-from lightning_convergence.stats.variance import SampleGradStats, per_sample_grads, sample_grad_stats
+from lightning_convergence.stats.variance import SampleGradStats, sample_grad_stats
+
+_FALLBACK_CHUNKS = 8  # micro-batch slices per probe when vmap cannot trace the model
 
 __all__ = ["StepGradientSamples"]
 
@@ -41,6 +45,7 @@ class StepGradientSamples:
 
     def __init__(self, estimator: str, streaming: bool, per_sample_max_examples: int, owner: str) -> None:
         self.estimator = estimator
+        self.streaming_requested = streaming
         self.streaming = streaming and estimator == "microbatch"
         self.per_sample_max_examples = per_sample_max_examples
         self.owner = owner
@@ -53,6 +58,12 @@ class StepGradientSamples:
         self._sq_parts: list[Tensor] = []
         self._sizes: list[int] = []
         self._last_batch: Any = None
+        self._example_grads: ExampleGradients | None = None
+
+    def set_estimator(self, estimator: str) -> None:
+        """Switch between ``"microbatch"`` and ``"per_sample"`` before :meth:`attach` (an ``"auto"`` choice)."""
+        self.estimator = estimator
+        self.streaming = self.streaming_requested and estimator == "microbatch"
 
     # -- wiring -----------------------------------------------------------------------------------------------
     def attach(self, params: list[torch.nn.Parameter]) -> None:
@@ -110,7 +121,7 @@ class StepGradientSamples:
     # -- statistics -------------------------------------------------------------------------------------------
     def stats(
         self, world_size: int, loss_factor: float, all_reduce: Any, pl_module: torch.nn.Module,
-        loss_fn: Callable[[Tensor, Tensor], Tensor] | None, global_batch: int,
+        loss_fn: BatchLossFn | None, global_batch: int,
     ) -> SampleGradStats | None:
         """This step's statistics, or ``None`` when there is no measurement (a lone micro-batch, no gradient).
 
@@ -120,7 +131,7 @@ class StepGradientSamples:
                 each micro-batch loss by the accumulation factor; AMP multiplies it by the loss scale).
             all_reduce: in-place SUM all-reduce, or ``None`` on one process.
             pl_module: the module (for ``per_sample``).
-            loss_fn: per-example loss (for ``per_sample``).
+            loss_fn: ``loss_fn(module, batch)`` mean loss for ``per_sample``; ``None``: the module's ``training_step``.
             global_batch: examples in the step (the count reported by ``per_sample``).
         """
         if self.estimator == "per_sample":
@@ -179,15 +190,16 @@ class StepGradientSamples:
         self, all_reduce: Any, pl_module: torch.nn.Module, loss_fn: Any, global_batch: int
     ) -> SampleGradStats | None:
         batch = self._last_batch
-        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            raise TypeError(
-                f"{self.owner}: `variance_estimator='per_sample'` needs batches of (inputs, targets, ...), "
-                f"got {type(batch).__name__}."
-            )
-        m = self.per_sample_max_examples
-        grads = per_sample_grads(pl_module, loss_fn, batch[0][:m], batch[1][:m])
-        names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
-        sub = sample_grad_stats([grads[n] for n in names], scale=1.0, all_reduce=all_reduce)
+        if batch is None:
+            return None
+        sub_batch = slice_batch(batch, slice(0, self.per_sample_max_examples))
+        if batch_length(sub_batch) < 2:
+            return None  # one example: no variance (every rank gets the same sizes from the same sampler)
+        if self._example_grads is None:  # one per run: the vmap decision and its warning happen once
+            self._example_grads = ExampleGradients(self.owner, loss_fn)
+        params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+        grads, scale = self._example_grads(pl_module, sub_batch, params, chunks=_FALLBACK_CHUNKS)
+        sub = sample_grad_stats([grads[n] for n in params], scale=scale, all_reduce=all_reduce)
         # The tests' denominator is the norm of the step's whole gradient (all micro-batches and ranks, already
         # all-reduced and unscaled here), as in AdAdaGrad where the per-example gradients cover the whole batch.
         full = grads_of(self.params)

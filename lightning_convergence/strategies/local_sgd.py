@@ -18,10 +18,12 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_convergence._metrics import log_metrics
+from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
 from lightning_convergence._rank_state import PerRankStateMixin
 from lightning_convergence.averaging import OUTER_STEPS
 from lightning_convergence.averaging.base import (
@@ -37,6 +39,7 @@ from lightning_convergence.averaging.diloco import DiLoCo
 from lightning_convergence.averaging.periodic import PeriodicAveraging
 from lightning_convergence.averaging.schedules import FixedPeriod, SyncSchedule
 from lightning_convergence.comm import SingleProcessCommunicator
+from lightning_convergence.stats.norms import all_finite
 
 __all__ = ["LocalSGDStrategy", "register_strategies"]
 
@@ -100,6 +103,11 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
         final_merge: merge the replicas at the end of ``fit``. Default ``True``.
         average_for_eval: validate on the mean of the replicas. Default ``True``; ``False`` validates each rank's
             own replica (Lightning then reduces the metrics across ranks).
+        on_nonfinite: ``"stop"`` (default) or ``"skip"``, the shared policy of ``lightning_convergence._nonfinite``:
+            a backward that leaves a non-finite gradient has that optimizer step dropped on its rank (gradients set
+            to ``None``, so nothing enters the replica, the optimizer state or the outer step), counted once per step
+            in ``nonfinite_skipped_total``. ``"stop"`` then ends training for all ranks together: at once on one
+            process, at the next sync round otherwise (the finding rides on that round's collective).
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``start_method``, ``timeout``,
             ``process_group_backend``...). DDP communication hooks are rejected.
 
@@ -134,8 +142,13 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
         optimizer_state: str = "keep",
         final_merge: bool = True,
         average_for_eval: bool = True,
+        on_nonfinite: str = "stop",
         **kwargs: Any,
     ) -> None:
+        self.on_nonfinite = check_nonfinite_policy("LocalSGDStrategy", on_nonfinite)
+        self._bad_step = False  # this optimizer step saw a non-finite gradient on this rank
+        self._nonfinite_pending = False  # a finding not yet shared with the other ranks
+        self._nonfinite_warned = False
         for key in _REJECTED_KWARGS:
             if kwargs.get(key) is not None:
                 raise ValueError(
@@ -192,6 +205,12 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
         self._buffers = [b for b in module.buffers() if b.is_floating_point()]
         self.outer.init_state(self._params)
         self._in_sync = True
+        if self._comm.world_size == 1:
+            rank_zero_warn(
+                "LocalSGDStrategy: one process: there are no other replicas to average, so sync rounds only apply "
+                f"the outer step ({type(self.outer).__name__}) to this replica's own progress. Train on 2 or more "
+                "devices (or nodes) for local SGD."
+            )
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -204,7 +223,10 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
     # ------------------------------------------------------------------ training
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
-        if self._params is None or self._world == 1 or not self.schedule.in_warmup(self._step):
+        if self._params is None:
+            return
+        self._guard_nonfinite()
+        if self._world == 1 or not self.schedule.in_warmup(self._step):
             return
         grads = [p.grad for p in self._params if p.grad is not None]
         flat = flatten(grads, dtype=None)
@@ -218,6 +240,12 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
         if self._params is None:
             return out
+        if self._bad_step:  # dropped: counted once per optimizer step
+            self._bad_step = False
+            self._skipped += 1
+            self._nonfinite_pending = True
+            if self._world == 1:
+                self._act_on_nonfinite()
         self._step += 1
         if self.schedule.in_warmup(self._step - 1):  # that was a DDP step: replicas stay identical
             if not self.schedule.in_warmup(self._step):  # the local phase starts from here
@@ -230,8 +258,34 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
             self._sync_round()
         return out
 
+    def _guard_nonfinite(self) -> None:
+        """Drop this micro-batch's gradients (and the rest of the step's) once any of them is non-finite."""
+        assert self._params is not None
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not self._bad_step and (not grads or all_finite(grads)):
+            return
+        self._bad_step = True
+        for p in self._params:
+            p.grad = None
+
+    def _act_on_nonfinite(self) -> None:
+        trainer = self.lightning_module.trainer
+        self._nonfinite_warned = act_on_nonfinite(trainer, "LocalSGDStrategy", self.on_nonfinite, "gradients",
+                                                  warned=self._nonfinite_warned)
+        self._nonfinite_pending = False
+
+    def _share_nonfinite(self) -> None:
+        """At a sync round: did any rank drop a non-finite step since the last round? (one 4-byte all-reduce)."""
+        assert self._comm is not None
+        flag = torch.tensor([1.0 if self._nonfinite_pending else 0.0], device=self.root_device)
+        self._comm.all_reduce_mean_(flag)
+        if float(flag) > 0:
+            self._act_on_nonfinite()
+
     def _sync_round(self) -> None:
         assert self._params is not None and self._comm is not None
+        if self._world > 1:
+            self._share_nonfinite()
         stats = self.outer.sync(self._params, self._comm, self._step)
         extra = self._mix_extras()
         self._rounds += 1

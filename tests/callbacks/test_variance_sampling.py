@@ -198,14 +198,14 @@ def test_state_version_is_checked():
 def test_loader_with_batch_sampler_and_bad_probe_batch_are_refused():
     from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
-    from lightning_convergence.callbacks.variance_sampling import _default_inputs
+    from lightning_convergence.callbacks._common import probe_loss
 
     ds = TensorDataset(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]))
     loader = DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 2, False))
     with pytest.raises(TypeError, match="batch_size"):
         GradientVarianceSampling()._install(None, loader)
-    with pytest.raises(TypeError, match="batch_to_inputs"):
-        _default_inputs(torch.zeros(3))
+    with pytest.raises(TypeError, match="batch_to_inputs"):  # an output loss needs (inputs, targets) batches
+        probe_loss("GradientVarianceSampling", None, torch.nn.functional.cross_entropy)(None, torch.zeros(3))
     with pytest.raises(RuntimeError, match="before fit"):
         GradientVarianceSampling().record_acceptance(torch.tensor([0]), torch.tensor([True]))
 

@@ -125,3 +125,70 @@ def test_schedules_subclass_errors():
     sched = LinearDecay(_opt(), total_steps=10)
     with pytest.raises(RuntimeError, match="version"):
         sched.load_state_dict({**sched.state_dict(), "version": 99})
+
+
+# -- the Lightning way (issue #15 item 3) --------------------------------------------------------------------------
+def _lightning_lrs(make_sched, max_steps: int, callbacks=(), bare: bool = True):
+    """Fit a tiny regression with ``configure_optimizers`` returning ``[opt], [sched]`` (bare) or the step dict;
+    return the LR seen by each optimizer step."""
+    from lightning.pytorch import LightningModule, Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    seen: list[float] = []
+
+    class Tiny(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            seen.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.w(x), y)
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=2.0)
+            sched = make_sched(opt)
+            return ([opt], [sched]) if bare else {"optimizer": opt, "lr_scheduler": {"scheduler": sched,
+                                                                                      "interval": "step"}}
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 2, generator=g), torch.randn(64, 1, generator=g))
+    trainer = Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=list(callbacks), accelerator="cpu", devices=1)
+    trainer.fit(Tiny(), DataLoader(data, batch_size=4))  # 16 steps per epoch
+    return seen
+
+
+@pytest.mark.parametrize("bare", [True, False])
+def test_schedules_step_per_optimizer_step_however_returned(bare):
+    # Before: returned bare, Lightning stepped the schedule once per 16-step epoch (the LR stayed at 2.0).
+    lrs = _lightning_lrs(lambda opt: LinearDecay(opt, total_steps=20), 20, bare=bare)
+    assert lrs == pytest.approx([2.0 * (1 - t / 20) for t in range(20)], rel=0, abs=1e-12)
+
+
+def test_schedules_total_steps_none_takes_the_trainer_budget():
+    from lightning_convergence.callbacks import BudgetScheduleSync
+
+    lrs = _lightning_lrs(lambda opt: WSDSchedule(opt, warmup_steps=2, decay_fraction=0.5, decay_shape="linear"), 12,
+                         callbacks=[BudgetScheduleSync()])
+    ref = _lrs(WSDSchedule, 12, total_steps=12, warmup_steps=2, decay_fraction=0.5, decay_shape="linear")
+    assert lrs == pytest.approx(ref, rel=0, abs=1e-12)
+
+
+def test_schedules_total_steps_none_without_a_budget_says_what_to_pass():
+    opt = _opt()
+    sched = LinearDecay(opt)  # the warm-up-free peak needs no budget
+    assert opt.param_groups[0]["lr"] == 2.0
+    with pytest.raises(RuntimeError, match="BudgetScheduleSync"):
+        opt.step()
+    assert sched.total_steps is None
+
+
+@pytest.mark.parametrize("total", [400, 10])
+def test_schedules_budget_mismatch_warns_once(total):
+    from lightning_convergence.callbacks import BudgetScheduleSync
+
+    with pytest.warns(UserWarning, match=f"`total_steps`={total} but the trainer will take 20") as record:
+        _lightning_lrs(lambda opt: LinearDecay(opt, total_steps=total), 20, callbacks=[BudgetScheduleSync()])
+    assert sum("`total_steps`=" in str(w.message) for w in record) == 1
