@@ -239,6 +239,7 @@ class AdaptiveBatchSize(Callback):
         self.accumulation = 0
         self.pending_accumulation: int | None = None
         self.samples_seen_total = 0
+        self.epochs_ended = 0  # training epochs whose end-of-epoch re-plan has run
         self.nonfinite_skipped_total = 0
         self.last_demanded = math.nan
         self.history: list[dict[str, float]] = []  # one entry per test: step, demanded, target, batch_size
@@ -327,6 +328,7 @@ class AdaptiveBatchSize(Callback):
         world = trainer.world_size
         if self._restored and self.accumulation:
             trainer.accumulate_grad_batches = self.accumulation
+            self._resume_position(trainer)
         else:
             self.accumulation = int(trainer.accumulate_grad_batches)
             self.global_batch_size = self.controller.batch_size * world * self.accumulation
@@ -338,15 +340,32 @@ class AdaptiveBatchSize(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.controller.epoch = trainer.current_epoch
+        self.controller.start_epoch(trainer.current_epoch)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_epoch(trainer)
+
+    def _end_epoch(self, trainer: Trainer) -> None:
         # The next epoch starts with batch_idx 0: any accumulation fits, and the per-device batch may change (then
         # re-plan even at an unchanged target, to trade accumulation for a larger per-device batch).
+        self.epochs_ended += 1
         resize = self.max_per_device_batch_size is not None
         if resize or self.target_batch_size != self.global_batch_size or self.pending_accumulation is not None:
             self._replan(trainer, resize_device=resize, apply_now=True)
+
+    def _resume_position(self, trainer: Trainer) -> None:
+        """After a restore, line the sampler position and the epoch-end re-plan up with where Lightning resumes.
+
+        Lightning resumes a checkpoint written at the last batch's end, or in ``on_train_epoch_end`` before this
+        callback's hook, in the next epoch without calling ``on_train_epoch_end`` for the finished one: the re-plan the
+        uninterrupted run made there is made now. (A checkpoint written during the epoch-end validation is the
+        exception: Lightning calls ``on_train_epoch_end`` itself after the restart.) A position saved in an epoch
+        Lightning has moved past (``limit_train_batches`` ended it early) is dropped.
+        """
+        self.controller.start_epoch(trainer.current_epoch)
+        if self.epochs_ended < trainer.current_epoch and not trainer.fit_loop.restarted_on_epoch_end:
+            self._end_epoch(trainer)
 
     # -- per step ---------------------------------------------------------------------------------------------
     @override
@@ -495,6 +514,7 @@ class AdaptiveBatchSize(Callback):
             "per_device_batch_size": self.controller.batch_size,
             "sampler": self.controller.state_dict(),
             "samples_seen_total": self.samples_seen_total,
+            "epochs_ended": self.epochs_ended,
             "noise": self.tracker.state_dict(),
             "smoothing": {k: ema.state_dict() for k, ema in self._emas.items()},
             "nonfinite_skipped_total": self.nonfinite_skipped_total,
@@ -511,6 +531,8 @@ class AdaptiveBatchSize(Callback):
         self.pending_accumulation = None if pending is None else int(pending)
         self.controller.load_state_dict(state_dict["sampler"])
         self.samples_seen_total = int(state_dict["samples_seen_total"])
+        # Absent from checkpoints written before it existed: assume the epoch-end re-plan of the saved epoch ran.
+        self.epochs_ended = int(state_dict.get("epochs_ended", self.controller.epoch or 0))
         self.tracker.load_state_dict(state_dict["noise"])
         for k, ema in self._emas.items():
             ema.load_state_dict(state_dict["smoothing"][k])
