@@ -27,6 +27,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_convergence.data import (
+    BatchSizeController,
+    EpochShuffleSampler,
+    ResizableBatchSampler,
+    rebuild_dataloader,
+    wrap_train_dataloader,
+)
+
 BATCH = 4  # examples per micro-batch and rank
 STEPS_PER_EPOCH = 2  # optimizer steps per epoch
 EPOCHS = 2
@@ -84,13 +92,55 @@ class TinyNet(LightningModule):
 
 @dataclass
 class Case:
-    """One part under test: ``callbacks()`` and ``strategy()`` build fresh instances for every run."""
+    """One part under test: ``callbacks(world_size, accumulation)`` and ``strategy()`` build fresh instances for
+    every run.
+
+    ``owns_sampler``: the part installs its own resumable sampler; otherwise :class:`ResumablePosition` makes the
+    tiny module's loader resume mid-epoch (a plain shuffled loader restarts its epoch on resume, whatever the part).
+    """
 
     name: str
-    callbacks: Callable[[], list[Callback]] = list
+    callbacks: Callable[[int, int], list[Callback]] = lambda world_size, accumulation: []
     strategy: Callable[[], Any] | None = None
     optimizer: str = "sgd"
+    owns_sampler: bool = False
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class ResumablePosition(Callback):
+    """Test scaffolding: batch the train loader with a :class:`ResizableBatchSampler` over a per-epoch seeded
+    shuffle, count what training consumed and checkpoint that position, so a mid-epoch resume continues the epoch."""
+
+    def __init__(self) -> None:
+        self.controller = BatchSizeController(BATCH)
+        self._undo: Callable[[], None] | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._undo = wrap_train_dataloader(trainer, self._install)
+
+    def _install(self, loader: DataLoader) -> DataLoader:
+        inner = EpochShuffleSampler(loader.dataset, seed=0)  # under DDP Lightning swaps in a DistributedSampler
+        return rebuild_dataloader(loader, batch_sampler=ResizableBatchSampler(inner, BATCH, False, self.controller))
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.controller.start_epoch(trainer.current_epoch)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.controller.start_epoch(trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self.controller.consume(len(batch[0]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state_dict)
 
 
 class Snapshot(Callback):
@@ -155,7 +205,8 @@ def fit(case: Case, root: Path, world_size: int, accumulation: int, ckpt_path: s
         savers: list[Callback] | None = None, extra: list[Callback] | None = None) -> dict[str, Any]:
     """One run of the case in a fresh Trainer/module/callbacks/strategy; returns its end :func:`snapshot`."""
     snap = Snapshot()
-    callbacks = [*case.callbacks(), *(extra or []), *(savers or []), snap]
+    position = [] if case.owns_sampler else [ResumablePosition()]
+    callbacks = [*position, *case.callbacks(world_size, accumulation), *(extra or []), *(savers or []), snap]
     kwargs: dict[str, Any] = dict(
         accelerator="cpu", devices=world_size, max_epochs=EPOCHS,
         accumulate_grad_batches=accumulation, limit_train_batches=STEPS_PER_EPOCH * accumulation,
@@ -210,3 +261,64 @@ def external_launch_env(rank: int, world_size: int) -> None:
         {"RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0", "WORLD_SIZE": str(world_size),
          "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
     )
+
+
+class SaveSnapshot(Snapshot):
+    """A :class:`Snapshot` that also writes itself to ``path`` (for runs in another process, such as the CLI)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if trainer.is_global_zero:
+            torch.save(self.state, self.path)
+
+
+class IssueNet(LightningModule):
+    """The set-up filed in issue #21: a 32→32→2 tanh MLP, SGD (lr 0.05, momentum 0.9) with a per-step
+    ``StepLR(step_size=5, gamma=0.7)``, batches of 8 from 256 examples (``limit_train_batches=8`` ends every epoch
+    after a quarter of the data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(256, 32, generator=g)
+        self.y = (self.x[:, :4].sum(1) > 0).long()
+        self.net = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 2))
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.7)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=8, shuffle=True)
+
+
+def issue_fit(root: Path, world_size: int, ckpt_path: str | None = None, save: bool = False) -> dict[str, Any]:
+    """One run of the issue's case (``AdaptiveBatchSize(max_batch_size=64)``, accumulation 2, 2 epochs); with
+    ``save`` a ``ModelCheckpoint`` writes ``root/ckpt/epoch=<e>*.ckpt`` at every epoch end."""
+    from lightning_convergence.callbacks import AdaptiveBatchSize
+
+    snap = Snapshot()
+    callbacks: list[Callback] = [AdaptiveBatchSize(max_batch_size=64), snap]
+    if save:
+        callbacks.insert(1, ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1))
+    trainer = Trainer(
+        accelerator="cpu", devices=world_size, accumulate_grad_batches=2, limit_train_batches=8, deterministic=True,
+        max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=save,
+        default_root_dir=str(root), callbacks=callbacks,
+        **({"strategy": _plain_ddp()} if world_size > 1 else {}),
+    )
+    trainer.fit(IssueNet(), ckpt_path=ckpt_path)
+    assert snap.state is not None
+    return snap.state
