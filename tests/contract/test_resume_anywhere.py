@@ -15,10 +15,16 @@ job leaves).
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_convergence.callbacks as public_callbacks
@@ -32,7 +38,22 @@ from lightning_convergence.callbacks import (
     ScheduleRefinement,
 )
 from tests.helpers.dist import run_processes
-from tests.helpers.resume import Case, differences, external_launch_env, issue_fit, resume_everywhere
+from tests.helpers.resume import (
+    EPOCHS,
+    SLURM_ENV,
+    STEPS_PER_EPOCH,
+    Case,
+    differences,
+    external_launch_env,
+    fit,
+    issue_fit,
+    resume_everywhere,
+    sigterm_resumes,
+    sigusr1_resumes,
+    step_savers,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -104,20 +125,22 @@ def _registered(name: str):
 def _assert_exact(results: dict[str, list[str]]) -> None:
     bad = {label: diffs[:4] for label, diffs in results.items() if diffs}
     assert not bad, f"resumed runs differ from the straight run: {bad}"
-    assert len(results) >= 3  # the saving run plus at least two resumed checkpoints were compared
+    assert len(results) >= 2  # at least two runs (resumed or signalled) were compared
+
+
+def _case(name: str) -> Case:
+    return CALLBACKS[name] if name in CALLBACKS else _registered(name)
 
 
 def _worker(rank: int, world_size: int, case_name: str, root: str, accumulation: int) -> dict[str, list[str]]:
     external_launch_env(rank, world_size)
     warnings.simplefilter("ignore")
-    case = CALLBACKS[case_name] if case_name in CALLBACKS else _registered(case_name)
-    return resume_everywhere(case, Path(root), world_size, accumulation)
+    return resume_everywhere(_case(case_name), Path(root), world_size, accumulation)
 
 
 def _run(case_name: str, world_size: int, accumulation: int, root: Path) -> None:
     if world_size == 1:
-        case = CALLBACKS[case_name] if case_name in CALLBACKS else _registered(case_name)
-        _assert_exact(resume_everywhere(case, root, 1, accumulation))
+        _assert_exact(resume_everywhere(_case(case_name), root, 1, accumulation))
         return
     for rank_results in run_processes(_worker, world_size, case_name, str(root), accumulation):
         _assert_exact(rank_results)
@@ -168,3 +191,58 @@ def test_issue_21_adaptive_batch_resumes_exactly_from_the_end_of_epoch_0(world_s
         assert _issue_case(0, 1, str(tmp_path)) == []
         return
     assert run_processes(_issue_case, 2, str(tmp_path)) == [[], []]
+
+
+# -- checkpoints written by Lightning's fault-tolerant path ------------------------------------------------------
+_SIGNAL_CASES = ["AdaptiveBatchSize", "GradientVarianceSampling", "ddp_ef21", "diloco"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+@pytest.mark.parametrize("name", _SIGNAL_CASES)
+def test_slurm_requeue_checkpoint_on_sigusr1_resumes_exactly(name, tmp_path, monkeypatch):
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    _assert_exact(sigusr1_resumes(_case(name), tmp_path, accumulation=2))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="POSIX signals")
+@pytest.mark.parametrize("name", _SIGNAL_CASES)
+def test_checkpoint_written_on_sigterm_resumes_exactly(name, tmp_path):
+    _assert_exact(sigterm_resumes(_case(name), tmp_path, accumulation=2))
+
+
+# -- a resume in a fresh Python process, through the CLI ---------------------------------------------------------
+def test_cli_resume_in_a_fresh_process_is_exact(tmp_path):
+    """AdaptiveBatchSize (accumulation 2) saved in-process at step 2 and at the end of epoch 0, then resumed by
+    ``python -m lightning_convergence fit --ckpt_path ...`` in a new interpreter: nothing process-global (RNG,
+    module caches, the sampler's controller) carries the state."""
+    case = CALLBACKS["AdaptiveBatchSize"]
+    straight = fit(case, tmp_path / "straight", 1, 2)
+    fit(case, tmp_path / "saving", 1, 2, savers=step_savers(tmp_path / "ckpt"))
+    config = {
+        "seed_everything": False,
+        "model": {"class_path": "tests.helpers.resume.TinyNet", "init_args": {"world_size": 1, "accumulation": 2}},
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_epochs": EPOCHS, "accumulate_grad_batches": 2,
+            "limit_train_batches": 2 * STEPS_PER_EPOCH, "limit_val_batches": 0, "num_sanity_val_steps": 0,
+            "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+            "enable_checkpointing": False, "deterministic": True, "log_every_n_steps": 1,
+            "callbacks": [
+                {"class_path": "lightning_convergence.callbacks.AdaptiveBatchSize",
+                 "init_args": {"max_batch_size": 64, "variance_estimator": "microbatch", "smoothing": 0.5}},
+                {"class_path": "tests.helpers.resume.SaveSnapshot", "init_args": {"path": "PATH"}},
+            ],
+        },
+    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    for name in ("step2", "epoch0-step2-end"):
+        out = tmp_path / f"{name}.pt"
+        config["trainer"]["callbacks"][1]["init_args"]["path"] = str(out)
+        config["trainer"]["default_root_dir"] = str(tmp_path / f"cli-{name}")
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        cmd = [sys.executable, "-m", "lightning_convergence", "fit", "--config", str(cfg),
+               "--ckpt_path", str(tmp_path / "ckpt" / f"{name}.ckpt")]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert differences(torch.load(out, weights_only=False), straight) == []
