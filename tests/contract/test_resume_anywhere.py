@@ -246,3 +246,47 @@ def test_cli_resume_in_a_fresh_process_is_exact(tmp_path):
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert differences(torch.load(out, weights_only=False), straight) == []
+
+
+# -- async_fl: its own process model -----------------------------------------------------------------------------
+@pytest.mark.parametrize("num_clients", [1, 2])
+def test_async_fl_resumes_at_every_server_step(num_clients, tmp_path):
+    """The registered ``async_fl`` strategy class with a round-based rule (FedAvg: every round waits for all
+    clients, so the run is deterministic) and 1 or 2 forked clients: a checkpoint after every server step and at
+    every epoch end resumes to the same global model and rule state. Accumulation does not apply (clients run a
+    manual loop, the server's optimizer never steps). The asynchronous rules are not bit-exact across a resume by
+    design: updates in flight when the checkpoint is written are not part of it (the strategy's Deviations)."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_convergence.data import FederatedDataModule
+    from lightning_convergence.examples import LinearModel, SyntheticRegressionDataModule
+    from lightning_convergence.federated import FedAvg
+
+    strategy_cls = StrategyRegistry["async_fl"]["strategy"]
+
+    def run(root: Path, ckpt_path: str | None = None, save: bool = False) -> dict:
+        strategy = strategy_cls(rule=FedAvg(num_clients=num_clients), num_clients=num_clients, local_steps=2)
+        data = FederatedDataModule(SyntheticRegressionDataModule(n_samples=64, dim=3, batch_size=4),
+                                   num_clients=num_clients, seed=0, server_steps_per_epoch=2)
+        savers = step_savers(root / "ckpt") if save else []
+        trainer = Trainer(
+            strategy=strategy, max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=save, limit_val_batches=0, num_sanity_val_steps=0,
+            default_root_dir=str(root), callbacks=savers,
+        )
+        model = LinearModel(dim=3, lr=0.05)
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        rule = dict(strategy.rule.state_dict())
+        rule.pop("clock")  # wall-clock seconds of the run (a timing, not training state)
+        return {"global_step": trainer.global_step, "rule": rule,
+                "params": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+    straight = run(tmp_path / "straight")
+    assert straight["global_step"] == 4
+    results = {"saving run": differences(run(tmp_path, save=True), straight)}
+    for path in sorted((tmp_path / "ckpt").glob("*.ckpt")):
+        if torch.load(path, weights_only=False)["global_step"] < 4:
+            results[path.stem] = differences(run(tmp_path / path.stem, ckpt_path=str(path)), straight)
+    _assert_exact(results)
+    assert len(results) == 5  # steps 1-3 and the end of epoch 0
