@@ -239,7 +239,7 @@ class AdaptiveBatchSize(Callback):
         self.accumulation = 0
         self.pending_accumulation: int | None = None
         self.samples_seen_total = 0
-        self.epochs_ended = 0  # training epochs whose end-of-epoch re-plan has run
+        self.last_epoch_ended = -1  # the last training epoch whose end-of-epoch re-plan has run
         self.nonfinite_skipped_total = 0
         self.last_demanded = math.nan
         self.history: list[dict[str, float]] = []  # one entry per test: step, demanded, target, batch_size
@@ -344,12 +344,15 @@ class AdaptiveBatchSize(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end_epoch(trainer)
+        # Lightning calls this hook a second time for the same epoch when it resumes (with `max_steps`) a checkpoint
+        # written in it after this callback's call: the re-plan is made once per epoch.
+        if self.last_epoch_ended < trainer.current_epoch:
+            self._end_epoch(trainer, trainer.current_epoch)
 
-    def _end_epoch(self, trainer: Trainer) -> None:
+    def _end_epoch(self, trainer: Trainer, epoch: int) -> None:
         # The next epoch starts with batch_idx 0: any accumulation fits, and the per-device batch may change (then
         # re-plan even at an unchanged target, to trade accumulation for a larger per-device batch).
-        self.epochs_ended += 1
+        self.last_epoch_ended = epoch
         resize = self.max_per_device_batch_size is not None
         if resize or self.target_batch_size != self.global_batch_size or self.pending_accumulation is not None:
             self._replan(trainer, resize_device=resize, apply_now=True)
@@ -359,13 +362,13 @@ class AdaptiveBatchSize(Callback):
 
         Lightning resumes a checkpoint written at the last batch's end, or in ``on_train_epoch_end`` before this
         callback's hook, in the next epoch without calling ``on_train_epoch_end`` for the finished one: the re-plan the
-        uninterrupted run made there is made now. (A checkpoint written during the epoch-end validation is the
-        exception: Lightning calls ``on_train_epoch_end`` itself after the restart.) A position saved in an epoch
+        uninterrupted run made there is made now. (After a checkpoint written during the epoch-end validation
+        Lightning resumes in the same epoch and calls ``on_train_epoch_end`` itself.) A position saved in an epoch
         Lightning has moved past (``limit_train_batches`` ended it early) is dropped.
         """
         self.controller.start_epoch(trainer.current_epoch)
-        if self.epochs_ended < trainer.current_epoch and not trainer.fit_loop.restarted_on_epoch_end:
-            self._end_epoch(trainer)
+        if self.last_epoch_ended < trainer.current_epoch - 1:
+            self._end_epoch(trainer, trainer.current_epoch - 1)
 
     # -- per step ---------------------------------------------------------------------------------------------
     @override
@@ -514,7 +517,7 @@ class AdaptiveBatchSize(Callback):
             "per_device_batch_size": self.controller.batch_size,
             "sampler": self.controller.state_dict(),
             "samples_seen_total": self.samples_seen_total,
-            "epochs_ended": self.epochs_ended,
+            "last_epoch_ended": self.last_epoch_ended,
             "noise": self.tracker.state_dict(),
             "smoothing": {k: ema.state_dict() for k, ema in self._emas.items()},
             "nonfinite_skipped_total": self.nonfinite_skipped_total,
@@ -531,8 +534,8 @@ class AdaptiveBatchSize(Callback):
         self.pending_accumulation = None if pending is None else int(pending)
         self.controller.load_state_dict(state_dict["sampler"])
         self.samples_seen_total = int(state_dict["samples_seen_total"])
-        # Absent from checkpoints written before it existed: assume the epoch-end re-plan of the saved epoch ran.
-        self.epochs_ended = int(state_dict.get("epochs_ended", self.controller.epoch or 0))
+        # Absent from checkpoints written before it existed: the epoch before the sampler's (a re-plan is idempotent).
+        self.last_epoch_ended = int(state_dict.get("last_epoch_ended", (self.controller.epoch or 0) - 1))
         self.tracker.load_state_dict(state_dict["noise"])
         for k, ema in self._emas.items():
             ema.load_state_dict(state_dict["smoothing"][k])

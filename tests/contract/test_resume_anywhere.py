@@ -70,6 +70,14 @@ CALLBACKS = {
         )],
         owns_sampler=True,
     ),
+    "AdaptiveBatchSize-per-device": Case(
+        "AdaptiveBatchSize-per-device",
+        # The per-device batch grows at epoch ends (the loader is rebuilt every epoch).
+        callbacks=lambda ws, acc: [AdaptiveBatchSize(
+            max_batch_size=64, max_per_device_batch_size=8, variance_estimator="per_sample", smoothing=0.5,
+        )],
+        owns_sampler=True, trainer_kwargs={"reload_dataloaders_every_n_epochs": 1},
+    ),
     "ConvergenceEarlyStopping": Case(
         "ConvergenceEarlyStopping",
         # noise_dominated needs 2 micro-batches per step (it refuses accumulation 1 on 1 rank).
@@ -132,38 +140,44 @@ def _case(name: str) -> Case:
     return CALLBACKS[name] if name in CALLBACKS else _registered(name)
 
 
-def _worker(rank: int, world_size: int, case_name: str, root: str, accumulation: int) -> dict[str, list[str]]:
+def _worker(rank: int, world_size: int, case_name: str, root: str, accumulation: int, stop: str,
+            ) -> dict[str, list[str]]:
     external_launch_env(rank, world_size)
     warnings.simplefilter("ignore")
-    return resume_everywhere(_case(case_name), Path(root), world_size, accumulation)
+    return resume_everywhere(_case(case_name), Path(root), world_size, accumulation, stop)
 
 
-def _run(case_name: str, world_size: int, accumulation: int, root: Path) -> None:
+def _run(case_name: str, world_size: int, accumulation: int, stop: str, root: Path) -> None:
     if world_size == 1:
-        _assert_exact(resume_everywhere(_case(case_name), root, 1, accumulation))
+        _assert_exact(resume_everywhere(_case(case_name), root, 1, accumulation, stop))
         return
-    for rank_results in run_processes(_worker, world_size, case_name, str(root), accumulation):
+    for rank_results in run_processes(_worker, world_size, case_name, str(root), accumulation, stop):
         _assert_exact(rank_results)
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-@pytest.mark.parametrize("world_size", [1, 2])
+# Epoch-based runs at accumulation 1 and 2; an iteration-based run (`max_steps`) at accumulation 2, where Lightning
+# restores its loops differently (it calls `on_train_epoch_end` again, and sets the sampler epoch one ahead).
+_SHAPES = [(1, "epochs"), (2, "epochs"), (2, "steps")]
+
+
+@pytest.mark.parametrize(("accumulation", "stop"), _SHAPES, ids=[f"acc{a}-{s}" for a, s in _SHAPES])
+@pytest.mark.parametrize("world_size", [1, 2], ids=["1rank", "2ranks"])
 @pytest.mark.parametrize("name", sorted(CALLBACKS))
-def test_callback_resumes_exactly_from_every_step(name, world_size, accumulation, tmp_path):
-    _run(name, world_size, accumulation, tmp_path)
+def test_callback_resumes_exactly_from_every_step(name, world_size, accumulation, stop, tmp_path):
+    _run(name, world_size, accumulation, stop, tmp_path)
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize(("accumulation", "stop"), _SHAPES, ids=[f"acc{a}-{s}" for a, s in _SHAPES])
+@pytest.mark.parametrize("world_size", [1, 2], ids=["1rank", "2ranks"])
 @pytest.mark.parametrize("name", STRATEGIES)
-def test_strategy_resumes_exactly_from_every_step(name, world_size, accumulation, tmp_path):
-    _run(name, world_size, accumulation, tmp_path)
+def test_strategy_resumes_exactly_from_every_step(name, world_size, accumulation, stop, tmp_path):
+    _run(name, world_size, accumulation, stop, tmp_path)
 
 
 def test_the_lists_cover_every_public_part():
     public = {n for n in public_callbacks.__all__ if isinstance(getattr(public_callbacks, n), type)
               and n != "ConvergenceStopReason"}
-    assert set(CALLBACKS) == public
+    assert {name.split("-")[0] for name in CALLBACKS} == public
     ours = {n for n in StrategyRegistry if StrategyRegistry[n]["strategy"].__module__.startswith(
         "lightning_convergence")}
     assert set(STRATEGIES) | set(ASYNC) == ours
@@ -257,7 +271,6 @@ def test_async_fl_resumes_at_every_server_step(num_clients, tmp_path):
     manual loop, the server's optimizer never steps). The asynchronous rules are not bit-exact across a resume by
     design: updates in flight when the checkpoint is written are not part of it (the strategy's Deviations)."""
     from lightning.pytorch import Trainer
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lightning_convergence.data import FederatedDataModule
     from lightning_convergence.examples import LinearModel, SyntheticRegressionDataModule

@@ -78,6 +78,13 @@ class TinyNet(LightningModule):
         self.log("train_loss", loss.detach())
         return loss
 
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x[:BATCH], self.y[:BATCH]), batch_size=BATCH)
+
     def configure_optimizers(self) -> Any:
         if self.optimizer_name == "schedule_free":
             import schedulefree
@@ -203,15 +210,20 @@ def _short(x: Any) -> str:
 
 
 def fit(case: Case, root: Path, world_size: int, accumulation: int, ckpt_path: str | None = None,
-        savers: list[Callback] | None = None, extra: list[Callback] | None = None) -> dict[str, Any]:
-    """One run of the case in a fresh Trainer/module/callbacks/strategy; returns its end :func:`snapshot`."""
+        savers: list[Callback] | None = None, extra: list[Callback] | None = None, stop: str = "epochs",
+        ) -> dict[str, Any]:
+    """One run of the case in a fresh Trainer/module/callbacks/strategy; returns its end :func:`snapshot`.
+
+    ``stop``: ``"epochs"`` (``max_epochs=2``) or ``"steps"`` (``max_steps=4``, ``max_epochs=-1``: Lightning's loops
+    restore differently in iteration-based training)."""
     snap = Snapshot()
     position = [] if case.owns_sampler else [ResumablePosition()]
     callbacks = [*position, *case.callbacks(world_size, accumulation), *(extra or []), *(savers or []), snap]
     kwargs: dict[str, Any] = dict(
-        accelerator="cpu", devices=world_size, max_epochs=EPOCHS,
+        accelerator="cpu", devices=world_size, max_epochs=EPOCHS if stop == "epochs" else -1,
+        max_steps=-1 if stop == "epochs" else EPOCHS * STEPS_PER_EPOCH,
         accumulate_grad_batches=accumulation, limit_train_batches=STEPS_PER_EPOCH * accumulation,
-        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+        limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=bool(savers), default_root_dir=str(root),
         deterministic=True, log_every_n_steps=1,
     )
@@ -232,26 +244,31 @@ def _plain_ddp() -> Any:
 
 
 def step_savers(directory: Path) -> list[Callback]:
-    """Lightning's own writers: one checkpoint after every optimizer step, one at every training epoch's end."""
+    """Lightning's own writers: one checkpoint after every optimizer step, one at every training epoch's end and one
+    at every end-of-epoch validation (``ModelCheckpoint``'s default placement when there is validation)."""
     return [
         ModelCheckpoint(dirpath=directory, filename="step{step}", every_n_train_steps=1, save_top_k=-1,
                         auto_insert_metric_name=False),
         ModelCheckpoint(dirpath=directory, filename="epoch{epoch}-step{step}-end", every_n_epochs=1, save_top_k=-1,
                         save_on_train_epoch_end=True, auto_insert_metric_name=False),
+        ModelCheckpoint(dirpath=directory, filename="epoch{epoch}-step{step}-val", monitor="val_loss",
+                        every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=False,
+                        auto_insert_metric_name=False),
     ]
 
 
-def resume_everywhere(case: Case, root: Path, world_size: int, accumulation: int) -> dict[str, list[str]]:
+def resume_everywhere(case: Case, root: Path, world_size: int, accumulation: int, stop: str = "epochs",
+                      ) -> dict[str, list[str]]:
     """The straight run, a run that saves at every step and epoch end, and a resume from each checkpoint but the
     end of fit. Returns ``{label: differences from the straight run}`` (all empty when the part resumes exactly)."""
-    straight = fit(case, root / "straight", world_size, accumulation)
+    straight = fit(case, root / "straight", world_size, accumulation, stop=stop)
     ckpt_dir = root / "ckpt"
-    saving = fit(case, root / "saving", world_size, accumulation, savers=step_savers(ckpt_dir))
+    saving = fit(case, root / "saving", world_size, accumulation, savers=step_savers(ckpt_dir), stop=stop)
     out = {"saving run": differences(saving, straight)}
     for path in sorted(ckpt_dir.glob("*.ckpt")):
         if torch.load(path, weights_only=False, map_location="cpu")["global_step"] >= straight["global_step"]:
             continue  # the end of fit: nothing left to run
-        resumed = fit(case, root / f"from-{path.stem}", world_size, accumulation, ckpt_path=str(path))
+        resumed = fit(case, root / f"from-{path.stem}", world_size, accumulation, ckpt_path=str(path), stop=stop)
         out[path.stem] = differences(resumed, straight)
     return out
 
