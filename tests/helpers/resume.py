@@ -361,45 +361,46 @@ SLURM_ENV = {
 }
 
 
-def sigusr1_resumes(case: Case, root: Path, accumulation: int) -> dict[str, list[str]]:
+def sigusr1_resumes(case: Case, root: Path, accumulation: int, world_size: int = 1) -> dict[str, list[str]]:
     """SLURM's requeue path on one process (call with :data:`SLURM_ENV` in the environment): SIGUSR1 after every
     optimizer step makes Lightning write ``hpc_ckpt_<k>.ckpt``; each is resumed, the newest one the way a requeued
     job does it (same ``default_root_dir``, no ``ckpt_path``: Lightning finds the HPC checkpoint itself)."""
-    straight = fit(case, root / "straight", 1, accumulation)
+    straight = fit(case, root / "straight", world_size, accumulation)
     steps = list(range(1, straight["global_step"]))
     job = root / "job"
-    saving = fit(case, job, 1, accumulation, extra=[SignalAt(signal.SIGUSR1, steps)])
+    saving = fit(case, job, world_size, accumulation, extra=[SignalAt(signal.SIGUSR1, steps)])
     out = {"signalled run": differences(saving, straight)}
     paths = sorted(job.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     assert [torch.load(p, weights_only=False)["global_step"] for p in paths] == steps
     for path in paths[:-1]:
-        out[path.stem] = differences(fit(case, root / f"from-{path.stem}", 1, accumulation, ckpt_path=str(path)),
-                                     straight)
+        resumed = fit(case, root / f"from-{path.stem}", world_size, accumulation, ckpt_path=str(path))
+        out[path.stem] = differences(resumed, straight)
     first_step: list[int] = []
-    out["requeued job"] = differences(fit(case, job, 1, accumulation, extra=[_FirstStep(first_step)]), straight)
+    requeued = fit(case, job, world_size, accumulation, extra=[_FirstStep(first_step)])
+    out["requeued job"] = differences(requeued, straight)
     assert first_step == [steps[-1]], first_step  # it did resume from the newest HPC checkpoint
     return out
 
 
-def sigterm_resumes(case: Case, root: Path, accumulation: int) -> dict[str, list[str]]:
+def sigterm_resumes(case: Case, root: Path, accumulation: int, world_size: int = 1) -> dict[str, list[str]]:
     """Lightning's SIGTERM path on one process: after the signal the batch finishes, ``SIGTERMException`` ends
     ``fit`` and ``OnExceptionCheckpoint`` writes a checkpoint; a fresh run resumes from it (one run per step)."""
     from lightning.pytorch.callbacks import OnExceptionCheckpoint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    straight = fit(case, root / "straight", 1, accumulation)
+    straight = fit(case, root / "straight", world_size, accumulation)
     out: dict[str, list[str]] = {}
     for step in range(1, straight["global_step"]):
         directory = root / f"term{step}"
         saver = OnExceptionCheckpoint(dirpath=directory)
         try:
-            fit(case, directory, 1, accumulation, extra=[SignalAt(signal.SIGTERM, [step])], savers=[saver])
+            fit(case, directory, world_size, accumulation, extra=[SignalAt(signal.SIGTERM, [step])], savers=[saver])
         except SIGTERMException:
             pass
         path = directory / "on_exception.ckpt"
         assert torch.load(path, weights_only=False)["global_step"] == step
         out[f"sigterm-step{step}"] = differences(
-            fit(case, root / f"from-term{step}", 1, accumulation, ckpt_path=str(path)), straight
+            fit(case, root / f"from-term{step}", world_size, accumulation, ckpt_path=str(path)), straight
         )
     return out
 
