@@ -139,8 +139,9 @@ class AdaptiveBatchSize(Callback):
             ``log_every_n_steps``.
 
     State: the global batch, its target, per-device batch and accumulation (and a pending accumulation change),
-    the sampler position (epoch, examples consumed), samples seen, the statistics and noise-scale EMAs, the count
-    of skipped non-finite steps, and a ``version`` key. Hyperparameters come from the config.
+    the sampler position (epoch, examples consumed), the last epoch whose end-of-epoch re-plan ran, samples seen, the
+    statistics and noise-scale EMAs, the count of skipped non-finite steps, and a ``version`` key. Hyperparameters
+    come from the config.
 
     Logs (on test steps at multiples of ``log_every_n_steps``; ``step_overhead_ms`` is the mean over the tests since
     the last log): ``convergence/batch/batch_size`` (real global batch),
