@@ -1,7 +1,9 @@
 """Resume from any step is exact: every public callback and every registered strategy, at 1 and 2 ranks, with
-accumulation 1 and 2, checkpointed by Lightning's ``ModelCheckpoint`` after every optimizer step and at every epoch
-end; each resumed run (fresh Trainer, module, callbacks, strategy) must end bit-identical to the run that never
-stopped: parameters, optimizer and scheduler state, and the part's own state (issue #21).
+accumulation 1 and 2, in epoch-based and ``max_steps`` runs, checkpointed by Lightning's ``ModelCheckpoint`` after
+every optimizer step, at every training epoch's end and at every end-of-epoch validation; each resumed run (fresh
+Trainer, module, callbacks, strategy) must end bit-identical to the run that never stopped: parameters, optimizer
+and scheduler state, and the part's own state (issue #21). The run that wrote the checkpoints must also equal the
+run that wrote none (saving has no side effect).
 
 There is no part registry yet (issue #13): :data:`CALLBACKS` and :data:`STRATEGIES` list every public callback and
 every name registered in Lightning's ``StrategyRegistry``; :func:`test_the_lists_cover_every_public_part` fails when a
