@@ -156,8 +156,9 @@ class AdaptiveBatchSize(Callback):
             and the batch plan does not change.
 
     State: the global batch, its target, per-device batch and accumulation (and a pending accumulation change),
-    the sampler position (epoch, examples consumed), samples seen, the statistics and noise-scale EMAs, the count
-    of skipped non-finite steps, and a ``version`` key. Hyperparameters come from the config.
+    the sampler position (epoch, examples consumed), the last epoch whose end-of-epoch re-plan ran, samples seen, the
+    statistics and noise-scale EMAs, the count of skipped non-finite steps, and a ``version`` key. Hyperparameters
+    come from the config.
 
     Logs (on test steps at multiples of ``log_every_n_steps``; ``step_overhead_ms`` is the mean over the tests since
     the last log): ``convergence/batch/batch_size`` (real global batch),
@@ -266,6 +267,7 @@ class AdaptiveBatchSize(Callback):
         self.accumulation = 0
         self.pending_accumulation: int | None = None
         self.samples_seen_total = 0
+        self.last_epoch_ended = -1  # the last training epoch whose end-of-epoch re-plan has run
         self.nonfinite_skipped_total = 0
         self.last_demanded = math.nan
         self.history: list[dict[str, float]] = []  # one entry per test: step, demanded, target, batch_size
@@ -367,6 +369,7 @@ class AdaptiveBatchSize(Callback):
         world = trainer.world_size
         if self._restored and self.accumulation:
             trainer.accumulate_grad_batches = self.accumulation
+            self._resume_position(trainer)
         else:
             self.accumulation = int(trainer.accumulate_grad_batches)
             self.global_batch_size = self.controller.batch_size * world * self.accumulation
@@ -378,15 +381,35 @@ class AdaptiveBatchSize(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.controller.epoch = trainer.current_epoch
+        self.controller.start_epoch(trainer.current_epoch)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning calls this hook a second time for the same epoch when it resumes (with `max_steps`) a checkpoint
+        # written in it after this callback's call: the re-plan is made once per epoch.
+        if self.last_epoch_ended < trainer.current_epoch:
+            self._end_epoch(trainer, trainer.current_epoch)
+
+    def _end_epoch(self, trainer: Trainer, epoch: int) -> None:
         # The next epoch starts with batch_idx 0: any accumulation fits, and the per-device batch may change (then
         # re-plan even at an unchanged target, to trade accumulation for a larger per-device batch).
+        self.last_epoch_ended = epoch
         resize = self.max_per_device_batch_size is not None
         if resize or self.target_batch_size != self.global_batch_size or self.pending_accumulation is not None:
             self._replan(trainer, resize_device=resize, apply_now=True)
+
+    def _resume_position(self, trainer: Trainer) -> None:
+        """After a restore, line the sampler position and the epoch-end re-plan up with where Lightning resumes.
+
+        Lightning resumes a checkpoint written at the last batch's end, or in ``on_train_epoch_end`` before this
+        callback's hook, in the next epoch without calling ``on_train_epoch_end`` for the finished one: the re-plan the
+        uninterrupted run made there is made now. (After a checkpoint written during the epoch-end validation
+        Lightning resumes in the same epoch and calls ``on_train_epoch_end`` itself.) A position saved in an epoch
+        Lightning has moved past (``limit_train_batches`` ended it early) is dropped.
+        """
+        self.controller.start_epoch(trainer.current_epoch)
+        if self.last_epoch_ended < trainer.current_epoch - 1:
+            self._end_epoch(trainer, trainer.current_epoch - 1)
 
     # -- per step ---------------------------------------------------------------------------------------------
     @override
@@ -559,6 +582,7 @@ class AdaptiveBatchSize(Callback):
             "per_device_batch_size": self.controller.batch_size,
             "sampler": self.controller.state_dict(),
             "samples_seen_total": self.samples_seen_total,
+            "last_epoch_ended": self.last_epoch_ended,
             "noise": self.tracker.state_dict(),
             "smoothing": {k: ema.state_dict() for k, ema in self._emas.items()},
             "nonfinite_skipped_total": self.nonfinite_skipped_total,
@@ -575,6 +599,8 @@ class AdaptiveBatchSize(Callback):
         self.pending_accumulation = None if pending is None else int(pending)
         self.controller.load_state_dict(state_dict["sampler"])
         self.samples_seen_total = int(state_dict["samples_seen_total"])
+        # Absent from checkpoints written before it existed: the epoch before the sampler's (a re-plan is idempotent).
+        self.last_epoch_ended = int(state_dict.get("last_epoch_ended", (self.controller.epoch or 0) - 1))
         self.tracker.load_state_dict(state_dict["noise"])
         for k, ema in self._emas.items():
             ema.load_state_dict(state_dict["smoothing"][k])

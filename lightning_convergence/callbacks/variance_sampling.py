@@ -267,6 +267,12 @@ class GradientVarianceSampling(Callback):
             self._reallocate(trainer, pl_module)  # allocate from a first probe before the first window is drawn
 
     @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning sets the sampler's epoch from its count of processed epochs, which is one ahead of
+        # `current_epoch` after a `max_steps` run resumes a checkpoint written in `on_train_epoch_end`.
+        self._require_sampler().set_epoch(trainer.current_epoch)
+
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         weights, groups = self._require_sampler().pop(int(extract_batch_size(batch)))
         if not self.reweight:

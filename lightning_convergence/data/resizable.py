@@ -68,6 +68,18 @@ class BatchSizeController:
         """Change the batch size; the next batch the sampler forms uses it."""
         self.batch_size = _check_batch_size(batch_size)
 
+    def start_epoch(self, epoch: int) -> None:
+        """Training begins ``epoch`` (call it from ``on_train_epoch_start``).
+
+        A restored position belongs to the epoch it was saved in: when training begins a different epoch, that
+        epoch was ended by the trainer (``limit_train_batches``, a checkpoint written at the epoch's end) before the
+        sampler ran out, and the new epoch starts from its first index.
+        """
+        epoch = int(epoch)
+        if self.epoch is not None and epoch != self.epoch:
+            self._skip = 0
+        self.epoch = epoch
+
     def consume(self, n: int) -> None:
         """Record that training took ``n`` more indices of the current epoch."""
         self.consumed += int(n)

@@ -70,6 +70,26 @@ def test_mid_epoch_resume_skips_consumed_indices_and_keeps_the_epoch_order():
     assert fresh.batch_size == 4
 
 
+def test_a_position_saved_in_an_epoch_the_trainer_ended_early_is_dropped_at_the_next_epoch():
+    """Issue #21: ``limit_train_batches`` ends epoch 0 after 2 of its 5 batches; the checkpoint holds (epoch 0, 8
+    consumed). Resumed in epoch 1, the sampler must start epoch 1 at its first index, not skip 8 of them; resumed in
+    epoch 0 itself (a mid-epoch checkpoint) it still skips them."""
+    data = range(20)
+    saved = {"version": 1, "batch_size": 4, "epoch": 0, "consumed": 8}
+
+    next_epoch = BatchSizeController(1)
+    next_epoch.load_state_dict(saved)
+    next_epoch.start_epoch(1)
+    batches = list(ResizableBatchSampler(SequentialSampler(data), 4, False, next_epoch))
+    assert batches[0] == [0, 1, 2, 3] and len(batches) == 5 and next_epoch.epoch == 1
+
+    same_epoch = BatchSizeController(1)
+    same_epoch.load_state_dict(saved)
+    same_epoch.start_epoch(0)
+    batches = list(ResizableBatchSampler(SequentialSampler(data), 4, False, same_epoch))
+    assert batches[0] == [8, 9, 10, 11] and len(batches) == 3
+
+
 def test_resume_after_a_fully_consumed_epoch_starts_the_next_one():
     ctrl = BatchSizeController(5)
     ctrl.epoch = 0
