@@ -124,3 +124,13 @@ def run_standalone(args: Sequence[str], nproc: int, tmp: Path, timeout_s: float 
         proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(max_restarts), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     return _finish([proc], [log], deadline)[0]
+
+
+def run_plain(args: Sequence[str], tmp: Path, timeout_s: float = 90.0) -> NodeResult:
+    """Run ``python args`` with no launcher (Lightning's own launcher starts the other local processes)."""
+    deadline = time.monotonic() + timeout_s
+    log = tmp / f"plain-{uuid.uuid4().hex[:6]}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return _finish([proc], [log], deadline)[0]

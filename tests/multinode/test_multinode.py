@@ -18,9 +18,9 @@ from lightning.pytorch.strategies import StrategyRegistry
 import lightning_convergence  # noqa: F401  (registers the strategy names)
 from lightning_convergence.strategies.compressed_ddp import CompressedDDPStrategy
 from lightning_convergence.strategies.local_sgd import LocalSGDStrategy
-from tests.multinode.launch import WORKER, run_nodes, run_standalone
+from tests.multinode.launch import WORKER, run_nodes, run_plain, run_standalone
 
-pytestmark = [pytest.mark.timeout(240), pytest.mark.skipif(sys.platform != "linux", reason="torchrun on Linux")]
+pytestmark = [pytest.mark.timeout(600), pytest.mark.skipif(sys.platform != "linux", reason="torchrun on Linux")]
 
 
 def _registered(cls: type) -> list[str]:
@@ -49,8 +49,8 @@ def test_every_registered_ddp_and_local_sgd_strategy_is_identical_on_2_nodes_and
     assert {"ddp_ef21", "local_sgd", "diloco"} <= set(names)
     steps = 40  # past DiLoCo's first outer step (32) and five local-SGD syncs (every 8)
     common = [str(WORKER), "fit", "--strategies", ",".join(names), "--steps", str(steps)]
-    _ok(run_nodes([*common, "--out", str(tmp_path / "2x1"), "--num-nodes", "2"], [1, 1], tmp_path, timeout_s=150))
-    _ok([run_standalone([*common, "--out", str(tmp_path / "1x2"), "--devices", "2"], 2, tmp_path, timeout_s=150)])
+    _ok(run_nodes([*common, "--out", str(tmp_path / "2x1"), "--num-nodes", "2"], [1, 1], tmp_path, timeout_s=300))
+    _ok([run_standalone([*common, "--out", str(tmp_path / "1x2"), "--devices", "2"], 2, tmp_path, timeout_s=300)])
     for name in names:
         for rank in (0, 1):
             assert _equal(_params(tmp_path / "2x1", name, rank), _params(tmp_path / "1x2", name, rank)), (name, rank)
@@ -86,7 +86,7 @@ def _check_applied_once(result: dict, buffer_size: int) -> None:
 def test_async_fl_server_on_one_node_serves_three_clients_on_the_other(tmp_path):
     steps, buffer_size = 6, 2
     results = run_nodes([str(WORKER), "async", "--out", str(tmp_path), "--num-nodes", "2", "--clients", "3",
-                         "--steps", str(steps), "--buffer", str(buffer_size)], [1, 1], tmp_path, timeout_s=120)
+                         "--steps", str(steps), "--buffer", str(buffer_size)], [1, 1], tmp_path, timeout_s=300)
     _ok(results)
     result = _async_result(tmp_path)
     assert result["version"] == steps and result["global_step"] == steps and not result["deaths"]
@@ -94,6 +94,16 @@ def test_async_fl_server_on_one_node_serves_three_clients_on_the_other(tmp_path)
     _check_applied_once(result, buffer_size)
     sent = torch.load(tmp_path / "client_rank1.pt", weights_only=True)["updates_sent"]
     assert sent >= result["counters"]["updates_received_total"]  # the rank's updates all reached the server
+
+
+def test_async_fl_under_lightnings_own_launcher_one_node_two_processes(tmp_path):
+    # No torchrun: Trainer(devices=2) re-runs the script with LOCAL_RANK=1, and that process is the client rank.
+    _ok([run_plain([str(WORKER), "async", "--out", str(tmp_path), "--devices", "2", "--clients", "2", "--steps", "3"],
+                   tmp_path, timeout_s=300)])
+    result = _async_result(tmp_path)
+    assert result["version"] == 3 and set(result["participation"]) == {0, 1} and not result["deaths"]
+    _check_applied_once(result, buffer_size=2)
+    assert torch.load(tmp_path / "client_rank1.pt", weights_only=True)["updates_sent"] >= 6
 
 
 def test_killed_client_rank_never_blocks_the_server_and_its_updates_count_once(tmp_path):
@@ -106,7 +116,7 @@ def test_killed_client_rank_never_blocks_the_server_and_its_updates_count_once(t
 
     results = run_nodes([str(WORKER), "async", "--out", str(tmp_path), "--clients", "2", "--steps", str(steps),
                          "--buffer", str(buffer_size), "--faults", "1:kill:2"], [1, 1, 1], tmp_path,
-                        timeout_s=120, done=finished)
+                        timeout_s=300, done=finished)
     assert finished(), [r.log[-3000:] for r in results]
     killed = [r for r in results if "Signal 9 (SIGKILL) received" in r.log]
     assert len(killed) == 1 and killed[0].returncode != 0  # the client's node reports its dead worker
@@ -122,7 +132,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted")
     _ok([run_standalone([str(WORKER), "resume", "--out", str(out), "--devices", "2", "--strategies",
                          "ddp_ef21,local_sgd", "--ckpt-dir", str(out / "ckpt"), "--epochs", "3"], 2, out,
-                        timeout_s=150)])
+                        timeout_s=300)])
     return out
 
 
@@ -133,7 +143,7 @@ def test_elastic_restart_after_a_killed_rank_resumes_to_the_uninterrupted_weight
     # local-SGD sync step (every 8), so the replicas differ there: each rank's own state must come back from the file.
     result = run_standalone([str(WORKER), "resume", "--out", str(tmp_path), "--devices", "2", "--strategies", name,
                              "--ckpt-dir", str(tmp_path / "ckpt"), "--epochs", "3", "--kill-step", "36",
-                             "--kill-rank", "1"], 2, tmp_path, timeout_s=150, max_restarts=1)
+                             "--kill-rank", "1"], 2, tmp_path, timeout_s=300, max_restarts=1)
     _ok([result])
     assert "Signal 9 (SIGKILL)" in result.log or "exitcode: -9" in result.log  # the first attempt really died
     assert "Restoring states from the checkpoint path" in result.log

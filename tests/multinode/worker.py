@@ -95,7 +95,7 @@ def run_async(args) -> None:
 
     rule.receive = recording_receive
     strategy = AsyncFederatedStrategy(rule=rule, num_clients=args.clients, local_steps=2, faults=faults,
-                                      shutdown_timeout_s=3.0, process_group_timeout_s=30.0, serve_timeout_s=30.0)
+                                      shutdown_timeout_s=3.0, process_group_timeout_s=90.0, serve_timeout_s=60.0)
     data = FederatedDataModule(SyntheticRegressionDataModule(n_samples=128, dim=DIM, batch_size=8),
                                num_clients=args.clients, seed=0)
     model = LinearModel(dim=DIM, lr=0.05)
