@@ -218,6 +218,7 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
         self.stuck_clients: set[int] = set()
         self.deaths: dict[int, str] = {}
         self.discarded_total = 0
+        self.bytes_sent_total = self.bytes_received_total = 0  # the server's link bytes, kept after teardown
 
     # --------------------------------------------------------------- launching
     @property
@@ -430,6 +431,8 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
             stalled = self.server.shutdown(self.shutdown_timeout_s)
             self.stuck_clients = {c for c in range(self.num_clients) if self.server.transport.rank_of(c) in stalled}
             self.deaths, self.discarded_total = dict(self.server.deaths), self.server.discarded_total
+            p2p = self.server.transport.p2p
+            self.bytes_sent_total, self.bytes_received_total = p2p.bytes_sent_total, p2p.bytes_received_total
             for proc in self._procs:
                 proc.join(timeout=0.5 if proc.pid is None else 2.0)
                 if proc.is_alive():

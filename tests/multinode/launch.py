@@ -134,3 +134,25 @@ def run_plain(args: Sequence[str], tmp: Path, timeout_s: float = 90.0) -> NodeRe
         proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     return _finish([proc], [log], deadline)[0]
+
+
+def run_fake_srun(args: Sequence[str], ntasks: int, tmp: Path, timeout_s: float = 90.0) -> list[NodeResult]:
+    """Run ``python args`` as ``ntasks`` tasks of one SLURM node the way ``srun`` starts them (the ``SLURM_*``
+    variables Lightning reads), without SLURM: Lightning's ``SLURMEnvironment`` takes the ranks from them."""
+    deadline = time.monotonic() + timeout_s
+    port, job = free_port(), str(10_000 + os.getpid() % 50_000)
+    procs, logs = [], []
+    try:
+        for task in range(ntasks):
+            env = _env()
+            env.update(SLURM_NTASKS=str(ntasks), SLURM_NTASKS_PER_NODE=str(ntasks), SLURM_NNODES="1",
+                       SLURM_PROCID=str(task), SLURM_LOCALID=str(task), SLURM_NODEID="0",
+                       SLURM_NODELIST="127.0.0.1", SLURM_JOB_ID=job, SLURM_JOB_NAME="lc-test",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            logs.append(tmp / f"srun-task{task}-{uuid.uuid4().hex[:6]}.log")
+            with open(logs[-1], "w") as out:
+                procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+    finally:
+        results = _finish(procs, logs, deadline)
+    return results

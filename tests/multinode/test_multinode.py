@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 import lightning_convergence  # noqa: F401  (registers the strategy names)
 from lightning_convergence.strategies.compressed_ddp import CompressedDDPStrategy
 from lightning_convergence.strategies.local_sgd import LocalSGDStrategy
-from tests.multinode.launch import WORKER, run_nodes, run_plain, run_standalone
+from tests.multinode.launch import WORKER, run_fake_srun, run_nodes, run_plain, run_standalone
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.skipif(sys.platform != "linux", reason="torchrun on Linux")]
 
@@ -44,20 +44,46 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_every_registered_ddp_and_local_sgd_strategy_is_identical_on_2_nodes_and_1_node(tmp_path):
+STEPS = 40  # past DiLoCo's first outer step (32) and five local-SGD syncs (every 8)
+
+
+def _fit_args(names: list[str]) -> list[str]:
+    return [str(WORKER), "fit", "--strategies", ",".join(names), "--steps", str(STEPS)]
+
+
+@pytest.fixture(scope="module")
+def one_node_two_processes(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("1x2")
+    names = DDP_FAMILY + LOCAL_SGD_FAMILY
+    _ok([run_standalone([*_fit_args(names), "--out", str(out), "--devices", "2"], 2, out, timeout_s=300)])
+    return out
+
+
+def test_every_registered_ddp_and_local_sgd_strategy_is_identical_on_2_nodes_and_1_node(tmp_path,
+                                                                                       one_node_two_processes):
     names = DDP_FAMILY + LOCAL_SGD_FAMILY
     assert {"ddp_ef21", "local_sgd", "diloco"} <= set(names)
-    steps = 40  # past DiLoCo's first outer step (32) and five local-SGD syncs (every 8)
-    common = [str(WORKER), "fit", "--strategies", ",".join(names), "--steps", str(steps)]
-    _ok(run_nodes([*common, "--out", str(tmp_path / "2x1"), "--num-nodes", "2"], [1, 1], tmp_path, timeout_s=300))
-    _ok([run_standalone([*common, "--out", str(tmp_path / "1x2"), "--devices", "2"], 2, tmp_path, timeout_s=300)])
+    _ok(run_nodes([*_fit_args(names), "--out", str(tmp_path), "--num-nodes", "2"], [1, 1], tmp_path, timeout_s=300))
     for name in names:
         for rank in (0, 1):
-            assert _equal(_params(tmp_path / "2x1", name, rank), _params(tmp_path / "1x2", name, rank)), (name, rank)
-        meta = torch.load(tmp_path / "2x1" / name / "rank0.pt", weights_only=True)
-        assert meta["global_step"] == steps
+            assert _equal(_params(tmp_path, name, rank), _params(one_node_two_processes, name, rank)), (name, rank)
+        assert torch.load(tmp_path / name / "rank0.pt", weights_only=True)["global_step"] == STEPS
     for name in DDP_FAMILY:  # really one job of two ranks: the DDP replicas agree after every step
-        assert _equal(_params(tmp_path / "2x1", name, 0), _params(tmp_path / "2x1", name, 1)), name
+        assert _equal(_params(tmp_path, name, 0), _params(tmp_path, name, 1)), name
+
+
+def test_slurm_tasks_give_the_same_weights_and_run_async_fl(tmp_path, one_node_two_processes):
+    # Two processes started as srun starts two tasks on one node (SLURM_* variables, no torchrun).
+    names = ["ddp_ef21", "local_sgd"]
+    _ok(run_fake_srun([*_fit_args(names), "--out", str(tmp_path), "--devices", "2"], 2, tmp_path, timeout_s=300))
+    for name in names:
+        for rank in (0, 1):
+            assert _equal(_params(tmp_path, name, rank), _params(one_node_two_processes, name, rank)), (name, rank)
+    _ok(run_fake_srun([str(WORKER), "async", "--out", str(tmp_path), "--devices", "2", "--clients", "1", "--steps",
+                       "3"], 2, tmp_path, timeout_s=300))
+    result = _async_result(tmp_path)
+    assert result["version"] == 3 and result["participation"] == {0: 6}
+    _check_applied_once(result, buffer_size=2)
 
 
 def _async_result(tmp_path: Path) -> dict:
