@@ -132,25 +132,28 @@ def test_async_fl_under_lightnings_own_launcher_one_node_two_processes(tmp_path)
     assert torch.load(tmp_path / "client_rank1.pt", weights_only=True)["updates_sent"] >= 6
 
 
-def test_killed_client_rank_never_blocks_the_server_and_its_updates_count_once(tmp_path):
+def test_killed_and_stalled_client_ranks_never_block_the_server_and_their_updates_count_once(tmp_path):
     steps, buffer_size = 8, 2
-    # Three nodes: the server, client 0 (rank 1) and client 1 (rank 2), SIGKILLed after its 2nd update.
-    # The surviving agents would wait 300 s in torchrun's exit barrier for the failed one: end the launch once the
-    # server and the surviving client have written their results.
+    # Four nodes: the server, client 0 (rank 1), client 1 (rank 2, SIGKILLed after its 2nd update) and client 2
+    # (rank 3, asleep for an hour after its 1st update). The surviving agents would wait 300 s in torchrun's exit
+    # barrier for the failed one, and the stalled rank never ends: stop the launch once the server and client 0 have
+    # written their results.
     def finished() -> bool:
         return (tmp_path / "async.pt").exists() and (tmp_path / "client_rank1.pt").exists()
 
-    results = run_nodes([str(WORKER), "async", "--out", str(tmp_path), "--clients", "2", "--steps", str(steps),
-                         "--buffer", str(buffer_size), "--faults", "1:kill:2"], [1, 1, 1], tmp_path,
+    results = run_nodes([str(WORKER), "async", "--out", str(tmp_path), "--clients", "3", "--steps", str(steps),
+                         "--buffer", str(buffer_size), "--faults", "1:kill:2,2:stall:1"], [1, 1, 1, 1], tmp_path,
                         timeout_s=300, done=finished)
     assert finished(), [r.log[-3000:] for r in results]
     killed = [r for r in results if "Signal 9 (SIGKILL) received" in r.log]
     assert len(killed) == 1 and killed[0].returncode != 0  # the client's node reports its dead worker
     result = _async_result(tmp_path)
     assert result["version"] == steps and result["global_step"] == steps  # the server finished its run
-    assert list(result["deaths"]) == [1]
-    assert result["participation"][1] == 2  # the dead client's two updates were accepted, once each
+    assert list(result["deaths"]) == [1] and result["stalled"] == [2]  # the report names who dropped
+    assert result["participation"][1] == 2 and result["participation"][2] == 1  # accepted, once each
     _check_applied_once(result, buffer_size)
+    server_log = next(r.log for r in results if "is the server" in r.log)
+    assert "clients lost: 1 (rank 2" in server_log and "(stalled): [3]" in server_log
 
 
 @pytest.fixture(scope="module")

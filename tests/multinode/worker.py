@@ -108,7 +108,8 @@ def run_async(args) -> None:
         torch.save({"init": init, "final": {k: v.detach().clone() for k, v in model.named_parameters()},
                     "rule_params": rule.global_params(), "counters": dict(rule.counters), "version": rule.version,
                     "pending": rule.pending, "participation": dict(rule.participation), "offered": offered,
-                    "deaths": dict(strategy.deaths), "global_step": trainer.global_step}, out / "async.pt")
+                    "deaths": dict(strategy.deaths), "stalled": sorted(strategy.stuck_clients),
+                    "global_step": trainer.global_step}, out / "async.pt")
     else:
         torch.save({"updates_sent": strategy.updates_sent}, out / f"client_rank{trainer.global_rank}.pt")
 
