@@ -317,6 +317,9 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
         """Launched mode: join the launch's gloo group; a client rank serves its clients here until STOP."""
         env = self.cluster_environment
         rank, world = env.global_rank(), env.world_size()
+        # Lightning's launcher sets LOCAL_RANK only when it starts the other processes, after `set_world_ranks`.
+        self.global_rank, self.local_rank = rank, env.local_rank()
+        rank_zero_only.rank = rank
         if self.num_clients < world - 1:
             raise ValueError(
                 f"AsyncFederatedStrategy: this launch has {world} processes (rank 0 is the server, ranks "
