@@ -19,6 +19,7 @@ import signal
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -132,6 +133,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     {"fit": fit_all, "resume": resume, "async": run_async}[args.mode](args)
+    if dist.is_initialized():  # leave no collective or gloo thread running into interpreter shutdown
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
