@@ -133,7 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     {"fit": fit_all, "resume": resume, "async": run_async}[args.mode](args)
-    if dist.is_initialized():  # leave no collective or gloo thread running into interpreter shutdown
+    if args.mode != "async" and dist.is_initialized():  # no collective or gloo thread left running at shutdown
         dist.barrier()
         dist.destroy_process_group()
 
