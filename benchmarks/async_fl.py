@@ -15,13 +15,27 @@ compute of one process (it is what a 1-process simulation costs, not what a depl
 ``--real`` runs the same four rules with ``AsyncFederatedStrategy`` (forked gloo clients on this machine), emulating
 the speeds with ``step_delay_s·speed_n`` seconds of sleep per local step, and measures wall seconds and server updates
 until the global model (checked after every server update) reaches the target.
+
+``--torchrun`` runs FedBuff and FedAvg as a real launch: two torchrun "nodes" on 127.0.0.1 (c10d rendezvous), each
+with ``(clients + 1) / 2`` processes; global rank 0 is the server and every other rank is one client process, with
+speeds 1x..10x from ``step_delay_s·speed_n`` sleeps on top of the hardware's own speed. It prints the wall-time table
+next to the simulation of the same clients, speeds and rules (virtual time), and the server's link bytes.
+
+    /work/venv/bin/python benchmarks/async_fl.py --torchrun --clients 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -118,19 +132,66 @@ def run_real(name, rule, n, speeds, args, init_state, val_x, val_y):
     data = FederatedDataModule(DigitsDataModule(batch_size=args.batch_size, seed=0), num_clients=n,
                                partition="dirichlet", alpha=args.alpha, seed=0, min_size=args.batch_size // 2)
     strategy = AsyncFederatedStrategy(rule=rule, num_clients=n, local_steps=args.local_steps, speeds=speeds,
-                                      step_delay_s=args.step_delay_s, shutdown_timeout_s=5.0)
+                                      step_delay_s=args.step_delay_s, shutdown_timeout_s=5.0,
+                                      process_group_timeout_s=300.0)
     stopper = TargetStop()
     trainer = Trainer(strategy=strategy, max_steps=args.max_server_updates, accelerator="cpu", devices=1,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, limit_val_batches=0, callbacks=[stopper], max_time=args.max_wall)
     trainer.fit(model, data)
+    if strategy.role == "client":  # a launched client rank: the server reports
+        return None
     rows = stopper.rows
     hit = next((r for r in rows if r["acc"] >= args.target), None)
     return {"name": name, "history": rows, "time": hit["time"] if hit else math.nan,
             "versions": hit["version"] if hit else math.nan,
             "client_updates": hit["updates_applied_total"] if hit else math.nan,
             "wall": hit["time"] if hit else math.nan, "best": max(r["acc"] for r in rows),
-            "final": rows[-1]["acc"], "staleness": rule.metrics()["staleness_steps"]}
+            "final": rows[-1]["acc"], "staleness": rule.metrics()["staleness_steps"],
+            "bytes_sent": strategy.bytes_sent_total, "bytes_received": strategy.bytes_received_total}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch_two_nodes(argv: list[str], nproc: int, timeout_s: float) -> None:
+    """Two torchrun agents on 127.0.0.1 (node 0 hosts the rendezvous store); both process trees are always ended."""
+    port, run_id = _free_port(), uuid.uuid4().hex[:8]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = []
+    try:
+        for node in (0, 1):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc-per-node={nproc}",
+                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}",
+                   f"--rdzv-conf=is_host={1 - node}", __file__, *argv]
+            procs.append(subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+            if node == 0:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    try:
+                        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                        break
+                    except OSError:
+                        time.sleep(0.1)
+        for p in procs:
+            p.wait(timeout=timeout_s)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def torchrun_worker(args, name, rule, n, speeds, init_state, val_x, val_y) -> None:
+    """What every launched process runs; rank 0 writes the result to ``--worker-out``."""
+    result = run_real(name, rule, n, speeds, args, init_state, val_x, val_y)
+    if result is not None:
+        Path(args.worker_out).write_text(json.dumps(result))
 
 
 def main() -> None:
@@ -147,7 +208,13 @@ def main() -> None:
     parser.add_argument("--step-delay-s", type=float, default=0.01, help="--real: seconds per local step at 1x")
     parser.add_argument("--max-server-updates", type=int, default=2000, help="--real: cap on server updates")
     parser.add_argument("--max-wall", type=str, default="00:00:02:00", help="--real: cap per rule (DD:HH:MM:SS)")
+    parser.add_argument("--torchrun", action="store_true", help="FedBuff vs FedAvg over two torchrun nodes")
+    parser.add_argument("--buffer-size", type=int, default=2, help="--torchrun: FedBuff's K")
+    parser.add_argument("--torchrun-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.torchrun or args.torchrun_worker:
+        return main_torchrun(args)
     torch.set_num_threads(1)  # tiny model: intra-op threads only contend on a shared CPU
     n = args.clients or (8 if args.quick else 16)
     args.budget = args.budget or (1500.0 if args.quick else 3000.0)
@@ -217,6 +284,54 @@ def main() -> None:
         print(f"plot: {path}")
     except ImportError:  # pragma: no cover - matplotlib is an optional extra
         print("matplotlib missing: no plot")
+
+
+def _two_rules(n: int, k: int) -> dict:
+    return {"FedAvg (sync)": lambda: FedAvg(num_clients=n),
+            f"FedBuff K={k}": lambda: FedBuff(buffer_size=k, staleness="polynomial", staleness_a=0.5)}
+
+
+def main_torchrun(args) -> None:
+    """FedBuff vs FedAvg with real client processes over two torchrun nodes, next to the simulated figure."""
+    torch.set_num_threads(1)
+    n = args.clients or 3
+    if n % 2 == 0:
+        raise SystemExit(f"--torchrun: `--clients` must be odd (server + clients split over 2 nodes), got {n}")
+    dm = DigitsDataModule(seed=0)
+    dm.setup("fit")
+    train, (val_x, val_y) = dm.train_set, dm.val_set.tensors
+    speeds = speed_factors(n, slowest=10.0, spread="linear")
+    torch.manual_seed(0)
+    init_state = SGDClassifier(lr=args.client_lr).state_dict()
+    rules = _two_rules(n, args.buffer_size)
+    if args.torchrun_worker:
+        return torchrun_worker(args, args.torchrun_worker, rules[args.torchrun_worker](), n, speeds, init_state,
+                               val_x, val_y)
+    real, start_all = [], time.perf_counter()
+    out = OUT / "torchrun"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in rules:
+        path = out / f"{name.split()[0]}.json"
+        path.unlink(missing_ok=True)
+        argv = [a for a in sys.argv[1:] if a != "--torchrun"] + ["--torchrun-worker", name, "--worker-out", str(path)]
+        _launch_two_nodes(argv, (n + 1) // 2, timeout_s=600)
+        real.append(json.loads(path.read_text()))
+    wall_all = time.perf_counter() - start_all
+    parts = partition_indices(len(train), n, "dirichlet", labels=train.tensors[1], alpha=args.alpha, seed=0,
+                              min_size=args.batch_size // 2)
+    args.budget = args.budget or 1500.0
+    sim = [run_rule(k, r(), train, parts, speeds, args, make_eval(val_x, val_y), init_state) for k, r in rules.items()]
+    print(f"\nasync FL on digits, {n} client processes over 2 torchrun nodes on 127.0.0.1 (server = rank 0), speeds "
+          f"{', '.join(f'{s:g}' for s in speeds)} x step_delay_s={args.step_delay_s} s per local step, Dirichlet "
+          f"alpha={args.alpha}, K={args.local_steps} local SGD steps, target val acc {args.target:.2f}; "
+          f"{wall_all:.0f} s for both launches")
+    print("rule | real t_target (s) | real speedup | server_upd | client_upd | MB sent | MB received | "
+          "sim t_target | sim speedup")
+    for r, s_ in zip(real, sim):
+        print(" | ".join([r["name"], f"{r['time']:.1f}", f"{real[0]['time'] / r['time']:.2f}x",
+                          f"{r['versions']:.0f}", f"{r['client_updates']:.0f}", f"{r['bytes_sent'] / 1e6:.2f}",
+                          f"{r['bytes_received'] / 1e6:.2f}", f"{s_['time']:.0f}",
+                          f"{sim[0]['time'] / s_['time']:.2f}x"]))
 
 
 if __name__ == "__main__":

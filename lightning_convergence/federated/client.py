@@ -116,34 +116,50 @@ def make_optimizer_from(obj: Any) -> torch.optim.Optimizer:
     raise TypeError(f"make_optimizer: `configure_optimizers` must return an optimizer, got {type(obj).__name__}.")
 
 
+def _to_device(batch: Any, device: Any) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
 def local_train(
-    module: Any, params: Mapping[str, Tensor], stream: ClientStream, local_steps: int, prox_mu: float = 0.0
+    module: Any, params: Mapping[str, Tensor], stream: ClientStream, local_steps: int, prox_mu: float = 0.0,
+    device: Any = None,
 ) -> tuple[ParamDict, float, int]:
     """Load ``params``, run K steps of ``module.training_step`` with a fresh ``configure_optimizers`` optimizer.
 
-    Returns ``(delta, mean_loss, nonfinite_steps)`` with ``delta = w_local − params``. A step whose gradients are not
-    finite is skipped (not applied) and counted. ``self.log`` calls inside ``training_step`` are ignored (no trainer
-    is attached on the client side).
+    Returns ``(delta, mean_loss, nonfinite_steps)`` with ``delta = w_local − params`` (float32, CPU). A step whose
+    gradients are not finite is skipped (not applied) and counted. ``self.log`` calls inside ``training_step`` are
+    ignored (no trainer is attached on the client side). ``device``: where batches go (the module must already be
+    there); default: left where the stream puts them (CPU).
     """
     load_params(module, params)
     module.train()
     optimizer = make_optimizer(module)
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    losses: list[float] = []
+    anchor = params if device is None else {n: v.to(device) for n, v in params.items()}  # FedProx's w_global
+    losses: list[Tensor] = []
     skipped = 0
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*self\.log.*")
         for step in range(local_steps):
             batch = stream.next_batch()
+            if device is not None:
+                batch = _to_device(batch, device)
             optimizer.zero_grad(set_to_none=True)
             out = module.training_step(batch, step)
             loss = out["loss"] if isinstance(out, Mapping) else out
             loss.backward()
-            add_proximal_grad(named, params, prox_mu)
+            add_proximal_grad(named, anchor, prox_mu)
             if not all_finite(grads_of(p for _, p in named)):
                 skipped += 1
                 continue
             optimizer.step()
-            losses.append(float(loss.detach()))
-    delta = {n: p.detach().to("cpu", torch.float32) - params[n].to(torch.float32) for n, p in named}
-    return delta, (sum(losses) / len(losses) if losses else float("nan")), skipped
+            losses.append(loss.detach())
+    delta = {n: p.detach().to("cpu", torch.float32) - params[n].to("cpu", torch.float32) for n, p in named}
+    mean_loss = float(torch.stack(losses).float().mean()) if losses else float("nan")  # one sync per local round
+    return delta, mean_loss, skipped

@@ -10,6 +10,7 @@ a timeout, so a crashed or stalled client never blocks it.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 
 from lightning_convergence.federated.base import ServerRule
@@ -42,6 +43,9 @@ class FederatedServer:
     ) -> None:
         if event_order is not None and rule.synchronous:
             raise ValueError(f"FederatedServer: `event_order` needs an asynchronous rule, got {type(rule).__name__}.")
+        if event_order is not None and transport.num_client_ranks != transport.num_clients:
+            raise ValueError(f"FederatedServer: `event_order` needs one client per rank, got "
+                             f"{transport.num_clients} clients on {transport.num_client_ranks} ranks.")
         if participation is not None and not rule.round_based:
             raise ValueError(f"FederatedServer: `participation` needs a round-based rule, got {type(rule).__name__}.")
         self.rule, self.transport, self.participation = rule, transport, participation
@@ -53,11 +57,13 @@ class FederatedServer:
         self._time_offset = float(state.get("clock", rule.clock))
         self.num_clients = transport.num_clients
         self.next_seq = {c: rule.last_seq.get(c, -1) + 1 for c in range(self.num_clients)}
-        self.busy: set[int] = set()
+        self.busy: set[int] = set()  # clients with a task sent or queued for their rank
         self.waiting: set[int] = set()
         self.held: dict[int, Message] = {}
         self.members: set[int] = set()
         self.reported: set[int] = set()
+        self._rank_busy: set[int] = set()  # ranks that hold a task (a send to them could wait behind training)
+        self._rank_queue: dict[int, deque[int]] = {}
         self._round_start = 0.0
         self._round_open = False
         self._rounds_at_start = 0
@@ -65,6 +71,7 @@ class FederatedServer:
         self.discarded_total = 0
         self.client_nonfinite_steps_total = 0
         self.deaths: dict[int, str] = {}
+        self.stalled_ranks: set[int] = set()
         self._t0 = time.monotonic()
 
     # ------------------------------------------------------------------ basics
@@ -76,19 +83,36 @@ class FederatedServer:
         return set(range(self.num_clients)) - self.transport.dead
 
     def _dispatch(self, cid: int) -> None:
-        params, version = self.rule.dispatch(cid)
-        seq = self.next_seq[cid]
-        if self.transport.send(cid, TASK, [version, seq], params):
-            self.next_seq[cid] = seq + 1
-            self.busy.add(cid)
-        else:
-            self._died(cid, "send failed")
+        """Queue client ``cid``'s next task on its rank; the rank gets it as soon as it is idle."""
+        rank = self.transport.rank_of(cid)
+        if rank in self.transport.dead_ranks:
+            return
+        self.busy.add(cid)
+        self._rank_queue.setdefault(rank, deque()).append(cid)
+        self._pump(rank)
 
-    def _died(self, cid: int, why: str) -> None:
-        self.transport.dead.add(cid)
-        self.busy.discard(cid)
-        self.waiting.discard(cid)
-        self.deaths.setdefault(cid, why)
+    def _pump(self, rank: int) -> None:
+        queued = self._rank_queue.get(rank)
+        if rank in self._rank_busy or not queued:
+            return
+        cid = queued.popleft()
+        params, version = self.rule.dispatch(cid)  # the model is taken when the rank can start on it
+        seq = self.next_seq[cid]
+        if self.transport.send(rank, TASK, cid, [version, seq], params):
+            self.next_seq[cid] = seq + 1
+            self._rank_busy.add(rank)
+        else:
+            self._rank_died(rank, "send failed")
+
+    def _rank_died(self, rank: int, why: str) -> None:
+        self.transport.dead_ranks.add(rank)
+        self._rank_busy.discard(rank)
+        self._rank_queue.pop(rank, None)
+        for cid in range(self.num_clients):
+            if self.transport.rank_of(cid) == rank:
+                self.busy.discard(cid)
+                self.waiting.discard(cid)
+                self.deaths.setdefault(cid, f"rank {rank}: {why}")
 
     def start(self) -> None:
         """Start the receiver threads and hand out the first tasks."""
@@ -137,10 +161,11 @@ class FederatedServer:
     def _handle(self, msg: Message) -> None:
         cid = msg.client_id
         if msg.kind == 0:
-            self._died(cid, msg.error)
+            self._rank_died(msg.rank, msg.error)
             return
         if msg.kind != UPDATE:
             return
+        self._rank_busy.discard(msg.rank)
         self.busy.discard(cid)
         version, seq, loss = int(msg.header[0]), int(msg.header[1]), msg.header[2]
         self.client_nonfinite_steps_total += int(msg.header[3])  # local steps the client skipped (non-finite grads)
@@ -153,6 +178,7 @@ class FederatedServer:
             self.waiting.add(cid)
         else:
             self._dispatch(cid)
+        self._pump(msg.rank)
 
     def _next_message(self) -> Message | None:
         if self.event_order is None:
@@ -166,7 +192,7 @@ class FederatedServer:
                 return None
             if msg.kind == 0:
                 return msg
-            self.held[msg.client_id] = msg
+            self.held[msg.client_id] = msg  # one client per rank here (checked at construction)
         self.order_pos += 1
         return self.held.pop(want)
 
@@ -197,34 +223,54 @@ class FederatedServer:
 
     # ---------------------------------------------------------------- shutdown
     def shutdown(self, timeout_s: float = 10.0) -> set[int]:
-        """Stop every client. Updates still arriving are discarded (never accepted). Returns clients that did not
-        acknowledge in time (stalled): the caller may kill their processes."""
+        """Stop every client rank. Updates still arriving are discarded (never accepted). Returns the ranks that did
+        not acknowledge in time (stalled): the caller may end their processes if it started them."""
+        for rank in self._rank_queue:
+            for cid in self._rank_queue[rank]:
+                self.busy.discard(cid)
+        self._rank_queue.clear()
+        live = set(range(1, self.transport.num_client_ranks + 1)) - self.transport.dead_ranks
+        for rank in sorted(live - self._rank_busy):
+            self.transport.send(rank, STOP, -1, [], None)
         stopped: set[int] = set()
-        for cid in sorted(self.alive - self.busy):
-            self.transport.send(cid, STOP, [], None)
         deadline = time.monotonic() + timeout_s
-        pending = set(self.alive)
-        while pending - stopped and time.monotonic() < deadline:
+        while live - stopped - self.transport.dead_ranks and time.monotonic() < deadline:
             msg = self.transport.poll(self.poll_s)
             if msg is None:
                 continue
             if msg.kind == 0:
-                self._died(msg.client_id, msg.error)
-                pending.discard(msg.client_id)
+                self._rank_died(msg.rank, msg.error)
             elif msg.kind == UPDATE:
                 self.discarded_total += 1
                 self.busy.discard(msg.client_id)
-                self.transport.send(msg.client_id, STOP, [], None)
+                self._rank_busy.discard(msg.rank)
+                self.transport.send(msg.rank, STOP, -1, [], None)
             elif msg.kind == STOP:
-                stopped.add(msg.client_id)
+                stopped.add(msg.rank)
         for msg in self.held.values():
             if msg.kind == UPDATE:
                 self.discarded_total += 1
-        return pending - stopped
+        self.stalled_ranks = live - stopped - self.transport.dead_ranks
+        return set(self.stalled_ranks)
+
+    def report(self) -> str:
+        """One line on who dropped out (died or stalled) and what was discarded; empty if nobody did."""
+        parts = []
+        if self.deaths:
+            parts.append("clients lost: " + ", ".join(f"{c} ({why})" for c, why in sorted(self.deaths.items())))
+        if self.stalled_ranks:
+            parts.append(f"ranks that did not acknowledge STOP (stalled): {sorted(self.stalled_ranks)}")
+        if parts and self.discarded_total:
+            parts.append(f"{self.discarded_total} late updates discarded")
+        return "; ".join(parts)
 
     def state_dict(self) -> dict:
         return {"round_idx": self.round_idx, "order_pos": self.order_pos, "clock": self.now()}
 
     def metrics(self) -> dict[str, float]:
-        return {"clients_alive": float(len(self.alive)), "updates_discarded_total": float(self.discarded_total),
-                "client_nonfinite_steps_total": float(self.client_nonfinite_steps_total)}
+        p2p = self.transport.p2p
+        return {"clients_alive": float(len(self.alive)), "clients_dropped_total": float(len(self.deaths)),
+                "updates_discarded_total": float(self.discarded_total),
+                "client_nonfinite_steps_total": float(self.client_nonfinite_steps_total),
+                "bytes_sent_total": float(p2p.bytes_sent_total),
+                "bytes_received_total": float(p2p.bytes_received_total)}

@@ -1,10 +1,18 @@
-"""``AsyncFederatedStrategy``: a federated server (this process) and N client processes over gloo point-to-point.
+"""``AsyncFederatedStrategy``: a federated server (rank 0) and client ranks over gloo point-to-point.
 
-The process that runs ``Trainer.fit`` is the server (rank 0). At ``setup`` the strategy forks N client processes
-(ranks 1..N); each runs the user's unchanged ``LightningModule`` (its ``training_step`` and the first optimizer of
+Two ways to get the client ranks:
+
+* **forked** (one machine, a plain ``python``/``lightning-convergence`` command): the process that runs
+  ``Trainer.fit`` is the server and forks N client processes (ranks 1..N) at ``setup``;
+* **launched** (``torchrun``, ``srun`` under SLURM, or Lightning's own launcher with ``devices``/``num_nodes`` > 1):
+  every launched process runs the same command; global rank 0 is the server and ranks 1..W−1 are client ranks, on
+  any node. Client ``c`` lives on rank ``1 + c mod (W−1)``; a rank with several clients serves them in turn.
+
+Each client runs the user's unchanged ``LightningModule`` (its ``training_step`` and the first optimizer of
 ``configure_optimizers``) for K local steps on its own shard and pushes ``Δ = w_local − w_global``. One Lightning
 training step on the server is one server model update of the chosen rule; the server's validation loop evaluates the
-global model, and checkpoints hold the global model, the rule's state and the version counter.
+global model, and checkpoints hold the global model, the rule's state and the version counter. On a launched client
+rank the Lightning loop does nothing: the rank serves tasks until the server says STOP, then ``fit`` returns.
 """
 
 from __future__ import annotations
@@ -20,9 +28,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins.environments import ClusterEnvironment
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_convergence._metrics import log_metrics, should_log
@@ -32,7 +43,15 @@ from lightning_convergence.federated.client import ClientStream, load_params, mo
 from lightning_convergence.federated.fedbuff import FedBuff
 from lightning_convergence.federated.partition import Participation
 from lightning_convergence.federated.server import FederatedServer
-from lightning_convergence.federated.transport import ClientFault, ParamLayout, ServerTransport, run_client
+from lightning_convergence.federated.transport import (
+    ClientFault,
+    ClientWork,
+    ParamLayout,
+    ServerTransport,
+    clients_of_rank,
+    serve_clients,
+    torch_p2p,
+)
 
 __all__ = ["AsyncFederatedStrategy", "FederatedDataModule", "register_strategies"]
 
@@ -46,9 +65,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _client_entry(cid: int, world: int, port: int, timeout_s: float, module: Any, stream: ClientStream,
-                  layout: ParamLayout, local_steps: int, prox_mu: float, delay_s: float,
-                  fault: ClientFault | None) -> None:
+def _client_entry(cid: int, world: int, port: int, timeout_s: float, module: Any, work: ClientWork,
+                  layout: ParamLayout, local_steps: int, prox_mu: float) -> None:
     code = 0
     try:
         torch.set_num_threads(1)
@@ -56,7 +74,7 @@ def _client_entry(cid: int, world: int, port: int, timeout_s: float, module: Any
             module.trainer = None  # self.log() inside training_step becomes a no-op on clients
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=cid + 1, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
-        run_client(cid, module, stream, layout, local_steps, prox_mu, delay_s, fault)
+        serve_clients({cid: work}, module, layout, local_steps, prox_mu, torch_p2p())
     except BaseException:  # the server sees the dropped connection; the traceback goes to stderr
         traceback.print_exc()
         code = 1
@@ -76,17 +94,22 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
         2020, arXiv:1812.06127. The rule itself is the ``rule`` core; this class only wires processes and Lightning.
 
     Deviations:
-        Clients are forked from the server process (``fork`` start method, one machine); no Lightning ``Trainer``
-        runs per client (manual loop: ``training_step`` → ``backward`` → ``optimizer.step``, with a fresh optimizer from
+        Without a launcher, clients are forked from the server process (``fork`` start method, one machine); under
+        ``torchrun``/``srun``/Lightning's launcher they are the launched ranks 1..W−1 (several clients per rank when
+        ``num_clients`` > W−1, served in turn). No Lightning ``Trainer`` loop runs per client (manual loop:
+        ``training_step`` → ``backward`` → ``optimizer.step``, with a fresh optimizer from
         ``configure_optimizers`` every local round; schedulers, clipping, accumulation and hooks are not applied on
         clients). Only trainable parameters are federated. The server's own optimizer is created but never stepped.
         Updates still in flight when the run ends are discarded (they were never accepted), and after a resume the
         clients restart from the restored global model (in-flight work is not part of any checkpoint).
-        ``speeds`` slow clients by sleeping ``step_delay_s·speed`` per local step (emulated heterogeneity).
+        ``speeds`` slow clients by sleeping ``step_delay_s·speed`` per local step (emulated heterogeneity, on top of
+        the client hardware's own speed). Launched client ranks use ``cuda:<local rank>`` when the Trainer's
+        accelerator is CUDA (the server stays on CPU); that path is not yet run on a GPU.
 
     Args:
         rule: the server rule (YAML: ``class_path`` + ``init_args``). Default ``FedBuff(buffer_size=max(1, N//2))``.
-        num_clients: N client processes, ≥ 1; must equal the datamodule's ``num_clients``. Default ``4``.
+        num_clients: N clients, ≥ 1; must equal the datamodule's ``num_clients``. Forked: N processes. Launched
+            with W processes: N ≥ W−1 (client c on rank 1 + c mod (W−1)). Default ``4``.
         local_steps: K local optimizer steps per update, ≥ 1. Default ``5``. More steps: fewer messages, more drift.
         speeds: per-client slowdown factors (≥ 0), multiplied by ``step_delay_s``. Default all ``1``.
         step_delay_s: emulated seconds per local step at speed 1, ≥ 0. Default ``0.0`` (run at native speed).
@@ -100,7 +123,8 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
         seed: seed of the clients' batch streams and of participation draws. Default ``0``.
         log_per_item: also log ``convergence/fl/participation/client<n>``. Default ``False``.
         event_order: asynchronous rules only: force the arrival order (client ids), for equivalence tests.
-        faults: fault injection for tests: ``{client_id: ["crash" | "stall", after_updates]}``.
+        faults: fault injection for tests: ``{client_id: ["crash" | "kill" | "stall", after_updates]}`` (the
+            client's whole process exits, is SIGKILLed, or sleeps for an hour after that many updates).
 
     State:
         Checkpoint key ``convergence/fl``: ``{"version", "rule": rule.state_dict(), "server": {"round_idx",
@@ -113,13 +137,18 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
         ``convergence/fl/nonfinite_skipped_total``, ``convergence/fl/duplicate_skipped_total``,
         ``convergence/fl/stale_rejected_total``, ``convergence/fl/clients_alive``,
         ``convergence/fl/updates_discarded_total``, ``convergence/fl/client_nonfinite_steps_total``,
+        ``convergence/fl/clients_dropped_total``, ``convergence/fl/bytes_sent_total`` and
+        ``convergence/fl/bytes_received_total`` (the server's point-to-point link bytes),
         ``convergence/fl/client_loss``; with ``log_per_item``
         ``convergence/fl/participation/client<n>``; at the end of training ``convergence/fl/staleness_count/<τ>``.
         Validation metrics are the user's own (``val_*``), computed on the global model.
 
     Raises:
         ValueError: for out-of-range arguments (named), ``participation_probs`` with a non-round rule,
-            ``event_order`` with a synchronous rule, or a datamodule with a different ``num_clients``.
+            ``event_order`` with a synchronous rule, or a datamodule with a different ``num_clients``; at ``setup``
+            for a launch with more client ranks than clients, or ``event_order`` with several clients per rank.
+        RuntimeError: at ``setup`` for a launch it cannot run: a launched process group of another backend already
+            initialised, or ``fit`` run by one process of a multi-process launch outside a launcher.
         TypeError: if ``rule`` is not a ``ServerRule`` or the datamodule has no ``client_dataset``.
 
     Example:
@@ -170,8 +199,8 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
         self.faults: dict[int, ClientFault] = {}
         for cid, spec in (faults or {}).items():
             kind, after = spec
-            if kind not in ("crash", "stall"):
-                raise ValueError(f"{owner}: `faults` kinds must be 'crash' or 'stall', got {kind!r}.")
+            if kind not in ("crash", "kill", "stall"):
+                raise ValueError(f"{owner}: `faults` kinds must be 'crash', 'kill' or 'stall', got {kind!r}.")
             self.faults[int(cid)] = ClientFault(kind, int(after))
         self.rule, self.num_clients, self.local_steps, self.speeds = rule, num_clients, local_steps, speeds
         self.step_delay_s, self.round_timeout_s = float(step_delay_s), float(round_timeout_s)
@@ -179,20 +208,58 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
         self.process_group_timeout_s, self.seed, self.log_per_item = float(process_group_timeout_s), seed, log_per_item
         self.event_order = None if event_order is None else [int(c) for c in event_order]
         self.server: FederatedServer | None = None
+        self.cluster_environment: ClusterEnvironment | None = None  # set by Lightning's connector
+        self.parallel_devices: list[torch.device] | None = None  # set by Lightning's connector (``devices``)
+        self.num_nodes = 1  # set by Lightning's connector (``num_nodes``)
+        self.role = "server"  # "server" or "client" (a launched client rank); decided at setup
+        self.updates_sent = 0  # on a launched client rank: updates this rank sent
         self._procs: list[Any] = []
         self._restored: dict | None = None
         self.stuck_clients: set[int] = set()
         self.deaths: dict[int, str] = {}
         self.discarded_total = 0
+        self.bytes_sent_total = self.bytes_received_total = 0  # the server's link bytes, kept after teardown
 
     # --------------------------------------------------------------- launching
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices else 1
+
+    def _launched(self) -> bool:
+        env = self.cluster_environment
+        return env is not None and env.creates_processes_externally and env.world_size() > 1
+
+    @property
+    @override
+    def is_global_zero(self) -> bool:
+        return self.global_rank == 0
+
+    def set_world_ranks(self) -> None:
+        """Called by Lightning's connector: ranks as DDP numbers them (node-major), for Lightning's own launcher."""
+        env = self.cluster_environment
+        if env is None:
+            return
+        env.set_global_rank(env.node_rank() * self.num_processes + env.local_rank())
+        env.set_world_size(self.num_nodes * self.num_processes)
+        if self._launched():  # Lightning's view stays one process (world_size 1); the ranks say who writes
+            self.global_rank, self.local_rank = env.global_rank(), env.local_rank()
+        rank_zero_only.rank = self.global_rank
+
+    @override
+    def _configure_launcher(self) -> None:
+        env = self.cluster_environment
+        if env is not None and not env.creates_processes_externally and self.num_nodes * self.num_processes > 1:
+            # Lightning's own launcher (private API, as DDPStrategy uses it): re-runs the command once per extra
+            # local process with LOCAL_RANK/NODE_RANK/WORLD_SIZE set; the test of 1 node × 2 processes covers it.
+            self._launcher = _SubprocessScriptLauncher(env, self.num_processes, self.num_nodes)
+
     @override
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
         if trainer.state.fn == TrainerFn.FITTING and self.server is None:
             self._launch(trainer)
 
-    def _launch(self, trainer: Any) -> None:
+    def _check_datamodule(self, trainer: Any) -> Any:
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "client_dataset"):
             raise TypeError("AsyncFederatedStrategy: the datamodule must give client shards (`client_dataset`); "
@@ -200,7 +267,21 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
         if getattr(dm, "num_clients", self.num_clients) != self.num_clients:
             raise ValueError(f"AsyncFederatedStrategy: `num_clients`={self.num_clients} must equal the datamodule's "
                              f"num_clients={dm.num_clients}.")
+        return dm
+
+    def _client_work(self, dm: Any, cid: int) -> ClientWork:
+        dataset, indices = dm.client_dataset(cid)
+        stream = ClientStream(dataset, indices, int(getattr(dm, "client_batch_size", 32)), seed=self.seed,
+                              client_id=cid)
+        return ClientWork(stream, self.step_delay_s * self.speeds[cid], self.faults.get(cid))
+
+    def _launch(self, trainer: Any) -> None:
+        dm = self._check_datamodule(trainer)
         module = self.lightning_module
+        if self._launched():
+            self._join_launched_group(trainer, dm, module)
+            if self.role == "client":
+                return
         server_state = None
         if self._restored is not None:
             self.rule.load_state_dict(self._restored["rule"])
@@ -210,29 +291,86 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
             self.rule.init_params(module_params(module))
         load_params(module, self.rule.params)
         layout = ParamLayout(self.rule.params)
-        batch_size = int(getattr(dm, "client_batch_size", 32))
+        if self._launched():
+            ranks = self.cluster_environment.world_size() - 1
+        else:
+            ranks = self.num_clients
+            self._fork_clients(dm, module, layout)
+        self.server = FederatedServer(self.rule, ServerTransport(layout, self.num_clients, ranks, torch_p2p()),
+                                      self.participation, round_timeout_s=self.round_timeout_s,
+                                      event_order=self.event_order, state=server_state)
+        self.server.start()
+
+    def _fork_clients(self, dm: Any, module: Any, layout: ParamLayout) -> None:
         port, world = _free_port(), self.num_clients + 1
         ctx = mp.get_context("fork")
         for cid in range(self.num_clients):
-            dataset, indices = dm.client_dataset(cid)
-            stream = ClientStream(dataset, indices, batch_size, seed=self.seed, client_id=cid)
-            args = (cid, world, port, self.process_group_timeout_s, module, stream, layout, self.local_steps,
-                    self.rule.prox_mu, self.step_delay_s * self.speeds[cid], self.faults.get(cid))
+            args = (cid, world, port, self.process_group_timeout_s, module, self._client_work(dm, cid), layout,
+                    self.local_steps, self.rule.prox_mu)
             proc = ctx.Process(target=_client_entry, args=args, daemon=True)
             proc.start()
             self._procs.append(proc)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world,
                                 timeout=timedelta(seconds=self.process_group_timeout_s))
-        self.server = FederatedServer(self.rule, ServerTransport(layout, self.num_clients), self.participation,
-                                      round_timeout_s=self.round_timeout_s, event_order=self.event_order,
-                                      state=server_state)
-        self.server.start()
+
+    def _join_launched_group(self, trainer: Any, dm: Any, module: Any) -> None:
+        """Launched mode: join the launch's gloo group; a client rank serves its clients here until STOP."""
+        env = self.cluster_environment
+        rank, world = env.global_rank(), env.world_size()
+        # Lightning's launcher sets LOCAL_RANK only when it starts the other processes, after `set_world_ranks`.
+        self.global_rank, self.local_rank = rank, env.local_rank()
+        rank_zero_only.rank = rank
+        if self.num_clients < world - 1:
+            raise ValueError(
+                f"AsyncFederatedStrategy: this launch has {world} processes (rank 0 is the server, ranks "
+                f"1..{world - 1} serve clients), so `num_clients` must be >= {world - 1}, got {self.num_clients}; "
+                f"launch at most {self.num_clients + 1} processes or raise `num_clients` (and the datamodule's) "
+                f"to {world - 1}.")
+        if self.event_order is not None and self.num_clients != world - 1:
+            raise ValueError(f"AsyncFederatedStrategy: `event_order` needs one client per launched rank: "
+                             f"`num_clients` must be {world - 1}, got {self.num_clients}.")
+        if dist.is_initialized():
+            if dist.get_backend() != "gloo" or dist.get_world_size() != world:
+                raise RuntimeError(
+                    f"AsyncFederatedStrategy: a process group ({dist.get_backend()}, world size "
+                    f"{dist.get_world_size()}) is already initialised in this launched process; the federated server "
+                    f"needs its own gloo group of all {world} launched processes. Destroy it before `fit`.")
+        else:
+            os.environ.setdefault("MASTER_ADDR", env.main_address)
+            os.environ.setdefault("MASTER_PORT", str(env.main_port))
+            dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=self.process_group_timeout_s))
+        if rank == 0:
+            rank_zero_info(f"AsyncFederatedStrategy: launched mode, rank 0 of {world} is the server; "
+                           f"{self.num_clients} clients on ranks 1..{world - 1}.")
+            return
+        self.role = "client"
+        device = None
+        if isinstance(trainer.accelerator, CUDAAccelerator) and torch.cuda.is_available():
+            device = torch.device("cuda", env.local_rank() % torch.cuda.device_count())
+            module.to(device)
+        layout = ParamLayout(module_params(module))
+        work = {cid: self._client_work(dm, cid) for cid in clients_of_rank(rank, self.num_clients, world - 1)}
+        attached = module.trainer
+        module.trainer = None  # self.log() inside training_step becomes a no-op while serving
+        try:
+            self.updates_sent = serve_clients(work, module, layout, self.local_steps, self.rule.prox_mu,
+                                              torch_p2p(), device=device)
+        finally:
+            module.trainer = attached
+        # Nothing left for Lightning to do on a client rank: no sanity check, no validation, no training steps.
+        trainer.num_sanity_val_steps = 0
+        trainer.limit_val_batches = 0
+        trainer.should_stop = True
 
     # --------------------------------------------------------------- training
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """One server model update: serve clients until the rule's version advances, then load the global model."""
         if self.server is None:
+            if self.role == "client":  # a launched client rank that already served its clients
+                self.lightning_module.trainer.should_stop = True
+                return None
             raise RuntimeError("AsyncFederatedStrategy: the server is not running; `training_step` runs only in fit.")
         trainer = self.lightning_module.trainer
         ok = self.server.serve_until(self.rule.version + 1, timeout_s=self.serve_timeout_s)
@@ -261,6 +399,8 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
 
     @override
     def on_train_end(self) -> None:
+        if self.role == "client":
+            return
         trainer = self.lightning_module.trainer
         hist = {f"staleness_count/{s}": float(c) for s, c in sorted(self.rule.staleness_hist.items())}
         final = self.rule.metrics(self.log_per_item)
@@ -291,18 +431,29 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
     @override
     def teardown(self) -> None:
         if self.server is not None:
-            self.stuck_clients = self.server.shutdown(self.shutdown_timeout_s)
+            stalled = self.server.shutdown(self.shutdown_timeout_s)
+            self.stuck_clients = {c for c in range(self.num_clients) if self.server.transport.rank_of(c) in stalled}
             self.deaths, self.discarded_total = dict(self.server.deaths), self.server.discarded_total
+            p2p = self.server.transport.p2p
+            self.bytes_sent_total, self.bytes_received_total = p2p.bytes_sent_total, p2p.bytes_received_total
             for proc in self._procs:
                 proc.join(timeout=0.5 if proc.pid is None else 2.0)
                 if proc.is_alive():
                     proc.kill()  # a stalled client we forked: ours to end
                     proc.join(timeout=5.0)
+            report = self.server.report()
+            if report:
+                rank_zero_warn(f"AsyncFederatedStrategy: the run ended without some clients; {report}.")
             self.server.transport.join(timeout_s=5.0)
-            if dist.is_initialized():
+            if dist.is_initialized() and not (stalled and self._launched()):
                 dist.destroy_process_group()
+            elif stalled:  # a stalled launched rank still holds its connection: the launcher must end it
+                rank_zero_warn(f"AsyncFederatedStrategy: launched ranks {sorted(stalled)} did not stop; the process "
+                               "group is left open so this process can exit; end those ranks through the launcher.")
             self.server = None
             self._procs = []
+        elif self.role == "client" and dist.is_initialized():
+            dist.destroy_process_group()
         super().teardown()
 
 
@@ -311,4 +462,5 @@ def register_strategies() -> None:
     from lightning_convergence.strategies import register_strategy
 
     register_strategy("async_fl", AsyncFederatedStrategy,
-                      "Asynchronous federated learning (FedBuff server, 4 forked gloo clients)")
+                      "Asynchronous federated learning (FedBuff server, 4 gloo clients: forked, or the "
+                      "launched ranks 1..W-1 under torchrun/SLURM)")
