@@ -1,6 +1,8 @@
 """Optimizers and budget-aware learning-rate schedules (cores: they import torch only, never lightning)."""
 
 from lightning_convergence.optim.adagrad_norm import AdaGradNorm
+from lightning_convergence.optim.demo import DeMo
+from lightning_convergence.optim.onebit_adam import OnebitAdam
 from lightning_convergence.optim.refinement import (
     RefinedSchedule,
     load_norms,
@@ -24,7 +26,9 @@ __all__ = [
     "SGDScheduleFree",
     "BudgetSchedule",
     "CosineDecay",
+    "DeMo",
     "LinearDecay",
+    "OnebitAdam",
     "REXDecay",
     "RefinedSchedule",
     "UBADecay",
