@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_convergence.optim._collectives import Collectives, local_collectives
+from lightning_convergence.optim._masked import where_ok
 
 __all__ = ["DeMo", "dct_matrix", "chunk_size_for", "to_chunks", "from_chunks"]
 
@@ -66,14 +67,15 @@ class DeMo(Optimizer):
 
     Per step and parameter, on every rank ``r`` (momentum ``δ_r`` kept in the DCT domain, which is equivalent because
     the DCT is orthonormal): ``p ← p(1 − lr·weight_decay)``; ``δ_r ← β δ_r + lr · DCT(g_r)``; ``q_r = topk(δ_r)``
-    per chunk; ``δ_r ← δ_r − q_r`` (the momentum buffer is the error feedback); ``Q = Σ_r q_r`` by one all-gather of
-    every rank's indices and values; ``p ← p − lr · sign(IDCT(Q))``.
+    per chunk; ``δ_r ← δ_r − q_r`` (the momentum buffer is the error feedback); ``Q`` = each coefficient's mean over
+    the ranks that sent it, from one all-gather of every rank's indices and values; ``p ← p − lr · sign(IDCT(Q))``.
 
     Paper: Peng, Quesnelle, Kingma et al. *DeMo: Decoupled Momentum Optimization.* arXiv:2411.19870 (ICLR 2026),
     Algorithm 1; the authors' code ``bloc97/DeMo`` (``demo.py``). We follow that code for: momentum that includes the
     learning rate (``delta += lr * grad``), decoupled weight decay ``p *= 1 − lr·weight_decay`` before the step, chunk
     sizes as the largest divisor ≤ ``chunk_size`` of each dimension, top-k by magnitude per chunk, subtracting what
-    was sent, and ``sign`` of the decoded sum (their ``scatter_reduce(mean)`` has the same sign as our sum).
+    was sent, and the sign of the decoded coefficients, each averaged over the ranks that sent it
+    (``scatter_reduce(mean)``: a coefficient two ranks sent weighs their mean, not their sum).
 
     Deviations: the momentum is stored in DCT coefficients (two transforms per step instead of four; the same
     algorithm in exact arithmetic); tensors with more than 2 dims are chunked as ``(shape[0], rest)`` (the authors'
@@ -212,11 +214,11 @@ class DeMo(Optimizer):
         idx = torch.cat([i for i, _ in parts], dim=1)
         val = torch.cat([v for _, v in parts], dim=1)
         total = torch.zeros(idx.shape[0], h * w, dtype=val.dtype, device=val.device)
-        total.scatter_add_(1, idx, val)
+        total.scatter_reduce_(1, idx, val, reduce="mean", include_self=False)  # the authors' mean over senders
         dh, dw = self._basis(h, ps[0]), self._basis(w, ps[0])
-        update = (dh.T @ total.reshape(-1, h, w) @ dw).sign_().mul_(torch.where(ok, -group["lr"], 0.0))
+        update = (dh.T @ total.reshape(-1, h, w) @ dw).sign_().mul_(where_ok(ok, -group["lr"], 0.0, val))
         if group["weight_decay"] != 0.0:
-            torch._foreach_mul_(ps, torch.where(ok, 1.0 - group["lr"] * group["weight_decay"], 1.0))
+            torch._foreach_mul_(ps, where_ok(ok, 1.0 - group["lr"] * group["weight_decay"], 1.0, ps[0]))
         sizes = [p.numel() // (h * w) for p in ps]
         torch._foreach_add_(ps, [from_chunks(u, p.shape) for u, p in zip(update.split(sizes), ps)])
 

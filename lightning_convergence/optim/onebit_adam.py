@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from lightning_convergence.compress.base import pack_bits, unpack_bits
 from lightning_convergence.optim._collectives import Collectives, local_collectives
+from lightning_convergence.optim._masked import where_ok
 
 __all__ = ["OnebitAdam", "OnebitLayout", "compressed_allreduce"]
 
@@ -98,24 +99,24 @@ def compressed_allreduce(
     """
     w, c, npar = layout.world_size, layout.row_size, layout.num_params
     x = layout.to_rows(momentum) + worker_error
-    w_scale = _rms_by_segment(x.reshape(-1), layout.all_segments, layout.padded_numel).to(torch.float32)
+    w_scale = _rms_by_segment(x.reshape(-1), layout.all_segments, layout.padded_numel.to(x.dtype))
     s = _signs(x)
-    new_worker_error = x - w_scale[layout.all_segments].reshape(w, c).to(x.dtype) * (s.to(x.dtype) * 2 - 1)
-    header = torch.cat([w_scale, ok_local.to(torch.float32).reshape(1)]).view(torch.uint8)
+    new_worker_error = x - w_scale[layout.all_segments].reshape(w, c) * (s.to(x.dtype) * 2 - 1)
+    header = torch.cat([w_scale, ok_local.to(x.dtype).reshape(1)]).view(torch.uint8)
     packed = pack_bits(s.reshape(-1), 1).reshape(w, c // 8)
     recv = comm.scatter_rows(torch.cat([packed, header.expand(w, -1)], dim=1))
     signs = unpack_bits(recv[:, : c // 8].reshape(-1), 1, w * c).reshape(w, c).to(x.dtype) * 2 - 1
-    info = recv[:, c // 8:].clone().view(torch.float32)  # (W, P + 1): sender's scales, then its flag
+    info = recv[:, c // 8:].clone().view(x.dtype)  # (W, P + 1): sender's scales, then its flag
     ok = (info[:, npar] > 0.5).all()
-    y = (signs * info[:, layout.row_segments].to(x.dtype)).sum(0) / w + server_error
-    s_scale = _rms_by_segment(y, layout.row_segments, layout.chunk_numel).to(torch.float32)
+    y = (signs * info[:, layout.row_segments]).sum(0) / w + server_error
+    s_scale = _rms_by_segment(y, layout.row_segments, layout.chunk_numel.to(x.dtype))
     t = _signs(y)
-    new_server_error = y - s_scale[layout.row_segments].to(y.dtype) * (t.to(y.dtype) * 2 - 1)
+    new_server_error = y - s_scale[layout.row_segments] * (t.to(y.dtype) * 2 - 1)
     blob = torch.cat([pack_bits(t, 1), s_scale.view(torch.uint8)])
     rows = []
     for theirs in comm.all_gather(blob):
         bits = unpack_bits(theirs[: c // 8], 1, c).to(x.dtype) * 2 - 1
-        rows.append(bits * theirs[c // 8:].clone().view(torch.float32)[layout.row_segments].to(x.dtype))
+        rows.append(bits * theirs[c // 8:].clone().view(x.dtype)[layout.row_segments])
     return layout.to_flat(torch.stack(rows)), new_worker_error, new_server_error, ok
 
 
@@ -255,9 +256,9 @@ class OnebitAdam(Optimizer):
             states = [self._init_state(p) for p in mine]
             g = [torch.where(ok, p.grad, 0.0) if p.grad is not None else torch.zeros_like(p) for p in mine]
             m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-            torch._foreach_mul_(m, torch.where(ok, beta1, 1.0))
+            torch._foreach_mul_(m, where_ok(ok, beta1, 1.0, mine[0]))
             torch._foreach_add_(m, g, alpha=1.0 - beta1)
-            torch._foreach_mul_(v, torch.where(ok, beta2, 1.0))
+            torch._foreach_mul_(v, where_ok(ok, beta2, 1.0, mine[0]))
             torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
 
     def _compressed_momentum(self, ps: list[Tensor], grads: list[Tensor], ok_local: Tensor) -> Tensor:
@@ -300,9 +301,9 @@ class OnebitAdam(Optimizer):
             torch._foreach_div_(denom, math.sqrt(bc2))
             torch._foreach_add_(denom, group["eps"])
             if group["weight_decay"] != 0.0:
-                torch._foreach_mul_(mine, torch.where(ok, 1.0 - group["lr"] * group["weight_decay"], 1.0))
+                torch._foreach_mul_(mine, where_ok(ok, 1.0 - group["lr"] * group["weight_decay"], 1.0, mine[0]))
             upd = torch._foreach_div([s["exp_avg"] for s in states], denom)
-            torch._foreach_mul_(upd, torch.where(ok, -group["lr"] / bc1, 0.0))
+            torch._foreach_mul_(upd, where_ok(ok, -group["lr"] / bc1, 0.0, mine[0]))
             torch._foreach_add_(mine, upd)
 
     # -- accounting and state ------------------------------------------------------------------------------------
