@@ -21,6 +21,7 @@ from lightning_convergence.optim._masked import where_ok
 __all__ = ["DeMo", "dct_matrix", "chunk_size_for", "to_chunks", "from_chunks"]
 
 STATE_VERSION = 1
+VALUE_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def dct_matrix(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
@@ -79,9 +80,10 @@ class DeMo(Optimizer):
 
     Deviations: the momentum is stored in DCT coefficients (two transforms per step instead of four; the same
     algorithm in exact arithmetic); tensors with more than 2 dims are chunked as ``(shape[0], rest)`` (the authors'
-    code handles ≤ 2 dims); indices travel as int16 when a chunk has ≤ 32768 coefficients (int64 in their code) and
-    everything of one step travels in one all-gather; a step where any rank has a non-finite gradient is dropped on
-    every rank (no parameter, momentum or weight-decay change) without a host sync, and counted.
+    code handles ≤ 2 dims); values may travel in half precision (``value_dtype``); indices travel as int16 when a
+    chunk has ≤ 32768 coefficients (int64 in their code) and everything of one step travels in one all-gather; a
+    step where any rank has a non-finite gradient is dropped on every rank (no parameter, momentum or weight-decay
+    change) without a host sync, and counted.
 
     Args:
         params: parameters or parameter groups.
@@ -93,6 +95,9 @@ class DeMo(Optimizer):
             the coefficients). Clamped to the chunk's size.
         chunk_size: target DCT chunk length per dimension (``compression_chunk``), ≥ 1. Default ``64``.
         weight_decay: decoupled weight decay, ≥ 0. Default ``0.0``.
+        value_dtype: dtype of the sent coefficients: ``"float32"`` (the parameter's dtype, as the authors' code),
+            ``"bfloat16"`` or ``"float16"``. Default ``"float32"``. Half precision sends 4 instead of 6 bytes per
+            coefficient (with int16 indices); the rounding error stays in the momentum (it is fed back).
 
     State: per parameter ``momentum`` (``(chunks, h·w)`` DCT coefficients); ``state_dict()["demo"]`` holds
     ``version`` and ``nonfinite_skipped_total``. Every rank's momentum differs: save all of them (the strategy does).
@@ -116,9 +121,14 @@ class DeMo(Optimizer):
         topk: int = 32,
         chunk_size: int = 64,
         weight_decay: float = 0.0,
+        value_dtype: str = "float32",
     ) -> None:
         if not float(lr) > 0.0:
             raise ValueError(f"DeMo: `lr` must be > 0, got {lr!r}.")
+        if value_dtype not in VALUE_DTYPES:
+            raise ValueError(
+                f"DeMo: `value_dtype` must be one of 'float32', 'bfloat16', 'float16', got {value_dtype!r}."
+            )
         if not 0.0 <= float(momentum_decay) < 1.0:
             raise ValueError(f"DeMo: `momentum_decay` must be in [0, 1), got {momentum_decay!r}.")
         for name, value in (("topk", topk), ("chunk_size", chunk_size)):
@@ -130,6 +140,7 @@ class DeMo(Optimizer):
         super().__init__(params, defaults)
         self.topk = topk
         self.chunk_size = chunk_size
+        self.value_dtype = VALUE_DTYPES[value_dtype]
         self.comm: Collectives = local_collectives()
         self.nonfinite_skipped_total: Tensor | None = None
         self._buckets: list[tuple[int, int, int, list[Tensor]]] | None = None
@@ -192,8 +203,11 @@ class DeMo(Optimizer):
             new = old * group["momentum_decay"] + torch.where(ok_local, g_hat, 0.0) * group["lr"]
             k = min(self.topk, h * w)
             idx = new.abs().topk(k, dim=1, sorted=False).indices
-            sent.append((idx, new.gather(1, idx)))
-            new.scatter_(1, idx, 0.0)  # δ ← δ − q: exactly the coefficients that were sent
+            val = new.gather(1, idx)
+            wire = val if self.value_dtype is None else val.to(self.value_dtype)
+            sent.append((idx, wire))
+            # δ ← δ − q with q as it travels: what a low-precision value rounded away stays in the momentum
+            new.scatter_(1, idx, val - wire.to(val.dtype))
             olds.append(old)
             news.append(new)
         wide = any(h * w > 32768 for _, h, w, _ in buckets)  # int16 holds indices 0..32767
@@ -212,11 +226,11 @@ class DeMo(Optimizer):
                ok: Tensor) -> None:
         """Decode Σ_r q_r, take its sign and step (nothing changes when ``ok`` is False)."""
         idx = torch.cat([i for i, _ in parts], dim=1)
-        val = torch.cat([v for _, v in parts], dim=1)
+        val = torch.cat([v for _, v in parts], dim=1).to(ps[0].dtype)
         total = torch.zeros(idx.shape[0], h * w, dtype=val.dtype, device=val.device)
         total.scatter_reduce_(1, idx, val, reduce="mean", include_self=False)  # the authors' mean over senders
         dh, dw = self._basis(h, ps[0]), self._basis(w, ps[0])
-        update = (dh.T @ total.reshape(-1, h, w) @ dw).sign_().mul_(where_ok(ok, -group["lr"], 0.0, val))
+        update = (dh.T @ total.reshape(-1, h, w) @ dw).sign_().mul_(where_ok(ok, -group["lr"], 0.0, ps[0]))
         if group["weight_decay"] != 0.0:
             torch._foreach_mul_(ps, where_ok(ok, 1.0 - group["lr"] * group["weight_decay"], 1.0, ps[0]))
         sizes = [p.numel() // (h * w) for p in ps]

@@ -146,6 +146,18 @@ def test_sending_everything_is_sign_sgd_of_the_average_gradient():
     assert opt.state[p]["momentum"].abs().max() < 1e-6  # everything was sent (float32 round-off remains)
 
 
+def test_bfloat16_values_keep_their_rounding_error_in_the_momentum():
+    # one rank, topk 1 of a 1×2 chunk: the sent coefficient is rounded to bfloat16; momentum keeps value − rounded
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = DeMo([p], lr=1.0, topk=1, chunk_size=2, value_dtype="bfloat16")
+    coef = 1 + 2**-12  # bfloat16 has 8 significant bits: it rounds to 1.0, so 2⁻¹² stays behind at coefficient 0
+    r2 = math.sqrt(2.0)
+    p.grad = torch.tensor([(coef + 0.5) / r2, (coef - 0.5) / r2], dtype=torch.float64)  # DCT: [coef, 0.5]
+    opt.step()
+    expected = torch.tensor([[coef - 1.0, 0.5]], dtype=torch.float64)
+    assert torch.allclose(opt.state[p]["momentum"], expected, atol=1e-12)  # float64 DCT round trip
+
+
 def test_nonfinite_gradient_changes_nothing_and_is_counted():
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(4, 4))
@@ -181,7 +193,8 @@ def test_state_dict_round_trip_continues_exactly():
 @pytest.mark.parametrize(
     "kwargs, match",
     [(dict(lr=0.0), "`lr`"), (dict(momentum_decay=1.0), "`momentum_decay`"), (dict(topk=0), "`topk`"),
-     (dict(chunk_size=2.5), "`chunk_size`"), (dict(weight_decay=-1.0), "`weight_decay`")],
+     (dict(chunk_size=2.5), "`chunk_size`"), (dict(weight_decay=-1.0), "`weight_decay`"),
+     (dict(value_dtype="int8"), "`value_dtype`")],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
