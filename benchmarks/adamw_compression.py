@@ -37,8 +37,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._netem import RateLimitedNamespace, lo_tx_bytes
+from benchmarks._netem import RateLimitedNamespace
 from benchmarks.compressed_ddp import _free_port, _smooth
+from benchmarks.compressed_ddp import _recorder as compressed_recorder
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -108,35 +109,18 @@ def _model(task: str, method: str, lr: float, steps: int, onebit_fraction: float
 
 
 def _recorder(warmup: int) -> Any:
-    from lightning.pytorch import Callback
+    """compressed_ddp's recorder (losses, step times, kernel bytes), with our strategy's own byte count."""
+    rec = compressed_recorder(warmup)
 
-    class Recorder(Callback):
-        def __init__(self) -> None:
-            self.losses: list[float] = []
-            self.times: list[float] = []
-            self.t0 = 0.0
-            self.net0 = self.ours0 = 0.0
+    def ours(trainer: Any) -> float:
+        s = trainer.strategy
+        if hasattr(s, "link_bytes_total"):
+            return float(s.link_bytes_total())
+        hs = getattr(s, "hook_state", None)  # CompressedDDPStrategy: payload bytes of this rank's all-gathers
+        return float(hs.counters["bytes_sent_total"]) if hs is not None else 0.0
 
-        def _ours(self, trainer: Any) -> float:
-            s = trainer.strategy
-            if hasattr(s, "link_bytes_total"):
-                return float(s.link_bytes_total())
-            hs = getattr(s, "hook_state", None)  # CompressedDDPStrategy: payload bytes of this rank's all-gathers
-            return float(hs.counters["bytes_sent_total"]) if hs is not None else 0.0
-
-        def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
-            if trainer.global_step == warmup:
-                self.net0, self.ours0 = lo_tx_bytes(), self._ours(trainer)
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            self.times.append(time.perf_counter() - self.t0)
-            self.losses.append(float(outputs["loss"]))
-
-        def on_train_end(self, trainer: Any, module: Any) -> None:
-            self.net1, self.ours1 = lo_tx_bytes(), self._ours(trainer)
-
-    return Recorder()
+    rec._ours = ours
+    return rec
 
 
 def _parse(spec: str) -> tuple[str, float]:

@@ -13,14 +13,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from lightning_convergence.optim._collectives import Collectives, local_collectives
-from lightning_convergence.optim._masked import where_ok
+from lightning_convergence.optim._comm_optimizer import CommOptimizer, where_ok
 
 __all__ = ["DeMo", "dct_matrix", "chunk_size_for", "to_chunks", "from_chunks"]
 
-STATE_VERSION = 1
 VALUE_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -63,7 +60,7 @@ def from_chunks(tiles: Tensor, shape: torch.Size) -> Tensor:
     return tiles.reshape(a // h, b // w, h, w).permute(0, 2, 1, 3).reshape(shape)
 
 
-class DeMo(Optimizer):
+class DeMo(CommOptimizer):
     """DeMo: each rank keeps its own momentum, sends only its top-k chunked-DCT coefficients, steps by the sign.
 
     Per step and parameter, on every rank ``r`` (momentum ``δ_r`` kept in the DCT domain, which is equivalent because
@@ -111,7 +108,7 @@ class DeMo(Optimizer):
         opt = DeMo(model.parameters(), lr=3e-4, topk=32, chunk_size=64)  # with OptimizerCommStrategy in Lightning
     """
 
-    owns_communication_always = True
+    extra_key = "demo"
 
     def __init__(
         self,
@@ -141,15 +138,8 @@ class DeMo(Optimizer):
         self.topk = topk
         self.chunk_size = chunk_size
         self.value_dtype = VALUE_DTYPES[value_dtype]
-        self.comm: Collectives = local_collectives()
-        self.nonfinite_skipped_total: Tensor | None = None
         self._buckets: list[tuple[int, int, int, list[Tensor]]] | None = None
         self._bases: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
-
-    # -- wiring ------------------------------------------------------------------------------------------------------
-    def attach(self, comm: Collectives) -> None:
-        """Use ``comm`` for this optimizer's collectives (the strategy calls this once the process group exists)."""
-        self.comm = comm
 
     def owns_communication(self) -> bool:
         """True: DeMo communicates on every step, so DDP's gradient all-reduce must never run."""
@@ -185,10 +175,7 @@ class DeMo(Optimizer):
     # -- the step ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self.run_closure(closure)
         buckets = self.buckets()
         params = [p for _, _, _, ps in buckets for p in ps]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -213,7 +200,7 @@ class DeMo(Optimizer):
         wide = any(h * w > 32768 for _, h, w, _ in buckets)  # int16 holds indices 0..32767
         per_rank = self._exchange(ok_local, sent, torch.int32 if wide else torch.int16)
         ok = torch.stack([flag for flag, _ in per_rank]).all()
-        self._count_skip(ok)
+        self.count_skip(ok)
         for b, (gi, h, w, ps) in enumerate(buckets):
             self._apply(self.param_groups[gi], h, w, ps, [parts[b] for _, parts in per_rank], ok)
             torch._foreach_copy_(
@@ -259,32 +246,3 @@ class DeMo(Optimizer):
                 parts.append((i, v))
             out.append((theirs[:4].clone().view(torch.float32)[0] > 0.5, parts))
         return out
-
-    def _count_skip(self, ok: Tensor) -> None:
-        skipped = (~ok).to(torch.float32)
-        if self.nonfinite_skipped_total is None:
-            self.nonfinite_skipped_total = torch.zeros((), device=skipped.device)
-        self.nonfinite_skipped_total = self.nonfinite_skipped_total.to(skipped.device) + skipped
-
-    # -- accounting and state ------------------------------------------------------------------------------------
-    def dense_bytes(self) -> int:
-        """Bytes of the gradients one DDP all-reduce would carry (the baseline's per-rank input)."""
-        return sum(p.numel() * p.element_size() for _, _, _, ps in self.buckets() for p in ps)
-
-    def state_dict(self) -> dict[str, Any]:
-        out = super().state_dict()
-        skipped = self.nonfinite_skipped_total
-        out["demo"] = {
-            "version": STATE_VERSION,
-            "nonfinite_skipped_total": skipped.detach().cpu().clone() if skipped is not None else torch.zeros(()),
-        }
-        return out
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("demo", None)
-        if extra is not None and extra.get("version") != STATE_VERSION:
-            raise RuntimeError(f"DeMo: state `version` {extra.get('version')!r} is not supported.")
-        super().load_state_dict(state_dict)
-        if extra is not None:
-            self.nonfinite_skipped_total = extra["nonfinite_skipped_total"].clone()

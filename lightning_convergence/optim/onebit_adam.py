@@ -13,15 +13,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from lightning_convergence.compress.base import pack_bits, unpack_bits
-from lightning_convergence.optim._collectives import Collectives, local_collectives
-from lightning_convergence.optim._masked import where_ok
+from lightning_convergence.optim._collectives import Collectives
+from lightning_convergence.optim._comm_optimizer import CommOptimizer, where_ok
 
 __all__ = ["OnebitAdam", "OnebitLayout", "compressed_allreduce"]
-
-STATE_VERSION = 1
 
 
 class OnebitLayout:
@@ -120,7 +117,7 @@ def compressed_allreduce(
     return layout.to_flat(torch.stack(rows)), new_worker_error, new_server_error, ok
 
 
-class OnebitAdam(Optimizer):
+class OnebitAdam(CommOptimizer):
     """1-bit Adam: AdamW for ``start_step`` steps, then frozen variance and 1-bit error-compensated momentum averaging.
 
     Warm-up (steps ``1..start_step``, gradients averaged by DDP): exactly ``torch.optim.AdamW`` (with
@@ -165,6 +162,9 @@ class OnebitAdam(Optimizer):
         opt = OnebitAdam(model.parameters(), lr=3e-3, start_step=100)  # with OptimizerCommStrategy in Lightning
     """
 
+    extra_key = "onebit"
+    extra_tensors = ("worker_error", "server_error", "nonfinite_skipped_total")
+
     def __init__(
         self,
         params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]],
@@ -190,15 +190,13 @@ class OnebitAdam(Optimizer):
         super().__init__(params, defaults)
         self.start_step = start_step
         self.bias_correction = bool(bias_correction)
-        self.comm: Collectives = local_collectives()
-        self.nonfinite_skipped_total: Tensor | None = None
         self.worker_error: Tensor | None = None
         self.server_error: Tensor | None = None
         self._layout: OnebitLayout | None = None
 
     def attach(self, comm: Collectives) -> None:
         """Use ``comm`` for the compressed momentum averaging (the strategy calls this once the group exists)."""
-        self.comm = comm
+        super().attach(comm)
         self._layout = None
 
     @property
@@ -210,12 +208,9 @@ class OnebitAdam(Optimizer):
         """True once the warm-up is over: this step averages momenta itself and DDP must not all-reduce."""
         return self.steps_done >= self.start_step
 
-    def _params(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-
     def layout(self) -> OnebitLayout:
         if self._layout is None:
-            ps = self._params()
+            ps = self.comm_params()
             self._layout = OnebitLayout([p.numel() for p in ps], self.comm.world_size, ps[0].device)
         return self._layout
 
@@ -228,11 +223,8 @@ class OnebitAdam(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        ps = self._params()
+        loss = self.run_closure(closure)
+        ps = self.comm_params()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ps]
         ok = torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()
         compressed = self.owns_communication()
@@ -243,9 +235,7 @@ class OnebitAdam(Optimizer):
         else:
             self._adam_moments(ok)
         self._update(ok)
-        skipped = (~ok).to(torch.float32)
-        prev = self.nonfinite_skipped_total
-        self.nonfinite_skipped_total = skipped if prev is None else prev.to(skipped.device) + skipped
+        self.count_skip(ok)
         return loss
 
     def _adam_moments(self, ok: Tensor) -> None:
@@ -305,34 +295,3 @@ class OnebitAdam(Optimizer):
             upd = torch._foreach_div([s["exp_avg"] for s in states], denom)
             torch._foreach_mul_(upd, where_ok(ok, -group["lr"] / bc1, 0.0, mine[0]))
             torch._foreach_add_(mine, upd)
-
-    # -- accounting and state ------------------------------------------------------------------------------------
-    def dense_bytes(self) -> int:
-        """Bytes of the gradients one DDP all-reduce would carry (the baseline's per-rank input)."""
-        return sum(p.numel() * p.element_size() for p in self._params())
-
-    def state_dict(self) -> dict[str, Any]:
-        out = super().state_dict()
-
-        def cpu(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.detach().cpu().clone()
-
-        out["onebit"] = {
-            "version": STATE_VERSION,
-            "worker_error": cpu(self.worker_error),
-            "server_error": cpu(self.server_error),
-            "nonfinite_skipped_total": cpu(self.nonfinite_skipped_total),
-        }
-        return out
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("onebit", None)
-        if extra is not None and extra.get("version") != STATE_VERSION:
-            raise RuntimeError(f"OnebitAdam: state `version` {extra.get('version')!r} is not supported.")
-        super().load_state_dict(state_dict)
-        if extra is not None:
-            device = self._params()[0].device
-            for name in ("worker_error", "server_error", "nonfinite_skipped_total"):
-                value = extra.get(name)
-                setattr(self, name, None if value is None else value.to(device).clone())

@@ -14,6 +14,7 @@ from lightning_convergence.examples import MLPClassifier
 from lightning_convergence.optim import DeMo, OnebitAdam
 from lightning_convergence.strategies import OptimizerCommStrategy
 from tests.helpers.dist import DumpOnRanks, ddp_fork_strategy, fork_strategy_kwargs, load_rank_results, params_snapshot
+from tests.strategies.test_compressed_ddp import _MLPData as _Data  # deterministic inputs, fixed order
 
 TRAINER = dict(
     accelerator="cpu", devices=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -35,20 +36,6 @@ class SignSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 p.mul_(1 - group["lr"] * group["weight_decay"]).add_(torch.sign(p.grad), alpha=-group["lr"])
-
-
-class _Data(L.LightningDataModule):
-    """Deterministic random inputs for the MLP classifier (64 features, 10 classes), fixed order."""
-
-    def __init__(self, n: int = 64, batch_size: int = 8) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(0)
-        x, y = torch.randn(n, 64, generator=gen), torch.randint(0, 10, (n,), generator=gen)
-        self.ds = torch.utils.data.TensorDataset(x, y)
-        self.batch_size = batch_size
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(self.ds, batch_size=self.batch_size, shuffle=False)
 
 
 class _Model(MLPClassifier):
@@ -197,9 +184,9 @@ def test_nonfinite_stop_policy_ends_training(tmp_path):
     assert got[0]["optimizer"]["param_groups"][0]["step"] == 4  # stopped right after the skipped step
 
 
-def test_gradient_accumulation_and_clipping_run(tmp_path):
+def test_gradient_accumulation_clipping_and_bf16_mixed_run(tmp_path):
     got = fit(tmp_path, ours(), onebit(start_step=2), max_steps=4, accumulate_grad_batches=2,
-              gradient_clip_val=0.5)
+              gradient_clip_val=0.5, precision="bf16-mixed")
     c = got[0]["counters"]
     assert c["ddp_allreduce_calls_total"] + c["local_calls_total"] > 0
     _close(got[0]["params"], got[1]["params"], atol=0)
