@@ -1,5 +1,6 @@
 """Optimizers and budget-aware learning-rate schedules (cores: they import torch only, never lightning)."""
 
+from lightning_convergence.optim._collectives import Collectives, dist_collectives
 from lightning_convergence.optim.adagrad_norm import AdaGradNorm
 from lightning_convergence.optim.demo import DeMo
 from lightning_convergence.optim.onebit_adam import OnebitAdam
@@ -25,6 +26,7 @@ __all__ = [
     "AdamWScheduleFree",
     "SGDScheduleFree",
     "BudgetSchedule",
+    "Collectives",
     "CosineDecay",
     "DeMo",
     "LinearDecay",
@@ -33,6 +35,7 @@ __all__ = [
     "RefinedSchedule",
     "UBADecay",
     "WSDSchedule",
+    "dist_collectives",
     "load_norms",
     "median_smooth",
     "online_profile",
