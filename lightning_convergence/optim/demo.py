@@ -212,7 +212,7 @@ class DeMo(CommOptimizer):
 
     def _apply(self, group: dict[str, Any], h: int, w: int, ps: list[Tensor], parts: list[tuple[Tensor, Tensor]],
                ok: Tensor) -> None:
-        """Decode Σ_r q_r, take its sign and step (nothing changes when ``ok`` is False)."""
+        """Decode every coefficient's mean over its senders, take the sign and step (no change when ``ok`` is False)."""
         idx = torch.cat([i for i, _ in parts], dim=1)
         val = torch.cat([v for _, v in parts], dim=1).to(ps[0].dtype)
         total = torch.zeros(idx.shape[0], h * w, dtype=val.dtype, device=val.device)
