@@ -52,8 +52,10 @@ class OnebitLayout:
         row_seg = torch.cat([torch.full((c,), i) for i, c in enumerate(chunks)])
         self.row_segments = row_seg.to(device)
         self.all_segments = row_seg.repeat(world_size).to(device)
-        self.valid = (self.gather_index < total)
-        self.scatter_index = self.gather_index[self.valid]  # where each real entry of the rows lives in the flat
+        # inverse of the gather for real entries: flat position i sits at rows position flat_index[i]
+        valid = (self.gather_index < total).nonzero().squeeze(1)
+        self.flat_index = torch.empty(total, dtype=torch.long, device=device)
+        self.flat_index[self.gather_index[valid]] = valid
         self.padded_numel = torch.tensor(padded, dtype=torch.float32, device=device)
         self.chunk_numel = torch.tensor(chunks, dtype=torch.float32, device=device)
 
@@ -63,9 +65,7 @@ class OnebitLayout:
 
     def to_flat(self, rows: Tensor) -> Tensor:
         """Inverse of :meth:`to_rows` (padding dropped)."""
-        flat = rows.new_empty(sum(self.numels))
-        flat[self.scatter_index] = rows.reshape(-1)[self.valid]
-        return flat
+        return rows.reshape(-1)[self.flat_index]
 
 
 def _rms_by_segment(x: Tensor, segments: Tensor, count: Tensor) -> Tensor:
