@@ -7,6 +7,8 @@
     python benchmarks/adamw_compression.py --task lm7m --world-sizes 2 --steps 150 --batch-size 8 \
         --methods ddp_adamw demo onebit_adam
     # a method's peak learning rate is overridden with name@lr, e.g. demo@1e-3
+    # the optimizers' own compute per step (one process, fake collectives, no network):
+    python benchmarks/adamw_compression.py --task lm7m --step-compute
 
 For every world size the script creates a fresh network namespace whose loopback is capped by ``tc tbf``
 (:mod:`benchmarks._netem`), launches ``torchrun --nproc_per_node=W`` inside it, and the ranks train every method in
@@ -207,6 +209,41 @@ def print_summary(summary: list[dict[str, Any]], target_note: str) -> None:
     print(target_note)
 
 
+def step_compute(task: str, repeats: int = 10) -> None:
+    """``optimizer.step()`` time alone (one process, one thread), DDP's AdamW vs ours on the compressed path.
+
+    The collectives are in-process fakes for two identical ranks, so this is the optimizers' compute without any
+    network: DCT, top-k and decoding for DeMo; sign packing, scattering and scales for 1-bit Adam after the switch.
+    """
+    import torch
+
+    from lightning_convergence.examples import CharTransformerLM
+    from lightning_convergence.optim import Collectives, DeMo, OnebitAdam
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    ps = list(CharTransformerLM(**TASKS[task]).parameters())
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    fake = Collectives(world_size=2, rank=0, gather=lambda t: [t, t.clone()], all_to_all=lambda t: t.clone(),
+                       reduce_sum=lambda t: t * 2)
+
+    def ms(opt: Any) -> float:
+        opt.step()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            opt.step()
+        return (time.perf_counter() - t0) / repeats * 1e3
+
+    demo, onebit = DeMo(ps, lr=1e-6, value_dtype="bfloat16"), OnebitAdam(ps, lr=1e-6, start_step=1)
+    demo.attach(fake)
+    onebit.attach(fake)
+    base = ms(torch.optim.AdamW(ps, lr=1e-6))
+    d, o = ms(demo), ms(onebit)
+    print(f"{task}: {sum(p.numel() for p in ps)} parameters; optimizer.step ms: AdamW {base:.1f}, "
+          f"DeMo {d:.1f} ({d / base:.1f}x), 1-bit Adam after the switch {o:.1f} ({o / base:.1f}x)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="lm", choices=list(TASKS))
@@ -220,11 +257,15 @@ def main() -> None:
     p.add_argument("--rate", default="100mbit", help="tc rate of the emulated link")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-netem", action="store_true", help="run on the host loopback without a rate limit")
+    p.add_argument("--step-compute", action="store_true", help="only time optimizer.step() in one process")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.step_compute:
+        step_compute(args.task)
         return
     for spec in args.methods:
         if _parse(spec)[0] not in METHODS:
