@@ -365,10 +365,15 @@ class StreamingDiLoCo(OuterStep):
         self._write(new, params, p)
         return StreamingStats(link * w, sqn(mean), divergence_sq, **common)
 
+    def drain(self, params: list[Tensor], comm: Any = None) -> StreamingStats | None:
+        """Merge the fragment still in flight now (its stats), or ``None`` when nothing is in flight."""
+        if self._inflight is None:
+            return None
+        return self._complete(params, self._comm if self._comm is not None else comm)
+
     def finalize(self, params: list[Tensor], comm: Any) -> None:
-        """Merge the fragment still in flight (if any); the strategy then averages the replicas."""
-        if self._inflight is not None:
-            self._complete(params, comm)
+        """Merge the fragment still in flight (if any); the replicas still differ: the caller averages them."""
+        self.drain(params, comm)
         return None
 
     # -------------------------------------------------------------------------------------------- state

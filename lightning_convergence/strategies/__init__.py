@@ -12,6 +12,7 @@ __all__ = [
     "AsyncFederatedStrategy",
     "CompressedDDPStrategy",
     "LocalSGDStrategy",
+    "StreamingDiLoCoStrategy",
     "register_all",
     "register_strategy",
 ]
@@ -22,6 +23,7 @@ _LAZY = {
     "AsyncFederatedStrategy": "lightning_convergence.strategies.async_fl",
     "CompressedDDPStrategy": "lightning_convergence.strategies.compressed_ddp",
     "LocalSGDStrategy": "lightning_convergence.strategies.local_sgd",
+    "StreamingDiLoCoStrategy": "lightning_convergence.strategies.streaming_diloco",
 }
 
 
@@ -37,6 +39,7 @@ _STRATEGY_MODULES: tuple[str, ...] = (
     "lightning_convergence.strategies.compressed_ddp",
     "lightning_convergence.strategies.local_sgd",
     "lightning_convergence.strategies.async_fl",
+    "lightning_convergence.strategies.streaming_diloco",
 )
 
 
