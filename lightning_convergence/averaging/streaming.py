@@ -230,6 +230,7 @@ class StreamingDiLoCo(OuterStep):
         self._inflight: _InFlight | None = None
         self._comm: Any = None  # the collectives of the last call (a pending stage is finished with them on save)
         self.last_issued_bytes = 0  # link bytes this rank issued at the last step (peak-per-step diagnostics)
+        self.link_bytes_total = 0  # link bytes this rank has sent (final merge included)
 
     # -------------------------------------------------------------------------------------------- set-up
     def init_state(self, params: list[Tensor]) -> None:
@@ -277,11 +278,11 @@ class StreamingDiLoCo(OuterStep):
                 out = self._complete(params, comm)
         return out
 
-    def _launch(self, params: list[Tensor], comm: Any, step: int, p: int) -> int:
+    def _launch(self, params: list[Tensor], comm: Any, step: int, p: int, final: bool = False) -> int:
         anchor, buf = self.anchors[p], self.momentum_buffers[p]
         delta = anchor - self._flat(params, p)
         start = None
-        if self.eager:
+        if self.eager and not final:
             w = comm.world_size
             prev = self.others_prev[p]
             proxy = delta / w + prev if prev is not None else delta
@@ -307,6 +308,7 @@ class StreamingDiLoCo(OuterStep):
             if self.overlap_steps // 2 == 0:
                 self._stage_two(fl, comm)
         fl.link_bytes = link
+        self.link_bytes_total += link
         self._inflight = fl
         return link
 
@@ -338,7 +340,7 @@ class StreamingDiLoCo(OuterStep):
             fl.future = None
         return fl.mean
 
-    def _complete(self, params: list[Tensor], comm: Any) -> StreamingStats:
+    def _complete(self, params: list[Tensor], comm: Any, final: bool = False) -> StreamingStats:
         fl = self._inflight
         assert fl is not None
         self._inflight = None
@@ -354,7 +356,9 @@ class StreamingDiLoCo(OuterStep):
             return StreamingStats(link * w, torch.zeros(()), divergence_sq, skipped=True, **common)
         anchor = self.anchors[p]
         nesterov_outer_update(anchor, self.momentum_buffers[p], mean, self.lr, self.momentum, self.nesterov)
-        if self.eager:
+        if final:
+            new = anchor
+        elif self.eager:
             assert fl.start is not None
             new = anchor + (self._flat(params, p) - fl.start)
             self.others_prev[p] = mean - fl.local_delta / w
@@ -371,10 +375,22 @@ class StreamingDiLoCo(OuterStep):
             return None
         return self._complete(params, self._comm if self._comm is not None else comm)
 
-    def finalize(self, params: list[Tensor], comm: Any) -> None:
-        """Merge the fragment still in flight (if any); the replicas still differ: the caller averages them."""
-        self.drain(params, comm)
-        return None
+    def finalize(self, params: list[Tensor], comm: Any) -> StreamingStats | None:
+        """End of training: merge the fragment in flight, then one last blocking outer step of every fragment (with
+        the same quantization) that lands every replica on the new anchors, so all ranks end on one model.
+
+        Returns the summed stats, or ``None`` if no step ever ran (the replicas are still identical)."""
+        comm = self._comm if self._comm is not None else comm
+        if self._comm is None:
+            return None
+        done = [s for s in [self.drain(params, comm)] if s is not None]
+        for p in range(self.num_fragments):
+            self._launch(params, comm, -1, p, final=True)
+            done.append(self._complete(params, comm, final=True))
+        return StreamingStats(
+            sum(s.bytes_sent for s in done), sum(s.pseudo_grad_sq for s in done), sum(s.divergence_sq for s in done),
+            skipped=any(s.skipped for s in done), link_bytes=sum(s.link_bytes for s in done),
+            fragment=self.num_fragments - 1, wait_ms=sum(s.wait_ms for s in done), quant_rel_error_sq=None)
 
     # -------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -395,6 +411,7 @@ class StreamingDiLoCo(OuterStep):
             "momentum_buffers": [b.clone() for b in self.momentum_buffers],
             "others_prev": [None if o is None else o.clone() for o in self.others_prev],
             "inflight": inflight,
+            "link_bytes_total": self.link_bytes_total,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -405,6 +422,7 @@ class StreamingDiLoCo(OuterStep):
         self.anchors = [a.clone() for a in state["anchors"]]
         self.momentum_buffers = [b.clone() for b in state["momentum_buffers"]]
         self.others_prev = [None if o is None else o.clone() for o in state["others_prev"]]
+        self.link_bytes_total = int(state["link_bytes_total"])
         s = state["inflight"]
         self._inflight = None
         if s is not None:

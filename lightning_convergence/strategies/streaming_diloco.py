@@ -101,7 +101,6 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
                          final_merge=final_merge, average_for_eval=average_for_eval, **kwargs)
         self._collectives: Any = None
         self._outer_group: Any = None
-        self._link_bytes = 0
         self._peak_step_bytes = 0
         self._warned = False
 
@@ -120,7 +119,6 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
         assert self._params is not None
         stats = self.outer.sync(self._params, self._collectives, self._step)
         issued = self.outer.last_issued_bytes  # type: ignore[attr-defined]
-        self._link_bytes += issued
         self._peak_step_bytes = max(self._peak_step_bytes, issued)
         if stats is None:
             return
@@ -134,14 +132,6 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
         if stats.fragment == self.outer.num_fragments - 1:  # type: ignore[attr-defined]
             self._bytes += self._mix_extras()  # float buffers, once per round (after the last fragment)
         self._maybe_log(stats)
-
-    def on_train_end(self) -> None:
-        if self._params is not None and self.final_merge:
-            stats = self.outer.drain(self._params, self._collectives)  # type: ignore[attr-defined]
-            if stats is not None:  # counted like any merge; the base class then averages the replicas
-                self._rounds += 1
-                self._bytes += stats.bytes_sent
-        super().on_train_end()
 
     def _maybe_log(self, stats: Any) -> None:
         trainer = self.lightning_module.trainer
@@ -158,7 +148,7 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
         log_metrics(trainer, "local_sgd", {
             "sync_rounds_total": self._rounds,
             "bytes_sent_total": self._bytes,
-            "link_bytes_total": self._link_bytes,
+            "link_bytes_total": self.outer.link_bytes_total,  # type: ignore[attr-defined]
             "fragment_sync_bytes": stats.link_bytes,
             "peak_step_bytes": self._peak_step_bytes,
             "sync_wait_ms": stats.wait_ms,
@@ -171,7 +161,6 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
     def rank_state_dict(self) -> dict[str, Any]:
         state = super().rank_state_dict()
         if not state.get("empty"):
-            state["link_bytes_total"] = self._link_bytes
             state["peak_step_bytes"] = self._peak_step_bytes
         return state
 
@@ -179,7 +168,6 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
         if not state.get("empty") and self._params is not None:
             device = self._params[0].device
             state = dict(state, outer=_to_device(state["outer"], device))
-            self._link_bytes = int(state["link_bytes_total"])
             self._peak_step_bytes = int(state["peak_step_bytes"])
         super().load_rank_state_dict(state)
 

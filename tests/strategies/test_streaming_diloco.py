@@ -111,7 +111,7 @@ def test_resume_with_a_fragment_in_flight_continues_exactly(tmp_path, kwargs):
         for k, v in straight[r]["params"].items():
             assert torch.equal(v, resumed[r]["params"][k]), (r, k)
         s, t = straight[r]["strategy_state"], resumed[r]["strategy_state"]
-        assert s["step"] == t["step"] == 8 and s["link_bytes_total"] == t["link_bytes_total"]
+        assert s["step"] == t["step"] == 8 and s["outer"]["link_bytes_total"] == t["outer"]["link_bytes_total"]
         for a, b in zip(s["outer"]["anchors"], t["outer"]["anchors"]):
             assert torch.equal(a, b)
         for a, b in zip(s["outer"]["momentum_buffers"], t["outer"]["momentum_buffers"]):
@@ -125,7 +125,7 @@ def test_counted_link_bytes_match_hand_computation(tmp_path):
     out = fit(StreamingDiLoCoStrategy, tmp_path, 8, module_kwargs={"opt": "adam", "lr": 0.01}, final_merge=False,
               num_fragments=2, sync_every=4, overlap_steps=1, quantization="fp4_e3m0", block_size=8)
     for r in range(2):
-        assert out[r]["strategy_state"]["link_bytes_total"] == 2 * 96 + 2 * 16
+        assert out[r]["strategy_state"]["outer"]["link_bytes_total"] == 2 * 96 + 2 * 16
         assert out[r]["strategy_state"]["peak_step_bytes"] == 96
     keys = set(out[0]["metrics"])
     for key in ("link_bytes_total", "fragment_sync_bytes", "peak_step_bytes", "sync_wait_ms", "quantization_error",
@@ -152,12 +152,16 @@ def test_registered_name_and_errors():
 
 
 def test_final_merge_drains_the_fragment_in_flight(tmp_path):
-    # H=8, P=2, τ=3: fragment 1 launches at step 8 and is still in flight when fit ends; the final merge completes
-    # it, then averages: every rank ends on the same model
+    # H=8, P=2, τ=3: fragment 0 launches at step 4 (merged at 7), fragment 1 at step 8 and is still in flight when
+    # fit ends; the final merge completes it, then takes one blocking outer step of each fragment: every rank ends on
+    # the same model
     out = fit(StreamingDiLoCoStrategy, tmp_path, 8, module_kwargs={"opt": "adam", "lr": 0.01}, final_merge=True,
               num_fragments=2, sync_every=8, overlap_steps=3, quantization="int8", block_size=8)
     for k, v in out[0]["params"].items():
         assert torch.equal(v, out[1]["params"][k]), k
-    # merges: fragment 0 at step 7, fragment 1 drained at the end, then the final average of the replicas
-    assert out[0]["strategy_state"]["sync_rounds_total"] == 3
+    assert out[0]["strategy_state"]["sync_rounds_total"] == 2  # the merge at step 7, then the final merge
+    # link bytes: 88 entries (fragment 0) and 9 (fragment 1) as int8 in blocks of 8 at W=2: chunks of 48 entries =
+    # 48 + 6·4 = 72 bytes (96 → 2·72 = 144 per sync), chunks of 8 = 8 + 4 (24 per sync); syncs: fragment 0 at 4,
+    # fragment 1 at 8, then both in the final merge
+    assert out[0]["strategy_state"]["outer"]["link_bytes_total"] == 2 * 144 + 2 * 24
     assert out[0]["strategy_state"]["outer"]["inflight"] is None
