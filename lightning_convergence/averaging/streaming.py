@@ -161,7 +161,8 @@ class StreamingDiLoCo(OuterStep):
     (2) τ < ⌊H/P⌋, so at most one fragment is in flight (torchft's constraint). (3) Quantized means are rounded twice
     (each rank's chunks, then the mean chunk), see :class:`~lightning_convergence.compress.BlockQuantizer`; at world
     size 1 nothing is sent or rounded. (4) A non-finite mean drops the fragment's round: the fragment returns to its
-    anchor, momentum untouched.
+    anchor, momentum untouched. (5) :meth:`finalize` (end of training) merges what is in flight and then takes one
+    blocking outer step per fragment with α=0, so every replica ends on the same model without a float32 average.
 
     Args:
         num_fragments: P ≥ 1, fragments of layer blocks. Default 4. Peak bytes per sync fall by P.
@@ -179,7 +180,7 @@ class StreamingDiLoCo(OuterStep):
         partition: ``"strided"`` (paper, default) or ``"contiguous"`` layer blocks per fragment.
 
     State: per fragment ``anchor`` and ``momentum_buffer`` (float32), ``others_prev`` (eager, per rank), the fragment
-    in flight with its mean materialised (see :meth:`state_dict`), ``version``.
+    in flight with its mean materialised (see :meth:`state_dict`), ``link_bytes_total`` (this rank), ``version``.
 
     Raises:
         ValueError: a hyperparameter outside its range (message names the field).

@@ -52,7 +52,8 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
     Deviations from :class:`LocalSGDStrategy`: the outer collectives run on a dedicated process group created at setup
     (``dist.new_group``), so the asynchronous all-reduce in flight never orders against validation or logging
     collectives; float buffers are averaged (blocking, default group) when the last fragment of a round merges; the
-    inner optimizer's state is kept (``optimizer_state="keep"``). No DDP warm-up phase.
+    inner optimizer's state is kept (``optimizer_state="keep"``); no DDP warm-up phase; the final merge is one last
+    quantized outer step of every fragment (:meth:`StreamingDiLoCo.finalize`), not a float32 average.
 
     Args:
         num_fragments: P, fragments of layer blocks, ≥ 1. Default 4 (needs ≥ 4 layer blocks).

@@ -165,3 +165,36 @@ def test_final_merge_drains_the_fragment_in_flight(tmp_path):
     # fragment 1 at 8, then both in the final merge
     assert out[0]["strategy_state"]["outer"]["link_bytes_total"] == 2 * 144 + 2 * 24
     assert out[0]["strategy_state"]["outer"]["inflight"] is None
+
+
+class NaNOnRankOne(TinyNet):
+    """Rank 1's loss turns non-finite at the third step, so its replica (and pseudo-gradient) does."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step == 2 and self.global_rank == 1:
+            loss = loss * float("nan")
+        return loss
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_pseudo_gradient_never_enters_the_outer_state(tmp_path, policy):
+    seed_everything(0)
+    trainer = Trainer(
+        accelerator="cpu", devices=2,
+        strategy=StreamingDiLoCoStrategy(**fork_strategy_kwargs(), final_merge=False, num_fragments=2, sync_every=4,
+                                         overlap_steps=0, quantization="fp4_e3m0", block_size=8,
+                                         on_nonfinite=policy),
+        max_steps=8, max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[DumpOnRanks(tmp_path, rank_dump)], default_root_dir=str(tmp_path),
+    )
+    trainer.fit(NaNOnRankOne(opt="sgd", lr=0.05), datamodule=SyntheticRegressionDataModule(n_samples=64, dim=10,
+                                                                                           batch_size=8, seed=0))
+    out = load_rank_results(tmp_path, 2)
+    for r in range(2):  # both ranks saw the same non-finite mean and took the same branch
+        state = out[r]["strategy_state"]
+        assert state["nonfinite_skipped_total"] >= 1
+        assert state["step"] == (4 if policy == "stop" else 8)  # 'stop' ends training at the step that found it
+        for t in state["outer"]["anchors"] + state["outer"]["momentum_buffers"]:
+            assert torch.isfinite(t).all()
