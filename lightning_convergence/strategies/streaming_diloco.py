@@ -136,27 +136,21 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
 
     def _maybe_log(self, stats: Any) -> None:
         trainer = self.lightning_module.trainer
-        every = max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
-        if self._step - self._last_log_step < every:
+        due = self._step - self._last_log_step >= max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
+        super()._maybe_log(stats)  # the local-SGD keys
+        if not due:
             return
-        self._last_log_step = self._step
         q = stats.quant_rel_error_sq if stats.quant_rel_error_sq is not None else torch.zeros(())
-        vals = torch.stack([t.float().cpu().reshape(()) for t in (stats.pseudo_grad_sq, stats.divergence_sq, q)])
-        vals = vals.to(self.root_device)
+        q = q.float().reshape(1).to(self.root_device)
         if self._world > 1:
-            dist.all_reduce(vals)  # logging only: three scalars
-            vals /= self._world
+            dist.all_reduce(q)  # logging only: one scalar
+            q /= self._world
         log_metrics(trainer, "local_sgd", {
-            "sync_rounds_total": self._rounds,
-            "bytes_sent_total": self._bytes,
             "link_bytes_total": self.outer.link_bytes_total,  # type: ignore[attr-defined]
             "fragment_sync_bytes": stats.link_bytes,
             "peak_step_bytes": self._peak_step_bytes,
             "sync_wait_ms": stats.wait_ms,
-            "pseudo_grad_norm": vals[0].clamp_min(0).sqrt(),
-            "replica_divergence": vals[1].clamp_min(0).sqrt(),
-            "quantization_error": vals[2].clamp_min(0).sqrt(),
-            "nonfinite_skipped_total": self._skipped,
+            "quantization_error": q[0].clamp_min(0).sqrt(),
         }, step=self._step)
 
     def rank_state_dict(self) -> dict[str, Any]:

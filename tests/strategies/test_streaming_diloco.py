@@ -38,7 +38,7 @@ class RecordMerges(Callback):
         })
 
 
-def _fit_ranks(out: Path, devices: int, max_steps: int, **kwargs: Any) -> list[dict[str, Any]]:
+def _fit_ranks(out: Path, devices: int, max_steps: int, module: Any = None, **kwargs: Any) -> list[dict[str, Any]]:
     seed_everything(0)
     rec = RecordMerges()
 
@@ -53,7 +53,7 @@ def _fit_ranks(out: Path, devices: int, max_steps: int, **kwargs: Any) -> list[d
         callbacks=[rec, DumpOnRanks(out, dump)], default_root_dir=str(out),
     )
     data = SyntheticRegressionDataModule(n_samples=128, dim=10, batch_size=4, seed=0)
-    trainer.fit(TinyNet(opt="adam", lr=0.01), datamodule=data)
+    trainer.fit(module if module is not None else TinyNet(opt="adam", lr=0.01), datamodule=data)
     return load_rank_results(out, devices)
 
 
@@ -179,19 +179,8 @@ class NaNOnRankOne(TinyNet):
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nonfinite_pseudo_gradient_never_enters_the_outer_state(tmp_path, policy):
-    seed_everything(0)
-    trainer = Trainer(
-        accelerator="cpu", devices=2,
-        strategy=StreamingDiLoCoStrategy(**fork_strategy_kwargs(), final_merge=False, num_fragments=2, sync_every=4,
-                                         overlap_steps=0, quantization="fp4_e3m0", block_size=8,
-                                         on_nonfinite=policy),
-        max_steps=8, max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
-        callbacks=[DumpOnRanks(tmp_path, rank_dump)], default_root_dir=str(tmp_path),
-    )
-    trainer.fit(NaNOnRankOne(opt="sgd", lr=0.05), datamodule=SyntheticRegressionDataModule(n_samples=64, dim=10,
-                                                                                           batch_size=8, seed=0))
-    out = load_rank_results(tmp_path, 2)
+    out = _fit_ranks(tmp_path, 2, 8, module=NaNOnRankOne(opt="sgd", lr=0.05), num_fragments=2, sync_every=4,
+                     overlap_steps=0, quantization="fp4_e3m0", block_size=8, on_nonfinite=policy)
     for r in range(2):  # both ranks saw the same non-finite mean and took the same branch
         state = out[r]["strategy_state"]
         assert state["nonfinite_skipped_total"] >= 1
