@@ -2,14 +2,15 @@
 
 Runs, at equal compute (same optimizer steps and samples per rank), at world sizes 2 and 4: plain DDP; torch's
 post-local SGD (H=32); ``LocalSGDStrategy`` with DiLoCo (H=32); ``StreamingDiLoCoStrategy`` with P=2 fragments,
-H=32, τ=4, α=0.5 and 4-bit (E3M0) outer gradients, and the same in float32 (peak bytes without quantization).
-Reports per rank: link bytes counted under each collective's algorithm and bytes on the wire (``/proc/net/dev`` of
-the namespace's loopback, divided by W), the peak link bytes of any one step, final validation loss of the merged
-model, training time to a target (1.03 × DDP's final validation loss; validation excluded), and the median wall time
-of the steps at which a sync launches or merges relative to the median inner step. Each world size runs in one
-``torchrun`` inside a network namespace whose loopback is rate-limited (``benchmarks/_netem.py``).
+H=32, τ=4, α=0.5 and 4-bit (E3M0) outer gradients, the same in float32 (peak bytes without quantization), and int8
+with eager updates. Reports per rank: link bytes counted under each collective's algorithm; bytes on the wire
+(``/proc/net/dev`` of the namespace's loopback, validation excluded, divided by W); the peak link bytes of any one
+step; final validation loss of the merged model; training time to a target (1.03 × DDP's final validation loss;
+validation excluded); the median wall time of the steps at which a sync launches or merges relative to the median
+inner step. Each world size runs in one ``torchrun`` inside a network namespace whose loopback is rate-limited
+(``benchmarks/_netem.py``).
 
-    python benchmarks/streaming_diloco.py [--steps N] [--world-sizes 2,4] [--rate-mbit 100] [--no-limit]
+    python benchmarks/streaming_diloco.py [--steps N] [--world-sizes 2,4] [--sync-every H] [--runs fp4,diloco]
 """
 
 from __future__ import annotations
@@ -28,17 +29,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from local_sgd import DATA, MODEL, OUT, _time_to, _timer_cls
 
-H, P, TAU = 32, 2, 4
+H, P, TAU = 32, 2, 4  # defaults; --sync-every / --fragments / --overlap override them
 
 
-def _runs() -> list[dict[str, Any]]:
-    return [
+def _runs(only: str | None) -> list[dict[str, Any]]:
+    runs = [
         {"name": "ddp", "kind": "ddp"},
-        {"name": "torch_post_local_H32", "kind": "post_local", "H": H},
-        {"name": "diloco_H32", "kind": "local", "outer": "diloco", "H": H},
-        {"name": f"streaming_P{P}_tau{TAU}_fp4", "kind": "streaming", "quantization": "fp4_e3m0"},
-        {"name": f"streaming_P{P}_tau{TAU}_fp32", "kind": "streaming", "quantization": None},
+        {"name": f"torch_post_local_H{H}", "kind": "post_local", "H": H},
+        {"name": f"diloco_H{H}", "kind": "local", "outer": "diloco", "H": H},
+        {"name": f"streaming_P{P}_H{H}_tau{TAU}_fp4", "kind": "streaming", "quantization": "fp4_e3m0"},
+        {"name": f"streaming_P{P}_H{H}_tau{TAU}_fp32", "kind": "streaming", "quantization": None},
+        {"name": f"streaming_P{P}_H{H}_tau{TAU}_int8_eager", "kind": "streaming", "quantization": "int8",
+         "eager": True},
     ]
+    keep = None if only is None else set(only.split(","))
+    return [r for r in runs if keep is None or r["kind"] == "ddp" or any(k in r["name"] for k in keep)]
 
 
 def _step_clock_cls():
@@ -51,6 +56,7 @@ def _step_clock_cls():
         def __init__(self) -> None:
             self.times: dict[int, float] = {}
             self._last: float | None = None
+            self.val_wire, self._val0 = 0, 0
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             now = time.perf_counter()
@@ -59,7 +65,15 @@ def _step_clock_cls():
             self._last = now
 
         def on_validation_start(self, trainer, pl_module):
+            from _netem import lo_tx_bytes
+
             self._last = None
+            self._val0 = lo_tx_bytes()
+
+        def on_validation_end(self, trainer, pl_module):
+            from _netem import lo_tx_bytes
+
+            self.val_wire += lo_tx_bytes() - self._val0  # namespace-wide bytes while validating
 
     return StepClock
 
@@ -81,7 +95,8 @@ def _strategy(run: dict[str, Any], subgroup: Any, steps: int) -> Any:
     from lightning_convergence.strategies.streaming_diloco import StreamingDiLoCoStrategy
 
     return StreamingDiLoCoStrategy(num_fragments=P, sync_every=H, overlap_steps=TAU, mixing=0.5,
-                                   quantization=run["quantization"], process_group_backend="gloo")
+                                   eager=run.get("eager", False), quantization=run["quantization"],
+                                   process_group_backend="gloo")
 
 
 def _sync_steps(run: dict[str, Any], steps: int, warmup: int) -> set[int]:
@@ -111,7 +126,7 @@ def worker(args: argparse.Namespace) -> None:
     n_params = sum(p.numel() for p in CharTransformerLM(**MODEL).parameters())
     full = 2 * (w - 1) * 4 * n_params // w  # one float32 ring all-reduce of the model, per rank
     results = []
-    for run in _runs():
+    for run in _runs(args.runs):
         seed_everything(0, verbose=False)
         model = CharTransformerLM(**MODEL)
         clock, steps_clock = _timer_cls()(), _step_clock_cls()()
@@ -125,7 +140,10 @@ def worker(args: argparse.Namespace) -> None:
         wire0 = lo_tx_bytes()
         trainer.fit(model, datamodule=StdlibTextDataModule(**DATA))
         dist.barrier()
-        wire = (lo_tx_bytes() - wire0) / w
+        wire = lo_tx_bytes() - wire0
+        val_wire = torch.tensor(float(steps_clock.val_wire))
+        dist.broadcast(val_wire, 0)  # rank 0's count of the namespace's bytes during validation
+        wire = (wire - val_wire.item()) / w
         final = trainer.validate(model, datamodule=StdlibTextDataModule(**DATA), verbose=False)[0]["val_loss"]
         s = trainer.strategy
         if run["kind"] in ("local", "streaming"):
@@ -153,16 +171,16 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, limited: boo
     for w in sorted({r["W"] for r in results}):
         rs = [r for r in results if r["W"] == w]
         ddp = next(r for r in rs if r["kind"] == "ddp")
-        dil = next(r for r in rs if r["kind"] == "local")
+        dil = next((r for r in rs if r["kind"] == "local"), None)
         target = 1.03 * ddp["final_val"]
-        dil_t = _time_to(dil["curve"], target)
+        dil_t = None if dil is None else _time_to(dil["curve"], target)
         rows = []
         for r in rs:
             t = _time_to(r["curve"], target)
             rows.append([
                 r["name"], f"{r['bytes_counted'] / 1e6:.3f}", f"{r['bytes_wire'] / 1e6:.3f}",
                 f"{ddp['bytes_counted'] / r['bytes_counted']:.0f}x", f"{r['peak_step_bytes'] / 1e3:.1f}",
-                f"{r['peak_step_bytes'] / dil['peak_step_bytes']:.3f}", f"{r['final_val']:.4f}",
+                "-" if dil is None else f"{r['peak_step_bytes'] / dil['peak_step_bytes']:.3f}", f"{r['final_val']:.4f}",
                 f"{100 * (r['final_val'] / ddp['final_val'] - 1):+.2f}%", f"{r['train_s']:.1f}",
                 "-" if t is None else f"{t:.1f}", "-" if t is None or dil_t is None else f"{t / dil_t:.2f}",
                 f"{r['inner_ms']:.1f}", "-" if r["sync_ms"] is None else f"{r['sync_ms'] / r['inner_ms']:.2f}",
@@ -183,14 +201,21 @@ def main() -> None:
     parser.add_argument("--rate-mbit", type=float, default=100.0, help="emulated link rate (default 100)")
     parser.add_argument("--no-limit", action="store_true", help="skip the rate limit")
     parser.add_argument("--report-only", action="store_true", help="re-print the tables from the last run's JSON")
+    parser.add_argument("--sync-every", type=int, default=H, help="H for DiLoCo, post-local SGD and streaming (32)")
+    parser.add_argument("--fragments", type=int, default=P, help="streaming fragments P (default 2)")
+    parser.add_argument("--overlap", type=int, default=TAU, help="streaming overlap steps tau (default 4)")
+    parser.add_argument("--runs", default=None, help="comma-separated name parts to run besides DDP (default: all)")
+    parser.add_argument("--tag", default="", help="suffix of the JSON files (keeps runs with other settings apart)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global H, P, TAU
+    H, P, TAU = args.sync_every, args.fragments, args.overlap
     if args.worker:
         worker(args)
         return
     sizes = [int(x) for x in args.world_sizes.split(",")]
-    outs = [OUT / f"streaming_diloco_W{w}.json" for w in sizes]
+    outs = [OUT / f"streaming_diloco_W{w}{args.tag}.json" for w in sizes]
     if not args.report_only:
         from _netem import RateLimitedNamespace, netem_available
 
@@ -203,7 +228,8 @@ def main() -> None:
         for w, out in zip(sizes, outs):
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={w}", "--master_addr=127.0.0.1",
                    "--master_port=29519", str(Path(__file__).resolve()), "--worker", f"--steps={args.steps}",
-                   f"--val-every={args.val_every}", f"--out={out}"]
+                   f"--val-every={args.val_every}", f"--out={out}", f"--sync-every={H}", f"--fragments={P}",
+                   f"--overlap={TAU}"] + ([f"--runs={args.runs}"] if args.runs else [])
             if args.no_limit or reason:
                 subprocess.run(cmd, check=True, env=env)
             else:

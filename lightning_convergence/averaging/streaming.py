@@ -122,6 +122,7 @@ class _InFlight:
         self.mean: Tensor | None = None  # materialised result (after wait, or restored from a checkpoint)
         self.quant_error_sq = torch.zeros(())
         self.link_bytes = 0  # what this rank sends for it
+        self.sent: Tensor | None = None  # this rank's encoded chunks (quantized path, until stage two)
 
 
 @dataclass
@@ -300,10 +301,8 @@ class StreamingDiLoCo(OuterStep):
             chunk = _chunk_len(n, w, q.block_size)
             x = torch.zeros(chunk * w, dtype=torch.float32, device=delta.device)
             x[:n] = delta
-            blobs = [_encode(q, c) for c in x.split(chunk)]
-            mine = torch.cat([_decode(q, b, chunk) for b in blobs])[:n]
-            fl.quant_error_sq = sqn(mine - delta) / sqn(delta).clamp_min(1e-30)
-            fl.future = comm.all_to_all_async(torch.cat(blobs))
+            fl.sent = torch.cat([_encode(q, c) for c in x.split(chunk)])
+            fl.future = comm.all_to_all_async(fl.sent.clone())  # owned by the collective from here on
             fl.stage = 1
             link = quantized_mean_link_bytes(n, w, q)
             if self.overlap_steps // 2 == 0:
@@ -319,6 +318,11 @@ class StreamingDiLoCo(OuterStep):
         assert q is not None
         chunk = _chunk_len(fl.local_delta.numel(), w, q.block_size)
         received = fl.future.wait()
+        if fl.sent is not None:  # the quantization error of this rank's own contribution (diagnostics only)
+            n = fl.local_delta.numel()
+            mine = torch.cat([_decode(q, b, chunk) for b in fl.sent.chunk(w)])[:n]
+            fl.quant_error_sq = sqn(mine - fl.local_delta) / sqn(fl.local_delta).clamp_min(1e-30)
+            fl.sent = None
         parts = received.chunk(w)
         mean_chunk = _decode(q, parts[0], chunk)
         for part in parts[1:]:
