@@ -221,6 +221,7 @@ class StreamingDiLoCo(OuterStep):
         if partition not in _PARTITIONS:
             raise ValueError(f"StreamingDiLoCo: `partition` must be one of {_PARTITIONS}, got {partition!r}.")
         self.mixing, self.eager = float(mixing), bool(eager)
+        self._due = {off: p for p, off in enumerate(fragment_offsets(sync_every, num_fragments))}
         self.quantizer = None if quantization is None else BlockQuantizer(quantization, block_size)
         self.quantization = quantization
         self.lr, self.momentum, self.nesterov, self.partition = float(lr), float(momentum), bool(nesterov), partition
@@ -273,7 +274,7 @@ class StreamingDiLoCo(OuterStep):
                 self._stage_two(fl, comm)
             if age == self.overlap_steps:
                 out = self._complete(params, comm)
-        p = fragment_due(step, self.sync_every, self.num_fragments)
+        p = self._due.get(step % self.sync_every) if step > 0 else None  # fragment_due, one dict look-up
         if p is not None:
             self.last_issued_bytes = self._launch(params, comm, step, p)
             if self.overlap_steps == 0:
