@@ -95,7 +95,8 @@ def test_every_parameter_synced_exactly_once_per_round(num_fragments, sync_every
                             quantization=None)
     outer.init_state(params)
     for r in range(3):  # three consecutive rounds (windows of H steps), driven through the core's own pipeline
-        merged = [outer.sync(params, LocalCollectives(), s) for s in range(r * sync_every + 1, (r + 1) * sync_every + 1)]
+        window = range(r * sync_every + 1, (r + 1) * sync_every + 1)
+        merged = [outer.sync(params, LocalCollectives(), s) for s in window]
         synced = sorted(i for st in merged if st is not None for i in outer.fragments[st.fragment])
         assert synced == list(range(len(params)))
 
