@@ -209,8 +209,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global H, P, TAU
-    H, P, TAU = args.sync_every, args.fragments, args.overlap
+    globals().update(H=args.sync_every, P=args.fragments, TAU=args.overlap)  # the run definitions read them
     if args.worker:
         worker(args)
         return
