@@ -24,6 +24,20 @@ def _grid(fmt: str, device: torch.device) -> Tensor:
     return torch.tensor(_FP4_GRIDS[fmt], dtype=torch.float32, device=device)
 
 
+_LUT_CACHE: dict[tuple[str, str], Tensor] = {}
+
+
+def _byte_lut(fmt: str, device: torch.device) -> Tensor:
+    """[256, 2] float32: the two 4-bit values (low nibble first) each packed byte stands for, in units of the scale."""
+    key = (fmt, str(device))
+    if key not in _LUT_CACHE:
+        grid = _grid(fmt, device)
+        signed = torch.cat([grid, -grid])  # code = index + 8·[negative]
+        b = torch.arange(256, device=device)
+        _LUT_CACHE[key] = torch.stack([signed[b & 15], signed[b >> 4]], dim=1)
+    return _LUT_CACHE[key]
+
+
 def quantize_blocks(x: Tensor, fmt: str, block_size: int) -> tuple[Tensor, Tensor]:
     """Codes (int64, one per entry) and float32 scales (one per block) of the 1-D ``x`` (length a multiple of
     ``block_size``); deterministic round-to-nearest.
@@ -128,12 +142,20 @@ class BlockQuantizer(Compressor):
         if pad:
             flat = torch.cat([flat, flat.new_zeros(pad)])
         codes, scales = quantize_blocks(flat, self.format, self.block_size)
-        wire = {"codes": pack_bits(codes, self.bits), "scales": scales}
+        if self.bits == 4:  # two codes per byte, low nibble first (pack_bits' layout), in uint8 arithmetic
+            pairs = codes.to(torch.uint8).view(-1, 2)
+            packed = pairs[:, 0] | (pairs[:, 1] << 4)
+        else:
+            packed = pack_bits(codes, 8)
+        wire = {"codes": packed, "scales": scales}
         return Payload(wire, tensor.shape, tensor.dtype, self, {"padded": flat.numel()})
 
     def decompress(self, payload: Payload) -> Tensor:
         scales = payload.tensors["scales"]
-        padded = scales.numel() * self.block_size
-        codes = unpack_bits(payload.tensors["codes"], self.bits, padded)
-        flat = dequantize_blocks(codes, scales, self.format, self.block_size)
+        if self.bits == 4:  # one table look-up per byte gives both values
+            values = _byte_lut(self.format, scales.device)[payload.tensors["codes"].long()].view(-1, self.block_size)
+            flat = (values * scales.unsqueeze(1)).reshape(-1)
+        else:
+            codes = unpack_bits(payload.tensors["codes"], 8, scales.numel() * self.block_size)
+            flat = dequantize_blocks(codes, scales, self.format, self.block_size)
         return flat[: payload.numel].reshape(payload.shape)
