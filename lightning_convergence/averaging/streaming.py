@@ -2,8 +2,8 @@
 
 Imports torch only. Collectives are duck-typed (``rank``, ``world_size``, ``all_reduce_sum_async``,
 ``all_to_all_async``, ``all_gather_async``, each ``*_async`` returning a ``torch.futures.Future``): the interface of
-the common communication layer. :class:`DistCollectives` / :class:`LocalCollectives` at the end of this file are the
-one place that talks to ``torch.distributed``; swap them for that layer's communicators.
+the common communication layer. :mod:`lightning_convergence.averaging.streaming_comm` is the one place that talks to
+``torch.distributed``; swap its collectives for that layer's communicators.
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ from torch import Tensor
 
 from lightning_convergence.averaging.base import STATE_VERSION, OuterStep, SyncStats, finite, sqn
 from lightning_convergence.averaging.diloco import nesterov_outer_update
-from lightning_convergence.compress.base import Payload
+from lightning_convergence.averaging.streaming_comm import (
+    DistCollectives,
+    LocalCollectives,
+    chunk_len,
+    decode_chunk,
+    done,
+    encode_chunk,
+    quantized_mean_link_bytes,
+    ring_all_reduce_link_bytes,
+)
 from lightning_convergence.compress.blockquant import QUANT_FORMATS, BlockQuantizer
 
 __all__ = [
@@ -75,40 +84,6 @@ def fragment_due(step: int, sync_every: int, num_fragments: int) -> int | None:
         if off == r:
             return p
     return None
-
-
-# ---------------------------------------------------------------------------------------------------- link bytes
-def ring_all_reduce_link_bytes(nbytes: int, world_size: int) -> int:
-    """Bytes one rank sends in a ring all-reduce of ``nbytes``: ``2(W−1)/W · nbytes``."""
-    return 0 if world_size <= 1 else 2 * (world_size - 1) * nbytes // world_size
-
-
-def quantized_mean_link_bytes(numel: int, world_size: int, quantizer: BlockQuantizer) -> int:
-    """Bytes one rank sends for the quantized mean of ``numel`` entries: all-to-all of ``W`` encoded chunks
-    (reduce-scatter, ``(W−1)/W·B``) then all-gather of the encoded mean chunk (``(W−1)·B/W``): ``2(W−1)/W · B``."""
-    if world_size <= 1:
-        return 0
-    chunk = _chunk_len(numel, world_size, quantizer.block_size)
-    return 2 * (world_size - 1) * quantizer.wire_bytes(chunk)
-
-
-def _chunk_len(numel: int, world_size: int, block: int) -> int:
-    unit = world_size * block
-    return (-(-numel // unit) * unit) // world_size
-
-
-# ---------------------------------------------------------------------------------------------------- transport
-def _encode(q: BlockQuantizer, x: Tensor) -> Tensor:
-    p = q.compress(x)
-    return torch.cat([p.tensors["codes"].reshape(-1), p.tensors["scales"].reshape(-1).view(torch.uint8)])
-
-
-def _decode(q: BlockQuantizer, blob: Tensor, numel: int) -> Tensor:
-    nblocks = numel // q.block_size
-    ncodes = numel * q.bits // 8
-    scales = blob[ncodes: ncodes + 4 * nblocks].clone().view(torch.float32)
-    payload = Payload({"codes": blob[:ncodes], "scales": scales}, torch.Size([numel]), torch.float32, q)
-    return q.decompress(payload)
 
 
 class _InFlight:
@@ -295,14 +270,14 @@ class StreamingDiLoCo(OuterStep):
         fl = _InFlight(p, step, delta.clone(), start)
         w, n = comm.world_size, delta.numel()
         if self.quantizer is None or w == 1:
-            fl.future = comm.all_reduce_sum_async(delta) if w > 1 else _done(delta)
+            fl.future = comm.all_reduce_sum_async(delta) if w > 1 else done(delta)
             link = ring_all_reduce_link_bytes(n * 4, w)
         else:
             q = self.quantizer
-            chunk = _chunk_len(n, w, q.block_size)
+            chunk = chunk_len(n, w, q.block_size)
             x = torch.zeros(chunk * w, dtype=torch.float32, device=delta.device)
             x[:n] = delta
-            fl.sent = torch.cat([_encode(q, c) for c in x.split(chunk)])
+            fl.sent = torch.cat([encode_chunk(q, c) for c in x.split(chunk)])
             fl.future = comm.all_to_all_async(fl.sent.clone())  # owned by the collective from here on
             fl.stage = 1
             link = quantized_mean_link_bytes(n, w, q)
@@ -317,18 +292,18 @@ class StreamingDiLoCo(OuterStep):
         """Reduce this rank's chunk (rank order, float32), re-encode the mean chunk and start its all-gather."""
         q, w = self.quantizer, comm.world_size
         assert q is not None
-        chunk = _chunk_len(fl.local_delta.numel(), w, q.block_size)
+        chunk = chunk_len(fl.local_delta.numel(), w, q.block_size)
         received = fl.future.wait()
         if fl.sent is not None:  # the quantization error of this rank's own contribution (diagnostics only)
             n = fl.local_delta.numel()
-            mine = torch.cat([_decode(q, b, chunk) for b in fl.sent.chunk(w)])[:n]
+            mine = torch.cat([decode_chunk(q, b, chunk) for b in fl.sent.chunk(w)])[:n]
             fl.quant_error_sq = sqn(mine - fl.local_delta) / sqn(fl.local_delta).clamp_min(1e-30)
             fl.sent = None
         parts = received.chunk(w)
-        mean_chunk = _decode(q, parts[0], chunk)
+        mean_chunk = decode_chunk(q, parts[0], chunk)
         for part in parts[1:]:
-            mean_chunk = mean_chunk + _decode(q, part, chunk)
-        fl.future = comm.all_gather_async(_encode(q, mean_chunk / w))
+            mean_chunk = mean_chunk + decode_chunk(q, part, chunk)
+        fl.future = comm.all_gather_async(encode_chunk(q, mean_chunk / w))
         fl.stage = 2
 
     def _wait_mean(self, fl: _InFlight, comm: Any) -> Tensor:
@@ -339,8 +314,8 @@ class StreamingDiLoCo(OuterStep):
             n, w = fl.local_delta.numel(), comm.world_size
             if fl.stage == 2:
                 assert self.quantizer is not None
-                chunk = _chunk_len(n, w, self.quantizer.block_size)
-                fl.mean = torch.cat([_decode(self.quantizer, b, chunk) for b in result.chunk(w)])[:n]
+                chunk = chunk_len(n, w, self.quantizer.block_size)
+                fl.mean = torch.cat([decode_chunk(self.quantizer, b, chunk) for b in result.chunk(w)])[:n]
             else:
                 fl.mean = result / w if w > 1 else result
             fl.future = None
@@ -437,58 +412,3 @@ class StreamingDiLoCo(OuterStep):
             fl.mean, fl.quant_error_sq = s["mean"].clone(), s["quant_error_sq"].clone()
             fl.link_bytes = int(s["link_bytes"])
             self._inflight = fl
-
-
-def _done(value: Tensor) -> torch.futures.Future:
-    fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(value)
-    return fut
-
-
-# ---------------------------------------------------------------------------------------------------- collectives
-# The one place that talks to torch.distributed; the common communication layer's communicators fit in its stead.
-class LocalCollectives:
-    """World size 1: every collective returns its input."""
-
-    rank, world_size = 0, 1
-
-    def all_reduce_sum_async(self, t: Tensor) -> torch.futures.Future:
-        return _done(t)
-
-    def all_to_all_async(self, t: Tensor) -> torch.futures.Future:
-        return _done(t)
-
-    def all_gather_async(self, t: Tensor) -> torch.futures.Future:
-        return _done(t.reshape(-1))
-
-
-class DistCollectives:
-    """Asynchronous collectives over a ``torch.distributed`` group (gloo or NCCL): each returns a future at once.
-
-    Args:
-        group: the process group; pass a dedicated one (``dist.new_group()``) so the outer all-reduces in flight
-            never queue behind, or in front of, the training loop's own collectives.
-    """
-
-    def __init__(self, group: Any = None) -> None:
-        import torch.distributed as dist
-
-        self._dist, self.group = dist, group
-        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
-        self._gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-    def _fut(self, work: Any, value: Tensor) -> torch.futures.Future:
-        return work.get_future().then(lambda _: value)
-
-    def all_reduce_sum_async(self, t: Tensor) -> torch.futures.Future:
-        return self._fut(self._dist.all_reduce(t, group=self.group, async_op=True), t)
-
-    def all_to_all_async(self, t: Tensor) -> torch.futures.Future:
-        t = t.reshape(-1).contiguous()
-        out = torch.empty_like(t)
-        return self._fut(self._dist.all_to_all_single(out, t, group=self.group, async_op=True), out)
-
-    def all_gather_async(self, t: Tensor) -> torch.futures.Future:
-        t = t.reshape(-1).contiguous()
-        out = t.new_empty(self.world_size * t.numel())
-        return self._fut(self._gather(out, t, group=self.group, async_op=True), out)

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from lightning_convergence._metrics import log_metrics
 from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
-from lightning_convergence.averaging.streaming import DistCollectives, LocalCollectives, StreamingDiLoCo
+from lightning_convergence.averaging.streaming import StreamingDiLoCo
+from lightning_convergence.averaging.streaming_comm import DistCollectives, LocalCollectives
 from lightning_convergence.strategies.local_sgd import LocalSGDStrategy
 
 __all__ = ["StreamingDiLoCoStrategy", "layer_blocks", "register_strategies"]
