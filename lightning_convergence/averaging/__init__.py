@@ -17,6 +17,7 @@ from lightning_convergence.averaging.diloco import DiLoCo, nesterov_outer_update
 from lightning_convergence.averaging.noloco import NoLoCo, noloco_pairs, noloco_partner
 from lightning_convergence.averaging.periodic import PeriodicAveraging
 from lightning_convergence.averaging.schedules import FixedPeriod, IncreasingFrequency, SingleFinalMerge, SyncSchedule
+from lightning_convergence.averaging.streaming import StreamingDiLoCo
 
 __all__ = [
     "CO2",
@@ -28,6 +29,7 @@ __all__ = [
     "OuterStep",
     "PeriodicAveraging",
     "SingleFinalMerge",
+    "StreamingDiLoCo",
     "SyncSchedule",
     "SyncStats",
     "TorchDistCommunicator",

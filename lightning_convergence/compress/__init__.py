@@ -4,6 +4,7 @@ Imports torch only (never ``lightning``). See :mod:`lightning_convergence.compre
 """
 
 from lightning_convergence.compress.base import Compressor, Payload, generator_for
+from lightning_convergence.compress.blockquant import BlockQuantizer
 from lightning_convergence.compress.compose import Compose
 from lightning_convergence.compress.cyclic_topk import CyclicTopK
 from lightning_convergence.compress.identity import Identity
@@ -14,6 +15,7 @@ from lightning_convergence.compress.sign import ScaledSign
 from lightning_convergence.compress.topk import TopK
 
 __all__ = [
-    "QSGD", "Compose", "Compressor", "CyclicTopK", "Identity", "LowRank", "Payload", "RandK", "ScaledSign", "TopK",
+    "QSGD", "BlockQuantizer", "Compose", "Compressor", "CyclicTopK", "Identity", "LowRank", "Payload", "RandK",
+    "ScaledSign", "TopK",
     "generator_for",
 ]

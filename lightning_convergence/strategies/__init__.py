@@ -13,6 +13,7 @@ __all__ = [
     "CompressedDDPStrategy",
     "LocalSGDStrategy",
     "OptimizerCommStrategy",
+    "StreamingDiLoCoStrategy",
     "register_all",
     "register_strategy",
 ]
@@ -24,6 +25,7 @@ _LAZY = {
     "CompressedDDPStrategy": "lightning_convergence.strategies.compressed_ddp",
     "LocalSGDStrategy": "lightning_convergence.strategies.local_sgd",
     "OptimizerCommStrategy": "lightning_convergence.strategies.optimizer_comm",
+    "StreamingDiLoCoStrategy": "lightning_convergence.strategies.streaming_diloco",
 }
 
 
@@ -40,6 +42,7 @@ _STRATEGY_MODULES: tuple[str, ...] = (
     "lightning_convergence.strategies.local_sgd",
     "lightning_convergence.strategies.async_fl",
     "lightning_convergence.strategies.optimizer_comm",
+    "lightning_convergence.strategies.streaming_diloco",
 )
 
 
