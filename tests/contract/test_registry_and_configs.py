@@ -24,6 +24,9 @@ NAMES = {
     "noloco": "LocalSGDStrategy",
     "co2": "LocalSGDStrategy",
     "async_fl": "AsyncFederatedStrategy",
+    "demo": "OptimizerCommStrategy",
+    "onebit_adam": "OptimizerCommStrategy",
+    "streaming_diloco": "StreamingDiLoCoStrategy",
 }
 
 
