@@ -9,6 +9,11 @@ from tests.helpers.dist import restore_env, snapshot_env
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# One intra-op thread in the pytest process: its OpenMP pool, once started, is not fork-safe, and the forked ranks
+# of later tests (tests/helpers/dist.run_processes) could deadlock in their first parallel op. Forked ranks and
+# subprocess-launched ranks set their own thread counts.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _isolate_distributed_state():
