@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
-from lightning_convergence.optim._collectives import dist_collectives, ring_all_reduce_bytes
+from lightning_convergence.comm import Communicator, SingleProcessCommunicator, TorchDistCommunicator, ddp_link_bytes
 from lightning_convergence.strategies._ddp_base import HookedDDPStrategy
 
 __all__ = ["OptimizerCommStrategy", "OptimizerCommHookState", "optimizer_comm_hook", "register_strategies"]
@@ -30,12 +30,14 @@ METHODS = {"demo": "DeMo", "onebit_adam": "OnebitAdam"}
 
 
 class OptimizerCommHookState:
-    """What the hook needs: a way to ask the optimizer whether it communicates this step, and byte counters."""
+    """What the hook needs: a way to ask the optimizer whether it communicates this step, its own communicator for
+    DDP's all-reduces (which counts their link bytes), and call counters."""
 
     def __init__(self, strategy: OptimizerCommStrategy) -> None:
         self.strategy = strategy
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.counters = {"ddp_link_bytes_total": 0.0, "ddp_allreduce_calls_total": 0, "local_calls_total": 0}
+        self.comm: Communicator = TorchDistCommunicator() if dist.is_initialized() else SingleProcessCommunicator()
+        self.world_size = self.comm.world_size
+        self.counters = {"ddp_link_bytes_total": 0, "ddp_allreduce_calls_total": 0, "local_calls_total": 0}
 
 
 def optimizer_comm_hook(state: OptimizerCommHookState, bucket):
@@ -51,11 +53,11 @@ def optimizer_comm_hook(state: OptimizerCommHookState, bucket):
         fut.set_result(buffer)
         return fut
     state.counters["ddp_allreduce_calls_total"] += 1
-    state.counters["ddp_link_bytes_total"] += ring_all_reduce_bytes(
-        buffer.numel() * buffer.element_size(), state.world_size
-    )
+    before = state.comm.link_bytes_total
     buffer.div_(state.world_size)
-    return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
+    fut = state.comm.all_reduce_sum_async(buffer)
+    state.counters["ddp_link_bytes_total"] += state.comm.link_bytes_total - before
+    return fut
 
 
 class OptimizerCommStrategy(HookedDDPStrategy):
@@ -71,12 +73,12 @@ class OptimizerCommStrategy(HookedDDPStrategy):
     DDP (the hook runs on the last micro-batch only).
 
     Deviations: with ``on_nonfinite="stop"`` a non-finite step is never applied (the optimizers drop it on every rank
-    without a host sync), but the stop itself is decided when the counter is read, every ``every_n_steps`` steps.
+    without a host sync), but the stop itself is decided when the counter is read, every ``log_every_n_steps`` steps.
 
     Args:
         method: the optimizer the strategy expects: ``"demo"``, ``"onebit_adam"`` or ``None`` (any optimizer with
             ``attach``/``owns_communication``). Default ``None``.
-        every_n_steps: log (and read the non-finite counter) every this many optimizer steps, ≥ 1. Default ``None``:
+        log_every_n_steps: log (and read the non-finite counter) every this many optimizer steps, ≥ 1. Default ``None``:
             the trainer's ``log_every_n_steps``.
         on_nonfinite: ``"stop"`` or ``"skip"`` (see :mod:`lightning_convergence._nonfinite`). Default ``"stop"``.
         bucket_cap_mb: DDP bucket size in MiB (``None``: DDP's default).
@@ -93,7 +95,7 @@ class OptimizerCommStrategy(HookedDDPStrategy):
     ``convergence/compress/nonfinite_skipped_total``.
 
     Raises:
-        ValueError: for an unknown ``method``, ``every_n_steps`` < 1, a bad ``on_nonfinite`` or a ``ddp_comm_*``
+        ValueError: for an unknown ``method``, ``log_every_n_steps`` < 1, a bad ``on_nonfinite`` or a ``ddp_comm_*``
             argument.
         RuntimeError: at setup, if the module has no or several optimizers, uses manual optimization, or its
             optimizer cannot own communication (or is not the ``method`` named).
@@ -108,7 +110,7 @@ class OptimizerCommStrategy(HookedDDPStrategy):
     def __init__(
         self,
         method: str | None = None,
-        every_n_steps: int | None = None,
+        log_every_n_steps: int | None = None,
         on_nonfinite: str = "stop",
         bucket_cap_mb: float | None = None,
         find_unused_parameters: bool = False,
@@ -125,10 +127,10 @@ class OptimizerCommStrategy(HookedDDPStrategy):
         owner = type(self).__name__
         if method is not None and method not in METHODS:
             raise ValueError(f"{owner}: `method` must be one of 'demo', 'onebit_adam' or None, got {method!r}.")
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or int(every_n_steps) < 1):
-            raise ValueError(f"{owner}: `every_n_steps` must be >= 1 or None, got {every_n_steps!r}.")
+        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or int(log_every_n_steps) < 1):
+            raise ValueError(f"{owner}: `log_every_n_steps` must be >= 1 or None, got {log_every_n_steps!r}.")
         self.method = method
-        self.every_n_steps = every_n_steps
+        self.log_every_n_steps = log_every_n_steps
         self.on_nonfinite = check_nonfinite_policy(owner, on_nonfinite)
         if bucket_cap_mb is not None:
             kwargs["bucket_cap_mb"] = bucket_cap_mb
@@ -176,7 +178,7 @@ class OptimizerCommStrategy(HookedDDPStrategy):
                 f"{owner}: `method` {self.method!r} expects the optimizer {METHODS[self.method]}, got "
                 f"{type(opt).__name__}."
             )
-        opt.attach(dist_collectives() if dist.is_initialized() else opt.comm)
+        opt.attach(TorchDistCommunicator() if dist.is_initialized() else SingleProcessCommunicator())
 
     # -- per-rank state --------------------------------------------------------------------------------------------
     def rank_state_dict(self) -> dict[str, Any]:
@@ -185,7 +187,7 @@ class OptimizerCommStrategy(HookedDDPStrategy):
         return {
             "version": STATE_VERSION,
             "optimizer": opt.state_dict(),
-            "link_bytes_total": float(opt.comm.link_bytes_total),
+            "link_bytes_total": int(opt.comm.link_bytes_total),
             "counters": counters,
         }
 
@@ -203,7 +205,7 @@ class OptimizerCommStrategy(HookedDDPStrategy):
         state, self._pending = self._pending, None
         opt = self.comm_optimizer()
         opt.load_state_dict(state["optimizer"])
-        opt.comm.link_bytes_total = float(state["link_bytes_total"])
+        opt.comm.link_bytes_total = int(state["link_bytes_total"])
         if self.hook_state is not None:
             self.hook_state.counters.update(state["counters"])
 
@@ -212,14 +214,15 @@ class OptimizerCommStrategy(HookedDDPStrategy):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
         out = super().optimizer_step(*args, **kwargs)
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is not None and self.hook_state is not None and should_log(trainer, self.every_n_steps):
+        if trainer is not None and self.hook_state is not None and should_log(trainer, self.log_every_n_steps):
             self._log(trainer)
         return out
 
-    def link_bytes_total(self) -> float:
-        """Link bytes this rank has sent: the optimizer's collectives plus DDP's all-reduces."""
-        ddp = self.hook_state.counters["ddp_link_bytes_total"] if self.hook_state is not None else 0.0
-        return float(self.comm_optimizer().comm.link_bytes_total) + ddp
+    def link_bytes_total(self) -> int:
+        """Link bytes this rank has sent, as its communicators counted them: the optimizer's collectives plus DDP's
+        all-reduces."""
+        ddp = self.hook_state.counters["ddp_link_bytes_total"] if self.hook_state is not None else 0
+        return int(self.comm_optimizer().comm.link_bytes_total) + int(ddp)
 
     def _log(self, trainer: Any) -> None:
         opt = self.comm_optimizer()
@@ -230,7 +233,7 @@ class OptimizerCommStrategy(HookedDDPStrategy):
                 trainer, type(self).__name__, self.on_nonfinite, "gradient", warned=self._warned
             )
         sent = self.link_bytes_total()
-        dense = ring_all_reduce_bytes(opt.dense_bytes(), self.world_size) * (trainer.global_step + 1)
+        dense = ddp_link_bytes(opt.dense_bytes(), self.world_size) * (trainer.global_step + 1)
         log_metrics(trainer, "compress", {
             "link_bytes_per_rank_total": sent,
             "ratio": dense / sent if sent else 0.0,
