@@ -128,14 +128,18 @@ class Communicator:
                                                                         tensors)])
 
     def broadcast_flat_(self, tensors: list[Tensor], root: int = 0) -> None:
-        """Overwrite ``tensors`` on every rank with ``root``'s, in place, through one flat buffer (one broadcast)."""
+        """Overwrite ``tensors`` on every rank with ``root``'s, in place, through one flat buffer per dtype."""
         if self.world_size == 1 or not tensors:
             return
-        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-        self.broadcast(flat, root)
-        with torch.no_grad():
-            torch._foreach_copy_(tensors, [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in tensors]),
-                                                                        tensors)])
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for t in tensors:  # one buffer per dtype, so integer buffers travel exactly
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            flat = torch.cat([t.detach().reshape(-1) for t in group])
+            self.broadcast(flat, root)
+            with torch.no_grad():
+                torch._foreach_copy_(group, [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in group]),
+                                                                          group)])
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's picklable ``obj``, ordered by rank (checkpoint-time use; never on a per-step path)."""

@@ -10,8 +10,8 @@ import pytest
 import scipy.fft
 import torch
 
-from lightning_convergence.optim import DeMo
 from lightning_convergence.comm import TorchDistCommunicator
+from lightning_convergence.optim import DeMo
 from lightning_convergence.optim.demo import chunk_size_for, dct_matrix, from_chunks, to_chunks
 from tests.helpers.dist import run_processes
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_convergence.optim import OnebitAdam
 from lightning_convergence.comm import TorchDistCommunicator
+from lightning_convergence.optim import OnebitAdam
 from tests.helpers.dist import run_processes
 
 SHAPES = [(5, 7), (3,), (40,)]  # 35 and 3 entries need padding at every W; 40 at W = 3
