@@ -100,9 +100,10 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
     ) -> None:
         outer = StreamingDiLoCo(num_fragments, sync_every, overlap_steps, mixing, eager, quantization, block_size,
                                 outer_lr, outer_momentum, nesterov, partition)
-        self.on_nonfinite = check_nonfinite_policy("StreamingDiLoCoStrategy", on_nonfinite)
+        check_nonfinite_policy("StreamingDiLoCoStrategy", on_nonfinite)
         super().__init__(outer=outer, schedule=1, sync_buffers=sync_buffers, optimizer_state="keep",
-                         final_merge=final_merge, average_for_eval=average_for_eval, **kwargs)
+                         final_merge=final_merge, average_for_eval=average_for_eval, on_nonfinite=on_nonfinite,
+                         **kwargs)
         self._outer_comm: Communicator | None = None
         self._outer_group: Any = None
         self._peak_step_bytes = 0
@@ -130,6 +131,8 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
         self._peak_step_bytes = max(self._peak_step_bytes, issued)
         if stats is None:
             return
+        if self._world > 1:  # a merge happens at the same step on every rank: share dropped steps there
+            self._share_nonfinite()
         self._rounds += 1
         if stats.skipped:
             self._skipped += 1
