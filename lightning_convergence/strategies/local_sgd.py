@@ -1,11 +1,9 @@
 """``LocalSGDStrategy``: every rank trains H steps on its own, then the replicas meet through a pluggable outer step.
 
-The adapter holds no math: the outer steps live in :mod:`lightning_convergence.averaging` and the schedules in
-:mod:`lightning_convergence.averaging.schedules`. Decision on DDP: the module is **not** wrapped in
-``DistributedDataParallel`` (no reducer, no gradient buckets): gradients are never all-reduced during the local phase,
-and during a DDP warm-up (``schedule.start_step``) this strategy all-reduces the gradients itself in
-``post_backward`` (one flat buffer, mean). Initial parameters and buffers are broadcast from rank 0 at setup, as
-DDP's constructor would.
+The adapter holds no math (outer steps and schedules live in :mod:`lightning_convergence.averaging`) and talks to
+other ranks only through :mod:`lightning_convergence.comm`. The module is **not** wrapped in
+``DistributedDataParallel``: the local phase never all-reduces gradients; a DDP warm-up (``schedule.start_step``)
+averages them in ``post_backward`` (one flat buffer). Initial parameters and buffers are broadcast from rank 0.
 """
 
 from __future__ import annotations
@@ -358,10 +356,7 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
                  if k in state and v.is_floating_point()]
         tensors = [v.detach().clone() for _, v in named]
         self._aux.all_reduce_mean_flat_(tensors)  # type: ignore[union-attr]
-        state = dict(state)
-        for (k, _), t in zip(named, tensors):
-            state[k] = t
-        return state
+        return {**state, **{k: t for (k, _), t in zip(named, tensors)}}
 
     def rank_state_dict(self) -> dict[str, Any]:
         if self._params is None:
@@ -370,18 +365,10 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
             params, buffers = self._eval_backup
         else:
             params, buffers = flatten(self._params, dtype=None), flatten(self._buffers, dtype=None)
-        return {
-            "version": STATE_VERSION,
-            "step": self._step,
-            "sync_rounds_total": self._rounds,
-            "bytes_sent_total": self.bytes_sent_total(),
-            "nonfinite_skipped_total": self._skipped,
-            "in_sync": self._in_sync,
-            "outer": self.outer.state_dict(),
-            "params": params.clone(),
-            "buffers": buffers.clone(),
-            "optimizer": self.optimizers[0].state_dict(),
-        }
+        return {"version": STATE_VERSION, "step": self._step, "sync_rounds_total": self._rounds,
+                "bytes_sent_total": self.bytes_sent_total(), "nonfinite_skipped_total": self._skipped,
+                "in_sync": self._in_sync, "outer": self.outer.state_dict(), "params": params.clone(),
+                "buffers": buffers.clone(), "optimizer": self.optimizers[0].state_dict()}
 
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:

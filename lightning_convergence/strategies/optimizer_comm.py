@@ -7,14 +7,12 @@ those steps. It hands the optimizer its collectives, saves every rank's optimize
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import StrategyRegistry
-from torch.distributed.constants import default_pg_timeout
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
@@ -81,10 +79,8 @@ class OptimizerCommStrategy(HookedDDPStrategy):
         log_every_n_steps: log (and read the non-finite counter) every this many optimizer steps, ≥ 1. Default ``None``:
             the trainer's ``log_every_n_steps``.
         on_nonfinite: ``"stop"`` or ``"skip"`` (see :mod:`lightning_convergence._nonfinite`). Default ``"stop"``.
-        bucket_cap_mb: DDP bucket size in MiB (``None``: DDP's default).
-        find_unused_parameters, process_group_backend, timeout, start_method, accelerator, parallel_devices,
-            cluster_environment, checkpoint_io, precision_plugin: as in Lightning's ``DDPStrategy``.
-        **kwargs: further ``DistributedDataParallel`` arguments (not ``ddp_comm_*``).
+        **kwargs: ``bucket_cap_mb``, Lightning's ``DDPStrategy`` arguments and further ``DistributedDataParallel``
+            arguments (not ``ddp_comm_*``), see :class:`~lightning_convergence.strategies._ddp_base.HookedDDPStrategy`.
 
     State: under ``convergence/optimizer_comm`` every rank's full optimizer ``state_dict`` (momenta and error
     buffers differ per rank) and the hook's counters, with ``version``; each rank loads its own slice over the rank-0
@@ -108,20 +104,7 @@ class OptimizerCommStrategy(HookedDDPStrategy):
     rank_state_key = "convergence/optimizer_comm"
 
     def __init__(
-        self,
-        method: str | None = None,
-        log_every_n_steps: int | None = None,
-        on_nonfinite: str = "stop",
-        bucket_cap_mb: float | None = None,
-        find_unused_parameters: bool = False,
-        accelerator: Any = None,
-        parallel_devices: list[torch.device] | None = None,
-        cluster_environment: Any = None,
-        checkpoint_io: Any = None,
-        precision_plugin: Any = None,
-        process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
-        start_method: str = "popen",
+        self, method: str | None = None, log_every_n_steps: int | None = None, on_nonfinite: str = "stop",
         **kwargs: Any,
     ) -> None:
         owner = type(self).__name__
@@ -132,14 +115,7 @@ class OptimizerCommStrategy(HookedDDPStrategy):
         self.method = method
         self.log_every_n_steps = log_every_n_steps
         self.on_nonfinite = check_nonfinite_policy(owner, on_nonfinite)
-        if bucket_cap_mb is not None:
-            kwargs["bucket_cap_mb"] = bucket_cap_mb
-        super().__init__(
-            accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io, precision_plugin=precision_plugin,
-            process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
-            find_unused_parameters=find_unused_parameters, **kwargs,
-        )
+        super().__init__(**kwargs)
         self.hook_state: OptimizerCommHookState | None = None
         self._pending: dict[str, Any] | None = None
         self._warned = False
