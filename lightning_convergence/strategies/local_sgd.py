@@ -177,6 +177,7 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
             raise RuntimeError(f"LocalSGDStrategy: needs exactly one optimizer, got {len(self.optimizers)}.")
         module = self.lightning_module
         distributed = dist.is_available() and dist.is_initialized()
+        self._bytes_base = self.bytes_sent_total()  # a later fit() gets fresh communicators: keep the count
         self._comm = TorchDistCommunicator() if distributed else SingleProcessCommunicator()
         self._aux = TorchDistCommunicator() if distributed else SingleProcessCommunicator()
         self._aux.broadcast_flat_([t.data for t in list(module.parameters()) + list(module.buffers())], root=0)

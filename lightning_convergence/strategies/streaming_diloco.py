@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from typing_extensions import override
 
@@ -114,6 +115,8 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
         names = [n for n, _ in self.lightning_module.named_parameters()]
         self.outer.units = layer_blocks(names)  # type: ignore[attr-defined]
         super().setup(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:  # validate/test: keep the communicators (and their counts)
+            return
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             if self._outer_group is None:  # collective: every rank creates it at the same point
                 self._outer_group = dist.new_group(timeout=self._timeout)

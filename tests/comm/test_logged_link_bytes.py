@@ -53,11 +53,14 @@ def _streaming(rank: int, world_size: int) -> dict[str, Any]:
                                        block_size=8, final_merge=False, process_group_backend="gloo")
     # H=4, P=2: fragment 0 launches after steps 2 and 6, fragment 1 after step 4; each merges one step later, so
     # step 7 is a merge (logged) after which nothing more is sent
-    trainer = Trainer(devices=world_size, strategy=strategy, max_steps=7, **TRAINER)
-    trainer.fit(TinyNet(opt="sgd", lr=0.05), datamodule=SyntheticRegressionDataModule(
-        n_samples=96, dim=10, batch_size=4, seed=0))
-    m = trainer.callback_metrics
+    trainer = Trainer(devices=world_size, strategy=strategy, max_steps=7, **{**TRAINER, "limit_val_batches": 1})
+    model, data = TinyNet(opt="sgd", lr=0.05), SyntheticRegressionDataModule(n_samples=96, dim=10, batch_size=4, seed=0)
+    trainer.fit(model, datamodule=data)  # 8 batches per rank and epoch: no validation within these 7 steps
+    m = dict(trainer.callback_metrics)
+    after_fit = strategy.bytes_sent_total()
+    trainer.validate(model, datamodule=data, verbose=False)  # sets the strategy up again: the count must stay
     return {
+        "after_fit": after_fit, "after_validate": strategy.bytes_sent_total(),
         "logged_outer": float(m["convergence/local_sgd/link_bytes_total"]),
         "logged_total": float(m["convergence/local_sgd/bytes_sent_total"]),
         "outer_comm": strategy._outer_comm.link_bytes_total, "comm": strategy._comm.link_bytes_total,
@@ -74,3 +77,4 @@ def test_streaming_diloco_logs_the_communicators_link_bytes_at_three_ranks():
         # the rest is the 4-byte non-finite flag shared at each of the 3 merges (steps 3, 5, 7); no float buffers
         assert got["merges"] == 3 and got["comm"] == 3 * all_reduce_link_bytes(4, 3)
         assert got["logged_total"] == got["outer_comm"] + got["comm"]
+        assert got["after_validate"] == got["after_fit"] == got["logged_total"]
