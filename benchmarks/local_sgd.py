@@ -129,7 +129,7 @@ def worker(args: argparse.Namespace) -> None:
         final = trainer.validate(model, datamodule=data, verbose=False)[0]["val_loss"]
         strategy = trainer.strategy
         if run["kind"] == "local":
-            rounds, counted = strategy._rounds, strategy._bytes
+            rounds, counted = strategy._rounds, 2 * strategy.bytes_sent_total()  # link bytes, both ranks
         else:
             rounds = args.steps if run["kind"] == "ddp" else run["warmup"] + (args.steps - run["warmup"]) // run["H"]
             counted = rounds * 2 * 4 * n_params  # ring all-reduce of P float32 values at W=2, per round

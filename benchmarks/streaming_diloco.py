@@ -147,7 +147,7 @@ def worker(args: argparse.Namespace) -> None:
         final = trainer.validate(model, datamodule=StdlibTextDataModule(**DATA), verbose=False)[0]["val_loss"]
         s = trainer.strategy
         if run["kind"] in ("local", "streaming"):
-            counted, peak = s._bytes / w, (s._peak_step_bytes if run["kind"] == "streaming" else full)
+            counted, peak = s.bytes_sent_total(), (s._peak_step_bytes if run["kind"] == "streaming" else full)
         else:
             warm = args.steps // 8 if run["kind"] == "post_local" else args.steps
             counted, peak = (warm + (args.steps - warm) // H) * full, full

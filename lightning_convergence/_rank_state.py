@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_convergence.comm.communicator import TorchDistCommunicator
+
 __all__ = ["PerRankStateMixin", "gather_rank_states", "pick_rank_state", "to_cpu"]
 
 RANK_STATE_VERSION = 1
@@ -34,9 +36,7 @@ def gather_rank_states(state: dict[str, Any], group: Any = None) -> list[dict[st
     state = to_cpu(state)
     if not (dist.is_available() and dist.is_initialized()):
         return [state]
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, state, group=group)
-    return out
+    return TorchDistCommunicator(group).all_gather_object(state)
 
 
 def pick_rank_state(entry: dict[str, Any], rank: int, world_size: int, owner: str) -> dict[str, Any]:

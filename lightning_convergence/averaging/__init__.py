@@ -3,12 +3,13 @@
 Torch only (never ``lightning``); communication goes through a :class:`Communicator` so tests can pass a fake.
 """
 
+import importlib
+
 from lightning_convergence.averaging.base import (
     Communicator,
     OuterStep,
     SyncStats,
     TorchDistCommunicator,
-    allreduce_bytes,
     flatten,
     unflatten_into,
 )
@@ -33,8 +34,8 @@ __all__ = [
     "SyncSchedule",
     "SyncStats",
     "TorchDistCommunicator",
-    "allreduce_bytes",
     "flatten",
+    "make_outer_step",
     "nesterov_outer_update",
     "noloco_pairs",
     "noloco_partner",
@@ -48,3 +49,27 @@ OUTER_STEPS: dict[str, type[OuterStep]] = {
     "noloco": NoLoCo,
     "co2": CO2,
 }
+
+
+def make_outer_step(outer: str | OuterStep) -> OuterStep:
+    """An :class:`OuterStep` from a name in :data:`OUTER_STEPS`, a dotted path to a subclass, or an instance.
+
+    Raises:
+        ValueError: an unknown name or a path that is not an ``OuterStep`` subclass.
+        TypeError: neither a str nor an ``OuterStep``.
+    """
+    if isinstance(outer, OuterStep):
+        return outer
+    if isinstance(outer, str):
+        if outer in OUTER_STEPS:
+            return OUTER_STEPS[outer]()
+        if "." in outer:
+            module, _, name = outer.rpartition(".")
+            cls = getattr(importlib.import_module(module), name)
+            if isinstance(cls, type) and issubclass(cls, OuterStep):
+                return cls()
+        raise ValueError(
+            f"LocalSGDStrategy: `outer` must be one of {sorted(OUTER_STEPS)}, a dotted path to an OuterStep "
+            f"subclass, or an OuterStep instance, got {outer!r}."
+        )
+    raise TypeError(f"LocalSGDStrategy: `outer` must be a str or an OuterStep, got {type(outer).__name__}.")

@@ -22,8 +22,8 @@ __all__ = [
     "PendingMean",
     "SyncStats",
     "TorchDistCommunicator",
-    "allreduce_bytes",
     "flatten",
+    "float_state_tensors",
     "unflatten_into",
 ]
 
@@ -48,9 +48,15 @@ def unflatten_into(flat: Tensor, tensors: list[Tensor]) -> None:
             offset += n
 
 
-def allreduce_bytes(nbytes: int, world_size: int) -> int:
-    """Bytes all ranks together send for a ring all-reduce of ``nbytes`` per rank: ``2·(W−1)·nbytes``."""
-    return 2 * (world_size - 1) * nbytes
+def float_state_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The optimizer's floating-point state tensors (Adam moments, momentum buffers; ``step`` counters excluded), in
+    parameter order, then by state name."""
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            out += [v for k, v in sorted(state.items()) if k != "step" and torch.is_tensor(v) and v.is_floating_point()]
+    return out
 
 
 @dataclass
@@ -58,8 +64,8 @@ class SyncStats:
     """What one synchronisation did.
 
     Attributes:
-        bytes_sent: payload bytes all ranks together put on the wire for this round (ring all-reduce model:
-            ``2·(W−1)·n``; point-to-point: the sum of what each rank sent).
+        bytes_sent: link bytes this rank sent for this round, as the communicator counted them
+            (:attr:`Communicator.link_bytes_total` after minus before).
         pseudo_grad_sq: squared l2 norm of the pseudo-gradient this rank saw (global for all-reduce methods,
             this rank's for NoLoCo); the strategy averages it over ranks before logging its square root.
         divergence_sq: ``||θ_i − θ̄||²`` with ``θ̄`` the mean this round averaged over (before averaging).
@@ -78,10 +84,15 @@ class OuterStep:
     ``init_state(params)`` is called once the replicas are identical (after the initial broadcast, and again when a
     warm-up DDP phase ends); ``sync(params, comm, step)`` runs the round in place on ``params``; ``finalize`` is
     called before the final merge (only overlapped methods have work in flight); :meth:`average_` averages any
-    extra flat tensor (buffers, optimizer state) with the same communication pattern as the models.
+    extra tensors (buffers, optimizer state) with the same communication pattern as the models.
+
+    Attributes:
+        leaves_replicas_identical: every rank holds the same parameters after :meth:`sync` (a global average or
+            a global outer step); ``False`` for methods that mix partially or keep a round in flight.
     """
 
     name: str = "outer"
+    leaves_replicas_identical: bool = False
 
     def init_state(self, params: list[Tensor]) -> None:
         raise NotImplementedError
@@ -93,10 +104,10 @@ class OuterStep:
         """Apply anything still in flight (default: nothing)."""
         return None
 
-    def average_(self, flat: Tensor, comm: Communicator, step: int) -> int:
-        """Average ``flat`` in place across the replicas this method mixes; returns bytes sent (all ranks)."""
-        comm.all_reduce_mean_(flat)
-        return allreduce_bytes(flat.numel() * flat.element_size(), comm.world_size)
+    def average_(self, tensors: list[Tensor], comm: Communicator, step: int) -> None:
+        """Average ``tensors`` in place across the replicas this method mixes (default: all ranks, one flat
+        all-reduce)."""
+        comm.all_reduce_mean_flat_(tensors)
 
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError

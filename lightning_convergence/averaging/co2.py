@@ -16,7 +16,6 @@ from lightning_convergence.averaging.base import (
     OuterStep,
     PendingMean,
     SyncStats,
-    allreduce_bytes,
     finite,
     flatten,
     sqn,
@@ -132,9 +131,9 @@ class CO2(OuterStep):
         unflatten_into(new_local, params)
         start.copy_(new_local)
         self._pending_local = delta.clone()
+        before = comm.link_bytes_total
         self._pending = comm.all_reduce_mean_async(delta)  # delta is owned by the collective from here on
-        nbytes = allreduce_bytes(delta.numel() * delta.element_size(), comm.world_size)
-        return SyncStats(nbytes, pseudo_grad_sq, divergence_sq, skipped=skipped)
+        return SyncStats(comm.link_bytes_total - before, pseudo_grad_sq, divergence_sq, skipped=skipped)
 
     def finalize(self, params: list[Tensor], comm: Communicator) -> SyncStats | None:
         """Apply the mean in flight, then average the current round synchronously: replicas end on ``x``."""
@@ -142,9 +141,10 @@ class CO2(OuterStep):
         delta = start - flatten(params)
         pseudo_grad_sq, divergence_sq, skipped = self._apply_pending()
         self._pending_local = delta.clone()
+        before = comm.link_bytes_total
         comm.all_reduce_mean_(delta)
+        nbytes = comm.link_bytes_total - before
         self._pending = _Ready(delta)
-        nbytes = allreduce_bytes(delta.numel() * delta.element_size(), comm.world_size)
         sq, div, skipped_last = self._apply_pending()
         anchor = self._require_state(self.anchor)
         unflatten_into(anchor, params)

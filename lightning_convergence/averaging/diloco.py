@@ -15,13 +15,13 @@ from lightning_convergence.averaging.base import (
     Communicator,
     OuterStep,
     SyncStats,
-    allreduce_bytes,
     finite,
     flatten,
     sqn,
     unflatten_into,
 )
 from lightning_convergence.compress.base import Compressor
+from lightning_convergence.feedback.ef14 import ef14_worker_step
 
 __all__ = ["DiLoCo", "nesterov_outer_update"]
 
@@ -62,7 +62,7 @@ class DiLoCo(OuterStep):
         nesterov: Nesterov (paper, default ``True``) or heavy-ball momentum (the NoLoCo repo's DiLoCo baseline).
         compressor: a :class:`~lightning_convergence.compress.Compressor` for the pseudo-gradient, or ``None``
             (default: send it in float32). Summable compressors travel in one all-reduce, the others in one
-            all-gather. Bytes are counted from the payloads.
+            all-gather; link bytes are what the communicator counts. The residual is `feedback.ef14`'s.
         error_feedback: with a compressor, carry each rank's compression residual into its next round (EF14).
             Default ``True``; keep it on for biased compressors such as Top-K.
 
@@ -79,6 +79,7 @@ class DiLoCo(OuterStep):
     """
 
     name = "diloco"
+    leaves_replicas_identical = True
 
     def __init__(
         self, lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True, compressor: Compressor | None = None,
@@ -93,39 +94,41 @@ class DiLoCo(OuterStep):
         self.nesterov = bool(nesterov)
         self.compressor = compressor
         self.error_feedback = bool(error_feedback)
-        self.residual: Tensor | None = None
+        self._residual: dict[str, Tensor] = {}  # EF14's e_i, keyed like feedback/ef14 ("diloco")
         self.anchor: Tensor | None = None
         self.momentum_buffer: Tensor | None = None
 
     def init_state(self, params: list[Tensor]) -> None:
         self.anchor = flatten(params)
         self.momentum_buffer = torch.zeros_like(self.anchor)
-        self.residual = None
+        self._residual = {}
 
-    def _average(self, delta: Tensor, comm: Communicator, step: int) -> tuple[Tensor, int]:
-        """Mean over ranks of ``delta`` (compressed if asked) and the bytes all ranks sent."""
+    @property
+    def residual(self) -> Tensor | None:
+        """This rank's EF14 residual ``e_i`` (``None`` before the first compressed round or without feedback)."""
+        return self._residual.get(self.name)
+
+    def _average(self, delta: Tensor, comm: Communicator, step: int) -> Tensor:
+        """Mean over ranks of ``delta``, compressed if asked (EF14 through ``feedback.ef14``)."""
         if self.compressor is None:
             comm.all_reduce_mean_(delta)
-            return delta, allreduce_bytes(delta.numel() * delta.element_size(), comm.world_size)
+            return delta
         from lightning_convergence.comm import average_payloads
 
         if self.error_feedback:
-            if self.residual is None:
-                self.residual = torch.zeros_like(delta)
-            delta = delta + self.residual
-        payload = self.compressor.compress(delta, step, "diloco")
-        if self.error_feedback:
-            self.residual = delta - payload.decompress().float()
+            payload, _ = ef14_worker_step(self._residual, self.name, delta, self.compressor, step)
+        else:
+            payload = self.compressor.compress(delta, step, self.name)
         (mean,) = average_payloads([payload], comm)
-        w = comm.world_size
-        nbytes = allreduce_bytes(payload.nbytes, w) if self.compressor.summable else w * (w - 1) * payload.nbytes
-        return mean.to(delta.dtype), nbytes
+        return mean.to(delta.dtype)
 
     def sync(self, params: list[Tensor], comm: Communicator, step: int) -> SyncStats:
         anchor = self._require_state(self.anchor)
         buf = self._require_state(self.momentum_buffer)
         local = flatten(params)
-        delta, nbytes = self._average(anchor - local, comm, step)
+        before = comm.link_bytes_total
+        delta = self._average(anchor - local, comm, step)
+        nbytes = comm.link_bytes_total - before
         divergence_sq = sqn(local - (anchor - delta))
         if not finite(delta):
             unflatten_into(anchor, params)
@@ -148,6 +151,6 @@ class DiLoCo(OuterStep):
         self._check_version(state)
         self.anchor = None if state["anchor"] is None else state["anchor"].clone()
         self.momentum_buffer = None if state["momentum_buffer"] is None else state["momentum_buffer"].clone()
-        self.residual = None if state.get("residual") is None else state["residual"].clone()
+        self._residual = {} if state.get("residual") is None else {self.name: state["residual"].clone()}
         if self.compressor is not None and state.get("compressor") is not None:
             self.compressor.load_state_dict(state["compressor"])

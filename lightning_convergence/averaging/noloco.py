@@ -105,24 +105,25 @@ class NoLoCo(OuterStep):
         self.phi = flatten(params)
         self.momentum_buffer = torch.zeros_like(self.phi)
 
-    def _pair_means(self, theta: Tensor, phi: Tensor, comm: Communicator, step: int) -> tuple[Tensor, Tensor, int]:
+    def _pair_means(self, theta: Tensor, phi: Tensor, comm: Communicator, step: int) -> tuple[Tensor, Tensor]:
         peer = noloco_partner(step, comm.world_size, comm.rank, self.seed)
         if peer is None:
-            return theta, phi, 0
+            return theta, phi
         if self.consensus_lr == self.lr:  # only θ is needed: β·meanΔ + β·(meanφ − φ_i) = β·(meanθ − φ_i)
             other = comm.exchange(theta, peer)
-            return (theta + other) / 2, phi, theta.numel() * theta.element_size()
+            return (theta + other) / 2, phi
         payload = torch.cat([theta, phi])
         other = comm.exchange(payload, peer)
         n = theta.numel()
-        return (theta + other[:n]) / 2, (phi + other[n:]) / 2, payload.numel() * payload.element_size()
+        return (theta + other[:n]) / 2, (phi + other[n:]) / 2
 
     def sync(self, params: list[Tensor], comm: Communicator, step: int) -> SyncStats:
         phi = self._require_state(self.phi)
         buf = self._require_state(self.momentum_buffer)
         theta = flatten(params)
-        mean_theta, mean_phi, sent = self._pair_means(theta, phi, comm, step)
-        nbytes = sent * (comm.world_size - comm.world_size % 2)  # every paired rank sends `sent`; a lone one 0
+        before = comm.link_bytes_total
+        mean_theta, mean_phi = self._pair_means(theta, phi, comm, step)
+        nbytes = comm.link_bytes_total - before  # a rank left without a partner sends nothing
         divergence_sq = sqn(theta - mean_theta)
         if not finite(mean_theta):
             unflatten_into(phi, params)
@@ -138,14 +139,14 @@ class NoLoCo(OuterStep):
         unflatten_into(phi, params)
         return SyncStats(nbytes, pseudo_grad_sq, divergence_sq)
 
-    def average_(self, flat: Tensor, comm: Communicator, step: int) -> int:
-        """Average ``flat`` with this round's partner only (buffers and optimizer state follow the pairing)."""
+    def average_(self, tensors: list[Tensor], comm: Communicator, step: int) -> None:
+        """Average ``tensors`` with this round's partner only (buffers and optimizer state follow the pairing)."""
         peer = noloco_partner(step, comm.world_size, comm.rank, self.seed)
-        if peer is None:
-            return 0
-        other = comm.exchange(flat, peer)
-        flat.add_(other).div_(2)
-        return flat.numel() * flat.element_size() * (comm.world_size - comm.world_size % 2)
+        if peer is None or not tensors:
+            return
+        flat = flatten(tensors, dtype=None)
+        flat.add_(comm.exchange(flat, peer)).div_(2)
+        unflatten_into(flat, tensors)
 
     def state_dict(self) -> dict[str, Any]:
         return {

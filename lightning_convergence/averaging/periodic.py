@@ -17,7 +17,6 @@ from lightning_convergence.averaging.base import (
     Communicator,
     OuterStep,
     SyncStats,
-    allreduce_bytes,
     finite,
     flatten,
     sqn,
@@ -44,6 +43,7 @@ class PeriodicAveraging(OuterStep):
     """
 
     name = "average"
+    leaves_replicas_identical = True
 
     def __init__(self) -> None:
         self.anchor: Tensor | None = None
@@ -55,8 +55,9 @@ class PeriodicAveraging(OuterStep):
         anchor = self._require_state(self.anchor)
         local = flatten(params)
         mean = local.clone()
+        before = comm.link_bytes_total
         comm.all_reduce_mean_(mean)
-        nbytes = allreduce_bytes(mean.numel() * mean.element_size(), comm.world_size)
+        nbytes = comm.link_bytes_total - before
         divergence_sq = sqn(local - mean)
         if not finite(mean):
             unflatten_into(anchor, params)  # drop the round: every rank returns to the last good model

@@ -1,9 +1,8 @@
 """Streaming DiLoCo: P fragments synced on staggered schedules, each outer all-reduce overlapped with τ inner steps.
 
-Imports torch only. Collectives are duck-typed (``rank``, ``world_size``, ``all_reduce_sum_async``,
-``all_to_all_async``, ``all_gather_async``, each ``*_async`` returning a ``torch.futures.Future``): the interface of
-the common communication layer. :mod:`lightning_convergence.averaging.streaming_comm` is the one place that talks to
-``torch.distributed``; swap its collectives for that layer's communicators.
+Imports torch only. Collectives go through a :class:`~lightning_convergence.comm.Communicator` (the strategy passes
+``TorchDistCommunicator(group)`` on a dedicated group); the quantized mean is the communication layer's
+:class:`~lightning_convergence.comm.quantized.QuantizedMean`, and link bytes are what the communicator counts.
 """
 
 from __future__ import annotations
@@ -17,28 +16,11 @@ from torch import Tensor
 
 from lightning_convergence.averaging.base import STATE_VERSION, OuterStep, SyncStats, finite, sqn
 from lightning_convergence.averaging.diloco import nesterov_outer_update
-from lightning_convergence.averaging.streaming_comm import (
-    DistCollectives,
-    LocalCollectives,
-    chunk_len,
-    decode_chunk,
-    done,
-    encode_chunk,
-    quantized_mean_link_bytes,
-    ring_all_reduce_link_bytes,
-)
+from lightning_convergence.comm import Communicator
+from lightning_convergence.comm.quantized import QuantizedMean
 from lightning_convergence.compress.blockquant import QUANT_FORMATS, BlockQuantizer
 
-__all__ = [
-    "DistCollectives",
-    "LocalCollectives",
-    "StreamingDiLoCo",
-    "fragment_due",
-    "fragment_offsets",
-    "partition_fragments",
-    "quantized_mean_link_bytes",
-    "ring_all_reduce_link_bytes",
-]
+__all__ = ["StreamingDiLoCo", "StreamingStats", "fragment_due", "fragment_offsets", "partition_fragments"]
 
 _PARTITIONS = ("strided", "contiguous")
 
@@ -87,27 +69,24 @@ def fragment_due(step: int, sync_every: int, num_fragments: int) -> int | None:
 
 
 class _InFlight:
-    """One fragment's outer all-reduce in flight: its stage, futures, and what the merge needs."""
+    """One fragment's outer mean in flight: the pending mean, and what the merge needs."""
 
     def __init__(self, fragment: int, launch_step: int, local_delta: Tensor, start: Tensor | None) -> None:
         self.fragment, self.launch_step = fragment, launch_step
         self.local_delta, self.start = local_delta, start
-        self.future: Any = None  # all-reduce (fp32) or all-to-all (stage 1) or all-gather (stage 2)
-        self.stage = 0  # 0: fp32 all-reduce; 1: quantized all-to-all issued; 2: quantized all-gather issued
+        self.pending: Any = None  # a PendingMean (fp32 all-reduce) or a QuantizedMean (two stages)
         self.mean: Tensor | None = None  # materialised result (after wait, or restored from a checkpoint)
         self.quant_error_sq = torch.zeros(())
-        self.link_bytes = 0  # what this rank sends for it
-        self.sent: Tensor | None = None  # this rank's encoded chunks (quantized path, until stage two)
+        self.link_bytes = 0  # what this rank's communicator counted for it so far
 
 
 @dataclass
 class StreamingStats(SyncStats):
-    """:class:`SyncStats` plus what a fragment sync did. ``bytes_sent`` is all ranks together (the local-SGD
-    convention); ``link_bytes`` is what this rank sent; ``fragment`` the fragment merged; ``wait_ms`` the time
-    blocked in the final wait (0 when the overlap hid the collective); ``quant_rel_error_sq`` ``‖Q(Δ_i)−Δ_i‖²/‖Δ_i‖²``
-    of this rank's own contribution."""
+    """:class:`SyncStats` plus what a fragment sync did: ``bytes_sent`` is the link bytes this rank's communicator
+    counted for the fragment's mean; ``fragment`` the fragment merged; ``wait_ms`` the time blocked in the final wait
+    (0 when the overlap hid the collective); ``quant_rel_error_sq`` ``‖Q(Δ_i)−Δ_i‖²/‖Δ_i‖²`` of this rank's own
+    contribution."""
 
-    link_bytes: int = 0
     fragment: int = 0
     wait_ms: float = 0.0
     quant_rel_error_sq: Tensor | None = None
@@ -156,7 +135,8 @@ class StreamingDiLoCo(OuterStep):
         partition: ``"strided"`` (paper, default) or ``"contiguous"`` layer blocks per fragment.
 
     State: per fragment ``anchor`` and ``momentum_buffer`` (float32), ``others_prev`` (eager, per rank), the fragment
-    in flight with its mean materialised (see :meth:`state_dict`), ``link_bytes_total`` (this rank), ``version``.
+    in flight with its mean materialised (see :meth:`state_dict`), ``link_bytes_total`` (this rank's communicator's
+    count for the outer means), ``version``.
 
     Raises:
         ValueError: a hyperparameter outside its range (message names the field).
@@ -206,7 +186,7 @@ class StreamingDiLoCo(OuterStep):
         self.momentum_buffers: list[Tensor] = []
         self.others_prev: list[Tensor | None] = []
         self._inflight: _InFlight | None = None
-        self._comm: Any = None  # the collectives of the last call (a pending stage is finished with them on save)
+        self._comm: Communicator | None = None  # of the last call (a pending stage is finished with it on save)
         self.last_issued_bytes = 0  # link bytes this rank issued at the last step (peak-per-step diagnostics)
         self.link_bytes_total = 0  # link bytes this rank has sent (final merge included)
 
@@ -233,7 +213,7 @@ class StreamingDiLoCo(OuterStep):
                                  [params[i].numel() for i in self.fragments[p]]))])
 
     # -------------------------------------------------------------------------------------------- per step
-    def sync(self, params: list[Tensor], comm: Any, step: int) -> StreamingStats | None:  # type: ignore[override]
+    def sync(self, params: list[Tensor], comm: Communicator, step: int) -> StreamingStats | None:  # type: ignore[override]
         """Advance the pipeline after optimizer step ``step``: finish, forward or launch what the schedule says.
 
         Returns the stats of a fragment merged at this step, else ``None``. Cheap (integer compares) on steps where
@@ -245,18 +225,18 @@ class StreamingDiLoCo(OuterStep):
         fl = self._inflight
         if fl is not None:
             age = step - fl.launch_step
-            if fl.stage == 1 and age == self.overlap_steps // 2:
+            if age == self.overlap_steps // 2:
                 self._stage_two(fl, comm)
             if age == self.overlap_steps:
                 out = self._complete(params, comm)
         p = self._due.get(step % self.sync_every) if step > 0 else None  # fragment_due, one dict look-up
         if p is not None:
-            self.last_issued_bytes = self._launch(params, comm, step, p)
+            self._launch(params, comm, step, p)
             if self.overlap_steps == 0:
                 out = self._complete(params, comm)
         return out
 
-    def _launch(self, params: list[Tensor], comm: Any, step: int, p: int, final: bool = False) -> int:
+    def _launch(self, params: list[Tensor], comm: Communicator, step: int, p: int, final: bool = False) -> int:
         anchor, buf = self.anchors[p], self.momentum_buffers[p]
         delta = anchor - self._flat(params, p)
         start = None
@@ -268,60 +248,38 @@ class StreamingDiLoCo(OuterStep):
             start = anchor - self.lr * (proxy + self.momentum * b if self.nesterov else b)
             self._write(start, params, p)
         fl = _InFlight(p, step, delta.clone(), start)
-        w, n = comm.world_size, delta.numel()
-        if self.quantizer is None or w == 1:
-            fl.future = comm.all_reduce_sum_async(delta) if w > 1 else done(delta)
-            link = ring_all_reduce_link_bytes(n * 4, w)
-        else:
-            q = self.quantizer
-            chunk = chunk_len(n, w, q.block_size)
-            x = torch.zeros(chunk * w, dtype=torch.float32, device=delta.device)
-            x[:n] = delta
-            fl.sent = torch.cat([encode_chunk(q, c) for c in x.split(chunk)])
-            fl.future = comm.all_to_all_async(fl.sent.clone())  # owned by the collective from here on
-            fl.stage = 1
-            link = quantized_mean_link_bytes(n, w, q)
-            if self.overlap_steps // 2 == 0:
-                self._stage_two(fl, comm)
-        fl.link_bytes = link
-        self.link_bytes_total += link
         self._inflight = fl
-        return link
+        before = comm.link_bytes_total
+        if self.quantizer is None or comm.world_size == 1:
+            fl.pending = comm.all_reduce_mean_async(delta)  # delta is owned by the collective from here on
+        else:
+            fl.pending = QuantizedMean(delta, comm, self.quantizer, measure_error=True)
+            fl.quant_error_sq = fl.pending.own_error_sq / sqn(delta).clamp_min(1e-30)
+        self._count(fl, comm.link_bytes_total - before)
+        if self.overlap_steps // 2 == 0:
+            self._stage_two(fl, comm)
+        return self.last_issued_bytes
 
-    def _stage_two(self, fl: _InFlight, comm: Any) -> None:
-        """Reduce this rank's chunk (rank order, float32), re-encode the mean chunk and start its all-gather."""
-        q, w = self.quantizer, comm.world_size
-        assert q is not None
-        chunk = chunk_len(fl.local_delta.numel(), w, q.block_size)
-        received = fl.future.wait()
-        if fl.sent is not None:  # the quantization error of this rank's own contribution (diagnostics only)
-            n = fl.local_delta.numel()
-            mine = torch.cat([decode_chunk(q, b, chunk) for b in fl.sent.chunk(w)])[:n]
-            fl.quant_error_sq = sqn(mine - fl.local_delta) / sqn(fl.local_delta).clamp_min(1e-30)
-            fl.sent = None
-        parts = received.chunk(w)
-        mean_chunk = decode_chunk(q, parts[0], chunk)
-        for part in parts[1:]:
-            mean_chunk = mean_chunk + decode_chunk(q, part, chunk)
-        fl.future = comm.all_gather_async(encode_chunk(q, mean_chunk / w))
-        fl.stage = 2
+    def _count(self, fl: _InFlight, sent: int) -> None:
+        fl.link_bytes += sent
+        self.link_bytes_total += sent
+        self.last_issued_bytes += sent
 
-    def _wait_mean(self, fl: _InFlight, comm: Any) -> Tensor:
+    def _stage_two(self, fl: _InFlight, comm: Communicator) -> None:
+        """Quantized path: reduce this rank's chunk and start the all-gather of the mean chunk (no-op otherwise)."""
+        if isinstance(fl.pending, QuantizedMean):
+            before = comm.link_bytes_total
+            fl.pending.forward()
+            self._count(fl, comm.link_bytes_total - before)
+
+    def _wait_mean(self, fl: _InFlight, comm: Communicator) -> Tensor:
         if fl.mean is None:
-            if fl.stage == 1:
-                self._stage_two(fl, comm)
-            result = fl.future.wait()
-            n, w = fl.local_delta.numel(), comm.world_size
-            if fl.stage == 2:
-                assert self.quantizer is not None
-                chunk = chunk_len(n, w, self.quantizer.block_size)
-                fl.mean = torch.cat([decode_chunk(self.quantizer, b, chunk) for b in result.chunk(w)])[:n]
-            else:
-                fl.mean = result / w if w > 1 else result
-            fl.future = None
+            self._stage_two(fl, comm)
+            fl.mean = fl.pending.wait()
+            fl.pending = None
         return fl.mean
 
-    def _complete(self, params: list[Tensor], comm: Any, final: bool = False) -> StreamingStats:
+    def _complete(self, params: list[Tensor], comm: Communicator, final: bool = False) -> StreamingStats:
         fl = self._inflight
         assert fl is not None
         self._inflight = None
@@ -329,12 +287,11 @@ class StreamingDiLoCo(OuterStep):
         t0 = time.perf_counter()
         mean = self._wait_mean(fl, comm)
         wait_ms = (time.perf_counter() - t0) * 1e3
-        link = fl.link_bytes
         divergence_sq = sqn(fl.local_delta - mean)
-        common = dict(link_bytes=link, fragment=p, wait_ms=wait_ms, quant_rel_error_sq=fl.quant_error_sq)
+        common = dict(fragment=p, wait_ms=wait_ms, quant_rel_error_sq=fl.quant_error_sq)
         if not finite(mean):
             self._write(self.anchors[p], params, p)
-            return StreamingStats(link * w, torch.zeros(()), divergence_sq, skipped=True, **common)
+            return StreamingStats(fl.link_bytes, torch.zeros(()), divergence_sq, skipped=True, **common)
         anchor = self.anchors[p]
         nesterov_outer_update(anchor, self.momentum_buffers[p], mean, self.lr, self.momentum, self.nesterov)
         if final:
@@ -348,15 +305,15 @@ class StreamingDiLoCo(OuterStep):
         else:
             new = torch.lerp(anchor, self._flat(params, p), self.mixing)
         self._write(new, params, p)
-        return StreamingStats(link * w, sqn(mean), divergence_sq, **common)
+        return StreamingStats(fl.link_bytes, sqn(mean), divergence_sq, **common)
 
-    def drain(self, params: list[Tensor], comm: Any = None) -> StreamingStats | None:
+    def drain(self, params: list[Tensor], comm: Communicator | None = None) -> StreamingStats | None:
         """Merge the fragment still in flight now (its stats), or ``None`` when nothing is in flight."""
         if self._inflight is None:
             return None
         return self._complete(params, self._comm if self._comm is not None else comm)
 
-    def finalize(self, params: list[Tensor], comm: Any) -> StreamingStats | None:
+    def finalize(self, params: list[Tensor], comm: Communicator) -> StreamingStats | None:
         """End of training: merge the fragment in flight, then one last blocking outer step of every fragment (with
         the same quantization) that lands every replica on the new anchors, so all ranks end on one model.
 
@@ -370,8 +327,8 @@ class StreamingDiLoCo(OuterStep):
             done.append(self._complete(params, comm, final=True))
         return StreamingStats(
             sum(s.bytes_sent for s in done), sum(s.pseudo_grad_sq for s in done), sum(s.divergence_sq for s in done),
-            skipped=any(s.skipped for s in done), link_bytes=sum(s.link_bytes for s in done),
-            fragment=self.num_fragments - 1, wait_ms=sum(s.wait_ms for s in done), quant_rel_error_sq=None)
+            skipped=any(s.skipped for s in done), fragment=self.num_fragments - 1,
+            wait_ms=sum(s.wait_ms for s in done), quant_rel_error_sq=None)
 
     # -------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

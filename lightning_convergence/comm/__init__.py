@@ -1,5 +1,6 @@
-"""The one communication layer: collectives that count the link bytes each rank sends, payload averaging and the
-8-bit reduce-scatter + all-gather. Imports torch only (never ``lightning``).
+"""The one communication layer: collectives that count the link bytes each rank sends (with flat-buffer mean and
+broadcast helpers), their link-byte formulas, payload averaging and the quantized reduce-scatter + all-gather mean
+(any :class:`~lightning_convergence.compress.BlockQuantizer` codec). Imports torch only (never ``lightning``).
 """
 
 from lightning_convergence.comm.communicator import (
@@ -15,6 +16,8 @@ from lightning_convergence.comm.links import (
     all_to_all_link_bytes,
     broadcast_link_bytes,
     ddp_link_bytes,
+    point_to_point_link_bytes,
+    quantized_mean_link_bytes,
 )
 from lightning_convergence.comm.payloads import (
     average_payloads,
@@ -24,12 +27,13 @@ from lightning_convergence.comm.payloads import (
     payload_bytes,
     payloads_from_bytes,
 )
-from lightning_convergence.comm.quantized import BLOCK, quantized_link_bytes, quantized_mean_async
+from lightning_convergence.comm.quantized import BLOCK, QuantizedMean, quantized_link_bytes, quantized_mean_async
 
 __all__ = [
     "BLOCK",
     "Communicator",
     "PendingMean",
+    "QuantizedMean",
     "SingleProcessCommunicator",
     "TorchDistCommunicator",
     "all_gather_link_bytes",
@@ -44,6 +48,8 @@ __all__ = [
     "link_bytes_per_rank",
     "payload_bytes",
     "payloads_from_bytes",
+    "point_to_point_link_bytes",
     "quantized_link_bytes",
+    "quantized_mean_link_bytes",
     "quantized_mean_async",
 ]

@@ -14,6 +14,7 @@ Imports torch only.
 
 from __future__ import annotations
 
+import pickle
 from typing import Any, Protocol
 
 import torch
@@ -24,6 +25,7 @@ from lightning_convergence.comm.links import (
     all_reduce_link_bytes,
     all_to_all_link_bytes,
     broadcast_link_bytes,
+    point_to_point_link_bytes,
 )
 
 __all__ = ["Communicator", "PendingMean", "SingleProcessCommunicator", "TorchDistCommunicator", "done"]
@@ -108,7 +110,40 @@ class Communicator:
         return done(torch.cat([t.reshape(-1) for t in self.all_gather(tensor)]))
 
     def all_to_all(self, tensor: Tensor) -> Tensor:
+        """Blocking :meth:`all_to_all_async`."""
         return self.all_to_all_async(tensor).wait()
+
+    def all_reduce_mean_flat_(self, tensors: list[Tensor]) -> None:
+        """Average ``tensors`` over the ranks in place through one flat buffer: flatten, one all-reduce, copy back.
+
+        The buffer takes the promoted dtype of ``tensors`` (each is cast back on copy). Nothing happens at world size
+        1 or for an empty list.
+        """
+        if self.world_size == 1 or not tensors:
+            return
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        self.all_reduce_mean_(flat)
+        with torch.no_grad():
+            torch._foreach_copy_(tensors, [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in tensors]),
+                                                                        tensors)])
+
+    def broadcast_flat_(self, tensors: list[Tensor], root: int = 0) -> None:
+        """Overwrite ``tensors`` on every rank with ``root``'s, in place, through one flat buffer per dtype."""
+        if self.world_size == 1 or not tensors:
+            return
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for t in tensors:  # one buffer per dtype, so integer buffers travel exactly
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            flat = torch.cat([t.detach().reshape(-1) for t in group])
+            self.broadcast(flat, root)
+            with torch.no_grad():
+                torch._foreach_copy_(group, [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in group]),
+                                                                          group)])
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, ordered by rank (checkpoint-time use; never on a per-step path)."""
+        raise NotImplementedError
 
     def broadcast(self, tensor: Tensor, root: int) -> Tensor:
         self.broadcast_async(tensor, root).wait()
@@ -150,6 +185,9 @@ class SingleProcessCommunicator(Communicator):
 
     def exchange(self, tensor: Tensor, peer: int) -> Tensor:  # pragma: no cover - never paired alone
         return tensor
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
 
 
 class TorchDistCommunicator(Communicator):
@@ -222,9 +260,18 @@ class TorchDistCommunicator(Communicator):
 
     def exchange(self, tensor: Tensor, peer: int) -> Tensor:
         out = torch.empty_like(tensor)
-        self.link_bytes_total += _nbytes(tensor)
+        self.link_bytes_total += point_to_point_link_bytes(_nbytes(tensor))
         send = self._dist.isend(tensor.contiguous(), self._global(peer), group=self.group)
         recv = self._dist.irecv(out, self._global(peer), group=self.group)
         send.wait()
         recv.wait()
+        return out
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        # torch pickles ``obj`` into a byte tensor, gathers the sizes (8 bytes each), pads to the largest and gathers
+        self.link_bytes_total += all_gather_link_bytes(8 + len(pickle.dumps(obj)), self.world_size)
+        out: list[Any] = [None] * self.world_size
+        self._dist.all_gather_object(out, obj, group=self.group)
         return out

@@ -1,16 +1,22 @@
-"""Quantized mean of a float tensor over the ranks: 8-bit reduce-scatter by all-to-all, then 8-bit all-gather.
+"""Quantized mean of a float tensor over the ranks: quantized reduce-scatter by all-to-all, then quantized all-gather.
 
 The transport ZeRO++ calls qgZ (Wang et al. *ZeRO++: Extremely Efficient Collective Communication for Giant Model
-Training.* arXiv:2306.10209), here with one hop: every rank splits its flat float tensor into ``W``
-chunks, rounds each block of :data:`BLOCK` entries to int8 with a float32 scale (``max|block| / 127``), and sends
-chunk ``j`` to rank ``j`` (all-to-all); rank ``j`` decodes the ``W`` copies of its chunk, sums them in rank order in
-float32, divides by ``W``, rounds the mean to int8 blocks again and all-gathers it. Every rank decodes the same
-gathered codes, so the result is bit-identical on all ranks.
+Training.* arXiv:2306.10209), here with one hop, parameterised by the codec (a
+:class:`~lightning_convergence.compress.BlockQuantizer`: int8 or a 4-bit float, one float32 scale per block). Every
+rank splits its flat float tensor into ``W`` chunks (padded to whole blocks), encodes each chunk and sends chunk ``j``
+to rank ``j`` (all-to-all); rank ``j`` decodes the ``W`` copies of its chunk, sums them in rank order in float32,
+divides by ``W``, encodes the mean chunk again and all-gathers it. Every rank decodes the same gathered codes, so the
+result is bit-identical on all ranks.
 
-Link bytes per rank: ``2(W−1)/W · n·(1 + 4/BLOCK)`` for ``n`` entries (padded to a multiple of ``W·BLOCK``), against
-``2(W−1)/W · 4n`` for a float32 ring all-reduce: about 3.9x fewer at every ``W``. (An all-gather of int8 codes sends
-``(W−1)·n``, which saves ``8/W``: nothing at 8 ranks.) Two roundings: each rank's contribution and the mean; each is
-at most half a step of ``max|block|/127``. Imports torch only.
+Link bytes per rank for ``n`` entries (:func:`~lightning_convergence.comm.links.quantized_mean_link_bytes`):
+``2(W−1)/W · B`` with ``B`` the codec's wire bytes of the padded tensor (int8, blocks of 256: ``n·(1 + 4/256)``),
+against ``2(W−1)/W · 4n`` for a float32 ring all-reduce: about 3.9x fewer at every ``W`` (7.5x with 4 bits). (An
+all-gather of int8 codes sends ``(W−1)·n``, which saves ``8/W``: nothing at 8 ranks.) Two roundings: each rank's
+contribution and the mean; each within the codec's :meth:`~lightning_convergence.compress.BlockQuantizer.error_bound`.
+
+:func:`quantized_mean_async` is the one-call form (the all-to-all waited for at once, the all-gather left in flight;
+compressed DDP). :class:`QuantizedMean` splits it into its two stages so a caller can let each travel for a while
+(streaming DiLoCo). Imports torch only.
 """
 
 from __future__ import annotations
@@ -19,63 +25,113 @@ import torch
 from torch import Tensor
 
 from lightning_convergence.comm.communicator import Communicator, done
-from lightning_convergence.comm.links import all_gather_link_bytes, all_to_all_link_bytes
+from lightning_convergence.comm.links import quantized_mean_link_bytes, quantized_padded_numel
+from lightning_convergence.compress.base import Payload
+from lightning_convergence.compress.blockquant import BlockQuantizer
 
-__all__ = ["BLOCK", "quantized_mean_async", "quantized_link_bytes", "encode_int8", "decode_int8"]
+__all__ = [
+    "BLOCK",
+    "INT8",
+    "QuantizedMean",
+    "decode_chunk",
+    "encode_chunk",
+    "quantized_link_bytes",
+    "quantized_mean_async",
+]
 
-BLOCK = 256  # entries per float32 scale: 4/256 = 1.6% overhead on the int8 codes
-
-
-def encode_int8(x: Tensor) -> Tensor:
-    """``x`` (1-D, length a multiple of :data:`BLOCK`) as bytes: int8 codes, then one float32 scale per block."""
-    blocks = x.float().reshape(-1, BLOCK)
-    scale = blocks.abs().amax(dim=1) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round(blocks / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
-    return torch.cat([codes.reshape(-1).view(torch.uint8), scale.view(torch.uint8)])
-
-
-def decode_int8(blob: Tensor, numel: int) -> Tensor:
-    """Inverse of :func:`encode_int8` for ``numel`` entries (float32)."""
-    codes = blob[:numel].view(torch.int8).float().reshape(-1, BLOCK)
-    scale = blob[numel:].contiguous().view(torch.float32)
-    return (codes * scale.unsqueeze(1)).reshape(-1)
+BLOCK = 256  # entries per float32 scale of the default codec: 4/256 = 1.6% overhead on the int8 codes
+INT8 = BlockQuantizer("int8", BLOCK)  # the default codec (ZeRO++'s 8 bits; compressed DDP's 8-bit payloads)
 
 
-def _padded(numel: int, world_size: int) -> int:
-    unit = world_size * BLOCK
-    return -(-numel // unit) * unit
+def encode_chunk(codec: BlockQuantizer, x: Tensor) -> Tensor:
+    """``x`` (1-D, whole blocks) on the wire: the codec's packed codes, then one float32 scale per block (uint8)."""
+    p = codec.compress(x)
+    return torch.cat([p.tensors["codes"].reshape(-1), p.tensors["scales"].reshape(-1).view(torch.uint8)])
 
 
-def quantized_link_bytes(numel: int, world_size: int) -> int:
-    """Bytes this rank sends in :func:`quantized_mean_async` for ``numel`` entries."""
-    if world_size <= 1:
-        return 0
-    n = _padded(numel, world_size)
-    per_entry = n + 4 * (n // BLOCK)
-    return all_to_all_link_bytes(per_entry, world_size) + all_gather_link_bytes(per_entry // world_size, world_size)
+def decode_chunk(codec: BlockQuantizer, blob: Tensor, numel: int) -> Tensor:
+    """Inverse of :func:`encode_chunk` for ``numel`` entries (float32)."""
+    nblocks = numel // codec.block_size
+    ncodes = numel * codec.bits // 8
+    scales = blob[ncodes: ncodes + 4 * nblocks].clone().view(torch.float32)
+    return codec.decompress(Payload({"codes": blob[:ncodes], "scales": scales}, torch.Size([numel]), torch.float32,
+                                    codec))
 
 
-def quantized_mean_async(flat: Tensor, comm: Communicator) -> torch.futures.Future:
-    """Start the 8-bit mean of the 1-D float ``flat`` over ``comm``'s ranks; the future holds the float32 mean.
+def quantized_link_bytes(numel: int, world_size: int, codec: BlockQuantizer = INT8) -> int:
+    """Bytes this rank sends in :func:`quantized_mean_async` for ``numel`` entries (see ``comm.links``)."""
+    return quantized_mean_link_bytes(numel, world_size, codec.bits, codec.block_size)
+
+
+class QuantizedMean:
+    """A quantized mean in flight, in two stages: the all-to-all starts at construction, :meth:`forward` reduces this
+    rank's chunk and starts the all-gather, :meth:`wait` returns the float32 mean (every rank the same bits).
+
+    Args:
+        flat: 1-D float tensor, this rank's contribution (not modified).
+        comm: the communicator (its ``link_bytes_total`` counts both collectives when they are issued).
+        codec: a :class:`~lightning_convergence.compress.BlockQuantizer`. Default :data:`INT8` (int8, 256 per scale).
+        measure_error: also compute ``own_error_sq``, ``‖Q(x)−x‖²`` of this rank's own encoded contribution.
+
+    Collectives are issued from the calling thread only, in the same order on every rank. At world size 1 the mean
+    is ``flat`` itself (nothing sent, nothing rounded).
+    """
+
+    def __init__(self, flat: Tensor, comm: Communicator, codec: BlockQuantizer = INT8,
+                 measure_error: bool = False) -> None:
+        self.codec, self.comm, self.numel = codec, comm, flat.numel()
+        self.own_error_sq: Tensor | None = None
+        self._result: Tensor | None = None
+        w = comm.world_size
+        if w == 1:
+            self._future: torch.futures.Future = done(flat.float())
+            self.stage = 2
+            return
+        self.chunk = quantized_padded_numel(self.numel, w, codec.block_size) // w
+        x = torch.zeros(self.chunk * w, dtype=torch.float32, device=flat.device)
+        x[: self.numel] = flat
+        sent = torch.cat([encode_chunk(codec, c) for c in x.split(self.chunk)])  # per destination: codes, scales
+        if measure_error:
+            mine = torch.cat([decode_chunk(codec, b, self.chunk) for b in sent.chunk(w)])[: self.numel]
+            diff = mine - flat.float()
+            self.own_error_sq = (diff * diff).sum()
+        self._future = comm.all_to_all_async(sent)
+        self.stage = 1
+
+    def forward(self) -> None:
+        """Second stage (idempotent): wait for the all-to-all, sum the ``W`` copies of this rank's chunk in rank order,
+        divide by ``W``, and start the all-gather of the encoded mean chunk."""
+        if self.stage != 1:
+            return
+        w = self.comm.world_size
+        parts = self._future.wait().chunk(w)
+        mean_chunk = decode_chunk(self.codec, parts[0], self.chunk)
+        for part in parts[1:]:
+            mean_chunk = mean_chunk + decode_chunk(self.codec, part, self.chunk)
+        self._future = self.comm.all_gather_async(encode_chunk(self.codec, mean_chunk / w))
+        self.stage = 2
+
+    def wait(self) -> Tensor:
+        """The float32 mean (``numel`` entries), identical on every rank."""
+        if self._result is None:
+            self.forward()
+            result = self._future.wait()
+            if self.comm.world_size > 1:
+                result = torch.cat([decode_chunk(self.codec, b, self.chunk)
+                                    for b in result.chunk(self.comm.world_size)])[: self.numel]
+            self._result = result
+        return self._result
+
+    def future(self) -> torch.futures.Future:
+        """Issue the second stage now and return a future of the mean (chained on the all-gather)."""
+        self.forward()
+        return self._future.then(lambda _: self.wait())
+
+
+def quantized_mean_async(flat: Tensor, comm: Communicator, codec: BlockQuantizer = INT8) -> torch.futures.Future:
+    """Start the quantized mean of the 1-D float ``flat`` over ``comm``'s ranks; the future holds the float32 mean.
 
     The all-to-all is waited for here (the all-gather's input depends on it, and collectives are issued from the
     calling thread only); the all-gather is left in flight. At world size 1 the mean is ``flat`` (no rounding).
     """
-    w, numel = comm.world_size, flat.numel()
-    if w == 1:
-        return done(flat.float())
-    n = _padded(numel, w)
-    x = torch.zeros(n, dtype=torch.float32, device=flat.device)
-    x[:numel] = flat
-    chunk = n // w
-    blobs = torch.cat([encode_int8(c) for c in x.split(chunk)])  # per destination: codes then scales
-    received = comm.all_to_all_async(blobs).wait()
-    mine = torch.stack([decode_int8(b, chunk) for b in received.chunk(w)])
-    mean_chunk = mine.sum(dim=0).div_(w)  # the same rank order everywhere
-    gathered = comm.all_gather_async(encode_int8(mean_chunk))
-
-    def decode(fut: torch.futures.Future) -> Tensor:
-        return torch.cat([decode_int8(b, chunk) for b in fut.value().chunk(w)])[:numel]
-
-    return gathered.then(decode)
+    return QuantizedMean(flat, comm, codec).future()

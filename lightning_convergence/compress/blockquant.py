@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_convergence.compress.base import Compressor, Payload, pack_bits, unpack_bits
+from lightning_convergence.compress.base import Compressor, Payload
 
 __all__ = ["BlockQuantizer", "QUANT_FORMATS", "quantize_blocks", "dequantize_blocks"]
 
@@ -39,10 +39,10 @@ def _byte_lut(fmt: str, device: torch.device) -> Tensor:
 
 
 def quantize_blocks(x: Tensor, fmt: str, block_size: int) -> tuple[Tensor, Tensor]:
-    """Codes (int64, one per entry) and float32 scales (one per block) of the 1-D ``x`` (length a multiple of
-    ``block_size``); deterministic round-to-nearest.
+    """Codes (one per entry: uint8 bytes for int8, int64 for 4 bits) and float32 scales (one per block) of the 1-D
+    ``x`` (length a multiple of ``block_size``); deterministic round-to-nearest.
 
-    ``int8``: ``scale = max|block|/127``, code ``round(x/scale)`` in [−127, 127] stored offset by 127 (0..254).
+    ``int8``: ``scale = max|block|/127``, code ``round(x/scale)`` in [−127, 127] stored as a two's-complement byte.
     ``fp4_*``: ``scale = max|block|/grid_max``; code ``8·[x<0] + i`` with ``grid[i]`` nearest to ``|x|/scale``.
     An all-zero block gets scale 1. A non-finite entry makes its block's scale non-finite, so the whole block
     decodes as non-finite (it is never silently rounded away).
@@ -52,8 +52,8 @@ def quantize_blocks(x: Tensor, fmt: str, block_size: int) -> tuple[Tensor, Tenso
     top = 127.0 if fmt == "int8" else _FP4_GRIDS[fmt][-1]
     scale = torch.where(amax == 0, torch.ones_like(amax), amax / top)
     y = blocks / scale.unsqueeze(1)
-    if fmt == "int8":
-        codes = torch.round(y).clamp_(-127, 127).to(torch.int64) + 127
+    if fmt == "int8":  # two's complement int8 codes seen as the wire's bytes (one cast, no int64 round trip)
+        codes = torch.round(y).clamp_(-127, 127).to(torch.int8).view(torch.uint8)
     else:
         grid = _grid(fmt, x.device)
         mids = (grid[1:] + grid[:-1]) / 2
@@ -66,7 +66,7 @@ def dequantize_blocks(codes: Tensor, scale: Tensor, fmt: str, block_size: int) -
     """Inverse of :func:`quantize_blocks`: float32 values, 1-D."""
     codes = codes.reshape(-1, block_size)
     if fmt == "int8":
-        values = (codes - 127).float()
+        values = codes.view(torch.int8).float()
     else:
         grid = _grid(fmt, codes.device)
         values = grid[codes % 8] * (1.0 - 2.0 * (codes >= 8).float())
@@ -146,7 +146,7 @@ class BlockQuantizer(Compressor):
             pairs = codes.to(torch.uint8).view(-1, 2)
             packed = pairs[:, 0] | (pairs[:, 1] << 4)
         else:
-            packed = pack_bits(codes, 8)
+            packed = codes  # already one uint8 per entry
         wire = {"codes": packed, "scales": scales}
         return Payload(wire, tensor.shape, tensor.dtype, self, {"padded": flat.numel()})
 
@@ -156,6 +156,5 @@ class BlockQuantizer(Compressor):
             values = _byte_lut(self.format, scales.device)[payload.tensors["codes"].long()].view(-1, self.block_size)
             flat = (values * scales.unsqueeze(1)).reshape(-1)
         else:
-            codes = unpack_bits(payload.tensors["codes"], 8, scales.numel() * self.block_size)
-            flat = dequantize_blocks(codes, scales, self.format, self.block_size)
+            flat = dequantize_blocks(payload.tensors["codes"], scales, self.format, self.block_size)
         return flat[: payload.numel].reshape(payload.shape)

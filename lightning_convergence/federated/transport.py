@@ -9,7 +9,8 @@ dies mid-send never leaves half a message behind.
 The point-to-point primitives are passed in (:class:`P2P`: a ``send(tensor, dst)`` and a ``recv(tensor, src)``
 callable) and every byte they move is counted here, so the functions can move into a shared communication layer
 unchanged; :func:`torch_p2p` builds them over ``torch.distributed`` (gloo). Link bytes are the bytes this rank sends
-(point-to-point has no algorithm factor): ``message_nbytes(layout)`` per message.
+(:func:`~lightning_convergence.comm.links.point_to_point_link_bytes`: no algorithm factor), ``message_nbytes(layout)``
+per message.
 
 Why point-to-point and not ``torch.distributed.rpc``: gloo send/recv exists in every torch build (CPU and CUDA), while
 RPC (TensorPipe) is in maintenance mode and absent from some builds. Why one receiver thread per client rank instead
@@ -36,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_convergence.comm.links import point_to_point_link_bytes
 from lightning_convergence.federated.base import ParamDict
 
 __all__ = [
@@ -75,12 +77,12 @@ class P2P:
     def send_message(self, msg: Tensor, dst: int) -> None:
         self.send(msg, dst)
         with self._lock:
-            self.bytes_sent_total += msg.numel() * msg.element_size()
+            self.bytes_sent_total += point_to_point_link_bytes(msg.numel() * msg.element_size())
 
     def recv_message(self, buf: Tensor, src: int) -> None:
         self.recv(buf, src)
         with self._lock:
-            self.bytes_received_total += buf.numel() * buf.element_size()
+            self.bytes_received_total += point_to_point_link_bytes(buf.numel() * buf.element_size())
 
 
 def torch_p2p(group: Any = None) -> P2P:

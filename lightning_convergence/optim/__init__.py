@@ -1,6 +1,5 @@
 """Optimizers and budget-aware learning-rate schedules (cores: they import torch only, never lightning)."""
 
-from lightning_convergence.optim._collectives import Collectives, dist_collectives
 from lightning_convergence.optim.adagrad_norm import AdaGradNorm
 from lightning_convergence.optim.demo import DeMo
 from lightning_convergence.optim.onebit_adam import OnebitAdam
@@ -26,7 +25,6 @@ __all__ = [
     "AdamWScheduleFree",
     "SGDScheduleFree",
     "BudgetSchedule",
-    "Collectives",
     "CosineDecay",
     "DeMo",
     "LinearDecay",
@@ -35,7 +33,6 @@ __all__ = [
     "RefinedSchedule",
     "UBADecay",
     "WSDSchedule",
-    "dist_collectives",
     "load_norms",
     "median_smooth",
     "online_profile",

@@ -1,6 +1,7 @@
 """What DeMo and 1-bit Adam share as optimizers that own their communication (imports torch only).
 
-The collectives they call (:attr:`CommOptimizer.comm`), sync-free masking of steps dropped for non-finite
+The communicator they call (:attr:`CommOptimizer.comm`, a :class:`~lightning_convergence.comm.Communicator` that
+counts the link bytes this rank sends), sync-free masking of steps dropped for non-finite
 gradients (:func:`where_ok`), their count, and ``state_dict`` entries beyond torch's (``state_dict()[key]`` with a
 ``version``), which hold this rank's own buffers.
 """
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_convergence.optim._collectives import Collectives, local_collectives
+from lightning_convergence.comm import Communicator, SingleProcessCommunicator
 
 __all__ = ["CommOptimizer", "where_ok"]
 
@@ -43,11 +44,12 @@ class CommOptimizer(Optimizer):
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
-        self.comm: Collectives = local_collectives()
+        self.comm: Communicator = SingleProcessCommunicator()
         self.nonfinite_skipped_total: Tensor | None = None
 
-    def attach(self, comm: Collectives) -> None:
-        """Use ``comm`` for this optimizer's collectives (the strategy calls this once the process group exists)."""
+    def attach(self, comm: Communicator) -> None:
+        """Use ``comm`` for this optimizer's collectives (the strategy hands ``TorchDistCommunicator()`` once the
+        process group exists; tests pass a ``SingleProcessCommunicator`` or a fake subclass)."""
         self.comm = comm
 
     def owns_communication(self) -> bool:  # pragma: no cover - abstract

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_convergence.comm import Communicator
 from lightning_convergence.compress.base import pack_bits, unpack_bits
-from lightning_convergence.optim._collectives import Collectives
 from lightning_convergence.optim._comm_optimizer import CommOptimizer, where_ok
 
 __all__ = ["OnebitAdam", "OnebitLayout", "compressed_allreduce"]
@@ -80,7 +80,7 @@ def _signs(x: Tensor) -> Tensor:
 
 
 def compressed_allreduce(
-    momentum: Tensor, worker_error: Tensor, server_error: Tensor, layout: OnebitLayout, comm: Collectives,
+    momentum: Tensor, worker_error: Tensor, server_error: Tensor, layout: OnebitLayout, comm: Communicator,
     ok_local: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """1-bit average of every rank's flat ``momentum`` with worker and server error compensation.
@@ -101,7 +101,7 @@ def compressed_allreduce(
     new_worker_error = x - w_scale[layout.all_segments].reshape(w, c) * (s.to(x.dtype) * 2 - 1)
     header = torch.cat([w_scale, ok_local.to(x.dtype).reshape(1)]).view(torch.uint8)
     packed = pack_bits(s.reshape(-1), 1).reshape(w, c // 8)
-    recv = comm.scatter_rows(torch.cat([packed, header.expand(w, -1)], dim=1))
+    recv = comm.all_to_all(torch.cat([packed, header.expand(w, -1)], dim=1)).reshape(w, -1)  # row r to rank r
     signs = unpack_bits(recv[:, : c // 8].reshape(-1), 1, w * c).reshape(w, c).to(x.dtype) * 2 - 1
     info = recv[:, c // 8:].clone().view(x.dtype)  # (W, P + 1): sender's scales, then its flag
     ok = (info[:, npar] > 0.5).all()
@@ -194,7 +194,7 @@ class OnebitAdam(CommOptimizer):
         self.server_error: Tensor | None = None
         self._layout: OnebitLayout | None = None
 
-    def attach(self, comm: Collectives) -> None:
+    def attach(self, comm: Communicator) -> None:
         """Use ``comm`` for the compressed momentum averaging (the strategy calls this once the group exists)."""
         super().attach(comm)
         self._layout = None

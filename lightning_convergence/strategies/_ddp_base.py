@@ -10,11 +10,13 @@ Lightning renames the method or stops calling it from ``configure_ddp``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy
+from torch.distributed.constants import default_pg_timeout
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
@@ -29,8 +31,15 @@ class HookedDDPStrategy(PerRankStateMixin, DDPStrategy):
     """A ``DDPStrategy`` whose subclass supplies the comm hook; it is registered on CPU/gloo and CUDA/NCCL alike.
 
     Subclasses implement :meth:`build_comm_hook` (returning ``(state, hook)``) and the per-rank state methods of
-    :class:`~lightning_convergence._rank_state.PerRankStateMixin`. Pending per-rank state from a checkpoint is
+    :class:`~lightning_convergence._rank_state.PerRankStateMixin`, and pass Lightning's arguments through
+    ``**kwargs`` (LightningCLI resolves them from this signature). Pending per-rank state from a checkpoint is
     applied at the end of :meth:`setup`, once the model is wrapped.
+
+    Args:
+        bucket_cap_mb: DDP bucket size in MiB (``None``: DDP's default of 25).
+        find_unused_parameters, process_group_backend, timeout, start_method, accelerator, parallel_devices,
+            cluster_environment, checkpoint_io, precision_plugin: as in Lightning's ``DDPStrategy``.
+        **kwargs: further ``DistributedDataParallel`` arguments (not ``ddp_comm_*``).
 
     Raises:
         ValueError: if ``ddp_comm_hook``, ``ddp_comm_state`` or ``ddp_comm_wrapper`` is passed (the subclass owns the
@@ -38,7 +47,20 @@ class HookedDDPStrategy(PerRankStateMixin, DDPStrategy):
         RuntimeError: if the model is not wrapped in DDP when hooks are registered, or registration fails.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        bucket_cap_mb: float | None = None,
+        find_unused_parameters: bool = False,
+        accelerator: Any = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: Any = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Any = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: str = "popen",
+        **kwargs: Any,
+    ) -> None:
         for name in ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper"):
             if kwargs.get(name) is not None:
                 raise ValueError(
@@ -46,7 +68,14 @@ class HookedDDPStrategy(PerRankStateMixin, DDPStrategy):
                     "its own communication hook."
                 )
             kwargs.pop(name, None)
-        super().__init__(**kwargs)
+        if bucket_cap_mb is not None:
+            kwargs["bucket_cap_mb"] = bucket_cap_mb
+        super().__init__(
+            accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io, precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
+            find_unused_parameters=find_unused_parameters, **kwargs,
+        )
 
     def build_comm_hook(self, model: DistributedDataParallel) -> tuple[Any, CommHook]:  # pragma: no cover
         """Return ``(state, hook)`` for ``model.register_comm_hook``."""

@@ -9,13 +9,11 @@ bucket when the collective completes.
 from __future__ import annotations
 
 import warnings
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import StrategyRegistry
-from torch.distributed.constants import default_pg_timeout
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -239,18 +237,8 @@ class CompressedDDPStrategy(HookedDDPStrategy):
         feedback: str | FeedbackRule = "ef21",
         compressor: Compressor | None = None,
         every_n_steps: int | None = None,
-        bucket_cap_mb: float | None = None,
         start_step: int = 0,
         on_nonfinite: str = "stop",
-        find_unused_parameters: bool = False,
-        accelerator: Any = None,
-        parallel_devices: list[torch.device] | None = None,
-        cluster_environment: Any = None,
-        checkpoint_io: Any = None,
-        precision_plugin: Any = None,
-        process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
-        start_method: str = "popen",
         **kwargs: Any,
     ) -> None:
         owner = type(self).__name__
@@ -276,14 +264,7 @@ class CompressedDDPStrategy(HookedDDPStrategy):
             )
         self.compressor = compressor
         self.every_n_steps = every_n_steps
-        if bucket_cap_mb is not None:
-            kwargs["bucket_cap_mb"] = bucket_cap_mb
-        super().__init__(
-            accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io, precision_plugin=precision_plugin,
-            process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
-            find_unused_parameters=find_unused_parameters, **kwargs,
-        )
+        super().__init__(**kwargs)  # bucket_cap_mb and Lightning's DDP arguments: HookedDDPStrategy
         self.hook_state: CompressionHookState | None = None
         self._pending_counters: dict[str, int] | None = None
         self._stats_comm: Communicator | None = None

@@ -1,16 +1,13 @@
 """``LocalSGDStrategy``: every rank trains H steps on its own, then the replicas meet through a pluggable outer step.
 
-The adapter holds no math: the outer steps live in :mod:`lightning_convergence.averaging` and the schedules in
-:mod:`lightning_convergence.averaging.schedules`. Decision on DDP: the module is **not** wrapped in
-``DistributedDataParallel`` (no reducer, no gradient buckets): gradients are never all-reduced during the local phase,
-and during a DDP warm-up (``schedule.start_step``) this strategy all-reduces the gradients itself in
-``post_backward`` (one flat buffer, mean). Initial parameters and buffers are broadcast from rank 0 at setup, as
-DDP's constructor would.
+The adapter holds no math (outer steps and schedules live in :mod:`lightning_convergence.averaging`) and talks to
+other ranks only through :mod:`lightning_convergence.comm`. The module is **not** wrapped in
+``DistributedDataParallel``: the local phase never all-reduces gradients; a DDP warm-up (``schedule.start_step``)
+averages them in ``post_backward`` (one flat buffer). Initial parameters and buffers are broadcast from rank 0.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any
 
@@ -21,22 +18,21 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from lightning_convergence._metrics import log_metrics
 from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
 from lightning_convergence._rank_state import PerRankStateMixin
-from lightning_convergence.averaging import OUTER_STEPS
+from lightning_convergence.averaging import make_outer_step
 from lightning_convergence.averaging.base import (
     Communicator,
     OuterStep,
     SyncStats,
     TorchDistCommunicator,
-    allreduce_bytes,
     flatten,
+    float_state_tensors,
     unflatten_into,
 )
-from lightning_convergence.averaging.diloco import DiLoCo
-from lightning_convergence.averaging.periodic import PeriodicAveraging
 from lightning_convergence.averaging.schedules import FixedPeriod, SyncSchedule
 from lightning_convergence.comm import SingleProcessCommunicator
 from lightning_convergence.stats.norms import all_finite
@@ -48,24 +44,6 @@ _REJECTED_KWARGS = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "mode
 STATE_VERSION = 1
 
 
-def _resolve_outer(outer: str | OuterStep) -> OuterStep:
-    if isinstance(outer, OuterStep):
-        return outer
-    if isinstance(outer, str):
-        if outer in OUTER_STEPS:
-            return OUTER_STEPS[outer]()
-        if "." in outer:
-            module, _, name = outer.rpartition(".")
-            cls = getattr(importlib.import_module(module), name)
-            if isinstance(cls, type) and issubclass(cls, OuterStep):
-                return cls()
-        raise ValueError(
-            f"LocalSGDStrategy: `outer` must be one of {sorted(OUTER_STEPS)}, a dotted path to an OuterStep "
-            f"subclass, or an OuterStep instance, got {outer!r}."
-        )
-    raise TypeError(f"LocalSGDStrategy: `outer` must be a str or an OuterStep, got {type(outer).__name__}.")
-
-
 class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
     """Local SGD on Lightning: H local optimizer steps per rank, then an outer step (average, DiLoCo, NoLoCo, CO2).
 
@@ -74,19 +52,15 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
     Douillard et al., *DiLoCo*, arXiv:2311.08105; Kolehmainen et al., *NoLoCo*, arXiv:2506.10911; Sun et al., *CO2*,
     ICLR 2024, arXiv:2401.16265; *A Single Merging Suffices* (2025) for the late-merging schedules.
 
-    Every rank runs the user's optimizer on its own shard with no gradient all-reduce; after the optimizer steps
-    where ``schedule.should_sync(step)`` is true, the ``outer`` step mixes the replicas. Validation runs on the mean
-    of the replicas (swapped in for the evaluation loop, then swapped back), and checkpoints' ``state_dict`` holds
-    that mean, while each rank's own replica, optimizer state, outer state and counters go into the checkpoint per
-    rank (:class:`PerRankStateMixin`), so a resume mid-round continues exactly. At the end of ``fit`` the replicas
-    are merged (plain mean; CO2 first applies what is in flight) unless ``final_merge=False``.
+    Each rank trains on its own shard; after the steps where ``schedule.should_sync(step)`` holds, the ``outer`` step
+    mixes the replicas. Validation and checkpoints' ``state_dict`` see the mean of the replicas; each rank's own
+    replica and state go into the checkpoint per rank. At the end of ``fit`` the replicas are merged (plain mean; CO2
+    first applies what is in flight) unless ``final_merge=False``. See ``docs/algorithms/local_sgd.md``.
 
-    Deviations: the module is not wrapped in ``DistributedDataParallel`` (see the module docstring); the DDP warm-up
-    all-reduces gradients after each backward (same mean as DDP, no bucketing or overlap); buffers are not broadcast
-    from rank 0 at every forward as DDP does, they are averaged once when the warm-up ends. The final merge is a plain
-    average (not an outer step). Logging a round costs one extra 8-byte all-reduce of two scalars (also for NoLoCo,
-    whose sync itself uses point-to-point only); validation's averaging all-reduce is not counted in
-    ``bytes_sent_total`` (it is not training communication).
+    Deviations: no ``DistributedDataParallel`` wrapper; the DDP warm-up all-reduces gradients after each backward
+    (one flat buffer, no overlap); buffers are averaged once when the warm-up ends, not broadcast at every forward.
+    The final merge is a plain average. Logging's two-scalar all-reduce and validation's averaging are not training
+    traffic and are not counted in ``bytes_sent_total``.
 
     Args:
         outer: the outer step: ``"average"`` (:class:`~lightning_convergence.averaging.PeriodicAveraging`),
@@ -115,11 +89,12 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
     step's ``state_dict``, this rank's parameters and float buffers (flat), the inner optimizer's ``state_dict``,
     ``version``.
 
-    Logs: ``convergence/local_sgd/sync_rounds_total``, ``convergence/local_sgd/bytes_sent_total`` (payload bytes of
-    all ranks together: ring all-reduce ``2·(W−1)·n``, point-to-point the sum sent; warm-up gradient all-reduces
-    included), ``convergence/local_sgd/pseudo_grad_norm``, ``convergence/local_sgd/replica_divergence`` (root mean
-    over ranks of ``||θ_i − θ̄||²`` before mixing, θ̄ the mean the round averages over: all ranks, or the NoLoCo pair),
-    ``convergence/local_sgd/nonfinite_skipped_total``; at sync rounds, at most every ``log_every_n_steps``.
+    Logs: ``convergence/local_sgd/sync_rounds_total``, ``convergence/local_sgd/bytes_sent_total`` (link bytes this
+    rank sent for training, as its communicator counted them: ring all-reduce ``2(W−1)/W·n``, point-to-point ``n``;
+    warm-up gradient all-reduces and the non-finite flag included), ``convergence/local_sgd/pseudo_grad_norm``,
+    ``convergence/local_sgd/replica_divergence`` (root mean over ranks of ``||θ_i − θ̄||²`` before mixing, θ̄ the mean
+    the round averages over: all ranks, or the NoLoCo pair), ``convergence/local_sgd/nonfinite_skipped_total``; at
+    sync rounds, at most every ``log_every_n_steps``.
 
     Raises:
         ValueError: unknown ``outer`` or ``optimizer_state``; a DDP comm hook or ``model_averaging_period`` given.
@@ -155,7 +130,7 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
                     f"LocalSGDStrategy: `{key}` is not supported (there is no DDP reducer: the local phase sends no "
                     "gradients); use `schedule` and `outer` instead."
                 )
-        self.outer = _resolve_outer(outer)
+        self.outer = make_outer_step(outer)
         if isinstance(schedule, bool) or not isinstance(schedule, (int, SyncSchedule)):
             raise TypeError(
                 f"LocalSGDStrategy: `schedule` must be an int or a SyncSchedule, got {type(schedule).__name__}."
@@ -172,22 +147,28 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
         self.average_for_eval = bool(average_for_eval)
         self._params: list[Tensor] | None = None
         self._buffers: list[Tensor] = []
-        self._comm: Communicator | None = None
+        self._comm: Communicator | None = None  # training collectives: its count is `bytes_sent_total`
+        self._aux: Communicator | None = None  # not training traffic: initial broadcast, eval/checkpoint means, logs
         self._eval_backup: tuple[Tensor, Tensor] | None = None
         self._in_sync = True  # replicas known to be identical (no averaging needed for eval/checkpoints)
         self._step = 0
         self._rounds = 0
-        self._bytes = 0
+        self._bytes_base = 0  # bytes counted before a resume (the communicators restart from 0)
         self._skipped = 0
         self._last_log_step = -math.inf
 
     # ------------------------------------------------------------------ wiring
+    # Private Lightning API (``DDPStrategy.configure_ddp`` calls both): no DDP wrapper and no comm hook, so the local
+    # phase never all-reduces gradients. tests/strategies/test_local_sgd_state.py pins the names and the caller.
+    @override
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:  # type: ignore[override]
-        return model  # no DDP wrapper: the local phase must not all-reduce gradients
+        return model
 
+    @override
     def _register_ddp_hooks(self) -> None:
         return None
 
+    @override
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
         if trainer.state.fn != TrainerFn.FITTING:
@@ -196,11 +177,10 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
             raise RuntimeError(f"LocalSGDStrategy: needs exactly one optimizer, got {len(self.optimizers)}.")
         module = self.lightning_module
         distributed = dist.is_available() and dist.is_initialized()
+        self._bytes_base = self.bytes_sent_total()  # a later fit() gets fresh communicators: keep the count
         self._comm = TorchDistCommunicator() if distributed else SingleProcessCommunicator()
-        if distributed and self._comm.world_size > 1:
-            with torch.no_grad():
-                for t in list(module.parameters()) + list(module.buffers()):
-                    dist.broadcast(t.data, src=0)
+        self._aux = TorchDistCommunicator() if distributed else SingleProcessCommunicator()
+        self._aux.broadcast_flat_([t.data for t in list(module.parameters()) + list(module.buffers())], root=0)
         self._params = list(module.parameters())
         self._buffers = [b for b in module.buffers() if b.is_floating_point()]
         self.outer.init_state(self._params)
@@ -212,6 +192,7 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
                 "devices (or nodes) for local SGD."
             )
 
+    @override
     def on_train_start(self) -> None:
         super().on_train_start()
         self.apply_pending_rank_state()
@@ -221,19 +202,24 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
         return 1 if self._comm is None else self._comm.world_size
 
     # ------------------------------------------------------------------ training
+    def _counted_comms(self) -> list[Communicator]:
+        """The communicators whose link bytes are training traffic (``bytes_sent_total``)."""
+        return [self._comm] if self._comm is not None else []
+
+    def bytes_sent_total(self) -> int:
+        """Link bytes this rank has sent for training, as its communicators counted them (resumes included)."""
+        return self._bytes_base + sum(c.link_bytes_total for c in self._counted_comms())
+
+    @override
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
         if self._params is None:
             return
         self._guard_nonfinite()
-        if self._world == 1 or not self.schedule.in_warmup(self._step):
-            return
-        grads = [p.grad for p in self._params if p.grad is not None]
-        flat = flatten(grads, dtype=None)
-        self._comm.all_reduce_mean_(flat)  # type: ignore[union-attr]
-        unflatten_into(flat, grads)
-        self._bytes += allreduce_bytes(flat.numel() * flat.element_size(), self._world)
+        if self._world > 1 and self.schedule.in_warmup(self._step):  # DDP warm-up: one flat mean of the gradients
+            self._comm.all_reduce_mean_flat_([p.grad for p in self._params if p.grad is not None])  # type: ignore
 
+    @override
     def optimizer_step(
         self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any
     ) -> Any:
@@ -249,8 +235,8 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
         self._step += 1
         if self.schedule.in_warmup(self._step - 1):  # that was a DDP step: replicas stay identical
             if not self.schedule.in_warmup(self._step):  # the local phase starts from here
-                if self.sync_buffers and self._world > 1:  # no DDP buffer broadcast ran during the warm-up
-                    self._bytes += self._average_in_place(params=False)
+                if self.sync_buffers:  # no DDP buffer broadcast ran during the warm-up
+                    self._comm.all_reduce_mean_flat_(self._buffers)  # type: ignore[union-attr]
                 self.outer.init_state(self._params)
             return out
         self._in_sync = False
@@ -287,38 +273,21 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
         if self._world > 1:
             self._share_nonfinite()
         stats = self.outer.sync(self._params, self._comm, self._step)
-        extra = self._mix_extras()
+        self._mix_extras()
         self._rounds += 1
-        self._bytes += stats.bytes_sent + extra
         self._skipped += int(stats.skipped)
-        self._in_sync = isinstance(self.outer, (PeriodicAveraging, DiLoCo))
+        self._in_sync = self.outer.leaves_replicas_identical
         self._maybe_log(stats)
 
-    def _optimizer_state_tensors(self) -> list[Tensor]:
-        optimizer = self.optimizers[0]
-        out = []
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                state = optimizer.state.get(p, {})
-                out += [v for k, v in sorted(state.items()) if k != "step" and torch.is_tensor(v)
-                        and v.is_floating_point()]
-        return out
-
-    def _mix_extras(self) -> int:
+    def _mix_extras(self) -> None:
         """Average float buffers and (optionally) optimizer state like the parameters; reset state if asked."""
         assert self._comm is not None
-        sent = 0
-        groups = [self._buffers] if self.sync_buffers and self._buffers else []
+        if self.sync_buffers and self._buffers:
+            self.outer.average_(self._buffers, self._comm, self._step)
         if self.optimizer_state_mode == "average":
-            groups.append(self._optimizer_state_tensors())
+            self.outer.average_(float_state_tensors(self.optimizers[0]), self._comm, self._step)
         elif self.optimizer_state_mode == "reset":
             self.optimizers[0].state.clear()
-        for tensors in groups:
-            if tensors:
-                flat = flatten(tensors, dtype=None)
-                sent += self.outer.average_(flat, self._comm, self._step)
-                unflatten_into(flat, tensors)
-        return sent
 
     def _maybe_log(self, stats: SyncStats) -> None:
         trainer = self.lightning_module.trainer
@@ -328,17 +297,16 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
         self._last_log_step = self._step
         vals = torch.stack([stats.pseudo_grad_sq.float().cpu(), stats.divergence_sq.float().cpu()])
         vals = vals.to(self.root_device)
-        if self._world > 1:
-            dist.all_reduce(vals)  # logging only: two scalars
-            vals /= self._world
+        self._aux.all_reduce_mean_(vals)  # type: ignore[union-attr]  # logging only: two scalars
         log_metrics(trainer, "local_sgd", {
             "sync_rounds_total": self._rounds,
-            "bytes_sent_total": self._bytes,
+            "bytes_sent_total": self.bytes_sent_total(),
             "pseudo_grad_norm": vals[0].clamp_min(0).sqrt(),
             "replica_divergence": vals[1].clamp_min(0).sqrt(),
             "nonfinite_skipped_total": self._skipped,
         }, step=self._step)
 
+    @override
     def on_train_end(self) -> None:
         super().on_train_end()
         if self._params is None or not self.final_merge:
@@ -347,36 +315,28 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
         stats = self.outer.finalize(self._params, self._comm)
         if stats is not None:  # the outer step drained itself: parameters are identical, buffers may not be
             self._rounds += 1
-            self._bytes += stats.bytes_sent + self._average_in_place(params=False)
+            self._comm.all_reduce_mean_flat_(self._buffers)
         elif not self._in_sync:
             self._rounds += 1
-            self._bytes += self._average_in_place()
+            self._comm.all_reduce_mean_flat_(self._params)
+            self._comm.all_reduce_mean_flat_(self._buffers)
         self._in_sync = True
         self.outer.init_state(self._params)  # a later fit() continues from the merged model
-
-    def _average_in_place(self, params: bool = True) -> int:
-        """Plain global mean of parameters (optional) and float buffers, in place; returns bytes sent."""
-        assert self._params is not None and self._comm is not None
-        sent = 0
-        for tensors in ((self._params, self._buffers) if params else (self._buffers,)):
-            if tensors:
-                flat = flatten(tensors, dtype=None)
-                self._comm.all_reduce_mean_(flat)
-                unflatten_into(flat, tensors)
-                sent += allreduce_bytes(flat.numel() * flat.element_size(), self._world)
-        return sent
 
     # ------------------------------------------------------------------ evaluation and checkpoints
     def _needs_average(self) -> bool:
         return self._params is not None and self._world > 1 and not self._in_sync
 
+    @override
     def on_validation_start(self) -> None:
         super().on_validation_start()
         if self.average_for_eval and self._needs_average() and self._eval_backup is None:
             assert self._params is not None
             self._eval_backup = (flatten(self._params, dtype=None), flatten(self._buffers, dtype=None))
-            self._average_in_place()
+            self._aux.all_reduce_mean_flat_(self._params)  # type: ignore[union-attr]
+            self._aux.all_reduce_mean_flat_(self._buffers)  # type: ignore[union-attr]
 
+    @override
     def on_validation_end(self) -> None:
         super().on_validation_end()
         if self._eval_backup is not None:
@@ -386,6 +346,7 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
             unflatten_into(params, self._params)
             unflatten_into(buffers, self._buffers)
 
+    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The module's state with parameters and float buffers replaced by their mean over ranks (collective)."""
         state = super().lightning_module_state_dict()
@@ -395,13 +356,8 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
         named = [(k, v) for k, v in list(module.named_parameters()) + list(module.named_buffers())
                  if k in state and v.is_floating_point()]
         tensors = [v.detach().clone() for _, v in named]
-        flat = flatten(tensors, dtype=None)
-        self._comm.all_reduce_mean_(flat)  # type: ignore[union-attr]
-        unflatten_into(flat, tensors)
-        state = dict(state)
-        for (k, _), t in zip(named, tensors):
-            state[k] = t
-        return state
+        self._aux.all_reduce_mean_flat_(tensors)  # type: ignore[union-attr]
+        return {**state, **{k: t for (k, _), t in zip(named, tensors)}}
 
     def rank_state_dict(self) -> dict[str, Any]:
         if self._params is None:
@@ -410,18 +366,10 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
             params, buffers = self._eval_backup
         else:
             params, buffers = flatten(self._params, dtype=None), flatten(self._buffers, dtype=None)
-        return {
-            "version": STATE_VERSION,
-            "step": self._step,
-            "sync_rounds_total": self._rounds,
-            "bytes_sent_total": self._bytes,
-            "nonfinite_skipped_total": self._skipped,
-            "in_sync": self._in_sync,
-            "outer": self.outer.state_dict(),
-            "params": params.clone(),
-            "buffers": buffers.clone(),
-            "optimizer": self.optimizers[0].state_dict(),
-        }
+        return {"version": STATE_VERSION, "step": self._step, "sync_rounds_total": self._rounds,
+                "bytes_sent_total": self.bytes_sent_total(), "nonfinite_skipped_total": self._skipped,
+                "in_sync": self._in_sync, "outer": self.outer.state_dict(), "params": params.clone(),
+                "buffers": buffers.clone(), "optimizer": self.optimizers[0].state_dict()}
 
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -431,7 +379,7 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
             return
         self._step = int(state["step"])
         self._rounds = int(state["sync_rounds_total"])
-        self._bytes = int(state["bytes_sent_total"])
+        self._bytes_base = int(state["bytes_sent_total"]) - sum(c.link_bytes_total for c in self._counted_comms())
         self._skipped = int(state["nonfinite_skipped_total"])
         self._in_sync = bool(state["in_sync"])
         device = self._params[0].device if self._params else self.root_device  # checkpoints hold CPU tensors

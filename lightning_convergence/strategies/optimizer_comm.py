@@ -7,20 +7,18 @@ those steps. It hands the optimizer its collectives, saves every rank's optimize
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import StrategyRegistry
-from torch.distributed.constants import default_pg_timeout
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
-from lightning_convergence.optim._collectives import dist_collectives, ring_all_reduce_bytes
+from lightning_convergence.comm import Communicator, SingleProcessCommunicator, TorchDistCommunicator, ddp_link_bytes
 from lightning_convergence.strategies._ddp_base import HookedDDPStrategy
 
 __all__ = ["OptimizerCommStrategy", "OptimizerCommHookState", "optimizer_comm_hook", "register_strategies"]
@@ -30,12 +28,14 @@ METHODS = {"demo": "DeMo", "onebit_adam": "OnebitAdam"}
 
 
 class OptimizerCommHookState:
-    """What the hook needs: a way to ask the optimizer whether it communicates this step, and byte counters."""
+    """What the hook needs: a way to ask the optimizer whether it communicates this step, its own communicator for
+    DDP's all-reduces (which counts their link bytes), and call counters."""
 
     def __init__(self, strategy: OptimizerCommStrategy) -> None:
         self.strategy = strategy
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.counters = {"ddp_link_bytes_total": 0.0, "ddp_allreduce_calls_total": 0, "local_calls_total": 0}
+        self.comm: Communicator = TorchDistCommunicator() if dist.is_initialized() else SingleProcessCommunicator()
+        self.world_size = self.comm.world_size
+        self.counters = {"ddp_link_bytes_total": 0, "ddp_allreduce_calls_total": 0, "local_calls_total": 0}
 
 
 def optimizer_comm_hook(state: OptimizerCommHookState, bucket):
@@ -51,11 +51,11 @@ def optimizer_comm_hook(state: OptimizerCommHookState, bucket):
         fut.set_result(buffer)
         return fut
     state.counters["ddp_allreduce_calls_total"] += 1
-    state.counters["ddp_link_bytes_total"] += ring_all_reduce_bytes(
-        buffer.numel() * buffer.element_size(), state.world_size
-    )
+    before = state.comm.link_bytes_total
     buffer.div_(state.world_size)
-    return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
+    fut = state.comm.all_reduce_sum_async(buffer)
+    state.counters["ddp_link_bytes_total"] += state.comm.link_bytes_total - before
+    return fut
 
 
 class OptimizerCommStrategy(HookedDDPStrategy):
@@ -71,18 +71,16 @@ class OptimizerCommStrategy(HookedDDPStrategy):
     DDP (the hook runs on the last micro-batch only).
 
     Deviations: with ``on_nonfinite="stop"`` a non-finite step is never applied (the optimizers drop it on every rank
-    without a host sync), but the stop itself is decided when the counter is read, every ``every_n_steps`` steps.
+    without a host sync), but the stop itself is decided when the counter is read, every ``log_every_n_steps`` steps.
 
     Args:
         method: the optimizer the strategy expects: ``"demo"``, ``"onebit_adam"`` or ``None`` (any optimizer with
             ``attach``/``owns_communication``). Default ``None``.
-        every_n_steps: log (and read the non-finite counter) every this many optimizer steps, ≥ 1. Default ``None``:
+        log_every_n_steps: log (and read the non-finite counter) every this many optimizer steps, ≥ 1. Default ``None``:
             the trainer's ``log_every_n_steps``.
         on_nonfinite: ``"stop"`` or ``"skip"`` (see :mod:`lightning_convergence._nonfinite`). Default ``"stop"``.
-        bucket_cap_mb: DDP bucket size in MiB (``None``: DDP's default).
-        find_unused_parameters, process_group_backend, timeout, start_method, accelerator, parallel_devices,
-            cluster_environment, checkpoint_io, precision_plugin: as in Lightning's ``DDPStrategy``.
-        **kwargs: further ``DistributedDataParallel`` arguments (not ``ddp_comm_*``).
+        **kwargs: ``bucket_cap_mb``, Lightning's ``DDPStrategy`` arguments and further ``DistributedDataParallel``
+            arguments (not ``ddp_comm_*``), see :class:`~lightning_convergence.strategies._ddp_base.HookedDDPStrategy`.
 
     State: under ``convergence/optimizer_comm`` every rank's full optimizer ``state_dict`` (momenta and error
     buffers differ per rank) and the hook's counters, with ``version``; each rank loads its own slice over the rank-0
@@ -93,7 +91,7 @@ class OptimizerCommStrategy(HookedDDPStrategy):
     ``convergence/compress/nonfinite_skipped_total``.
 
     Raises:
-        ValueError: for an unknown ``method``, ``every_n_steps`` < 1, a bad ``on_nonfinite`` or a ``ddp_comm_*``
+        ValueError: for an unknown ``method``, ``log_every_n_steps`` < 1, a bad ``on_nonfinite`` or a ``ddp_comm_*``
             argument.
         RuntimeError: at setup, if the module has no or several optimizers, uses manual optimization, or its
             optimizer cannot own communication (or is not the ``method`` named).
@@ -106,38 +104,18 @@ class OptimizerCommStrategy(HookedDDPStrategy):
     rank_state_key = "convergence/optimizer_comm"
 
     def __init__(
-        self,
-        method: str | None = None,
-        every_n_steps: int | None = None,
-        on_nonfinite: str = "stop",
-        bucket_cap_mb: float | None = None,
-        find_unused_parameters: bool = False,
-        accelerator: Any = None,
-        parallel_devices: list[torch.device] | None = None,
-        cluster_environment: Any = None,
-        checkpoint_io: Any = None,
-        precision_plugin: Any = None,
-        process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
-        start_method: str = "popen",
+        self, method: str | None = None, log_every_n_steps: int | None = None, on_nonfinite: str = "stop",
         **kwargs: Any,
     ) -> None:
         owner = type(self).__name__
         if method is not None and method not in METHODS:
             raise ValueError(f"{owner}: `method` must be one of 'demo', 'onebit_adam' or None, got {method!r}.")
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or int(every_n_steps) < 1):
-            raise ValueError(f"{owner}: `every_n_steps` must be >= 1 or None, got {every_n_steps!r}.")
+        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or int(log_every_n_steps) < 1):
+            raise ValueError(f"{owner}: `log_every_n_steps` must be >= 1 or None, got {log_every_n_steps!r}.")
         self.method = method
-        self.every_n_steps = every_n_steps
+        self.log_every_n_steps = log_every_n_steps
         self.on_nonfinite = check_nonfinite_policy(owner, on_nonfinite)
-        if bucket_cap_mb is not None:
-            kwargs["bucket_cap_mb"] = bucket_cap_mb
-        super().__init__(
-            accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io, precision_plugin=precision_plugin,
-            process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
-            find_unused_parameters=find_unused_parameters, **kwargs,
-        )
+        super().__init__(**kwargs)
         self.hook_state: OptimizerCommHookState | None = None
         self._pending: dict[str, Any] | None = None
         self._warned = False
@@ -176,7 +154,7 @@ class OptimizerCommStrategy(HookedDDPStrategy):
                 f"{owner}: `method` {self.method!r} expects the optimizer {METHODS[self.method]}, got "
                 f"{type(opt).__name__}."
             )
-        opt.attach(dist_collectives() if dist.is_initialized() else opt.comm)
+        opt.attach(TorchDistCommunicator() if dist.is_initialized() else SingleProcessCommunicator())
 
     # -- per-rank state --------------------------------------------------------------------------------------------
     def rank_state_dict(self) -> dict[str, Any]:
@@ -185,7 +163,7 @@ class OptimizerCommStrategy(HookedDDPStrategy):
         return {
             "version": STATE_VERSION,
             "optimizer": opt.state_dict(),
-            "link_bytes_total": float(opt.comm.link_bytes_total),
+            "link_bytes_total": int(opt.comm.link_bytes_total),
             "counters": counters,
         }
 
@@ -203,7 +181,7 @@ class OptimizerCommStrategy(HookedDDPStrategy):
         state, self._pending = self._pending, None
         opt = self.comm_optimizer()
         opt.load_state_dict(state["optimizer"])
-        opt.comm.link_bytes_total = float(state["link_bytes_total"])
+        opt.comm.link_bytes_total = int(state["link_bytes_total"])
         if self.hook_state is not None:
             self.hook_state.counters.update(state["counters"])
 
@@ -212,14 +190,15 @@ class OptimizerCommStrategy(HookedDDPStrategy):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
         out = super().optimizer_step(*args, **kwargs)
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is not None and self.hook_state is not None and should_log(trainer, self.every_n_steps):
+        if trainer is not None and self.hook_state is not None and should_log(trainer, self.log_every_n_steps):
             self._log(trainer)
         return out
 
-    def link_bytes_total(self) -> float:
-        """Link bytes this rank has sent: the optimizer's collectives plus DDP's all-reduces."""
-        ddp = self.hook_state.counters["ddp_link_bytes_total"] if self.hook_state is not None else 0.0
-        return float(self.comm_optimizer().comm.link_bytes_total) + ddp
+    def link_bytes_total(self) -> int:
+        """Link bytes this rank has sent, as its communicators counted them: the optimizer's collectives plus DDP's
+        all-reduces."""
+        ddp = self.hook_state.counters["ddp_link_bytes_total"] if self.hook_state is not None else 0
+        return int(self.comm_optimizer().comm.link_bytes_total) + int(ddp)
 
     def _log(self, trainer: Any) -> None:
         opt = self.comm_optimizer()
@@ -230,7 +209,7 @@ class OptimizerCommStrategy(HookedDDPStrategy):
                 trainer, type(self).__name__, self.on_nonfinite, "gradient", warned=self._warned
             )
         sent = self.link_bytes_total()
-        dense = ring_all_reduce_bytes(opt.dense_bytes(), self.world_size) * (trainer.global_step + 1)
+        dense = ddp_link_bytes(opt.dense_bytes(), self.world_size) * (trainer.global_step + 1)
         log_metrics(trainer, "compress", {
             "link_bytes_per_rank_total": sent,
             "ratio": dense / sent if sent else 0.0,

@@ -12,12 +12,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_convergence._metrics import log_metrics
 from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
 from lightning_convergence.averaging.streaming import StreamingDiLoCo
-from lightning_convergence.averaging.streaming_comm import DistCollectives, LocalCollectives
+from lightning_convergence.comm import Communicator, SingleProcessCommunicator, TorchDistCommunicator
 from lightning_convergence.strategies.local_sgd import LocalSGDStrategy
 
 __all__ = ["StreamingDiLoCoStrategy", "layer_blocks", "register_strategies"]
@@ -74,12 +76,13 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
     rank's replica and inner optimizer state) with the core's per-fragment anchors, momenta and the fragment in flight
     (its mean waited for at save time), plus ``link_bytes_total`` and ``peak_step_bytes``.
 
-    Logs: ``convergence/local_sgd/sync_rounds_total`` (fragment merges), ``bytes_sent_total`` (all ranks together, the
-    local-SGD convention), ``link_bytes_total`` (what this rank sent), ``fragment_sync_bytes`` (this rank's link bytes
-    of the last fragment sync), ``peak_step_bytes`` (most link bytes this rank issued in any one step),
-    ``sync_wait_ms`` (time blocked waiting for the last merge's mean: 0 when the overlap hid it), ``pseudo_grad_norm``,
-    ``replica_divergence``, ``quantization_error`` (root mean over ranks of ``‖Q(Δ_i)−Δ_i‖/‖Δ_i‖``),
-    ``nonfinite_skipped_total``; all under ``convergence/local_sgd/``, at merges, at most every ``log_every_n_steps``.
+    Logs: ``convergence/local_sgd/sync_rounds_total`` (fragment merges), ``bytes_sent_total`` (link bytes this rank
+    sent for training, all its communicators), ``link_bytes_total`` (the outer means' share), ``fragment_sync_bytes``
+    (this rank's link bytes of the last fragment sync), ``peak_step_bytes`` (most link bytes this rank issued in any
+    one step), ``sync_wait_ms`` (time blocked waiting for the last merge's mean: 0 when the overlap hid it),
+    ``pseudo_grad_norm``, ``replica_divergence``, ``quantization_error`` (root mean over ranks of
+    ``‖Q(Δ_i)−Δ_i‖/‖Δ_i‖``), ``nonfinite_skipped_total``; all under ``convergence/local_sgd/``, at merges, at most
+    every ``log_every_n_steps``.
 
     Raises:
         ValueError: a hyperparameter out of range (from the core), an unknown ``on_nonfinite``, or more fragments than
@@ -98,41 +101,49 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
     ) -> None:
         outer = StreamingDiLoCo(num_fragments, sync_every, overlap_steps, mixing, eager, quantization, block_size,
                                 outer_lr, outer_momentum, nesterov, partition)
-        self.on_nonfinite = check_nonfinite_policy("StreamingDiLoCoStrategy", on_nonfinite)
+        check_nonfinite_policy("StreamingDiLoCoStrategy", on_nonfinite)
         super().__init__(outer=outer, schedule=1, sync_buffers=sync_buffers, optimizer_state="keep",
-                         final_merge=final_merge, average_for_eval=average_for_eval, **kwargs)
-        self._collectives: Any = None
+                         final_merge=final_merge, average_for_eval=average_for_eval, on_nonfinite=on_nonfinite,
+                         **kwargs)
+        self._outer_comm: Communicator | None = None
         self._outer_group: Any = None
         self._peak_step_bytes = 0
         self._warned = False
 
+    @override
     def setup(self, trainer: Any) -> None:
         names = [n for n, _ in self.lightning_module.named_parameters()]
         self.outer.units = layer_blocks(names)  # type: ignore[attr-defined]
         super().setup(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:  # validate/test: keep the communicators (and their counts)
+            return
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             if self._outer_group is None:  # collective: every rank creates it at the same point
                 self._outer_group = dist.new_group(timeout=self._timeout)
-            self._collectives = DistCollectives(self._outer_group)
+            self._outer_comm = TorchDistCommunicator(self._outer_group)
         else:
-            self._collectives = LocalCollectives()
+            self._outer_comm = SingleProcessCommunicator()
+
+    def _counted_comms(self) -> list[Communicator]:
+        return super()._counted_comms() + ([self._outer_comm] if self._outer_comm is not None else [])
 
     def _sync_round(self) -> None:
-        assert self._params is not None
-        stats = self.outer.sync(self._params, self._collectives, self._step)
+        assert self._params is not None and self._outer_comm is not None
+        stats = self.outer.sync(self._params, self._outer_comm, self._step)
         issued = self.outer.last_issued_bytes  # type: ignore[attr-defined]
         self._peak_step_bytes = max(self._peak_step_bytes, issued)
         if stats is None:
             return
+        if self._world > 1:  # a merge happens at the same step on every rank: share dropped steps there
+            self._share_nonfinite()
         self._rounds += 1
-        self._bytes += stats.bytes_sent
         if stats.skipped:
             self._skipped += 1
             self._warned = act_on_nonfinite(self.lightning_module.trainer, "StreamingDiLoCoStrategy",
                                             self.on_nonfinite, f"outer pseudo-gradient (fragment {stats.fragment})",
                                             warned=self._warned)
         if stats.fragment == self.outer.num_fragments - 1:  # type: ignore[attr-defined]
-            self._bytes += self._mix_extras()  # float buffers, once per round (after the last fragment)
+            self._mix_extras()  # float buffers, once per round (after the last fragment)
         self._maybe_log(stats)
 
     def _maybe_log(self, stats: Any) -> None:
@@ -143,23 +154,23 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
             return
         q = stats.quant_rel_error_sq if stats.quant_rel_error_sq is not None else torch.zeros(())
         q = q.float().reshape(1).to(self.root_device)
-        if self._world > 1:
-            dist.all_reduce(q)  # logging only: one scalar
-            q /= self._world
+        self._aux.all_reduce_mean_(q)  # type: ignore[union-attr]  # logging only: one scalar
         log_metrics(trainer, "local_sgd", {
             "link_bytes_total": self.outer.link_bytes_total,  # type: ignore[attr-defined]
-            "fragment_sync_bytes": stats.link_bytes,
+            "fragment_sync_bytes": stats.bytes_sent,
             "peak_step_bytes": self._peak_step_bytes,
             "sync_wait_ms": stats.wait_ms,
             "quantization_error": q[0].clamp_min(0).sqrt(),
         }, step=self._step)
 
+    @override
     def rank_state_dict(self) -> dict[str, Any]:
         state = super().rank_state_dict()
         if not state.get("empty"):
             state["peak_step_bytes"] = self._peak_step_bytes
         return state
 
+    @override
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         if not state.get("empty") and self._params is not None:
             device = self._params[0].device

@@ -16,10 +16,13 @@ from lightning_convergence.averaging import (
     PeriodicAveraging,
     flatten,
 )
+from lightning_convergence.comm.links import all_gather_link_bytes, all_reduce_link_bytes
 
 
 class TwoRankFake(Communicator):
-    """Rank 0 of a pretend 2-rank group whose other rank holds ``other`` (a callable of the input, or a tensor)."""
+    """Rank 0 of a pretend 2-rank group whose other rank holds ``other`` (a callable of the input, or a tensor).
+
+    It counts link bytes as a real communicator would (ring all-reduce, all-gather, point-to-point at W=2)."""
 
     def __init__(self, other) -> None:
         self.rank, self.world_size = 0, 2
@@ -30,6 +33,7 @@ class TwoRankFake(Communicator):
         return self.other(t) if callable(self.other) else self.other
 
     def all_reduce_mean_(self, tensor):
+        self.link_bytes_total += all_reduce_link_bytes(tensor.numel() * tensor.element_size(), 2)
         tensor.copy_((tensor + self._other(tensor)) / 2)
 
     def all_reduce_mean_async(self, tensor):
@@ -47,9 +51,11 @@ class TwoRankFake(Communicator):
         return _Pending()
 
     def all_gather(self, tensor):
+        self.link_bytes_total += all_gather_link_bytes(tensor.numel() * tensor.element_size(), 2)
         return [tensor.clone(), self._other(tensor).clone()]
 
     def exchange(self, tensor, peer):
+        self.link_bytes_total += tensor.numel() * tensor.element_size()
         self.exchanged.append(peer)
         return self._other(tensor).clone()
 
@@ -66,7 +72,7 @@ def test_averaging_diloco_outer_step_matches_hand_computation():
     # b = Δ; d = Δ + 0.9 b = 1.9 Δ = [0.76, 1.52]; θ = [1, 2] − 0.7 d = [0.468, 0.936]
     stats = outer.sync(params, TwoRankFake(torch.tensor([0.3, 0.6])), step=3)
     torch.testing.assert_close(params[0], torch.tensor([0.468, 0.936]))
-    assert stats.bytes_sent == 2 * 1 * 2 * 4  # ring all-reduce of 2 float32 at W=2
+    assert stats.bytes_sent == 8  # ring all-reduce of 2 float32 at W=2: 2·(W−1)/W·8 bytes per rank
     torch.testing.assert_close(stats.pseudo_grad_sq, torch.tensor(0.4**2 + 0.8**2))
     torch.testing.assert_close(stats.divergence_sq, torch.tensor(0.1**2 + 0.2**2))  # ||θ_0 − θ̄||²
     # round 2: mean Δ = [0.1, −0.2]; b = 0.9·[0.4, 0.8] + Δ = [0.46, 0.52]; d = Δ + 0.9 b = [0.514, 0.268]
@@ -102,7 +108,7 @@ def test_averaging_diloco_topk_error_feedback_carries_the_dropped_part():
     torch.testing.assert_close(outer.residual, torch.tensor([0.0, 0.0, 2.0, 1.0]))  # δ − C(δ)
     # mean of decompressed payloads = ([4, 3, 0, 0] + [0, 0, 2, 2]) / 2; lr 1, μ 0: θ = anchor − mean
     torch.testing.assert_close(params[0], torch.tensor([2.0, 1.5, 1.0, 0.0]))
-    assert stats.bytes_sent == 2 * 1 * (2 * 4 + 2 * 4)  # all-gather: each rank sends its 2 values + 2 int32 indices
+    assert stats.bytes_sent == 2 * 4 + 2 * 4  # all-gather at W=2: this rank sends its 2 values + 2 int32 indices once
 
 
 def test_averaging_diloco_equals_torch_nesterov_sgd_on_pseudo_gradient():
@@ -146,7 +152,7 @@ def test_averaging_noloco_hand_computed_with_separate_consensus_lr():
     # m = 0.5·(−1, 0) + 0.25·((2, 1) − (1, 1)) = (−0.25, 0); φ = (0.75, 1); θ = φ
     torch.testing.assert_close(theta[0], torch.tensor([0.75, 1.0]))
     torch.testing.assert_close(outer.momentum_buffer, torch.tensor([-0.25, 0.0]))
-    assert comm.exchanged == [1] and stats.bytes_sent == 2 * 4 * 4  # each of 2 ranks sends θ and φ (4 floats)
+    assert comm.exchanged == [1] and stats.bytes_sent == 4 * 4  # this rank sends θ and φ (4 floats) to its partner
 
 
 def test_averaging_noloco_equal_rates_send_only_theta_and_match_official_form():
@@ -160,7 +166,7 @@ def test_averaging_noloco_equal_rates_send_only_theta_and_match_official_form():
     expected_m = torch.tensor([0.09, -0.09]) + 0.7 * (torch.tensor([1.0, 1.0]) - torch.tensor([1.0, 1.0]))
     torch.testing.assert_close(outer.momentum_buffer, expected_m)
     torch.testing.assert_close(theta[0], torch.tensor([1.09, 0.91]))
-    assert stats.bytes_sent == 2 * 2 * 4
+    assert stats.bytes_sent == 2 * 4  # θ only (2 floats) to the partner
 
 
 def test_averaging_co2_applies_round_mean_one_round_late_with_penalty_and_clip():

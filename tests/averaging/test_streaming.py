@@ -7,13 +7,9 @@ import pytest
 import torch
 
 from lightning_convergence.averaging import DiLoCo, StreamingDiLoCo
-from lightning_convergence.averaging.streaming import (
-    LocalCollectives,
-    fragment_due,
-    partition_fragments,
-    quantized_mean_link_bytes,
-    ring_all_reduce_link_bytes,
-)
+from lightning_convergence.averaging.streaming import fragment_due, partition_fragments
+from lightning_convergence.comm import SingleProcessCommunicator
+from lightning_convergence.comm.links import all_reduce_link_bytes, quantized_mean_link_bytes
 from lightning_convergence.compress import BlockQuantizer
 from tests.averaging.test_averaging_cores import TwoRankFake
 
@@ -96,7 +92,7 @@ def test_every_parameter_synced_exactly_once_per_round(num_fragments, sync_every
     outer.init_state(params)
     for r in range(3):  # three consecutive rounds (windows of H steps), driven through the core's own pipeline
         window = range(r * sync_every + 1, (r + 1) * sync_every + 1)
-        merged = [outer.sync(params, LocalCollectives(), s) for s in window]
+        merged = [outer.sync(params, SingleProcessCommunicator(), s) for s in window]
         synced = sorted(i for st in merged if st is not None for i in outer.fragments[st.fragment])
         assert synced == list(range(len(params)))
 
@@ -152,8 +148,8 @@ def test_nonfinite_mean_drops_the_fragment_round():
     outer = StreamingDiLoCo(num_fragments=1, sync_every=2, overlap_steps=1, quantization="int8", block_size=8)
     outer.init_state(theta)
     theta[0].fill_(float("nan"))
-    outer.sync(theta, LocalCollectives(), 2)
-    stats = outer.sync(theta, LocalCollectives(), 3)
+    outer.sync(theta, SingleProcessCommunicator(), 2)
+    stats = outer.sync(theta, SingleProcessCommunicator(), 3)
     assert stats.skipped
     assert torch.equal(theta[0], torch.tensor([1.0, 2.0]))  # back on the anchor
     assert torch.equal(outer.momentum_buffers[0], torch.zeros(2))  # the non-finite mean never entered momentum
@@ -198,10 +194,12 @@ def test_quantizer_hand_cases_and_wire_bytes():
 
 def test_link_bytes_formulas():
     # float32 ring all-reduce of 1000 entries at W=4: 2·3/4·4000 = 6000 bytes per rank
-    assert ring_all_reduce_link_bytes(4000, 4) == 6000
+    assert all_reduce_link_bytes(4000, 4) == 6000
     # fp4, block 256, W=4: chunks of 256 entries = 128 + 4 bytes; 2·(W−1)·132 = 792 bytes per rank
-    assert quantized_mean_link_bytes(1000, 4, BlockQuantizer("fp4_e3m0", 256)) == 792
-    assert quantized_mean_link_bytes(1000, 1, BlockQuantizer("fp4_e3m0", 256)) == 0
+    assert quantized_mean_link_bytes(1000, 4, bits=4, block_size=256) == 792
+    assert quantized_mean_link_bytes(1000, 1, bits=4, block_size=256) == 0
+    # int8, block 256, W=3: 1000 entries padded to 3·512; chunks of 512 = 512 + 8 bytes; 2·2·520 = 2080
+    assert quantized_mean_link_bytes(1000, 3) == 2080
 
 
 @pytest.mark.parametrize("stop", [12, 13])  # 12: quantized stage one in flight; 13: stage two (or fp32) in flight

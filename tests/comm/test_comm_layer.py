@@ -186,3 +186,59 @@ def test_8bit_transport_refuses_cuda_tensors_on_gloo():
     with pytest.raises(ValueError, match="`factor_bits`"):
         LowRank(rank=2, factor_bits=8).bind(0, 2, "gloo", "cuda")
     LowRank(rank=2, factor_bits=8).bind(0, 2, "nccl", "cuda")  # NCCL runs the all-to-all
+
+
+# half the widest grid gap over the grid's top value, from the literal grids (not the module's): the per-entry
+# rounding error in units of max|block|
+_HALF_STEP = {"int8": 0.5 / 127, "fp4_e2m1": 1.0 / 6.0, "fp4_e3m0": 0.25 / 1.0}
+
+
+def _quantized_codec(rank: int, world_size: int, numel: int, fmt: str):
+    from lightning_convergence.comm.quantized import QuantizedMean
+    from lightning_convergence.compress import BlockQuantizer
+
+    comm = TorchDistCommunicator()
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(20 + rank)) * (rank + 1)
+    pending = QuantizedMean(x, comm, BlockQuantizer(fmt, 16))
+    after_first = comm.link_bytes_total  # the all-to-all only
+    pending.forward()
+    return pending.wait().tolist(), after_first, comm.link_bytes_total
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp4_e2m1", "fp4_e3m0"])
+def test_unified_quantized_mean_is_bit_identical_on_three_ranks_and_within_the_codec_error(fmt):
+    from lightning_convergence.comm.links import quantized_mean_link_bytes
+
+    numel, w, block = 100, 3, 16
+    res = run_processes(_quantized_codec, w, numel, fmt)
+    xs = [torch.randn(numel, generator=torch.Generator().manual_seed(20 + r)) * (r + 1) for r in range(w)]
+    exact = torch.stack(xs).mean(0)
+    padded = 3 * 3 * block  # 100 entries → 3 chunks of 3 blocks of 16 (144)
+    amax = torch.stack([torch.cat([x, x.new_zeros(padded - numel)]).reshape(-1, block).abs().amax(1) for x in xs])
+    # two roundings (each rank's chunks, then the mean chunk), each within half a grid gap of its block's scale;
+    # every decoded value, and so the mean, stays within max_r max|block_r|
+    bound = (2 * _HALF_STEP[fmt] * amax.max(0).values).repeat_interleave(block)[:numel]
+    for mean, first, total in res:
+        assert mean == res[0][0]  # every rank decodes the same gathered codes
+        assert ((torch.tensor(mean) - exact).abs() <= bound * (1 + 1e-5)).all()  # 1e-5: float32 scale divisions
+        bits = 8 if fmt == "int8" else 4
+        chunk_bytes = 3 * block * bits // 8 + 4 * 3  # one chunk: codes + three float32 scales
+        assert first == (w - 1) * chunk_bytes  # all-to-all: the W−1 chunks meant for the others
+        assert total == 2 * (w - 1) * chunk_bytes == quantized_mean_link_bytes(numel, w, bits, block)
+
+
+def _flat_helpers(rank: int, world_size: int):
+    comm = TorchDistCommunicator()
+    tensors = [torch.full((2, 3), float(rank)), torch.full((4,), 10.0 * rank, dtype=torch.float64)]
+    comm.all_reduce_mean_flat_(tensors)
+    after_mean = comm.link_bytes_total
+    bcast = [torch.full((3,), float(rank)), torch.tensor([rank], dtype=torch.int64)]
+    comm.broadcast_flat_(bcast, root=1)
+    return [t.tolist() for t in tensors], [t.tolist() for t in bcast], after_mean, tensors[1].dtype
+
+
+def test_flat_mean_and_flat_broadcast_helpers_on_three_ranks():
+    for means, bcast, after_mean, dtype in run_processes(_flat_helpers, 3):
+        assert means == [[[1.0] * 3] * 2, [10.0] * 4] and dtype == torch.float64  # mean of 0, 1, 2; dtype kept
+        assert after_mean == all_reduce_link_bytes(10 * 8, 3)  # one all-reduce of 10 entries (promoted to float64)
+        assert bcast == [[1.0] * 3, [1]]  # root 1's values, the int64 buffer exactly

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_convergence.comm import SingleProcessCommunicator
-from lightning_convergence.comm.quantized import BLOCK, decode_int8, encode_int8
+from lightning_convergence.comm.quantized import BLOCK, INT8, decode_chunk, encode_chunk
 from lightning_convergence.compress import CyclicTopK, TopK
 from lightning_convergence.feedback import make_rule
 from lightning_convergence.strategies.compressed_ddp import CompressionHookState, compressed_comm_hook
@@ -53,7 +53,7 @@ def test_hook_makes_no_host_sync_on_cuda(rule, compressor):
 
 def test_int8_codec_round_trips_on_cuda():
     x = torch.randn(4 * BLOCK, device="cuda")
-    y = decode_int8(encode_int8(x), x.numel())
+    y = decode_chunk(INT8, encode_chunk(INT8, x), x.numel())
     assert y.device.type == "cuda"
     # half a quantisation step per block: max|block| / 254
     assert (y - x).abs().max() <= x.abs().max() / 254 + 1e-6

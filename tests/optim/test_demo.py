@@ -10,8 +10,8 @@ import pytest
 import scipy.fft
 import torch
 
+from lightning_convergence.comm import TorchDistCommunicator
 from lightning_convergence.optim import DeMo
-from lightning_convergence.optim._collectives import dist_collectives
 from lightning_convergence.optim.demo import chunk_size_for, dct_matrix, from_chunks, to_chunks
 from tests.helpers.dist import run_processes
 
@@ -41,7 +41,7 @@ def test_chunks_round_trip_and_tile_row_major():
 def _hand_step(rank, world_size):
     p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
     opt = DeMo([p], lr=0.5, momentum_decay=0.5, topk=1, chunk_size=2)
-    opt.attach(dist_collectives())
+    opt.attach(TorchDistCommunicator())
     p.grad = torch.tensor([3.0, 1.0] if rank == 0 else [1.0, -5.0], dtype=torch.float64)
     opt.step()
     return p.detach().numpy().copy(), opt.state[p]["momentum"].numpy().copy()  # numpy: see test_onebit_adam
@@ -110,7 +110,7 @@ def reference_demo(world_size, steps, lr, beta, topk, chunk, wd):
 def _run_ours(rank, world_size, steps, lr, beta, topk, chunk, wd):
     ps = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in SHAPES]
     opt = DeMo(ps, lr=lr, momentum_decay=beta, topk=topk, chunk_size=chunk, weight_decay=wd)
-    opt.attach(dist_collectives())
+    opt.attach(TorchDistCommunicator())
     for step in range(steps):
         for p, s in zip(ps, SHAPES):
             p.grad = _grad(rank, step, s)

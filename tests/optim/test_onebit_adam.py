@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_convergence.comm import TorchDistCommunicator
 from lightning_convergence.optim import OnebitAdam
-from lightning_convergence.optim._collectives import dist_collectives
 from tests.helpers.dist import run_processes
 
 SHAPES = [(5, 7), (3,), (40,)]  # 35 and 3 entries need padding at every W; 40 at W = 3
@@ -107,7 +107,7 @@ def _run_ours(rank, world_size, steps, start_step, lr, wd, split=None):
 
     def make():
         o = OnebitAdam(ps, lr=lr, weight_decay=wd, start_step=start_step, bias_correction=False)
-        o.attach(dist_collectives())
+        o.attach(TorchDistCommunicator())
         return o
 
     opt = make()

@@ -45,3 +45,19 @@ def test_local_sgd_single_final_merge_schedule_communicates_once(tmp_path):
     assert out[0]["strategy_state"]["sync_rounds_total"] == 1
     for k, v in out[0]["params"].items():
         assert torch.equal(v, out[1]["params"][k]), k
+
+
+def test_lightning_still_calls_the_private_methods_local_sgd_overrides():
+    """Fails if Lightning renames `_setup_model` / `_register_ddp_hooks` or stops calling them from `configure_ddp`:
+    then the module would be wrapped in DDP and the local phase would all-reduce gradients."""
+    import inspect
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    source = inspect.getsource(DDPStrategy.configure_ddp)
+    assert "self._setup_model(" in source and "self._register_ddp_hooks()" in source
+    for name in ("_setup_model", "_register_ddp_hooks"):
+        assert callable(getattr(DDPStrategy, name, None)), name
+        assert getattr(LocalSGDStrategy, name) is not getattr(DDPStrategy, name), name
+    module = torch.nn.Linear(2, 1)
+    assert LocalSGDStrategy()._setup_model(module) is module  # never wrapped

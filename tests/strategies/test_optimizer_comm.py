@@ -106,7 +106,7 @@ def test_demo_sending_everything_equals_sign_sgd_on_the_ddp_average(tmp_path):
 
 
 def test_demo_never_runs_ddp_all_reduce_and_counts_its_all_gather(tmp_path):
-    got = fit(tmp_path, ours(method="demo", every_n_steps=1), demo(), max_steps=4)
+    got = fit(tmp_path, ours(method="demo", log_every_n_steps=1), demo(), max_steps=4)
     c = got[0]["counters"]
     assert c["ddp_allreduce_calls_total"] == 0 and c["local_calls_total"] >= 4
     _close(got[0]["params"], got[1]["params"], atol=0)  # replicas identical: all decode the same gathered sum
@@ -130,7 +130,7 @@ def test_onebit_adam_before_the_switch_equals_ddp_adamw(tmp_path):
 
 
 def test_onebit_adam_switches_off_ddp_all_reduce_after_start_step(tmp_path):
-    got = fit(tmp_path, ours(method="onebit_adam", every_n_steps=1), onebit(start_step=2), max_steps=6)
+    got = fit(tmp_path, ours(method="onebit_adam", log_every_n_steps=1), onebit(start_step=2), max_steps=6)
     c = got[0]["counters"]
     assert c["ddp_allreduce_calls_total"] > 0 and c["local_calls_total"] > 0
     # every bucket call of the first 2 steps all-reduced, every one of the last 4 stayed local
@@ -167,8 +167,8 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path, make, ckpt_epo
 
 
 def test_nonfinite_gradient_on_one_rank_is_skipped_everywhere_and_counted(tmp_path):
-    ref = fit(tmp_path / "ref", ours(every_n_steps=1, on_nonfinite="skip"), demo(), max_steps=5)
-    got = fit(tmp_path / "nan", ours(every_n_steps=1, on_nonfinite="skip"), demo(), max_steps=5, nan_at=2)
+    ref = fit(tmp_path / "ref", ours(log_every_n_steps=1, on_nonfinite="skip"), demo(), max_steps=5)
+    got = fit(tmp_path / "nan", ours(log_every_n_steps=1, on_nonfinite="skip"), demo(), max_steps=5, nan_at=2)
     for rank in range(2):
         assert all(torch.isfinite(t).all() for t in got[rank]["params"].values())
         assert all(torch.isfinite(t).all() for st in got[rank]["optimizer"]["state"].values() for t in st.values())
@@ -179,7 +179,7 @@ def test_nonfinite_gradient_on_one_rank_is_skipped_everywhere_and_counted(tmp_pa
 
 
 def test_nonfinite_stop_policy_ends_training(tmp_path):
-    got = fit(tmp_path, ours(every_n_steps=1), onebit(start_step=2), max_steps=8, nan_at=3)
+    got = fit(tmp_path, ours(log_every_n_steps=1), onebit(start_step=2), max_steps=8, nan_at=3)
     assert float(got[0]["optimizer"]["onebit"]["nonfinite_skipped_total"]) == 1
     assert got[0]["optimizer"]["param_groups"][0]["step"] == 4  # stopped right after the skipped step
 
@@ -202,7 +202,7 @@ def test_wrong_optimizer_or_method_fails_at_setup(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(method="adam"), "`method`"), (dict(every_n_steps=0), "`every_n_steps`"),
+    [(dict(method="adam"), "`method`"), (dict(log_every_n_steps=0), "`log_every_n_steps`"),
      (dict(on_nonfinite="ignore"), "`on_nonfinite`"), (dict(ddp_comm_hook=lambda s, b: None), "`ddp_comm_hook`")],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):

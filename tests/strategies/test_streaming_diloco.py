@@ -181,9 +181,11 @@ class NaNOnRankOne(TinyNet):
 def test_nonfinite_pseudo_gradient_never_enters_the_outer_state(tmp_path, policy):
     out = _fit_ranks(tmp_path, 2, 8, module=NaNOnRankOne(opt="sgd", lr=0.05), num_fragments=2, sync_every=4,
                      overlap_steps=0, quantization="fp4_e3m0", block_size=8, on_nonfinite=policy)
-    for r in range(2):  # both ranks saw the same non-finite mean and took the same branch
+    # rank 1 drops its non-finite step before it enters the replica; the finding is shared at the next merge, so
+    # both ranks take the same branch
+    assert out[1]["strategy_state"]["nonfinite_skipped_total"] >= 1
+    for r in range(2):
         state = out[r]["strategy_state"]
-        assert state["nonfinite_skipped_total"] >= 1
         assert state["step"] == (4 if policy == "stop" else 8)  # 'stop' ends training at the step that found it
         for t in state["outer"]["anchors"] + state["outer"]["momentum_buffers"]:
             assert torch.isfinite(t).all()
