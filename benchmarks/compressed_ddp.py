@@ -75,6 +75,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ef14_powersgd_r4_8bit": ("ours", {"feedback": "ef14", "compressor": "powersgd4_8"}),
     "ef14_powersgd_r8_8bit": ("ours", {"feedback": "ef14", "compressor": "powersgd8_8"}),
     "ef14_powersgd_r9_8bit": ("ours", {"feedback": "ef14", "compressor": "powersgd9_8"}),
+    "ef14_powersgd_r7_8bit": ("ours", {"feedback": "ef14", "compressor": "powersgd7_8"}),
     "ef21_powersgd_r4": ("ours", {"feedback": "ef21", "compressor": "powersgd4"}),
     # ScaleCom's cyclic local Top-K: the leader's indices by broadcast, everyone's values by one all-reduce
     "ef14_cyclic_topk1%": ("ours", {"feedback": "ef14", "compressor": "cyclic1"}),
@@ -104,6 +105,7 @@ def _compressor(name: str):
         "powersgd4_8": lambda: LowRank(rank=4, rounds=2, factor_bits=8),
         "powersgd8_8": lambda: LowRank(rank=8, rounds=2, factor_bits=8),
         "powersgd9_8": lambda: LowRank(rank=9, rounds=2, factor_bits=8),
+        "powersgd7_8": lambda: LowRank(rank=7, rounds=2, factor_bits=8),
         "cyclic1": lambda: CyclicTopK(k_fraction=0.01),
         "cyclic2": lambda: CyclicTopK(k_fraction=0.02),
     }[name]()

@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
+from lightning_convergence._validate import check_int_at_least
 from lightning_convergence.comm import (
     Communicator,
     SingleProcessCommunicator,
@@ -88,9 +89,12 @@ class CompressionHookState:
         self.step_nonfinite.append(count.reshape(1))
 
     def take_nonfinite(self) -> bool:
-        """Whether any rank flagged a bucket this step (the one host read per optimizer step); resets the counts."""
+        """Whether any rank flagged a bucket this step (the one host read per optimizer step); resets the counts and
+        closes the rule's step (a flagged rank's rule state goes back to its old values)."""
         counts, self.step_nonfinite = self.step_nonfinite, []
-        return bool(counts) and bool(torch.cat(counts).sum() > 0)
+        flagged = bool(counts) and bool(torch.cat(counts).sum() > 0)
+        self.rule.end_step(flagged)
+        return flagged
 
 
 def compressed_comm_hook(state: CompressionHookState, bucket):
@@ -127,18 +131,21 @@ def compressed_comm_hook(state: CompressionHookState, bucket):
         # order in which DDP put the parameters into the bucket, which changes when DDP rebuilds its buckets
         names, grads, cleaned = state.layout(bucket, clean)
         rule, compressor = state.rule, state.compressor
-        if compressor.rounds > 1:  # the first round (PowerSGD's P, cyclic Top-K's indices) on the rule's inputs
+        if compressor.rounds > 1:  # the first round (PowerSGD's P, cyclic Top-K's indices) on the rules' inputs
             items = [(n, x, rule.steps.get(n, 0)) for n, g in zip(names, cleaned)
                      if (x := rule.compressor_input(n, g)) is not None]
             first_round(compressor, items, comm, bad)
         payloads = [rule.message(n, g, compressor, ok) for n, g in zip(names, cleaned)]
-        fut = average_payloads_async(payloads, comm, bad)
+        # float32 buckets receive the means in place (no temporaries, no copy back)
+        fut = average_payloads_async(payloads, comm, bad, out=grads if buffer.dtype == torch.float32 else None)
 
         def finish(f: torch.futures.Future) -> torch.Tensor:
             means, count = f.value()
             state.add_nonfinite(count)
             for name, grad, mean in zip(names, grads, means):
-                grad.copy_(rule.update(name, mean.reshape(grad.shape)))
+                estimate = rule.update(name, mean if mean is grad else mean.reshape(grad.shape))
+                if estimate is not grad:
+                    grad.copy_(estimate)
             return buffer
 
     c = state.counters
@@ -197,7 +204,7 @@ class CompressedDDPStrategy(HookedDDPStrategy):
         compressor: a :class:`~lightning_convergence.compress.Compressor` (``class_path`` in YAML). Default
             ``TopK(k_fraction=0.01)``: 50x fewer link bytes than DDP at 2 ranks, ``100/W``x at ``W`` ranks
             (all-gather); ``CyclicTopK(0.01)`` keeps 67x at every ``W``.
-        every_n_steps: log every this many optimizer steps, ≥ 1. Default ``None``: the trainer's
+        log_every_n_steps: log every this many optimizer steps, an int ≥ 1. Default ``None``: the trainer's
             ``log_every_n_steps``.
         bucket_cap_mb: DDP bucket size in MiB (``None``: DDP's default of 25). The hook is bucket-agnostic.
         start_step: optimizer steps of plain (uncompressed, float32) gradient averaging before compression starts,
@@ -220,7 +227,7 @@ class CompressedDDPStrategy(HookedDDPStrategy):
     ``convergence/compress/nonfinite_skipped_total`` (optimizer steps skipped).
 
     Raises:
-        ValueError: for an unknown ``feedback`` name, ``every_n_steps`` < 1, ``start_step`` < 0, a bad
+        ValueError: for an unknown ``feedback`` name, ``log_every_n_steps`` < 1, ``start_step`` < 0, a bad
             ``on_nonfinite``, a ``ddp_comm_*`` argument, or (at setup) a compressor that cannot run on this world
             size or backend (the message names the field).
         TypeError: if ``compressor`` is not a ``Compressor``, ``feedback`` has the wrong type, or ``start_step`` is
@@ -238,7 +245,7 @@ class CompressedDDPStrategy(HookedDDPStrategy):
         self,
         feedback: str | FeedbackRule = "ef21",
         compressor: Compressor | None = None,
-        every_n_steps: int | None = None,
+        log_every_n_steps: int | None = None,
         bucket_cap_mb: float | None = None,
         start_step: int = 0,
         on_nonfinite: str = "stop",
@@ -257,8 +264,8 @@ class CompressedDDPStrategy(HookedDDPStrategy):
         compressor = TopK(k_fraction=0.01) if compressor is None else compressor
         if not isinstance(compressor, Compressor):
             raise TypeError(f"{owner}: `compressor` must be a Compressor, got {type(compressor).__name__}.")
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or int(every_n_steps) < 1):
-            raise ValueError(f"{owner}: `every_n_steps` must be >= 1 or None, got {every_n_steps!r}.")
+        if log_every_n_steps is not None:
+            check_int_at_least(owner, "log_every_n_steps", log_every_n_steps, 1)
         if isinstance(start_step, bool) or not isinstance(start_step, int):
             kind = type(start_step).__name__
             raise TypeError(f"{owner}: `start_step` must be an int >= 0, got {kind} {start_step!r}.")
@@ -268,14 +275,14 @@ class CompressedDDPStrategy(HookedDDPStrategy):
         self.start_step = start_step
         self.rule = make_rule(feedback, owner)
         self.rule.check_compressor(compressor)
-        if compressor.rounds > 1 and type(self.rule).compressor_input is FeedbackRule.compressor_input:
+        if compressor.rounds > 1 and type(self.rule)._inputs is FeedbackRule._inputs:
             raise ValueError(
                 f"{owner}: `compressor` {compressor!r} needs {compressor.rounds} rounds per step, which `feedback` "
-                f"{type(self.rule).__name__} does not support (it defines no `compressor_input`); use one of "
+                f"{type(self.rule).__name__} does not support (it defines no `_inputs`); use one of "
                 "'none', 'ef14', 'ef21', 'ef21_sgdm', 'econtrol', or a single-round compressor."
             )
         self.compressor = compressor
-        self.every_n_steps = every_n_steps
+        self.log_every_n_steps = log_every_n_steps
         if bucket_cap_mb is not None:
             kwargs["bucket_cap_mb"] = bucket_cap_mb
         super().__init__(
@@ -359,7 +366,7 @@ class CompressedDDPStrategy(HookedDDPStrategy):
             out = result
         else:
             out = super().optimizer_step(optimizer, lambda: result, model, **kwargs)
-        if trainer is not None and should_log(trainer, self.every_n_steps):
+        if trainer is not None and should_log(trainer, self.log_every_n_steps):
             self._log(trainer)
         return out
 
