@@ -76,6 +76,7 @@ class FeedbackRule:
     dense_first_step = False  # rules with a dense first message set it per instance
     start_buffers: tuple[str, ...] = ()  # worker buffers a dense first message sets to the gradient
     first_buffers: tuple[str, ...] = ()  # worker buffers that exist once a parameter has sent its first message
+    server_buffers: tuple[str, ...] = ()  # buffers updated from the average (the same on every rank)
 
     def __init__(self) -> None:
         self.buffers: dict[str, dict[str, Tensor]] = {b: {} for b in self.buffer_names}
@@ -92,8 +93,8 @@ class FeedbackRule:
     ) -> Payload:
         """This worker's message for parameter ``key`` (updates the worker-side state).
 
-        ``finite`` may be a 0-dim bool tensor on the gradient's device (the comm hook's flag, no host sync; ``grad``
-        must then hold zeros where the flag is false): the message is all zeros where it is false, and the caller
+        ``finite`` may be a 0-dim bool tensor on the gradient's device (the comm hook's flag, no host sync): the
+        message is all zeros where it is false, and the caller
         calls :meth:`end_step` once the step's flags are known (:meth:`_message_masked`). A Python bool (or
         ``None``: checked here, one host sync) takes the branch on the host and counts the skip in
         ``nonfinite_skipped_total``.
@@ -112,19 +113,19 @@ class FeedbackRule:
         return self._message(key, x, compressor, step)
 
     def _message_masked(self, key: str, x: Tensor, compressor: Compressor, step: int, finite: Tensor) -> Payload:
-        """:meth:`_message` on ``x`` (the caller has zeroed it where ``finite`` is false: the comm hook cleans the
-        whole bucket in one op) and a zero message where ``finite`` is false. The state moves on; its old tensors
-        are kept (rules replace their buffers rather than writing into them: no copy) until :meth:`end_step`
-        either drops them or, on a rank whose flag was false, puts them back."""
-        before = {b: self.buffers[b].get(key) for b in self.buffer_names}
+        """:meth:`_message` on ``x`` as it is (NaN/inf included) and a zero message where ``finite`` is false. The
+        state moves on; its old tensors are kept (rules replace their buffers rather than writing into them: no
+        copy) until :meth:`end_step` either drops them or, on a rank whose flag was false, puts them back."""
+        self._undo[key] = (finite, {b: self.buffers[b].get(key) for b in self.buffer_names
+                                    if b not in self.server_buffers})
         payload = self._message(key, x, compressor, step)
-        self._undo[key] = (finite, {b: t for b, t in before.items() if self.buffers[b].get(key) is not t})
         return payload.replace({n: torch.where(finite, t, 0) for n, t in payload.tensors.items()})
 
     def end_step(self, any_flagged: bool) -> None:
         """Close an optimizer step of flagged messages (``message(..., finite=<tensor>)``): when any rank was flagged
-        (the caller's one host read per step), every parameter whose flag was false on this rank gets its buffers
-        back (a missing one at zero, as :meth:`_skip` does); otherwise the kept old tensors are dropped."""
+        (the caller's one host read per step), every parameter whose flag was false on this rank gets its worker
+        buffers back (one it had none of starts at zero, as :meth:`_skip` does) and reports no error state;
+        otherwise the kept old tensors are dropped."""
         undo, self._undo = self._undo, {}
         if not any_flagged or not undo:
             return
@@ -132,9 +133,11 @@ class FeedbackRule:
         for ok, (key, (_, old)) in zip(flags, undo.items()):
             if ok:
                 continue
-            for b, before in old.items():  # the buffers this message replaced
-                new = self.buffers[b][key]
-                self.buffers[b][key] = torch.zeros_like(new) if before is None else before
+            self.residuals.pop(key, None)
+            for b, before in old.items():
+                new = self.buffers[b].get(key)
+                if new is not None and new is not before:
+                    self.buffers[b][key] = torch.zeros_like(new) if before is None else before
 
     def update(self, key: str, mean: Tensor) -> Tensor:  # pragma: no cover - abstract
         """The gradient estimate for ``key`` given the average of all workers' decompressed messages."""

@@ -82,6 +82,7 @@ class EControl(FeedbackRule):
 
     name = "econtrol"
     buffer_names = ("e", "h_i", "h")
+    server_buffers = ("h",)
     first_buffers, start_buffers = ("h_i", "e"), ("h_i",)
 
     def __init__(self, eta: float = 0.1, error_update: str = "accumulate", dense_first_step: bool = True) -> None:

@@ -64,6 +64,7 @@ class EF21(FeedbackRule):
 
     name = "ef21"
     buffer_names = ("g_i", "g")
+    server_buffers = ("g",)
     first_buffers = start_buffers = ("g_i",)
 
     def __init__(self, dense_first_step: bool = True) -> None:

@@ -66,6 +66,7 @@ class EF21SGDM(FeedbackRule):
 
     name = "ef21_sgdm"
     buffer_names = ("v", "g_i", "g")
+    server_buffers = ("g",)
     first_buffers = start_buffers = ("g_i", "v")
 
     def __init__(self, momentum: float = 0.1, dense_first_step: bool = True) -> None:

@@ -73,16 +73,10 @@ class CompressionHookState:
                 f"CompressedDDPStrategy: a bucket parameter of shape {tuple(param.shape)} has no known name."
             ) from err
 
-    def layout(self, bucket: Any, clean: torch.Tensor) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
-        """The bucket's parameter names, gradients (views of its buffer) and the same views of ``clean`` (a copy of
-        the buffer), sorted by name."""
-        views, offset = [], 0
-        for g in bucket.gradients():
-            views.append(clean[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-        names = (self.name_of(p) for p in bucket.parameters())
-        rows = sorted(zip(names, bucket.gradients(), views), key=lambda t: t[0])
-        return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+    def layout(self, bucket: Any) -> tuple[list[str], list[torch.Tensor]]:
+        """The bucket's parameter names and gradients (views of its buffer), sorted by name."""
+        rows = sorted(zip((self.name_of(p) for p in bucket.parameters()), bucket.gradients()), key=lambda t: t[0])
+        return [r[0] for r in rows], [r[1] for r in rows]
 
     def add_nonfinite(self, count: torch.Tensor) -> None:
         # called from the collectives' callbacks, possibly on two threads at once: list.append is atomic
@@ -116,10 +110,9 @@ def compressed_comm_hook(state: CompressionHookState, bucket):
     # |sum| > 3e38, would count as non-finite too); 1.0 flags this rank's bucket
     ok = torch.isfinite(buffer.sum(dtype=torch.float32))
     bad = (~ok).to(torch.float32)
-    clean = torch.where(ok, buffer, 0.0)  # a flagged bucket contributes zeros (one op for the whole bucket)
     comm, before = state.comm, state.comm.link_bytes_total
     if state.dense:  # warm-up: uncompressed float32 average of the whole bucket, the rule sees nothing
-        flat = clean.to(torch.float32)
+        flat = torch.where(ok, buffer, 0.0).to(torch.float32)  # a flagged bucket contributes zeros
         fut = average_payloads_async([DENSE.compress(flat, 0, "bucket")], comm, bad)
 
         def finish(f: torch.futures.Future) -> torch.Tensor:
@@ -129,13 +122,15 @@ def compressed_comm_hook(state: CompressionHookState, bucket):
     else:
         # by name: the message layout (and so a ring all-reduce's float summation order) does not depend on the
         # order in which DDP put the parameters into the bucket, which changes when DDP rebuilds its buckets
-        names, grads, cleaned = state.layout(bucket, clean)
+        # a flagged rank's messages are zeroed on the device and its rule state is put back once the step's flags
+        # are known (CompressionHookState.take_nonfinite), so the gradients are used as they are (no cleaned copy)
+        names, grads = state.layout(bucket)
         rule, compressor = state.rule, state.compressor
         if compressor.rounds > 1:  # the first round (PowerSGD's P, cyclic Top-K's indices) on the rules' inputs
-            items = [(n, x, rule.steps.get(n, 0)) for n, g in zip(names, cleaned)
+            items = [(n, x, rule.steps.get(n, 0)) for n, g in zip(names, grads)
                      if (x := rule.compressor_input(n, g)) is not None]
             first_round(compressor, items, comm, bad)
-        payloads = [rule.message(n, g, compressor, ok) for n, g in zip(names, cleaned)]
+        payloads = [rule.message(n, g, compressor, ok) for n, g in zip(names, grads)]
         # float32 buckets receive the means in place (no temporaries, no copy back)
         fut = average_payloads_async(payloads, comm, bad, out=grads if buffer.dtype == torch.float32 else None)
 
