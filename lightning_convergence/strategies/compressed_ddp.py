@@ -97,13 +97,11 @@ def compressed_comm_hook(state: CompressionHookState, bucket):
     ``(state, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]``; the annotations are left off because DDP
     compares them with the real classes and this module uses postponed (string) annotations.
 
-    The averaging collective is left in flight and the returned future is chained with ``.then()``, so DDP can go on
-    with the backward pass of the next bucket (a two-round compressor's first round, and the 8-bit transport's
-    all-to-all, are waited for here: collectives are issued from this thread only, never from a callback, so every
-    rank issues them in the same order). Non-finite gradients are found on the device (no host sync): a bucket
-    holding NaN/inf contributes zeros and a flag that travels in the same collective. Parameters are identified by
-    name, so DDP's bucket rebuild and any ``bucket_cap_mb`` leave the per-parameter state intact. Runs only on
-    synchronising steps (DDP skips the hook inside ``no_sync``, which Lightning uses for gradient accumulation).
+    The averaging collective is left in flight and the returned future is chained with ``.then()``; a two-round
+    compressor's first round and the 8-bit all-to-all are waited for here (collectives are issued from this thread
+    only, so every rank issues them in the same order). Non-finite gradients are found on the device: a flagged
+    rank's messages are zeros and its flag travels in the same collective. Parameters are ordered and keyed by name,
+    so bucket rebuilds and any ``bucket_cap_mb`` leave the per-parameter state and the float summation order intact.
     """
     buffer = bucket.buffer()
     # NaN/inf anywhere makes the float32 sum non-finite (one reduction; a finite bucket whose sum overflows float32,
@@ -175,22 +173,15 @@ class CompressedDDPStrategy(HookedDDPStrategy):
     Feedback.* NeurIPS 2021, arXiv:2106.05203 (default rule); the other rules and compressors cite their papers in
     :mod:`lightning_convergence.feedback` and :mod:`lightning_convergence.compress`.
 
-    Each rank compresses each parameter's gradient message with ``compressor``; per bucket, summable payloads
-    (Identity, Rand-K, LowRank, CyclicTopK values) travel in one ring all-reduce (8-bit reduce-scatter + all-gather
-    with ``LowRank(factor_bits=8)``), the others (Top-K values + indices, sign bits, QSGD codes) in one all-gather of
-    their bytes; each compressor's docstring gives its link bytes per rank as a function of the world size. The
-    optimizer sees the rule's gradient estimate (EF21's ``g``).
+    Each rank compresses each parameter's gradient message with ``compressor``; per bucket, summable payloads travel
+    in one ring all-reduce (8-bit reduce-scatter + all-gather with ``LowRank(factor_bits=8)``), the others in one
+    all-gather; each compressor's docstring gives its link bytes per rank as a function of ``W``. The optimizer sees
+    the rule's gradient estimate. Non-finite gradients are found on the device; once per optimizer step the strategy
+    reads the reduced flag (one host read, as AMP's ``GradScaler``) and applies ``on_nonfinite`` to the whole step.
 
-    Non-finite gradients: found on the device in the hook (no host sync per bucket); a rank's bucket with NaN/inf
-    contributes zeros, its rule state keeps its old values, and a flag summed with the payload tells every rank. Once
-    per optimizer step, after the backward pass, the strategy reads that flag (one host read per step, as AMP's
-    ``GradScaler`` does) and applies ``on_nonfinite`` to the whole step: the optimizer step is not applied.
-
-    Deviations: the first step of EF21-type rules is sent uncompressed (``dense_first_step``); the optional dense
-    warm-up (``start_step``) is not in the papers' algorithms (it is PowerSGD's ``start_powerSGD_iter``); on a step
-    skipped for non-finite gradients the finite ranks' rule states keep that step's update (their messages were sent;
-    every replica stays identical); AMP's ``GradScaler`` never sees the inf (its scale is not lowered): prefer bf16
-    over fp16 mixed precision here.
+    Deviations: EF21-type rules send their first step uncompressed (``dense_first_step``); ``start_step`` (a dense
+    warm-up, PowerSGD's ``start_powerSGD_iter``) is not in the EF papers; on a skipped step the finite ranks' rule
+    states keep that step's update (replicas stay identical); AMP's ``GradScaler`` never sees the inf: prefer bf16.
 
     Args:
         feedback: the error-feedback rule: a name (``"ef21"``, ``"ef21_sgdm"``, ``"econtrol"``, ``"ef14"``, or
