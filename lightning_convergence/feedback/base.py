@@ -60,13 +60,18 @@ def zero_message(compressor: Compressor, like: Tensor, step: int, key: str, dens
 
 
 class FeedbackRule:
-    """Base class of the rules. Subclasses define ``name``, the buffers they keep and ``_message``/``update``.
+    """Base class of the rules. Subclasses define ``name``, their buffers, the worker formula as :meth:`_inputs`
+    (up to the compressor; shared by :meth:`message` and :meth:`compressor_input`) and :meth:`_commit` (the state
+    update once the own message is known), and :meth:`update` (from the average). A rule may override
+    :meth:`_message` instead; it then supports single-round compressors only.
 
     Attributes:
         name: registered short name (``"ef21"``, ...).
         buffer_names: names of the per-parameter tensor dicts in the state.
         needs_contraction: the rule's theory assumes a contractive compressor (``alpha > 0``).
         supports_average_error: the rule sets its error from the average, for ``LowRank(error="average")``.
+        first_buffers, start_buffers, server_buffers: the worker buffers a first message creates, those a dense
+            first message sets to the gradient (the others start at zero), and the buffers updated from the average.
     """
 
     name = "base"
