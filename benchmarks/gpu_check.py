@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 EXTRA = {  # our recommended settings beyond the registered names: name -> (feedback, compressor arguments)
     "ef14_cyclic_topk1%": ("ef14", "CyclicTopK", {"k_fraction": 0.01}),
-    "ef14_powersgd_r9_int8": ("ef14", "LowRank", {"rank": 9, "rounds": 2, "factor_bits": 8}),
+    "ef14_powersgd_r7_int8": ("ef14", "LowRank", {"rank": 7, "rounds": 2, "factor_bits": 8}),
 }
 
 

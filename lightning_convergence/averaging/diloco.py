@@ -21,7 +21,7 @@ from lightning_convergence.averaging.base import (
     unflatten_into,
 )
 from lightning_convergence.compress.base import Compressor
-from lightning_convergence.feedback.ef14 import ef14_worker_step
+from lightning_convergence.feedback.ef14 import ef14_commit, ef14_input
 
 __all__ = ["DiLoCo", "nesterov_outer_update"]
 
@@ -116,7 +116,9 @@ class DiLoCo(OuterStep):
         from lightning_convergence.comm import average_payloads
 
         if self.error_feedback:
-            payload, _ = ef14_worker_step(self._residual, self.name, delta, self.compressor, step)
+            p = ef14_input(self._residual, self.name, delta)
+            payload = self.compressor.compress(p, step, self.name)
+            ef14_commit(self._residual, self.name, p, payload.decompress().reshape(delta.shape).to(delta.dtype))
         else:
             payload = self.compressor.compress(delta, step, self.name)
         (mean,) = average_payloads([payload], comm)

@@ -144,15 +144,17 @@ def _add_counts(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 def average_payloads_async(
-    payloads: Sequence[Payload], comm: Communicator, nonfinite: Tensor | None = None, decompress: bool = True
+    payloads: Sequence[Payload], comm: Communicator, nonfinite: Tensor | None = None, decompress: bool = True,
+    out: Sequence[Tensor] | None = None,
 ) -> torch.futures.Future:
     """Start ``(1/W) Σ_r decompress(payload_r)`` for each payload position; the future holds
     ``(means, flagged)``: the float32 means in input order and the number of ranks whose ``nonfinite`` flag was set
     (a 0-dim tensor; ``None`` when no flag was given).
 
-    Compressors observe the average on every rank (``observe_mean`` / ``observe_gathered``) before the future
-    completes; ``decompress=False`` (first rounds) leaves the means out. All collectives are issued before this
-    returns (the 8-bit one waits for its all-to-all).
+    Compressors observe the averages on every rank (:meth:`Compressor.observe_means` /
+    ``observe_gathered``) before the future completes; ``decompress=False`` (first rounds) leaves the means out;
+    ``out`` (float32 tensors, one per payload, e.g. views of a DDP bucket) receives the means in place of new
+    tensors. All collectives are issued before this returns (the 8-bit one waits for its all-to-all).
     """
     groups: dict[str, list[int]] = {"quantized_all_reduce": [], "all_reduce": [], "all_gather": []}
     for i, p in enumerate(payloads):
@@ -171,8 +173,11 @@ def average_payloads_async(
     if not futs:
         return done(([], None if nonfinite is None else nonfinite * 0))
 
+    def into(i: int, mean: Tensor) -> Tensor:
+        return mean if out is None else out[i].copy_(mean.reshape(out[i].shape))
+
     def finish(f: torch.futures.Future) -> tuple[list[Tensor], Tensor | None]:
-        out: list[Tensor | None] = [None] * len(payloads)
+        results: list[Tensor | None] = [None] * len(payloads)
         count = None
         for (transport, idx), sub in zip(order, f.value()):
             result, c = sub.value()
@@ -184,14 +189,19 @@ def average_payloads_async(
                         total = theirs[0].decompress().float().clone()
                         for t in theirs[1:]:
                             total.add_(t.decompress().float())
-                        out[i] = total.div_(comm.world_size) if comm.world_size > 1 else total
+                        results[i] = into(i, total.div_(comm.world_size) if comm.world_size > 1 else total)
                     payloads[i].compressor.observe_gathered(theirs)
-            else:
+                continue
+            if decompress:
                 for i, mean in zip(idx, result):
-                    if decompress:
-                        out[i] = mean.decompress().float()
-                    payloads[i].compressor.observe_mean(mean)
-        return out, count  # type: ignore[return-value]
+                    c_ = mean.compressor
+                    results[i] = c_.decompress(mean).float() if out is None else c_.decompress_into(mean, out[i])
+            by_compressor: dict[int, list[Payload]] = {}
+            for mean in result:
+                by_compressor.setdefault(id(mean.compressor), []).append(mean)
+            for means in by_compressor.values():
+                means[0].compressor.observe_means(means)  # e.g. one batched QR per factor shape
+        return results, count  # type: ignore[return-value]
 
     return torch.futures.collect_all(futs).then(finish)
 

@@ -140,9 +140,18 @@ class Compressor:
         """Contraction factor for a tensor of ``numel`` entries (at least :attr:`alpha`)."""
         return self.alpha
 
+    def decompress_into(self, payload: Payload, out: Tensor) -> Tensor:
+        """:meth:`decompress` written into ``out`` (float32, ``payload.numel`` entries); returns ``out``."""
+        return out.copy_(self.decompress(payload).reshape(out.shape))
+
     def observe_mean(self, payload: Payload) -> None:
         """Called on every rank with the averaged payload of a summable compressor (low-rank warm start uses it)."""
         return None
+
+    def observe_means(self, payloads: list[Payload]) -> None:
+        """:meth:`observe_mean` for every averaged payload of one collective (a compressor may batch the work)."""
+        for p in payloads:
+            self.observe_mean(p)
 
     def observe_gathered(self, payloads: list[Payload]) -> None:
         """Called on every rank with every rank's payload (rank order) of a non-summable compressor."""

@@ -207,21 +207,38 @@ class LowRank(Compressor):
         mat = f @ sent.T if payload.meta["left"] else sent @ f.T
         return mat.reshape(payload.shape)
 
+    def decompress_into(self, payload: Payload, out: Tensor) -> Tensor:
+        """The product of the factors written straight into ``out`` (no temporary, no copy)."""
+        if payload.meta.get("dense") or not out.is_contiguous() or out.dtype != payload.meta["shared"].dtype:
+            return super().decompress_into(payload, out)
+        f, sent = payload.meta["shared"], self._decode(payload.tensors).to(payload.meta["shared"].dtype)
+        mat = out.view(payload.shape[0], -1)
+        torch.matmul(f, sent.T, out=mat) if payload.meta["left"] else torch.matmul(sent, f.T, out=mat)
+        return out
+
     def observe_mean(self, payload: Payload) -> None:
         """Take the averaged factor as the next shared factor (called with the *averaged* payload on every rank)."""
-        if payload.meta.get("dense"):
-            return
-        # no host sync: NaN/inf entries (an overflowed average) become 0, and the orthonormal basis of an all-zero
-        # matrix is the identity's first columns, the same on every rank
-        mean = torch.nan_to_num(self._decode(payload.tensors).float(), nan=0.0, posinf=0.0, neginf=0.0)
-        key = payload.meta["key"]
-        if payload.meta.get("round") == 1:
-            self._pending[key] = _orthonormal(mean).detach()
-            return
-        if not self.warm_start:
-            return
-        self._factors[key] = _orthonormal(mean).detach()
-        self._left[key] = not payload.meta["left"]
+        self.observe_means([payload])
+
+    def observe_means(self, payloads: list[Payload]) -> None:
+        """Orthonormalise the averaged factors, one batched QR per factor shape (as torch's batched PowerSGD hook).
+
+        A round-one ``P̂`` is kept for this step's :meth:`compress`; a round-two (or ``rounds=1``) factor becomes the
+        next step's warm start. No host sync: NaN/inf entries (an overflowed average) become 0, and the orthonormal
+        basis of an all-zero matrix is the identity's first columns, the same on every rank."""
+        by_shape: dict[tuple[int, ...], list[Payload]] = {}
+        for p in payloads:
+            if not p.meta.get("dense") and (p.meta.get("round") == 1 or self.warm_start):
+                by_shape.setdefault(tuple(p.tensors["factor"].shape), []).append(p)
+        for group in by_shape.values():
+            means = torch.stack([self._decode(p.tensors).float() for p in group])
+            bases = _orthonormal(torch.nan_to_num(means, nan=0.0, posinf=0.0, neginf=0.0)).detach()
+            for p, q in zip(group, bases.unbind(0)):
+                key = p.meta["key"]
+                if p.meta.get("round") == 1:
+                    self._pending[key] = q
+                else:
+                    self._factors[key], self._left[key] = q, not p.meta["left"]
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -8,8 +8,9 @@ rebuilds and resumes with other bucket sizes. Communication is not done here: th
 
 Non-finite gradients: a parameter whose local gradient holds NaN/inf sends an all-zero message of the usual shape
 (so collectives still match across ranks) and leaves its state untouched. With a device flag (the DDP comm hook)
-this is selected on the device without a host sync and the caller counts once per optimizer step; with a host
-bool it is counted here in ``nonfinite_skipped_total``.
+the message is zeroed on the device without a host sync, and the old state is put back by
+:meth:`FeedbackRule.end_step` once the caller knows the step's flags (one host read per step); with a host bool
+it is counted here in ``nonfinite_skipped_total``.
 
 Imports torch only.
 """
@@ -30,6 +31,7 @@ __all__ = ["FeedbackRule", "NoFeedback", "FEEDBACK_STATE_VERSION", "DENSE", "che
 
 FEEDBACK_STATE_VERSION = 1
 DENSE = Identity()  # the codec of uncompressed first-step messages
+_NOT_READY = object()  # no compressor_input() result kept for this message
 
 
 def check_eta(owner: str, name: str, value: float, low_open: bool) -> float:
@@ -58,25 +60,37 @@ def zero_message(compressor: Compressor, like: Tensor, step: int, key: str, dens
 
 
 class FeedbackRule:
-    """Base class of the rules. Subclasses define ``name``, the buffers they keep and ``_message``/``update``.
+    """Base class of the rules. Subclasses define ``name``, their buffers, the worker formula as :meth:`_inputs`
+    (up to the compressor; shared by :meth:`message` and :meth:`compressor_input`) and :meth:`_commit` (the state
+    update once the own message is known), and :meth:`update` (from the average). A rule may override
+    :meth:`_message` instead; it then supports single-round compressors only.
 
     Attributes:
         name: registered short name (``"ef21"``, ...).
         buffer_names: names of the per-parameter tensor dicts in the state.
         needs_contraction: the rule's theory assumes a contractive compressor (``alpha > 0``).
         supports_average_error: the rule sets its error from the average, for ``LowRank(error="average")``.
+        first_buffers, start_buffers, server_buffers: the worker buffers a first message creates, those a dense
+            first message sets to the gradient (the others start at zero), and the buffers updated from the average.
     """
 
     name = "base"
     buffer_names: tuple[str, ...] = ()
     needs_contraction = True
     supports_average_error = False  # can set its error from the average (a compressor with ``error="average"``)
+    dense_first_step = False  # rules with a dense first message set it per instance
+    start_buffers: tuple[str, ...] = ()  # worker buffers a dense first message sets to the gradient
+    first_buffers: tuple[str, ...] = ()  # worker buffers that exist once a parameter has sent its first message
+    server_buffers: tuple[str, ...] = ()  # buffers updated from the average (the same on every rank)
 
     def __init__(self) -> None:
         self.buffers: dict[str, dict[str, Tensor]] = {b: {} for b in self.buffer_names}
         self.steps: dict[str, int] = {}
-        self.residual_sq: dict[str, Tensor] = {}
+        self.residuals: dict[str, Tensor] = {}  # this step's error state per parameter (its norm is computed lazily)
         self.nonfinite_skipped_total = 0
+        self._prepared: dict[str, tuple[Tensor, int, int, Any]] = {}  # compressor_input() results for message()
+        self._ready: Any = _NOT_READY  # the kept inputs of the message being built
+        self._undo: dict[str, tuple[Tensor, dict[str, Tensor | None]]] = {}  # flagged messages of this step
 
     # -- the two steps -------------------------------------------------------------------------------------------
     def message(
@@ -84,13 +98,15 @@ class FeedbackRule:
     ) -> Payload:
         """This worker's message for parameter ``key`` (updates the worker-side state).
 
-        ``finite`` may be a 0-dim bool tensor on the gradient's device (the comm hook's flag, no host sync; ``grad``
-        must then hold zeros where the flag is false): the message is all zeros and the state keeps its old values,
-        selected on the device (:meth:`_message_masked`). A Python bool (or ``None``: checked here, one host sync)
-        takes the branch on the host and counts the skip in ``nonfinite_skipped_total``.
+        ``finite`` may be a 0-dim bool tensor on the gradient's device (the comm hook's flag, no host sync): the
+        message is all zeros where it is false, and the caller
+        calls :meth:`end_step` once the step's flags are known (:meth:`_message_masked`). A Python bool (or
+        ``None``: checked here, one host sync) takes the branch on the host and counts the skip in
+        ``nonfinite_skipped_total``.
         """
         x = grad.detach().to(torch.float32)
         step = self.steps.get(key, 0)
+        self._ready = self._take_prepared(key, grad, step)
         self.steps[key] = step + 1
         if isinstance(finite, Tensor):
             return self._message_masked(key, x, compressor, step, finite)
@@ -102,17 +118,31 @@ class FeedbackRule:
         return self._message(key, x, compressor, step)
 
     def _message_masked(self, key: str, x: Tensor, compressor: Compressor, step: int, finite: Tensor) -> Payload:
-        """:meth:`_message` on ``x`` (the caller has zeroed it where ``finite`` is false: the comm hook cleans the
-        whole bucket in one op), then, where ``finite`` is false, a zero message and every buffer of ``key`` back at
-        its old value (a missing buffer starts at zero, as :meth:`_skip` does). Rules replace their buffers rather
-        than writing into them, so the old tensors are still intact here."""
-        old = {b: self.buffers[b].get(key) for b in self.buffer_names}
+        """:meth:`_message` on ``x`` as it is (NaN/inf included) and a zero message where ``finite`` is false. The
+        state moves on; its old tensors are kept (rules replace their buffers rather than writing into them: no
+        copy) until :meth:`end_step` either drops them or, on a rank whose flag was false, puts them back."""
+        self._undo[key] = (finite, {b: self.buffers[b].get(key) for b in self.buffer_names
+                                    if b not in self.server_buffers})
         payload = self._message(key, x, compressor, step)
-        for b, before in old.items():
-            new = self.buffers[b].get(key)
-            if new is not None and new is not before:
-                self.buffers[b][key] = torch.where(finite, new, 0.0 if before is None else before)
         return payload.replace({n: torch.where(finite, t, 0) for n, t in payload.tensors.items()})
+
+    def end_step(self, any_flagged: bool) -> None:
+        """Close an optimizer step of flagged messages (``message(..., finite=<tensor>)``): when any rank was flagged
+        (the caller's one host read per step), every parameter whose flag was false on this rank gets its worker
+        buffers back (one it had none of starts at zero, as :meth:`_skip` does) and reports no error state;
+        otherwise the kept old tensors are dropped."""
+        undo, self._undo = self._undo, {}
+        if not any_flagged or not undo:
+            return
+        flags = torch.stack([f.reshape(()).to("cpu") for f, _ in undo.values()]).tolist()  # the rare path only
+        for ok, (key, (_, old)) in zip(flags, undo.items()):
+            if ok:
+                continue
+            self.residuals.pop(key, None)
+            for b, before in old.items():
+                new = self.buffers[b].get(key)
+                if new is not None and new is not before:
+                    self.buffers[b][key] = torch.zeros_like(new) if before is None else before
 
     def update(self, key: str, mean: Tensor) -> Tensor:  # pragma: no cover - abstract
         """The gradient estimate for ``key`` given the average of all workers' decompressed messages."""
@@ -123,26 +153,67 @@ class FeedbackRule:
 
         ``None`` when the message would be sent uncompressed (the first step with ``dense_first_step``).
         Multi-round compressors (``LowRank(rounds=2)``, PowerSGD's two all-reduces) need it to run their first
-        round on exactly the tensor that is compressed afterwards.
+        round on exactly the tensor that is compressed afterwards. The result is kept for the next :meth:`message`
+        on the same, unmodified ``grad`` tensor, which then does not compute it again.
         """
+        inputs = self._inputs(key, grad.detach().to(torch.float32))
+        self._prepared[key] = (grad, grad._version, self.steps.get(key, 0), inputs)
+        return None if inputs is None else inputs[0]
+
+    def _take_prepared(self, key: str, grad: Tensor, step: int) -> Any:
+        """The inputs :meth:`compressor_input` computed for this very ``grad`` at this step, else ``_NOT_READY``."""
+        kept = self._prepared.pop(key, None)
+        if kept is not None and kept[0] is grad and kept[1] == grad._version and kept[2] == step:
+            return kept[3]
+        return _NOT_READY
+
+    def _current_inputs(self, key: str, x: Tensor) -> tuple[Tensor, ...] | None:
+        """:meth:`_inputs` for the message being built (kept from :meth:`compressor_input` when it was asked)."""
+        ready, self._ready = self._ready, _NOT_READY
+        return self._inputs(key, x) if ready is _NOT_READY else ready
+
+    def _inputs(self, key: str, x: Tensor) -> tuple[Tensor, ...] | None:
+        """The rule's worker formula up to the compressor, without changing state: ``(compressor input, *terms the
+        state update reuses)``, or ``None`` when the message is the uncompressed gradient (a dense first step)."""
         raise NotImplementedError(f"{type(self).__name__} does not support multi-round compressors.")
 
-    def _message(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:  # pragma: no cover
+    def _commit(self, key: str, x: Tensor, inputs: tuple[Tensor, ...], delta: Tensor) -> Tensor | None:
+        """The worker-side state update once this rank's message decompresses to ``delta``; returns the error state
+        to report (``None``: none)."""
         raise NotImplementedError
 
+    def _message(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:
+        """One worker formula for every rule: :meth:`_inputs` (shared with :meth:`compressor_input`), compress,
+        :meth:`_commit`; a dense first message sets :attr:`start_buffers` to the gradient, other worker buffers to
+        zero."""
+        inputs = self._current_inputs(key, x)
+        if inputs is None:
+            for b in self.first_buffers:
+                self.buffers[b][key] = x.clone() if b in self.start_buffers else torch.zeros_like(x)
+            self.residuals.pop(key, None)  # the error state starts at zero
+            return DENSE.compress(x, step, key)
+        payload = compressor.compress(inputs[0], step, key)
+        residual = self._commit(key, x, inputs, payload.decompress().reshape(x.shape).to(x.dtype))
+        if residual is not None:
+            self.residuals[key] = residual
+        return payload
+
     def _skip(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:
-        return zero_message(compressor, x, step, key, dense=False)
+        """A non-finite step: a zero message; a parameter's first message still creates its buffers (at zero), so
+        ``g = mean_i g_i`` keeps holding on every rank."""
+        first = bool(self.first_buffers) and key not in self.buffers[self.first_buffers[0]]
+        if first:
+            for b in self.first_buffers:
+                self.buffers[b][key] = torch.zeros_like(x)
+        return zero_message(compressor, x, step, key, dense=first and self.dense_first_step)
 
     # -- diagnostics ---------------------------------------------------------------------------------------------
     def residual_sq_total(self) -> Tensor:
         """Sum over parameters of this worker's squared error-state norm (see each rule's ``State:``)."""
-        if not self.residual_sq:
+        if not self.residuals:
             return torch.zeros(())
-        vals = list(self.residual_sq.values())
-        return torch.stack([v.to(vals[0].device) for v in vals]).sum()
-
-    def _set_residual(self, key: str, tensor: Tensor) -> None:
-        self.residual_sq[key] = sq_norm([tensor])
+        vals = list(self.residuals.values())
+        return sq_norm(v.to(vals[0].device) for v in vals)  # one fused norm, only when asked (a logging step)
 
     def check_compressor(self, compressor: Compressor) -> None:
         """Warn when ``compressor`` does not fit the rule's theory (not contractive).
@@ -198,7 +269,7 @@ class FeedbackRule:
         self.nonfinite_skipped_total = int(state["nonfinite_skipped_total"])
         for b in self.buffer_names:
             self.buffers[b] = {k: v.clone() for k, v in state["buffers"].get(b, {}).items()}
-        self.residual_sq = {}
+        self.residuals, self._prepared, self._undo = {}, {}, {}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
@@ -217,11 +288,11 @@ class NoFeedback(FeedbackRule):
     name = "none"
     needs_contraction = False
 
-    def _message(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:
-        return compressor.compress(x, step, key)
+    def _inputs(self, key: str, x: Tensor) -> tuple[Tensor, ...] | None:
+        return (x,)
 
-    def compressor_input(self, key: str, grad: Tensor) -> Tensor | None:
-        return grad.detach().to(torch.float32)
+    def _commit(self, key: str, x: Tensor, inputs: tuple[Tensor, ...], delta: Tensor) -> None:
+        return None
 
     def update(self, key: str, mean: Tensor) -> Tensor:
         return mean

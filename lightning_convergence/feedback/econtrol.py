@@ -4,41 +4,40 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from lightning_convergence.compress.base import Compressor, Payload
-from lightning_convergence.feedback.base import DENSE, FeedbackRule, check_eta, get_buffer, zero_message
+from lightning_convergence.feedback.base import FeedbackRule, check_eta, get_buffer
 from lightning_convergence.feedback.ef21 import ef21_server_step
 
-__all__ = ["EControl", "econtrol_worker_step", "ERROR_UPDATES"]
+__all__ = ["EControl", "econtrol_input", "econtrol_commit", "ERROR_UPDATES"]
 
 ERROR_UPDATES = ("accumulate", "input")
 
 
-def econtrol_worker_step(
-    e: dict[str, Tensor], h_i: dict[str, Tensor], key: str, grad: Tensor, compressor: Compressor, step: int,
-    eta: float, error_update: str, dense_first_step: bool,
-) -> tuple[Payload, Tensor]:
-    """``Δ_i = C(η e_i + ∇f_i − h_i)``; ``e_i`` updated per ``error_update``; ``h_i ← h_i + Δ_i``.
-
-    ``error_update="accumulate"`` (the method's): ``e_i ← e_i + ∇f_i − h_i − Δ_i``; ``"input"`` (ours):
-    ``e_i ← η e_i + ∇f_i − h_i − Δ_i`` (compressor input minus output). Returns the message and the new ``e_i``.
-    """
+def econtrol_input(
+    e: dict[str, Tensor], h_i: dict[str, Tensor], key: str, grad: Tensor, eta: float, dense_first_step: bool
+) -> tuple[Tensor, Tensor] | None:
+    """``(η e_i + ∇f_i − h_i, ∇f_i − h_i)`` (``e_i⁰ = h_i⁰ = 0``); ``None`` for the first message when
+    ``dense_first_step`` (the uncompressed gradient: ``h_i⁰ = ∇f_i(x⁰)``, ``e_i⁰ = 0``)."""
     old_e, old_h = get_buffer(e, key, grad), get_buffer(h_i, key, grad)
     if old_h is None and dense_first_step:
-        h_i[key], e[key] = grad.clone(), torch.zeros_like(grad)
-        return DENSE.compress(grad, step, key), e[key]
-    if old_e is None:
-        old_e = torch.zeros_like(grad)
-    if old_h is None:
-        old_h = torch.zeros_like(grad)
-    shifted = grad - old_h
-    payload = compressor.compress(shifted + eta * old_e if eta else shifted, step, key)
-    delta = payload.decompress().reshape(grad.shape).to(grad.dtype)
-    e[key] = (old_e if error_update == "accumulate" else eta * old_e) + shifted - delta
-    h_i[key] = old_h + delta
-    return payload, e[key]
+        return None
+    shifted = grad if old_h is None else grad - old_h
+    return (shifted + eta * old_e if (eta and old_e is not None) else shifted), shifted
+
+
+def econtrol_commit(
+    e: dict[str, Tensor], h_i: dict[str, Tensor], key: str, shifted: Tensor, delta: Tensor, eta: float,
+    error_update: str,
+) -> Tensor:
+    """``h_i ← h_i + Δ_i`` and ``e_i ← e_i + shifted − Δ_i`` (``error_update="accumulate"``, the method's) or
+    ``e_i ← η e_i + shifted − Δ_i`` (``"input"``, ours: the compressor's input minus its output), with
+    ``shifted = ∇f_i − h_i``. Returns the new ``e_i``."""
+    old_e, old_h = get_buffer(e, key, shifted), get_buffer(h_i, key, shifted)
+    carried = shifted if old_e is None else (old_e if error_update == "accumulate" else eta * old_e) + shifted
+    e[key] = carried - delta
+    h_i[key] = delta.clone() if old_h is None else old_h + delta
+    return e[key]
 
 
 class EControl(FeedbackRule):
@@ -83,6 +82,8 @@ class EControl(FeedbackRule):
 
     name = "econtrol"
     buffer_names = ("e", "h_i", "h")
+    server_buffers = ("h",)
+    first_buffers, start_buffers = ("h_i", "e"), ("h_i",)
 
     def __init__(self, eta: float = 0.1, error_update: str = "accumulate", dense_first_step: bool = True) -> None:
         super().__init__()
@@ -95,28 +96,12 @@ class EControl(FeedbackRule):
     def hparams(self) -> dict[str, Any]:
         return {"eta": self.eta, "error_update": self.error_update, "dense_first_step": self.dense_first_step}
 
-    def _message(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:
+    def _inputs(self, key: str, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        return econtrol_input(self.buffers["e"], self.buffers["h_i"], key, x, self.eta, self.dense_first_step)
+
+    def _commit(self, key: str, x: Tensor, inputs: tuple[Tensor, ...], delta: Tensor) -> Tensor:
         b = self.buffers
-        payload, e = econtrol_worker_step(
-            b["e"], b["h_i"], key, x, compressor, step, self.eta, self.error_update, self.dense_first_step
-        )
-        self._set_residual(key, e)
-        return payload
-
-    def _skip(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:
-        first = key not in self.buffers["h_i"]
-        if first:
-            self.buffers["h_i"][key] = torch.zeros_like(x)
-            self.buffers["e"][key] = torch.zeros_like(x)
-        return zero_message(compressor, x, step, key, dense=first and self.dense_first_step)
-
-    def compressor_input(self, key: str, grad: Tensor) -> Tensor | None:
-        x = grad.detach().to(torch.float32)
-        old_e, old_h = get_buffer(self.buffers["e"], key, x), get_buffer(self.buffers["h_i"], key, x)
-        if old_h is None and self.dense_first_step:
-            return None
-        shifted = x if old_h is None else x - old_h
-        return shifted + self.eta * old_e if (self.eta and old_e is not None) else shifted
+        return econtrol_commit(b["e"], b["h_i"], key, inputs[1], delta, self.eta, self.error_update)
 
     def update(self, key: str, mean: Tensor) -> Tensor:
         return ef21_server_step(self.buffers["h"], key, mean)

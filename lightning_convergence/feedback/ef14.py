@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from lightning_convergence.compress.base import Compressor, Payload
 from lightning_convergence.feedback.base import FeedbackRule, get_buffer
 
-__all__ = ["EF14", "ef14_worker_step"]
+__all__ = ["EF14", "ef14_input", "ef14_commit"]
 
 
 def ef14_input(e: dict[str, Tensor], key: str, grad: Tensor) -> Tensor:
-    """The compressor's input ``p = ∇f_i + e_i``."""
+    """The compressor's input ``p = ∇f_i + e_i`` (``e_i = 0`` before the first message)."""
     old = get_buffer(e, key, grad)
     return grad if old is None else grad + old
 
 
-def ef14_worker_step(
-    e: dict[str, Tensor], key: str, grad: Tensor, compressor: Compressor, step: int
-) -> tuple[Payload, Tensor]:
-    """Worker ``i``: ``p = ∇f_i + e_i``, ``c_i = C(p)``, ``e_i ← p − c_i``. Returns the message and the new ``e_i``."""
-    p = ef14_input(e, key, grad)
-    payload = compressor.compress(p, step, key)
-    e[key] = p - payload.decompress().reshape(grad.shape).to(grad.dtype)
-    return payload, e[key]
+def ef14_commit(e: dict[str, Tensor], key: str, p: Tensor, sent: Tensor) -> Tensor:
+    """``e_i ← p − sent``: ``sent`` is this worker's decompressed message ``c_i`` (or, with ``error="average"``, the
+    decompressed average). Returns the new ``e_i``."""
+    e[key] = p - sent
+    return e[key]
 
 
 class EF14(FeedbackRule):
@@ -62,22 +58,20 @@ class EF14(FeedbackRule):
         super().__init__()
         self._input: dict[str, Tensor] = {}  # error="average": this step's p_i until update() sees the average
 
-    def _message(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:
-        if getattr(compressor, "error", None) == "average":
-            self._input[key] = p = ef14_input(self.buffers["e"], key, x)
-            return compressor.compress(p, step, key)
-        payload, e = ef14_worker_step(self.buffers["e"], key, x, compressor, step)
-        self._set_residual(key, e)
-        return payload
+    def _inputs(self, key: str, x: Tensor) -> tuple[Tensor]:
+        return (ef14_input(self.buffers["e"], key, x),)
 
-    def compressor_input(self, key: str, grad: Tensor) -> Tensor | None:
-        return ef14_input(self.buffers["e"], key, grad.detach().to(torch.float32))
+    def _commit(self, key: str, x: Tensor, inputs: tuple[Tensor, ...], delta: Tensor) -> Tensor:
+        return ef14_commit(self.buffers["e"], key, inputs[0], delta)
+
+    def _message(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:
+        if getattr(compressor, "error", None) == "average":  # the error waits for the average (update)
+            self._input[key] = p = self._current_inputs(key, x)[0]  # type: ignore[index]
+            return compressor.compress(p, step, key)
+        return super()._message(key, x, compressor, step)
 
     def update(self, key: str, mean: Tensor) -> Tensor:
         p = self._input.pop(key, None)
         if p is not None:  # error="average": e_i = p_i − the decompressed average
-            self.buffers["e"][key] = e = p - mean.reshape(p.shape).to(p.dtype)
-            self._set_residual(key, e)
+            self.residuals[key] = ef14_commit(self.buffers["e"], key, p, mean.reshape(p.shape).to(p.dtype))
         return mean
-
-

@@ -4,31 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from lightning_convergence.compress.base import Compressor, Payload
-from lightning_convergence.feedback.base import DENSE, FeedbackRule, get_buffer, zero_message
+from lightning_convergence.feedback.base import FeedbackRule, get_buffer
 
-__all__ = ["EF21", "ef21_worker_step", "ef21_server_step"]
+__all__ = ["EF21", "ef21_input", "ef21_commit", "ef21_server_step"]
 
 
-def ef21_worker_step(
-    g_i: dict[str, Tensor], key: str, grad: Tensor, compressor: Compressor, step: int, dense_first_step: bool
-) -> tuple[Payload, Tensor]:
-    """Worker ``i``: ``c_i = C(∇f_i − g_i)``, ``g_i ← g_i + c_i``. Returns the message and ``∇f_i − g_i`` after.
-
-    The first message for a parameter is the uncompressed gradient when ``dense_first_step`` (``g_i⁰ = ∇f_i(x⁰)``).
-    """
+def ef21_input(g_i: dict[str, Tensor], key: str, grad: Tensor, dense_first_step: bool) -> Tensor | None:
+    """The compressor's input ``∇f_i − g_i`` (``g_i = 0`` before the first message); ``None`` for the first message
+    when ``dense_first_step`` (it is the uncompressed gradient, ``g_i⁰ = ∇f_i(x⁰)``)."""
     old = get_buffer(g_i, key, grad)
-    if old is None and dense_first_step:
-        g_i[key] = grad.clone()
-        return DENSE.compress(grad, step, key), torch.zeros_like(grad)
     if old is None:
-        old = torch.zeros_like(grad)
-    payload = compressor.compress(grad - old, step, key)
-    g_i[key] = old + payload.decompress().reshape(grad.shape).to(grad.dtype)
-    return payload, grad - g_i[key]
+        return None if dense_first_step else grad
+    return grad - old
+
+
+def ef21_commit(g_i: dict[str, Tensor], key: str, grad: Tensor, c: Tensor) -> Tensor:
+    """``g_i ← g_i + c_i`` for this worker's decompressed message ``c_i``; returns ``∇f_i − g_i`` after."""
+    old = get_buffer(g_i, key, grad)
+    g_i[key] = c.clone() if old is None else old + c  # never an alias of the message or the gradient
+    return grad - g_i[key]
 
 
 def ef21_server_step(g: dict[str, Tensor], key: str, mean_correction: Tensor) -> Tensor:
@@ -68,6 +64,8 @@ class EF21(FeedbackRule):
 
     name = "ef21"
     buffer_names = ("g_i", "g")
+    server_buffers = ("g",)
+    first_buffers = start_buffers = ("g_i",)
 
     def __init__(self, dense_first_step: bool = True) -> None:
         super().__init__()
@@ -76,23 +74,12 @@ class EF21(FeedbackRule):
     def hparams(self) -> dict[str, Any]:
         return {"dense_first_step": self.dense_first_step}
 
-    def _message(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:
-        payload, err = ef21_worker_step(self.buffers["g_i"], key, x, compressor, step, self.dense_first_step)
-        self._set_residual(key, err)
-        return payload
+    def _inputs(self, key: str, x: Tensor) -> tuple[Tensor] | None:
+        p = ef21_input(self.buffers["g_i"], key, x, self.dense_first_step)
+        return None if p is None else (p,)
 
-    def _skip(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:
-        dense = key not in self.buffers["g_i"] and self.dense_first_step
-        if key not in self.buffers["g_i"]:
-            self.buffers["g_i"][key] = torch.zeros_like(x)  # keeps g = mean_i g_i on every rank
-        return zero_message(compressor, x, step, key, dense)
-
-    def compressor_input(self, key: str, grad: Tensor) -> Tensor | None:
-        x = grad.detach().to(torch.float32)
-        old = get_buffer(self.buffers["g_i"], key, x)
-        if old is None:
-            return None if self.dense_first_step else x
-        return x - old
+    def _commit(self, key: str, x: Tensor, inputs: tuple[Tensor, ...], delta: Tensor) -> Tensor:
+        return ef21_commit(self.buffers["g_i"], key, x, delta)
 
     def update(self, key: str, mean: Tensor) -> Tensor:
         return ef21_server_step(self.buffers["g"], key, mean)

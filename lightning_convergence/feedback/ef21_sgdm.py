@@ -4,35 +4,30 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from lightning_convergence.compress.base import Compressor, Payload
-from lightning_convergence.feedback.base import DENSE, FeedbackRule, check_eta, get_buffer, zero_message
-from lightning_convergence.feedback.ef21 import ef21_server_step
+from lightning_convergence.feedback.base import FeedbackRule, check_eta, get_buffer
+from lightning_convergence.feedback.ef21 import ef21_commit, ef21_server_step
 
-__all__ = ["EF21SGDM", "ef21_sgdm_worker_step"]
+__all__ = ["EF21SGDM", "ef21_sgdm_input", "ef21_sgdm_commit"]
 
 
-def ef21_sgdm_worker_step(
-    v: dict[str, Tensor], g_i: dict[str, Tensor], key: str, grad: Tensor, compressor: Compressor, step: int,
-    momentum: float, dense_first_step: bool,
-) -> tuple[Payload, Tensor]:
-    """``v_i ← (1−η) v_i + η ∇f_i``, ``c_i = C(v_i − g_i)``, ``g_i ← g_i + c_i``. Returns the message, ``v_i − g_i``.
-
-    The first call starts from ``v_i⁰ = ∇f_i(x⁰)`` (the paper's initialisation); with ``dense_first_step`` it also
-    sets ``g_i⁰ = ∇f_i(x⁰)`` and sends it uncompressed, otherwise ``g_i⁰ = 0`` and the message is ``C(∇f_i(x⁰))``.
-    """
+def ef21_sgdm_input(
+    v: dict[str, Tensor], g_i: dict[str, Tensor], key: str, grad: Tensor, momentum: float, dense_first_step: bool
+) -> tuple[Tensor, Tensor] | None:
+    """``(v_i − g_i, v_i)`` with the new ``v_i = (1−η) v_i + η ∇f_i`` (``v_i⁰ = ∇f_i(x⁰)``, ``g_i⁰ = 0``); ``None``
+    for the first message when ``dense_first_step`` (the uncompressed gradient: ``v_i⁰ = g_i⁰ = ∇f_i(x⁰)``)."""
     old_v, old_g = get_buffer(v, key, grad), get_buffer(g_i, key, grad)
     if old_g is None and dense_first_step:
-        v[key], g_i[key] = grad.clone(), grad.clone()
-        return DENSE.compress(grad, step, key), torch.zeros_like(grad)
-    if old_g is None:
-        old_g = torch.zeros_like(grad)
-    v[key] = grad.clone() if old_v is None else old_v.mul(1.0 - momentum).add_(grad, alpha=momentum)
-    payload = compressor.compress(v[key] - old_g, step, key)
-    g_i[key] = old_g + payload.decompress().reshape(grad.shape).to(grad.dtype)
-    return payload, v[key] - g_i[key]
+        return None
+    new_v = grad.clone() if old_v is None else old_v.mul(1.0 - momentum).add_(grad, alpha=momentum)
+    return (new_v if old_g is None else new_v - old_g), new_v
+
+
+def ef21_sgdm_commit(v: dict[str, Tensor], g_i: dict[str, Tensor], key: str, new_v: Tensor, c: Tensor) -> Tensor:
+    """``v_i ← new_v``, ``g_i ← g_i + c_i`` for this worker's decompressed message ``c_i``; returns ``v_i − g_i``."""
+    v[key] = new_v
+    return ef21_commit(g_i, key, new_v, c)
 
 
 class EF21SGDM(FeedbackRule):
@@ -71,6 +66,8 @@ class EF21SGDM(FeedbackRule):
 
     name = "ef21_sgdm"
     buffer_names = ("v", "g_i", "g")
+    server_buffers = ("g",)
+    first_buffers = start_buffers = ("g_i", "v")
 
     def __init__(self, momentum: float = 0.1, dense_first_step: bool = True) -> None:
         super().__init__()
@@ -80,28 +77,12 @@ class EF21SGDM(FeedbackRule):
     def hparams(self) -> dict[str, Any]:
         return {"momentum": self.momentum, "dense_first_step": self.dense_first_step}
 
-    def _message(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:
+    def _inputs(self, key: str, x: Tensor) -> tuple[Tensor, Tensor] | None:
         b = self.buffers
-        payload, err = ef21_sgdm_worker_step(
-            b["v"], b["g_i"], key, x, compressor, step, self.momentum, self.dense_first_step
-        )
-        self._set_residual(key, err)
-        return payload
+        return ef21_sgdm_input(b["v"], b["g_i"], key, x, self.momentum, self.dense_first_step)
 
-    def _skip(self, key: str, x: Tensor, compressor: Compressor, step: int) -> Payload:
-        first = key not in self.buffers["g_i"]
-        if first:
-            self.buffers["g_i"][key] = torch.zeros_like(x)
-            self.buffers["v"][key] = torch.zeros_like(x)
-        return zero_message(compressor, x, step, key, dense=first and self.dense_first_step)
-
-    def compressor_input(self, key: str, grad: Tensor) -> Tensor | None:
-        x = grad.detach().to(torch.float32)
-        old_v, old_g = get_buffer(self.buffers["v"], key, x), get_buffer(self.buffers["g_i"], key, x)
-        if old_g is None and self.dense_first_step:
-            return None
-        v = x if old_v is None else old_v.mul(1.0 - self.momentum).add_(x, alpha=self.momentum)
-        return v if old_g is None else v - old_g
+    def _commit(self, key: str, x: Tensor, inputs: tuple[Tensor, ...], delta: Tensor) -> Tensor:
+        return ef21_sgdm_commit(self.buffers["v"], self.buffers["g_i"], key, inputs[1], delta)
 
     def update(self, key: str, mean: Tensor) -> Tensor:
         return ef21_server_step(self.buffers["g"], key, mean)

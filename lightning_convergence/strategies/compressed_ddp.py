@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
+from lightning_convergence._validate import check_int_at_least
 from lightning_convergence.comm import (
     Communicator,
     SingleProcessCommunicator,
@@ -70,25 +71,22 @@ class CompressionHookState:
                 f"CompressedDDPStrategy: a bucket parameter of shape {tuple(param.shape)} has no known name."
             ) from err
 
-    def layout(self, bucket: Any, clean: torch.Tensor) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
-        """The bucket's parameter names, gradients (views of its buffer) and the same views of ``clean`` (a copy of
-        the buffer), sorted by name."""
-        views, offset = [], 0
-        for g in bucket.gradients():
-            views.append(clean[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-        names = (self.name_of(p) for p in bucket.parameters())
-        rows = sorted(zip(names, bucket.gradients(), views), key=lambda t: t[0])
-        return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+    def layout(self, bucket: Any) -> tuple[list[str], list[torch.Tensor]]:
+        """The bucket's parameter names and gradients (views of its buffer), sorted by name."""
+        rows = sorted(zip((self.name_of(p) for p in bucket.parameters()), bucket.gradients()), key=lambda t: t[0])
+        return [r[0] for r in rows], [r[1] for r in rows]
 
     def add_nonfinite(self, count: torch.Tensor) -> None:
         # called from the collectives' callbacks, possibly on two threads at once: list.append is atomic
         self.step_nonfinite.append(count.reshape(1))
 
     def take_nonfinite(self) -> bool:
-        """Whether any rank flagged a bucket this step (the one host read per optimizer step); resets the counts."""
+        """Whether any rank flagged a bucket this step (the one host read per optimizer step); resets the counts and
+        closes the rule's step (a flagged rank's rule state goes back to its old values)."""
         counts, self.step_nonfinite = self.step_nonfinite, []
-        return bool(counts) and bool(torch.cat(counts).sum() > 0)
+        flagged = bool(counts) and bool(torch.cat(counts).sum() > 0)
+        self.rule.end_step(flagged)
+        return flagged
 
 
 def compressed_comm_hook(state: CompressionHookState, bucket):
@@ -97,23 +95,20 @@ def compressed_comm_hook(state: CompressionHookState, bucket):
     ``(state, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]``; the annotations are left off because DDP
     compares them with the real classes and this module uses postponed (string) annotations.
 
-    The averaging collective is left in flight and the returned future is chained with ``.then()``, so DDP can go on
-    with the backward pass of the next bucket (a two-round compressor's first round, and the 8-bit transport's
-    all-to-all, are waited for here: collectives are issued from this thread only, never from a callback, so every
-    rank issues them in the same order). Non-finite gradients are found on the device (no host sync): a bucket
-    holding NaN/inf contributes zeros and a flag that travels in the same collective. Parameters are identified by
-    name, so DDP's bucket rebuild and any ``bucket_cap_mb`` leave the per-parameter state intact. Runs only on
-    synchronising steps (DDP skips the hook inside ``no_sync``, which Lightning uses for gradient accumulation).
+    The averaging collective is left in flight and the returned future is chained with ``.then()``; a two-round
+    compressor's first round and the 8-bit all-to-all are waited for here (collectives are issued from this thread
+    only, so every rank issues them in the same order). Non-finite gradients are found on the device: a flagged
+    rank's messages are zeros and its flag travels in the same collective. Parameters are ordered and keyed by name,
+    so bucket rebuilds and any ``bucket_cap_mb`` leave the per-parameter state and the float summation order intact.
     """
     buffer = bucket.buffer()
     # NaN/inf anywhere makes the float32 sum non-finite (one reduction; a finite bucket whose sum overflows float32,
     # |sum| > 3e38, would count as non-finite too); 1.0 flags this rank's bucket
     ok = torch.isfinite(buffer.sum(dtype=torch.float32))
     bad = (~ok).to(torch.float32)
-    clean = torch.where(ok, buffer, 0.0)  # a flagged bucket contributes zeros (one op for the whole bucket)
     comm, before = state.comm, state.comm.link_bytes_total
     if state.dense:  # warm-up: uncompressed float32 average of the whole bucket, the rule sees nothing
-        flat = clean.to(torch.float32)
+        flat = torch.where(ok, buffer, 0.0).to(torch.float32)  # a flagged bucket contributes zeros
         fut = average_payloads_async([DENSE.compress(flat, 0, "bucket")], comm, bad)
 
         def finish(f: torch.futures.Future) -> torch.Tensor:
@@ -123,20 +118,25 @@ def compressed_comm_hook(state: CompressionHookState, bucket):
     else:
         # by name: the message layout (and so a ring all-reduce's float summation order) does not depend on the
         # order in which DDP put the parameters into the bucket, which changes when DDP rebuilds its buckets
-        names, grads, cleaned = state.layout(bucket, clean)
+        # a flagged rank's messages are zeroed on the device and its rule state is put back once the step's flags
+        # are known (CompressionHookState.take_nonfinite), so the gradients are used as they are (no cleaned copy)
+        names, grads = state.layout(bucket)
         rule, compressor = state.rule, state.compressor
-        if compressor.rounds > 1:  # the first round (PowerSGD's P, cyclic Top-K's indices) on the rule's inputs
-            items = [(n, x, rule.steps.get(n, 0)) for n, g in zip(names, cleaned)
+        if compressor.rounds > 1:  # the first round (PowerSGD's P, cyclic Top-K's indices) on the rules' inputs
+            items = [(n, x, rule.steps.get(n, 0)) for n, g in zip(names, grads)
                      if (x := rule.compressor_input(n, g)) is not None]
             first_round(compressor, items, comm, bad)
-        payloads = [rule.message(n, g, compressor, ok) for n, g in zip(names, cleaned)]
-        fut = average_payloads_async(payloads, comm, bad)
+        payloads = [rule.message(n, g, compressor, ok) for n, g in zip(names, grads)]
+        # float32 buckets receive the means in place (no temporaries, no copy back)
+        fut = average_payloads_async(payloads, comm, bad, out=grads if buffer.dtype == torch.float32 else None)
 
         def finish(f: torch.futures.Future) -> torch.Tensor:
             means, count = f.value()
             state.add_nonfinite(count)
             for name, grad, mean in zip(names, grads, means):
-                grad.copy_(rule.update(name, mean.reshape(grad.shape)))
+                estimate = rule.update(name, mean if mean is grad else mean.reshape(grad.shape))
+                if estimate is not grad:
+                    grad.copy_(estimate)
             return buffer
 
     c = state.counters
@@ -171,22 +171,15 @@ class CompressedDDPStrategy(HookedDDPStrategy):
     Feedback.* NeurIPS 2021, arXiv:2106.05203 (default rule); the other rules and compressors cite their papers in
     :mod:`lightning_convergence.feedback` and :mod:`lightning_convergence.compress`.
 
-    Each rank compresses each parameter's gradient message with ``compressor``; per bucket, summable payloads
-    (Identity, Rand-K, LowRank, CyclicTopK values) travel in one ring all-reduce (8-bit reduce-scatter + all-gather
-    with ``LowRank(factor_bits=8)``), the others (Top-K values + indices, sign bits, QSGD codes) in one all-gather of
-    their bytes; each compressor's docstring gives its link bytes per rank as a function of the world size. The
-    optimizer sees the rule's gradient estimate (EF21's ``g``).
+    Each rank compresses each parameter's gradient message with ``compressor``; per bucket, summable payloads travel
+    in one ring all-reduce (8-bit reduce-scatter + all-gather with ``LowRank(factor_bits=8)``), the others in one
+    all-gather; each compressor's docstring gives its link bytes per rank as a function of ``W``. The optimizer sees
+    the rule's gradient estimate. Non-finite gradients are found on the device; once per optimizer step the strategy
+    reads the reduced flag (one host read, as AMP's ``GradScaler``) and applies ``on_nonfinite`` to the whole step.
 
-    Non-finite gradients: found on the device in the hook (no host sync per bucket); a rank's bucket with NaN/inf
-    contributes zeros, its rule state keeps its old values, and a flag summed with the payload tells every rank. Once
-    per optimizer step, after the backward pass, the strategy reads that flag (one host read per step, as AMP's
-    ``GradScaler`` does) and applies ``on_nonfinite`` to the whole step: the optimizer step is not applied.
-
-    Deviations: the first step of EF21-type rules is sent uncompressed (``dense_first_step``); the optional dense
-    warm-up (``start_step``) is not in the papers' algorithms (it is PowerSGD's ``start_powerSGD_iter``); on a step
-    skipped for non-finite gradients the finite ranks' rule states keep that step's update (their messages were sent;
-    every replica stays identical); AMP's ``GradScaler`` never sees the inf (its scale is not lowered): prefer bf16
-    over fp16 mixed precision here.
+    Deviations: EF21-type rules send their first step uncompressed (``dense_first_step``); ``start_step`` (a dense
+    warm-up, PowerSGD's ``start_powerSGD_iter``) is not in the EF papers; on a skipped step the finite ranks' rule
+    states keep that step's update (replicas stay identical); AMP's ``GradScaler`` never sees the inf: prefer bf16.
 
     Args:
         feedback: the error-feedback rule: a name (``"ef21"``, ``"ef21_sgdm"``, ``"econtrol"``, ``"ef14"``, or
@@ -195,7 +188,7 @@ class CompressedDDPStrategy(HookedDDPStrategy):
         compressor: a :class:`~lightning_convergence.compress.Compressor` (``class_path`` in YAML). Default
             ``TopK(k_fraction=0.01)``: 50x fewer link bytes than DDP at 2 ranks, ``100/W``x at ``W`` ranks
             (all-gather); ``CyclicTopK(0.01)`` keeps 67x at every ``W``.
-        every_n_steps: log every this many optimizer steps, ≥ 1. Default ``None``: the trainer's
+        log_every_n_steps: log every this many optimizer steps, an int ≥ 1. Default ``None``: the trainer's
             ``log_every_n_steps``.
         bucket_cap_mb: DDP bucket size in MiB (``None``: DDP's default of 25). The hook is bucket-agnostic.
         start_step: optimizer steps of plain (uncompressed, float32) gradient averaging before compression starts,
@@ -218,7 +211,7 @@ class CompressedDDPStrategy(HookedDDPStrategy):
     ``convergence/compress/nonfinite_skipped_total`` (optimizer steps skipped).
 
     Raises:
-        ValueError: for an unknown ``feedback`` name, ``every_n_steps`` < 1, ``start_step`` < 0, a bad
+        ValueError: for an unknown ``feedback`` name, ``log_every_n_steps`` < 1, ``start_step`` < 0, a bad
             ``on_nonfinite``, a ``ddp_comm_*`` argument, or (at setup) a compressor that cannot run on this world
             size or backend (the message names the field).
         TypeError: if ``compressor`` is not a ``Compressor``, ``feedback`` has the wrong type, or ``start_step`` is
@@ -236,7 +229,7 @@ class CompressedDDPStrategy(HookedDDPStrategy):
         self,
         feedback: str | FeedbackRule = "ef21",
         compressor: Compressor | None = None,
-        every_n_steps: int | None = None,
+        log_every_n_steps: int | None = None,
         start_step: int = 0,
         on_nonfinite: str = "stop",
         **kwargs: Any,
@@ -245,8 +238,8 @@ class CompressedDDPStrategy(HookedDDPStrategy):
         compressor = TopK(k_fraction=0.01) if compressor is None else compressor
         if not isinstance(compressor, Compressor):
             raise TypeError(f"{owner}: `compressor` must be a Compressor, got {type(compressor).__name__}.")
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or int(every_n_steps) < 1):
-            raise ValueError(f"{owner}: `every_n_steps` must be >= 1 or None, got {every_n_steps!r}.")
+        if log_every_n_steps is not None:
+            check_int_at_least(owner, "log_every_n_steps", log_every_n_steps, 1)
         if isinstance(start_step, bool) or not isinstance(start_step, int):
             kind = type(start_step).__name__
             raise TypeError(f"{owner}: `start_step` must be an int >= 0, got {kind} {start_step!r}.")
@@ -256,14 +249,14 @@ class CompressedDDPStrategy(HookedDDPStrategy):
         self.start_step = start_step
         self.rule = make_rule(feedback, owner)
         self.rule.check_compressor(compressor)
-        if compressor.rounds > 1 and type(self.rule).compressor_input is FeedbackRule.compressor_input:
+        if compressor.rounds > 1 and type(self.rule)._inputs is FeedbackRule._inputs:
             raise ValueError(
                 f"{owner}: `compressor` {compressor!r} needs {compressor.rounds} rounds per step, which `feedback` "
-                f"{type(self.rule).__name__} does not support (it defines no `compressor_input`); use one of "
+                f"{type(self.rule).__name__} does not support (it defines no `_inputs`); use one of "
                 "'none', 'ef14', 'ef21', 'ef21_sgdm', 'econtrol', or a single-round compressor."
             )
         self.compressor = compressor
-        self.every_n_steps = every_n_steps
+        self.log_every_n_steps = log_every_n_steps
         super().__init__(**kwargs)  # bucket_cap_mb and Lightning's DDP arguments: HookedDDPStrategy
         self.hook_state: CompressionHookState | None = None
         self._pending_counters: dict[str, int] | None = None
@@ -340,7 +333,7 @@ class CompressedDDPStrategy(HookedDDPStrategy):
             out = result
         else:
             out = super().optimizer_step(optimizer, lambda: result, model, **kwargs)
-        if trainer is not None and should_log(trainer, self.every_n_steps):
+        if trainer is not None and should_log(trainer, self.log_every_n_steps):
             self._log(trainer)
         return out
 

@@ -64,8 +64,8 @@ def _fit(tmp: Path, world_size: int, name: str, callbacks=(), ckpt_path=None, bu
     feedback, make = MAKERS[name]
     model = MLPClassifier(hidden=[16, 16], lr=0.05)
     model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    strategy = CompressedDDPStrategy(feedback=feedback, compressor=make(), bucket_cap_mb=bucket_cap_mb, every_n_steps=1,
-                                     **fork_strategy_kwargs())
+    strategy = CompressedDDPStrategy(feedback=feedback, compressor=make(), bucket_cap_mb=bucket_cap_mb,
+                                     log_every_n_steps=1, **fork_strategy_kwargs())
     trainer = L.Trainer(strategy=strategy, devices=world_size, callbacks=[_EveryStep(), *callbacks,
                         DumpOnRanks(tmp, _dump)], **{**TRAINER, "enable_checkpointing": False, **kwargs})
     trainer.fit(model, _Data(), ckpt_path=ckpt_path)

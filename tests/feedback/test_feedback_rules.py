@@ -251,3 +251,33 @@ def test_compressor_input_is_what_message_compresses(make):
             assert expected is not None and torch.equal(rec.seen[-1], expected)
         elif step == 0:
             assert (expected is None) == getattr(rule, "dense_first_step", False)
+
+
+@pytest.mark.parametrize(
+    ("make", "server"),
+    [(EF14, None), (EF21, "g"), (lambda: EF21SGDM(momentum=0.5), "g"), (lambda: EControl(eta=0.5), "h")],
+)
+def test_a_flagged_message_is_zero_and_end_step_puts_the_worker_state_back(make, server):
+    """The comm hook's path: a device flag zeroes the message; end_step restores a flagged rank's worker buffers."""
+    comp = TopK(k_fraction=0.5)
+    flagged, fine = make(), make()
+    for r in (flagged, fine):  # one ordinary step: every buffer exists and is non-trivial
+        r.update("w", r.message("w", torch.tensor([1.0, -2, 3, 0.5]), comp).decompress())
+    before = {b: d["w"].clone() for b, d in flagged.buffers.items()}
+    payload = flagged.message("w", torch.tensor([float("nan"), 1, 2, 3]), comp, torch.tensor(False))
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in payload.tensors.values())  # k = 2 zero values, index 0
+    fine_payload = fine.message("w", torch.tensor([4.0, 0, 0, 0]), comp, torch.tensor(True))
+    mean = (payload.decompress() + fine_payload.decompress()) / 2  # what both ranks receive
+    for r in (flagged, fine):
+        r.update("w", mean)
+        r.end_step(any_flagged=True)
+    for b, old in before.items():
+        if b == server:  # updated from the average on every rank alike: g <- g + mean, h <- h + mean
+            assert torch.equal(flagged.buffers[b]["w"], old + mean)
+        else:  # the flagged rank's worker state is exactly what it was before the step
+            assert torch.equal(flagged.buffers[b]["w"], old), b
+    if server:
+        assert torch.equal(flagged.buffers[server]["w"], fine.buffers[server]["w"])
+    assert torch.isfinite(flagged.residual_sq_total())  # the flagged step's error state is not reported
+    # the finite rank kept its step: its worker state moved (EF14: e = [4, 0, 0, 0] + e - C(...))
+    assert any(not torch.equal(fine.buffers[b]["w"], flagged.buffers[b]["w"]) for b in before if b != server)

@@ -154,7 +154,7 @@ class _CountWire(Callback):
 @pytest.mark.parametrize(("compressor", "per_step"), [(TopK(0.2), 2 * (4 + 4)), (RandK(0.3, rescale=False), 3 * 4)])
 def test_bytes_on_wire_equal_payload_sizes(tmp_path, compressor, per_step):
     steps = 6
-    got = fit(tmp_path, ours("ef21", compressor, every_n_steps=1), callbacks=[_CountWire()], max_steps=steps)
+    got = fit(tmp_path, ours("ef21", compressor, log_every_n_steps=1), callbacks=[_CountWire()], max_steps=steps)
     # dense first step (10 float32), then k values (+ int32 indices); a float32 non-finite flag in every bucket
     per_rank = 10 * 4 + (steps - 1) * per_step + steps * 4
     for rank in range(2):
@@ -244,7 +244,7 @@ def _nan_run(tmp_path, policy):
     L.seed_everything(0, verbose=False)
     rec = _Params(tmp_path / "after")
     trainer = L.Trainer(
-        strategy=ours("ef21", TopK(0.2), every_n_steps=1, on_nonfinite=policy), max_steps=5,
+        strategy=ours("ef21", TopK(0.2), log_every_n_steps=1, on_nonfinite=policy), max_steps=5,
         callbacks=[rec, DumpOnRanks(tmp_path, _dump)], enable_checkpointing=False, **TRAINER,
     )
     trainer.fit(_NaNOnRank1(dim=10), SyntheticRegressionDataModule(n_samples=128, dim=10, batch_size=16))

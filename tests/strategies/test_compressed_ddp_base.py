@@ -83,7 +83,7 @@ def test_rule_instance_and_compressor_are_used():
         ({"feedback": "ef22"}, ValueError, "feedback"),
         ({"feedback": 1}, TypeError, "feedback"),
         ({"compressor": "topk"}, TypeError, "compressor"),
-        ({"every_n_steps": 0}, ValueError, "every_n_steps"),
+        ({"log_every_n_steps": 0}, ValueError, "log_every_n_steps"),
         ({"start_step": -1}, ValueError, "start_step"),
         ({"start_step": 2.5}, TypeError, "start_step"),
         ({"ddp_comm_hook": lambda s, b: None}, ValueError, "ddp_comm_hook"),
