@@ -127,7 +127,7 @@ class AdaptiveBatchSize(Callback):
         theta: θ > 0 of the inner-product test. Default ``0.1`` (paper default; README examples use 0.5).
         nu: ν > 0 of the orthogonality test. Default ``0.1`` (paper default; README examples use 1.0).
         noise_scale_factor: multiplier of ``B_simple`` for ``test="noise_scale"``, > 0. Default ``1.0``.
-        test_interval: run the test every this many optimizer steps, ≥ 1. Default ``1`` (paper); 4-10 keeps the
+        check_every_n_steps: run the test every this many optimizer steps, ≥ 1. Default ``1`` (paper); 4-10 keeps the
             cost of the copying tests (inner product, augmented) under a few percent of a step on small models.
         min_batch_size: lower bound of the global batch, ≥ 1; applied at the start of training. Default ``None``
             (the initial global batch).
@@ -191,7 +191,7 @@ class AdaptiveBatchSize(Callback):
         theta: float = 0.1,
         nu: float = 0.1,
         noise_scale_factor: float = 1.0,
-        test_interval: int = 1,
+        check_every_n_steps: int = 1,
         min_batch_size: int | None = None,
         max_batch_size: int | None = None,
         max_growth_factor: float | None = 2.0,
@@ -221,7 +221,7 @@ class AdaptiveBatchSize(Callback):
             if not float(value) > 0 or not math.isfinite(float(value)):
                 raise ValueError(f"{name}: `{field}` must be a finite number > 0, got {value!r}.")
         for field, value, low in (
-            ("test_interval", test_interval, 1), ("min_batch_size", min_batch_size, 1),
+            ("check_every_n_steps", check_every_n_steps, 1), ("min_batch_size", min_batch_size, 1),
             ("max_batch_size", max_batch_size, 1), ("max_per_device_batch_size", max_per_device_batch_size, 1),
             ("per_sample_max_examples", per_sample_max_examples, 2), ("log_every_n_steps", log_every_n_steps, 1),
         ):
@@ -241,7 +241,7 @@ class AdaptiveBatchSize(Callback):
                 raise TypeError(f"{name}: `{field}` must be callable, got {type(fn).__name__}.")
         self.test, self.eta, self.theta, self.nu = test, float(eta), float(theta), float(nu)
         self.noise_scale_factor = float(noise_scale_factor)
-        self.test_interval = test_interval
+        self.check_every_n_steps = check_every_n_steps
         self.min_batch_size, self.max_batch_size = min_batch_size, max_batch_size
         self.max_growth_factor = None if max_growth_factor is None else float(max_growth_factor)
         self.allow_shrink = allow_shrink
@@ -418,7 +418,7 @@ class AdaptiveBatchSize(Callback):
         self.controller.consume(n)
         self.samples_seen_total += n * trainer.world_size
         self._step_at_batch_start = trainer.global_step
-        self._samples.begin_batch(batch, n, capturing=trainer.global_step % self.test_interval == 0)
+        self._samples.begin_batch(batch, n, capturing=trainer.global_step % self.check_every_n_steps == 0)
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:

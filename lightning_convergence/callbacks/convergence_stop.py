@@ -72,7 +72,7 @@ class ConvergenceEarlyStopping(Callback):
     Args:
         rules: which rules may stop training, a non-empty subset of ``("noise_dominated", "loss_curve")``. Default
             ``("noise_dominated",)``.
-        every_n_steps: check every this many optimizer steps, ≥ 1. Default ``10``.
+        check_every_n_steps: check every this many optimizer steps, ≥ 1. Default ``10``.
         patience: consecutive firing checks before stopping (each rule counts its own), ≥ 1. Default ``3``.
         min_step: never stop before this optimizer step, ≥ 0. Default ``0``.
         eta: η of the norm test, > 0. Default ``1.0`` (gradient norm below the standard error of the dataset-mean
@@ -108,7 +108,7 @@ class ConvergenceEarlyStopping(Callback):
     ``.../nonfinite_skipped_total`` and ``.../step_overhead_ms`` when ``noise_dominated`` is on.
 
     Raises:
-        ValueError: for empty or unknown ``rules``, ``every_n_steps`` < 1, ``patience`` < 1, ``min_step`` < 0,
+        ValueError: for empty or unknown ``rules``, ``check_every_n_steps`` < 1, ``patience`` < 1, ``min_step`` < 0,
             ``eta`` ≤ 0, ``dataset_size`` < 2, ``window`` < 2, ``confidence_z`` < 0, ``ema_beta`` outside [0, 1),
             ``min_delta`` < 0, ``min_points`` < 4, unknown ``future_lr``, or ``annealing_decay`` outside [0, 1).
         RuntimeError: at fit start, for ``noise_dominated`` with one device and ``accumulate_grad_batches=1``, for
@@ -126,7 +126,7 @@ class ConvergenceEarlyStopping(Callback):
     def __init__(
         self,
         rules: tuple[str, ...] | list[str] = ("noise_dominated",),
-        every_n_steps: int = 10,
+        check_every_n_steps: int = 10,
         patience: int = 3,
         min_step: int = 0,
         eta: float = 1.0,
@@ -145,7 +145,7 @@ class ConvergenceEarlyStopping(Callback):
         rules = tuple([rules] if isinstance(rules, str) else rules)
         if not rules or any(r not in RULES for r in rules):
             raise ValueError(f"{name}: `rules` must be a non-empty subset of {RULES}, got {list(rules)!r}.")
-        check_int_at_least(name, "every_n_steps", every_n_steps, 1)
+        check_int_at_least(name, "check_every_n_steps", check_every_n_steps, 1)
         validate_noise_args(name, eta, patience, min_step, window, confidence_z)
         validate_curve_args(name, min_delta, patience, min_step, min_points)
         if dataset_size is not None and (isinstance(dataset_size, bool) or not isinstance(dataset_size, int)
@@ -157,13 +157,14 @@ class ConvergenceEarlyStopping(Callback):
             raise ValueError(f"{name}: `future_lr` must be one of {FUTURE_LR}, got {future_lr!r}.")
         if not isinstance(annealing_decay, (int, float)) or not 0.0 <= annealing_decay < 1.0:
             raise ValueError(f"{name}: `annealing_decay` must be in [0, 1), got {annealing_decay!r}.")
-        self.rules, self.every_n_steps, self.patience, self.min_step = rules, every_n_steps, patience, min_step
+        self.rules, self.check_every_n_steps = rules, check_every_n_steps
+        self.patience, self.min_step = patience, min_step
         self.eta, self.dataset_size, self.ema_beta = float(eta), dataset_size, float(ema_beta)
         self.window, self.confidence_z = window, float(confidence_z)
         self.min_delta, self.min_points, self.future_lr = float(min_delta), min_points, future_lr
         self.annealing_decay, self.verbose = float(annealing_decay), verbose
         self.on_nonfinite = check_nonfinite_policy(name, on_nonfinite)
-        self.monitor = (GradientStatsMonitor(every_n_steps=every_n_steps, norm_types=(), noise_scale=True,
+        self.monitor = (GradientStatsMonitor(log_every_n_steps=check_every_n_steps, norm_types=(), noise_scale=True,
                                              ema_beta=self.ema_beta, on_nonfinite=on_nonfinite)
                         if "noise_dominated" in rules else None)
         if self.monitor is not None:
@@ -239,7 +240,7 @@ class ConvergenceEarlyStopping(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._per_sample is not None:
             n = stats.batch_length(batch)
-            self._per_sample.begin_batch(batch, n, capturing=trainer.global_step % self.every_n_steps == 0)
+            self._per_sample.begin_batch(batch, n, capturing=trainer.global_step % self.check_every_n_steps == 0)
         elif self.monitor is not None:
             self.monitor.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
@@ -286,7 +287,7 @@ class ConvergenceEarlyStopping(Callback):
                 self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
                 self._loss_count += 1
         step = trainer.global_step
-        if step == 0 or step % self.every_n_steps != 0 or self._check_done_at == step:
+        if step == 0 or step % self.check_every_n_steps != 0 or self._check_done_at == step:
             return
         self._check_done_at = step
         self._check(trainer, step)

@@ -66,7 +66,7 @@ class ScheduleRefinement(Callback):
             refit costs a median filter over up to 10,000 points (a few ms on CPU).
         monotone: in online mode, never raise the rate after the first refit. Default ``True``.
         log_plot: at fit end, log a plot of the refined schedule to loggers with ``log_image`` (W&B). Default ``True``.
-        every_n_steps: logging interval; ``None`` uses the trainer's ``log_every_n_steps``.
+        log_every_n_steps: logging interval; ``None`` uses the trainer's ``log_every_n_steps``.
 
     State: the recorded norms, the resolved norm type, the skip counter, and in online mode the peak LRs, the
     current fitted profile and the last applied multiplier, with a ``version`` key.
@@ -94,7 +94,7 @@ class ScheduleRefinement(Callback):
         refit_every_n_steps: int = 100,
         monotone: bool = True,
         log_plot: bool = True,
-        every_n_steps: int | None = None,
+        log_every_n_steps: int | None = None,
     ) -> None:
         if norm_type not in _NORM_TYPES:
             raise ValueError(f"ScheduleRefinement: `norm_type` must be one of {_NORM_TYPES}, got {norm_type!r}.")
@@ -104,8 +104,8 @@ class ScheduleRefinement(Callback):
             raise ValueError(
                 f"ScheduleRefinement: `refit_every_n_steps` must be an int >= 2, got {refit_every_n_steps!r}."
             )
-        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
-            raise ValueError(f"ScheduleRefinement: `every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
+        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            raise ValueError(f"ScheduleRefinement: `log_every_n_steps` must be an int >= 1, got {log_every_n_steps!r}.")
         self.norm_type = norm_type
         self.norms_path = norms_path
         self.smoothing_tau = float(smoothing_tau)
@@ -113,7 +113,7 @@ class ScheduleRefinement(Callback):
         self.refit_every_n_steps = refit_every_n_steps
         self.monotone = bool(monotone)
         self.log_plot = bool(log_plot)
-        self.every_n_steps = every_n_steps
+        self.log_every_n_steps = log_every_n_steps
         self.norms: list[float] = []
         self.resolved_norm_type: str | None = None if norm_type == "auto" else norm_type
         self.nonfinite_skipped_total = 0
@@ -158,7 +158,7 @@ class ScheduleRefinement(Callback):
             self.nonfinite_skipped_total += 1
         if self.online:
             self._apply_online(trainer, optimizer)
-        if should_log(trainer, self.every_n_steps):
+        if should_log(trainer, self.log_every_n_steps):
             metrics["lr"] = float(optimizer.param_groups[0]["lr"])
             metrics["nonfinite_skipped_total"] = self.nonfinite_skipped_total
             log_metrics(trainer, "schedule", metrics)

@@ -49,12 +49,12 @@ class GradientVarianceSampling(Callback):
 
     How it works: in ``setup`` it replaces the train loader's sampler by a :class:`GroupBudgetSampler` (a
     ``DistributedSampler`` subclass, so Lightning keeps it under DDP; each rank draws a disjoint share of every
-    window). Every ``every_n_steps`` optimizer steps it *probes*: ``probe_per_group`` seeded examples per group,
+    window). Every ``check_every_n_steps`` optimizer steps it *probes*: ``probe_per_group`` seeded examples per group,
     collated by the train loader's own ``collate_fn`` (so any batch shape works), exact per-example gradients of the
     module's own ``training_step`` loss (``stats.module_grads``: ``vmap``, or one backward per example with a
     one-time warning where ``vmap`` cannot trace the model, e.g. RNNs), per-group statistics (``GroupStats``: mean
     norm ``G_i``, second moment, within-group variance ``σ_i²``; EMA), then sets the next windows' allocation. A
-    window is the ``every_n_steps × batch_size × accumulate_grad_batches × world_size`` draws between two
+    window is the ``check_every_n_steps × batch_size × accumulate_grad_batches × world_size`` draws between two
     re-allocations.
 
     Importance weights: before each training batch it sets ``pl_module.sample_weights`` (``[batch]`` float tensor,
@@ -80,7 +80,7 @@ class GradientVarianceSampling(Callback):
     Args:
         policy: ``"gvm"`` (default), ``"min_variance"`` (the per-batch variance optimum: recommended when the goal
             is a lower-variance gradient), ``"neyman"``, ``"uniform"`` or ``"temperature"``.
-        every_n_steps: optimizer steps between re-allocations (and probes, and logs), ≥ 1. Default ``50``. Smaller
+        check_every_n_steps: optimizer steps between re-allocations (and probes, and logs), ≥ 1. Default ``50``. Smaller
             adapts faster but probes more often.
         group_fn: ``group_fn(dataset, index) -> int``; default: the dataset's ``groups``/``targets``/``labels``
             attribute, or a ``TensorDataset``'s last (integer label) tensor. Called once per example at setup.
@@ -121,7 +121,7 @@ class GradientVarianceSampling(Callback):
 
     State: group statistics (EMAs), the sampler's position (epoch, consumed, per-window allocations of the epoch),
     the current allocation and its version, acceptance counts not yet folded in, ESS accumulators, the step of the
-    last re-allocation, and ``version``; ``policy``, ``every_n_steps`` and ``seed`` are checked on load.
+    last re-allocation, and ``version``; ``policy``, ``check_every_n_steps`` and ``seed`` are checked on load.
 
     Logs (at each re-allocation): ``convergence/sampling/grad_variance`` (estimated per-example trace covariance of
     the (weighted) gradient under the current allocation), ``convergence/sampling/grad_variance_uniform`` (the same
@@ -137,7 +137,7 @@ class GradientVarianceSampling(Callback):
 
     Example::
 
-        Trainer(callbacks=[GradientVarianceSampling(policy="gvm", every_n_steps=20)])
+        Trainer(callbacks=[GradientVarianceSampling(policy="gvm", check_every_n_steps=20)])
     """
 
     STATE_VERSION = 1
@@ -145,7 +145,7 @@ class GradientVarianceSampling(Callback):
     def __init__(
         self,
         policy: str = "gvm",
-        every_n_steps: int = 50,
+        check_every_n_steps: int = 50,
         group_fn: Callable[[Dataset, int], int] | None = None,
         num_groups: int | None = None,
         group_names: Sequence[str] | None = None,
@@ -172,7 +172,7 @@ class GradientVarianceSampling(Callback):
         if policy not in POLICIES:
             raise ValueError(f"{name}: `policy` must be one of {POLICIES}, got {policy!r}.")
         ints = (
-            ("every_n_steps", every_n_steps, 1), ("min_per_group", min_per_group, 0),
+            ("check_every_n_steps", check_every_n_steps, 1), ("min_per_group", min_per_group, 0),
             ("cooldown_start_step", cooldown_start_step, 0), ("cooldown_steps", cooldown_steps, 0),
         )
         for field, value, low in ints:
@@ -196,7 +196,7 @@ class GradientVarianceSampling(Callback):
         if cooldown_shape not in ("linear", "cosine"):
             raise ValueError(f"{name}: `cooldown_shape` must be 'linear' or 'cosine', got {cooldown_shape!r}.")
         self.policy = policy
-        self.every_n_steps = every_n_steps
+        self.check_every_n_steps = check_every_n_steps
         self.group_fn = group_fn
         self.num_groups = num_groups
         self.group_names = list(group_names) if group_names is not None else None
@@ -235,10 +235,11 @@ class GradientVarianceSampling(Callback):
 
     @property
     def state_key(self) -> str:
-        # Lightning reads this at every hook call; build the string once per (policy, every_n_steps).
-        key = (self.policy, self.every_n_steps)
+        # Lightning reads this at every hook call; build the string once per (policy, check_every_n_steps).
+        key = (self.policy, self.check_every_n_steps)
         if getattr(self, "_state_key", (None, ""))[0] != key:
-            self._state_key = (key, self._generate_state_key(policy=self.policy, every_n_steps=self.every_n_steps))
+            state_key = self._generate_state_key(policy=self.policy, check_every_n_steps=self.check_every_n_steps)
+            self._state_key = (key, state_key)
         return self._state_key[1]
 
     # -- hooks ----------------------------------------------------------------------------------------------------
@@ -286,7 +287,7 @@ class GradientVarianceSampling(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        if step > 0 and step % self.check_every_n_steps == 0 and step != self._last_step:
             self._reallocate(trainer, pl_module)
 
     # -- generate-and-filter ----------------------------------------------------------------------------------------
@@ -320,7 +321,7 @@ class GradientVarianceSampling(Callback):
         if self.sampler is None or self._dataset is not loader.dataset:
             groups = resolve_groups(loader.dataset, self.group_fn)
             world = trainer.world_size
-            window = self.every_n_steps * loader.batch_size * trainer.accumulate_grad_batches * world
+            window = self.check_every_n_steps * loader.batch_size * trainer.accumulate_grad_batches * world
             self.sampler = GroupBudgetSampler(
                 loader.dataset, groups, num_groups=self.num_groups, window_size=window,
                 num_replicas=world, rank=trainer.global_rank, seed=self.seed,
@@ -454,7 +455,7 @@ class GradientVarianceSampling(Callback):
         state: dict[str, Any] = {
             "version": self.STATE_VERSION,
             "policy": self.policy,
-            "every_n_steps": self.every_n_steps,
+            "check_every_n_steps": self.check_every_n_steps,
             "seed": self.seed,
             "last_step": self._last_step,
             "accept": self._accept.clone(),
@@ -471,7 +472,7 @@ class GradientVarianceSampling(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_state_version(type(self).__name__, state_dict, self.STATE_VERSION)
-        for field in ("policy", "every_n_steps", "seed"):
+        for field in ("policy", "check_every_n_steps", "seed"):
             if state_dict[field] != getattr(self, field):
                 warnings.warn(
                     f"GradientVarianceSampling: `{field}` is {getattr(self, field)!r} but the checkpoint was written "

@@ -47,7 +47,7 @@ def _trainer(max_steps, callbacks, logger=False, **kwargs):
 
 def test_allocation_follows_gvm_formula_and_weights_reach_the_module():
     seed_everything(0)
-    cb = GradientVarianceSampling(policy="gvm", every_n_steps=3, probe_per_group=4, log_per_item=True)
+    cb = GradientVarianceSampling(policy="gvm", check_every_n_steps=3, probe_per_group=4, log_per_item=True)
     model, logger = WeightedMLP(hidden=(16,)), MemoryLogger()
     trainer = _trainer(6, [cb], logger=logger, enable_checkpointing=False)
     trainer.fit(model, DigitsDataModule(batch_size=16))
@@ -79,7 +79,7 @@ def test_allocation_follows_gvm_formula_and_weights_reach_the_module():
 
 def test_rms_norm_statistic_gives_the_iid_optimum():
     seed_everything(0)
-    cb = GradientVarianceSampling(policy="gvm", gvm_statistic="rms_norm", every_n_steps=2, probe_per_group=4)
+    cb = GradientVarianceSampling(policy="gvm", gvm_statistic="rms_norm", check_every_n_steps=2, probe_per_group=4)
     _trainer(2, [cb], enable_checkpointing=False).fit(WeightedMLP(hidden=(8,)), DigitsDataModule(batch_size=16))
     sizes, m = cb.sampler.group_sizes, cb.group_stats.value("grad_sq")
     assert torch.equal(cb.sampler.counts, allocate_budget("gvm", 32, sizes, grad_norms=m.sqrt(), min_per_group=1))
@@ -88,7 +88,7 @@ def test_rms_norm_statistic_gives_the_iid_optimum():
 def test_resume_is_identical(tmp_path):
     def run(max_steps, ckpt_path=None, save=False):
         seed_everything(0)
-        cb = GradientVarianceSampling(policy="gvm", every_n_steps=3, probe_per_group=4, seed=5)
+        cb = GradientVarianceSampling(policy="gvm", check_every_n_steps=3, probe_per_group=4, seed=5)
         model = WeightedMLP(hidden=(16,))
         extra = [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=7, save_top_k=-1)] if save else []
         trainer = _trainer(max_steps, [cb, *extra], enable_checkpointing=save)
@@ -115,7 +115,7 @@ def test_resume_is_identical(tmp_path):
 def test_temperature_cooldown_and_no_reweighting():
     seed_everything(0)
     cb = GradientVarianceSampling(
-        policy="temperature", every_n_steps=2, probe_per_group=0, reweight=False, min_per_group=0,
+        policy="temperature", check_every_n_steps=2, probe_per_group=0, reweight=False, min_per_group=0,
         start_temperature=4.0, end_temperature=1.0, cooldown_start_step=2, cooldown_steps=4,
     )
     model, logger = WeightedMLP(hidden=(8,)), MemoryLogger()
@@ -135,7 +135,7 @@ def test_acceptance_rates_enter_the_gvm_allocation():
             return super().training_step(batch, batch_idx)
 
     seed_everything(0)
-    cb = GradientVarianceSampling(policy="gvm", every_n_steps=2, probe_per_group=4)
+    cb = GradientVarianceSampling(policy="gvm", check_every_n_steps=2, probe_per_group=4)
     _trainer(4, [cb], enable_checkpointing=False).fit(Filtering(hidden=(8,)), DigitsDataModule(batch_size=16))
     p = cb.group_stats.value("accept_rate", default=1.0)
     assert p.tolist() == [0.0] * 5 + [1.0] * 5
@@ -165,7 +165,7 @@ def test_module_without_weights_is_warned():
         uses_sample_weights = False  # a user module that reduces its loss without the weights
 
     seed_everything(0)
-    cb = GradientVarianceSampling(every_n_steps=2, probe_per_group=2)
+    cb = GradientVarianceSampling(check_every_n_steps=2, probe_per_group=2)
     with pytest.warns(UserWarning, match="uses_sample_weights"):
         _trainer(1, [cb], enable_checkpointing=False).fit(Unweighted(hidden=(8,)), DigitsDataModule(batch_size=16))
 
@@ -174,7 +174,7 @@ def test_module_without_weights_is_warned():
     ("kwargs", "field"),
     [
         ({"policy": "gvmm"}, "policy"),
-        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"check_every_n_steps": 0}, "check_every_n_steps"),
         ({"probe_per_group": 1}, "probe_per_group"),
         ({"probe_per_group": 0}, "probe_per_group"),
         ({"min_per_group": 0}, "min_per_group"),
@@ -232,7 +232,7 @@ def test_works_under_adaptive_batch_size():
             return super().training_step(batch, batch_idx)
 
     seed_everything(0)
-    gvs = GradientVarianceSampling(every_n_steps=2, probe_per_group=2)
+    gvs = GradientVarianceSampling(check_every_n_steps=2, probe_per_group=2)
     adaptive = AdaptiveBatchSize(test="norm", eta=0.05, max_batch_size=128)
     model = Recording(hidden=(8,))
     trainer = _trainer(6, [gvs, adaptive], enable_checkpointing=False, accumulate_grad_batches=2)

@@ -67,7 +67,7 @@ CALLBACKS: dict[str, tuple[Callable[[], Callback], Callable[[], tuple[Callback, 
     ),
     "ConvergenceEarlyStopping": (
         ConvergenceEarlyStopping,
-        lambda: (ConvergenceEarlyStopping(every_n_steps=2), {"accumulate_grad_batches": 2}, None),
+        lambda: (ConvergenceEarlyStopping(check_every_n_steps=2), {"accumulate_grad_batches": 2}, None),
     ),
     "GradientEarlyStopping": (
         GradientEarlyStopping,
@@ -75,11 +75,11 @@ CALLBACKS: dict[str, tuple[Callable[[], Callback], Callable[[], tuple[Callback, 
     ),
     "GradientStatsMonitor": (
         GradientStatsMonitor,
-        lambda: (GradientStatsMonitor(every_n_steps=2), {"accumulate_grad_batches": 2}, None),
+        lambda: (GradientStatsMonitor(log_every_n_steps=2), {"accumulate_grad_batches": 2}, None),
     ),
     "GradientVarianceSampling": (
         GradientVarianceSampling,
-        lambda: (GradientVarianceSampling(policy="neyman", every_n_steps=2, probe_per_group=2), {}, None),
+        lambda: (GradientVarianceSampling(policy="neyman", check_every_n_steps=2, probe_per_group=2), {}, None),
     ),
     "ScheduleFreeModeSwitch": (ScheduleFreeModeSwitch, lambda: (ScheduleFreeModeSwitch(), {}, _schedule_free)),
     "ScheduleRefinement": (
@@ -176,6 +176,19 @@ def _strategy_cases() -> list[Any]:
     return cases
 
 
+def _documented_module(name: str, entry: ZooEntry) -> Any:
+    """The zoo module, with the optimizer a strategy documents as required (DeMo and 1-bit Adam own their
+    communication, so ``demo``/``onebit_adam`` refuse plain SGD at setup with a message that says so)."""
+    module = entry.module()
+    if name in ("demo", "onebit_adam"):
+        from lightning_convergence.optim import DeMo, OnebitAdam
+
+        make = {"demo": lambda: DeMo(module.parameters(), lr=1e-3, topk=4, chunk_size=8),
+                "onebit_adam": lambda: OnebitAdam(module.parameters(), lr=1e-3, start_step=2)}[name]
+        module.configure_optimizers = make
+    return module
+
+
 @pytest.mark.parametrize(("name", "world_size", "entry"), _strategy_cases())
 def test_strategy_on_every_shape(tmp_path, name, world_size, entry):
     torch.manual_seed(0)
@@ -186,5 +199,5 @@ def test_strategy_on_every_shape(tmp_path, name, world_size, entry):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = _trainer(tmp_path, [dump], strategy=_strategy(name, world_size), devices=world_size, max_steps=4)
-        trainer.fit(entry.module(), data)
+        trainer.fit(_documented_module(name, entry), data)
     assert load_rank_results(tmp_path / "ranks", world_size) == [4] * world_size
