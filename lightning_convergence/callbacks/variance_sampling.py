@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_convergence._metrics import log_metrics
+from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
 from lightning_convergence._state import check_state_version
 from lightning_convergence.callbacks._common import finite_metrics, probe_loss
 from lightning_convergence.data import rebuild_dataloader, wrap_train_dataloader
@@ -118,6 +119,9 @@ class GradientVarianceSampling(Callback):
         cooldown_shape: ``"linear"`` (default) or ``"cosine"`` (our choices; the paper fixes no shape).
         seed: seed of the sampler and of the probes, same on all ranks. Default ``0``.
         log_per_item: also log each group's budget as ``convergence/sampling/budget/<group>``. Default ``False``.
+        on_nonfinite: ``"stop"`` (default) or ``"skip"``: the shared non-finite policy
+            (``lightning_convergence._nonfinite``) for a probe with non-finite per-example gradients; the probe never
+            enters the group statistics, and with ``"skip"`` the allocation is made from the statistics before it.
 
     State: group statistics (EMAs), the sampler's position (epoch, consumed, per-window allocations of the epoch),
     the current allocation and its version, acceptance counts not yet folded in, ESS accumulators, the step of the
@@ -167,8 +171,11 @@ class GradientVarianceSampling(Callback):
         cooldown_shape: str = "linear",
         seed: int = 0,
         log_per_item: bool = False,
+        on_nonfinite: str = "stop",
     ) -> None:
         name = type(self).__name__
+        self.on_nonfinite = check_nonfinite_policy(name, on_nonfinite)
+        self._nonfinite_warned = False
         if policy not in POLICIES:
             raise ValueError(f"{name}: `policy` must be one of {POLICIES}, got {policy!r}.")
         ints = (
@@ -366,7 +373,12 @@ class GradientVarianceSampling(Callback):
             else:
                 pl_module.sample_weights = weights
         share = sampler.group_sizes.double() / sampler.group_sizes.sum()
-        gs.update_grads(torch.cat(grp), list(grads.values()), group_weights=share)
+        bad = not gs.update_grads(torch.cat(grp), list(grads.values()), group_weights=share)
+        if trainer.world_size > 1:  # every rank probes at the same step, so the collective is matched
+            bad = bool(trainer.strategy.reduce_boolean_decision(bad, all=False))
+        if bad:
+            self._nonfinite_warned = act_on_nonfinite(trainer, type(self).__name__, self.on_nonfinite,
+                                                      "probe gradients", warned=self._nonfinite_warned)
 
     def _example_grads(self, pl_module: LightningModule) -> ExampleGradients:
         if self._grads is None:
