@@ -56,7 +56,8 @@ class ScheduleRefinement(Callback):
     Deviations: norms are taken in ``on_before_optimizer_step`` (after AMP unscaling and the DDP all-reduce, before
     gradient clipping); a step with non-finite gradients is never recorded and follows ``on_nonfinite`` (with
     ``"skip"`` the recorded sequence may be shorter than the step count; the refined schedule is read in relative
-    time, so this only shifts it slightly). The online mode's constant extrapolation is our choice; the paper only defines the two-run method.
+    time, so this only shifts it slightly). The online mode's constant extrapolation is our choice; the paper
+    only defines the two-run method.
 
     Args:
         norm_type: ``"auto"`` (l1 for Adam-type optimizers, i.e. groups with ``betas``; l2 otherwise), ``"l1"`` or

@@ -14,10 +14,7 @@ from lightning_convergence.callbacks import GradientVarianceSampling
 from lightning_convergence.callbacks.variance_sampling import resolve_groups
 from lightning_convergence.examples import DigitsDataModule, MLPClassifier
 from lightning_convergence.sampling import (
-    GroupBudgetSampler,
     allocate_budget,
-    effective_sample_size,
-    importance_weights,
 )
 from tests.helpers.loggers import MemoryLogger
 
