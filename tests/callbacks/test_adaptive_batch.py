@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_convergence.callbacks import AdaptiveBatchSize
-from lightning_convergence.callbacks.adaptive_batch import plan_batch
+from lightning_convergence.data.batch_plan import plan_batch
 from tests.callbacks.adaptive_batch_helpers import LeastSquares, RecordLR, make_trainer
 from tests.helpers.loggers import MemoryLogger
 
