@@ -17,7 +17,7 @@ from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._nonfinite import check_nonfinite_policy
 from lightning_convergence._state import check_state_version
-from lightning_convergence.callbacks._common import finite_metrics, handle_nonfinite, hook_loss_factor
+from lightning_convergence.callbacks._common import finite_metrics, handle_nonfinite, hook_loss_factor, sum_all_reduce
 
 __all__ = ["GradientStatsMonitor"]
 
@@ -181,7 +181,7 @@ class GradientStatsMonitor(Callback):
 
     # -- internals --------------------------------------------------------------------------------------------
     def _noise_metrics(self, trainer: Trainer, grad_sq_norm: Tensor) -> dict[str, float]:
-        all_reduce = (lambda t: torch.distributed.all_reduce(t)) if trainer.world_size > 1 else None
+        all_reduce = sum_all_reduce(trainer)
         measured = self._capture.noise(hook_loss_factor(trainer), all_reduce, big_sq_norm=grad_sq_norm)
         if measured is None:  # one micro-batch on one device: a single batch size, nothing to compare
             return {}
