@@ -67,7 +67,7 @@ class ConvergenceEarlyStopping(Callback):
 
     Args:
         rules: which rules may stop training, a non-empty subset of ``("noise_dominated", "loss_curve")``. Default
-            ``("noise_dominated",)``.
+            both (the first to fire stops).
         check_every_n_steps: check every this many optimizer steps, ≥ 1. Default ``10``.
         patience: consecutive firing checks before stopping (each rule counts its own), ≥ 1. Default ``3``.
         min_step: never stop before this optimizer step, ≥ 0. Default ``0``.
@@ -113,7 +113,7 @@ class ConvergenceEarlyStopping(Callback):
 
     def __init__(
         self,
-        rules: tuple[str, ...] | list[str] = ("noise_dominated",),
+        rules: tuple[str, ...] | list[str] = ("noise_dominated", "loss_curve"),
         check_every_n_steps: int = 10,
         patience: int = 3,
         min_step: int = 0,

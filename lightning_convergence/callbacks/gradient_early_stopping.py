@@ -59,16 +59,17 @@ class GradientEarlyStopping(Callback):
     across ranks before deciding, so every rank freezes the same matrices at the same step.
 
     Args:
-        tau: τ, the freezing threshold on the signal, > 0. Default ``1e-4`` (code). Pick it from a logged signal
-            trace (``log_per_item=True``): a value the slowest-converging matrices reach late in training.
+        tau: τ, the freezing threshold on the signal, > 0. Default ``1e-3`` (per entry, with ``reduction="mean"``:
+            triggers on the converged models of the test zoo; the code's ``1e-4`` is a summed LLM fine-tuning
+            value). Pick it from ``convergence/stop/signal_median`` of a reference run (see the card).
         grace_fraction: α, the share of the total steps before anything freezes, in [0, 1). Default ``0.3`` (code).
         max_frozen_ratio: stop once this share of the tracked matrices is frozen, in (0, 1]. Default ``1.0``.
         signal: ``"weight_change"`` (L1 norm of the weight change between checks, the official code) or
             ``"grad"`` (L1 norm of the gradient, the paper's abstract). Default ``"weight_change"``. The weight
             change keeps a copy of every tracked, unfrozen matrix (memory and checkpoint size grow by that much);
             with Adam-type optimizers it does not shrink with the gradient, so prefer ``"grad"`` there.
-        reduction: ``"sum"`` (paper) or ``"mean"`` (divide by the matrix size: one τ for all shapes). Default
-            ``"sum"``.
+        reduction: ``"sum"`` (paper/code) or ``"mean"`` (divide by the matrix size: one τ for all shapes).
+            Default ``"mean"``.
         patience: consecutive checks below τ needed to freeze a matrix, ≥ 1. Default ``1`` (code).
         check_every_n_steps: check every this many optimizer steps, ≥ 1. Default ``1`` (code's ``compute_interval``).
         include: regular expressions (``re.search``) selecting the tracked parameters by name, e.g.
@@ -112,11 +113,11 @@ class GradientEarlyStopping(Callback):
 
     def __init__(
         self,
-        tau: float = 1e-4,
+        tau: float = 1e-3,
         grace_fraction: float = 0.3,
         max_frozen_ratio: float = 1.0,
         signal: str = "weight_change",
-        reduction: str = "sum",
+        reduction: str = "mean",
         patience: int = 1,
         check_every_n_steps: int = 1,
         include: Sequence[str] | None = None,
