@@ -218,7 +218,7 @@ def _fit_two_ranks(tmp_path: Any, entry: ZooEntry, callbacks: list[Callback]) ->
             module = _schedule_free(module)
         trainer.fit(module, entry.datamodule())
     r0, r1 = load_rank_results(tmp_path / "ranks", 2)
-    assert r0["step"] == r1["step"] == 4
+    assert r0["step"] == r1["step"] > 0  # both ranks end together (a stopping callback may end the run early)
     assert r0["logged"] and all(math.isfinite(v) for v in r0["logged"])
     for a, b in zip(r0["params"], r1["params"]):  # every callback acted alike on both ranks
         assert torch.equal(a, b)
