@@ -111,7 +111,9 @@ def _task(name: str, quick: bool) -> dict[str, Any]:
     }
 
 
-def _run(task: dict[str, Any], label: str, test: str | None, large: int, test_interval: int = 4) -> dict[str, Any]:
+def _run(
+    task: dict[str, Any], label: str, test: str | None, large: int, check_every_n_steps: int = 4
+) -> dict[str, Any]:
     seed_everything(0, workers=True)
     small = task["small"]
     if test is None:
@@ -123,7 +125,7 @@ def _run(task: dict[str, Any], label: str, test: str | None, large: int, test_in
         dm, accumulate = task["data"](small // 2), 2
         callbacks = [AdaptiveBatchSize(
             test=test, eta=0.5, theta=task["theta"], nu=task["nu"], max_batch_size=large, max_growth_factor=2.0,
-            max_per_device_batch_size=large, lr_scaling="sqrt", smoothing=0.9, test_interval=test_interval,
+            max_per_device_batch_size=large, lr_scaling="sqrt", smoothing=0.9, check_every_n_steps=check_every_n_steps,
         )]
     model = task["model"](lr)
     dm.setup("fit")
@@ -151,12 +153,12 @@ def _run(task: dict[str, Any], label: str, test: str | None, large: int, test_in
     return out
 
 
-def bench(name: str, quick: bool, test_interval: int) -> tuple[str, list[dict[str, Any]]]:
+def bench(name: str, quick: bool, check_every_n_steps: int) -> tuple[str, list[dict[str, Any]]]:
     task = _task(name, quick)
     large = task["small"] * 8
     runs = [_run(task, "fixed_small", None, large), _run(task, "fixed_large", None, large)]
     for test in ("norm", "inner_product", "augmented", "noise_scale"):
-        runs.append(_run(task, test, test, large, test_interval))
+        runs.append(_run(task, test, test, large, check_every_n_steps))
     small_r, large_r = runs[0], runs[1]
     fixed_hits = [r for r in runs[:2] if r["hit"]]
     best_wall = min((r["hit"]["wall_s"] for r in fixed_hits), default=math.nan)
@@ -178,7 +180,7 @@ def bench(name: str, quick: bool, test_interval: int) -> tuple[str, list[dict[st
         "run", "steps", "samples", "wall_s", "steps/small", "samples/large", "wall/best_fixed", "final_batch",
         "stats_ms/step", "overhead_%",
     ]
-    title = f"\n{name}: target val loss {task['target']} (quick={quick}, test_interval={test_interval})"
+    title = f"\n{name}: target val loss {task['target']} (quick={quick}, check_every_n_steps={check_every_n_steps})"
     text = print_table(title, header, rows)
     labels = [r["label"] for r in runs]
     save_bar_plot(
@@ -193,11 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller LM corpus and looser targets (~3 minutes)")
     parser.add_argument("--tasks", nargs="+", default=["classifier", "lm"], choices=["classifier", "lm"])
-    parser.add_argument("--test-interval", type=int, default=4, help="optimizer steps between tests (paper: 1)")
+    parser.add_argument("--check-every-n-steps", type=int, default=4, help="optimizer steps between tests (paper: 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for name in args.tasks:
-        bench(name, args.quick, args.test_interval)
+        bench(name, args.quick, args.check_every_n_steps)
     print(f"\nplots: {OUT}/adaptive_batch_<task>.png  (2-core CPU, shared: wall times are noisy)")
 
 

@@ -78,9 +78,9 @@ def _methods(task: dict[str, Any]) -> dict[str, Any]:
             EarlyStopping(monitor="val_loss", mode="min", patience=5, min_delta=0.0)],
         "none (full budget)": lambda: [],
         "GradES (grad L1, mean)": lambda: [GradientEarlyStopping(
-            signal="grad", reduction="mean", max_frozen_ratio=1.0, every_n_steps=1, **task["grades"])],
+            signal="grad", reduction="mean", max_frozen_ratio=1.0, check_every_n_steps=1, **task["grades"])],
         "ConvergenceEarlyStopping (loss_curve)": lambda: [ConvergenceEarlyStopping(
-            rules=["loss_curve"], every_n_steps=10, patience=3, min_delta=0.01, min_points=8)],
+            rules=["loss_curve"], check_every_n_steps=10, patience=3, min_delta=0.01, min_points=8)],
     }
 
 

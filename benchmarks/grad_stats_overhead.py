@@ -53,9 +53,9 @@ def main() -> None:
     repeat = 1 if args.quick else 3
     configs = {
         "baseline (no monitor)": None,
-        "monitor every 10 steps": GradientStatsMonitor(every_n_steps=10),
-        "monitor every step": GradientStatsMonitor(every_n_steps=1),
-        "monitor every step + per-param": GradientStatsMonitor(every_n_steps=1, log_per_item=True),
+        "monitor every 10 steps": GradientStatsMonitor(log_every_n_steps=10),
+        "monitor every step": GradientStatsMonitor(log_every_n_steps=1),
+        "monitor every step + per-param": GradientStatsMonitor(log_every_n_steps=1, log_per_item=True),
     }
     run(None, 10)  # warm-up: first-run costs (allocator, thread pools) must not land on the baseline
     # Interleave the configurations (ABCD ABCD ...) so drifting load on a shared machine hits all alike.

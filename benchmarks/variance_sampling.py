@@ -177,16 +177,16 @@ def make_callback(name: str, every: int) -> GradientVarianceSampling | None:
         return None
     if name == "temperature":
         return GradientVarianceSampling(
-            policy="temperature", every_n_steps=every, probe_per_group=0, reweight=False, min_per_group=1,
+            policy="temperature", check_every_n_steps=every, probe_per_group=0, reweight=False, min_per_group=1,
             start_temperature=5.0, end_temperature=1.0, cooldown_start_step=0, cooldown_steps=600,
         )
     if name == "gvm_rms":
         return GradientVarianceSampling(
-            policy="gvm", gvm_statistic="rms_norm", every_n_steps=every, probe_per_group=8, ema_beta=0.7,
+            policy="gvm", gvm_statistic="rms_norm", check_every_n_steps=every, probe_per_group=8, ema_beta=0.7,
             probe_params=PROBE_PARAMS,
         )
     return GradientVarianceSampling(
-        policy=name, every_n_steps=every, probe_per_group=8, ema_beta=0.7, probe_params=PROBE_PARAMS
+        policy=name, check_every_n_steps=every, probe_per_group=8, ema_beta=0.7, probe_params=PROBE_PARAMS
     )
 
 

@@ -13,6 +13,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # of later tests (tests/helpers/dist.run_processes) could deadlock in their first parallel op. Forked ranks and
 # subprocess-launched ranks set their own thread counts.
 torch.set_num_threads(1)
+# Lightning's DDP-type strategies raise the thread count to cores / processes unless OMP_NUM_THREADS is set
+# (`_set_num_threads_if_needed`): a one-process run would start the pool again and a later fork would deadlock.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -11,9 +11,10 @@ from torch import Tensor
 
 from lightning_convergence._metrics import metric_key
 from lightning_convergence._nonfinite import act_on_nonfinite
+from lightning_convergence.comm import TorchDistCommunicator
 from lightning_convergence.stats.module_grads import BatchLossFn, batch_length
 
-__all__ = ["finite_metrics", "grad_scale", "handle_nonfinite", "hook_loss_factor", "probe_loss"]
+__all__ = ["finite_metrics", "grad_scale", "handle_nonfinite", "hook_loss_factor", "probe_loss", "sum_all_reduce"]
 
 
 def grad_scale(trainer: Any) -> float:
@@ -88,3 +89,11 @@ def handle_nonfinite(trainer: Any, pl_module: Any, owner: str, policy: str, foun
     for p in pl_module.parameters():
         p.grad = None
     return True, act_on_nonfinite(trainer, owner, policy, what, warned=warned)
+
+
+def sum_all_reduce(trainer: Any) -> Callable[[Tensor], Tensor] | None:
+    """The in-place SUM all-reduce the statistics cores take, through :mod:`lightning_convergence.comm` (a
+    :class:`~lightning_convergence.comm.TorchDistCommunicator` on the default group), or ``None`` on one process."""
+    if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    return TorchDistCommunicator().all_reduce_sum

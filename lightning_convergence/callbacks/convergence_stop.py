@@ -3,9 +3,7 @@ predicts too little further improvement."""
 
 from __future__ import annotations
 
-import copy
 import math
-import warnings
 from enum import Enum
 from typing import Any
 
@@ -24,6 +22,7 @@ from lightning_convergence._validate import check_int_at_least
 from lightning_convergence.callbacks._common import handle_nonfinite, hook_loss_factor
 from lightning_convergence.callbacks.grad_stats_monitor import GradientStatsMonitor
 from lightning_convergence.stopping.loss_curve import LossCurveRule, validate_curve_args
+from lightning_convergence.stopping.lr_forecast import forecast_lrs
 from lightning_convergence.stopping.statistical import NoiseDominatedRule, validate_noise_args
 
 __all__ = ["ConvergenceEarlyStopping", "ConvergenceStopReason", "RULES", "FUTURE_LR"]
@@ -45,17 +44,15 @@ class ConvergenceEarlyStopping(Callback):
 
     Two rules, either or both (the first to fire stops training):
 
-    * ``"noise_dominated"``: the AdAdaGrad norm test would demand a batch larger than the whole dataset,
-      ``tr(Σ)/(η²‖g‖²) > N`` (with ``‖g‖²`` replaced by an upper confidence bound over a window of measurements),
-      for ``patience`` consecutive checks: the gradient signal is below the noise of the dataset itself. ``tr(Σ)``
-      and ``‖g‖²`` come from McCandlish et al.'s unbiased two-batch-size estimator over micro-batch and per-rank
-      gradients (captured by an internal :class:`GradientStatsMonitor`, no extra backward pass, which logs nothing
-      itself: ``convergence/grad_stats/*`` belongs to a user's own monitor). With one device and no accumulation (a
-      bare ``Trainer()``) it uses per-example gradients of the module's ``training_step`` on up to 64 examples of
-      the check step's batch instead (``stats.module_grads``), and says so once.
+    * ``"noise_dominated"``: the AdAdaGrad norm test demands a batch larger than the dataset, ``tr(Σ)/(η²‖g‖²) > N``
+      (``‖g‖²`` by an upper confidence bound over a window), for ``patience`` checks
+      (:class:`~lightning_convergence.stopping.NoiseDominatedRule`). Statistics from micro-batch and per-rank
+      gradients (an internal :class:`GradientStatsMonitor` that logs nothing), or on one device without accumulation
+      per-example gradients of up to 64 examples of the check step's batch (said once).
     * ``"loss_curve"``: the LR-annealing scaling law ``L = L0 + A·S1^(−α) − C·S2``, fitted online to the training
-      loss, predicts less than ``min_delta`` improvement between now and the end of the step budget under the
-      current LR schedule, for ``patience`` consecutive checks.
+      loss, predicts less than ``min_delta`` improvement by the end of the budget under the current LR schedule
+      (:class:`~lightning_convergence.stopping.LossCurveRule`; future rates from
+      :func:`~lightning_convergence.stopping.forecast_lrs`), for ``patience`` checks.
 
     Papers: Lau, Liu, Kolar. *AdAdaGrad: Adaptive Batch Size Schemes for Adaptive Gradient Methods.*
     arXiv:2402.11215, 2024 (norm test). McCandlish, Kaplan, Amodei. *An Empirical Model of Large-Batch Training.*
@@ -65,28 +62,24 @@ class ConvergenceEarlyStopping(Callback):
     Deviations: the norm test is used as a stopping rule, not to grow the batch; its statistics are micro-batch /
     per-rank estimates, not exact per-example gradients. The scaling law is fitted online by least squares on the
     training loss averaged over each check interval (paired with the LR areas at the interval's end), not offline
-    with a Huber loss. Future learning rates come from stepping a copy of the first LR scheduler whose optimizer is
-    replaced by a parameter-free stand-in (``future_lr="scheduler"``; ``ReduceLROnPlateau`` counts as constant), or
-    are assumed constant at the current value (``future_lr="constant"``); the first param group's LR is used.
+    with a Huber loss. Future rates: a copy of the first LR scheduler (``ReduceLROnPlateau`` counts as constant) or
+    the current rate (``future_lr="constant"``), of the first param group.
 
     Args:
         rules: which rules may stop training, a non-empty subset of ``("noise_dominated", "loss_curve")``. Default
-            ``("noise_dominated",)``.
-        every_n_steps: check every this many optimizer steps, ≥ 1. Default ``10``.
+            both (the first to fire stops).
+        check_every_n_steps: check every this many optimizer steps, ≥ 1. Default ``10``.
         patience: consecutive firing checks before stopping (each rule counts its own), ≥ 1. Default ``3``.
         min_step: never stop before this optimizer step, ≥ 0. Default ``0``.
         eta: η of the norm test, > 0. Default ``1.0`` (gradient norm below the standard error of the dataset-mean
             gradient). Smaller values stop earlier: the rule fires once the noise scale exceeds η²·N.
         dataset_size: N, training examples per epoch over all ranks, ≥ 2. Default ``None``: the length of the
             training dataloader's dataset.
-        window: noise measurements averaged by the norm test, ≥ 2. Default ``10``. A single ``‖g‖²`` estimate
-            near convergence is much noisier than the threshold ``tr(Σ)/N``; averaging ``window`` of them (and
-            requiring the upper bound below) keeps the rule from firing on noise. Raise it with small micro-batches.
+        window: noise measurements averaged by the norm test, ≥ 2. Default ``10`` (raise it with small
+            micro-batches: one ``‖g‖²`` estimate near convergence is much noisier than ``tr(Σ)/N``).
         confidence_z: z of the upper bound ``mean + z·stderr`` of ``‖g‖²`` over the window, ≥ 0. Default ``2.0``.
         ema_beta: EMA factor of the ``tr(Σ)`` and ``‖g‖²`` estimates fed to the window, in [0, 1). Default ``0.0``
-            (raw unbiased estimates; the window does the smoothing). Separate EMAs of numerator and denominator
-            lag badly while the gradient shrinks by orders of magnitude: measured on least squares, β = 0.9 stopped
-            at step 200 where β = 0 stopped at step 58, right after convergence.
+            (raw unbiased estimates; the window smooths; EMAs lag while the gradient shrinks, see the card).
         min_delta: the loss-curve rule stops when the predicted remaining improvement is below this, in loss
             units, ≥ 0. Default ``0.01``. Set it to the smallest gain worth the rest of the budget.
         min_points: checks recorded before the first loss-curve fit, ≥ 4. Default ``8``.
@@ -103,17 +96,12 @@ class ConvergenceEarlyStopping(Callback):
     Logs (at checks): ``convergence/stop/required_batch`` (norm test on the window means, ``tr Σ/(η²‖g‖²)``),
     ``convergence/stop/grad_sq_upper`` (upper bound of ``‖g‖²`` over the window),
     ``convergence/stop/noise_streak``, ``convergence/stop/predicted_improvement``,
-    ``convergence/stop/predicted_final_loss``, ``convergence/stop/curve_streak``, ``convergence/stop/stopped``;
-    the internal monitor also logs ``convergence/grad_stats/noise_scale``, ``.../trace_cov``, ``.../grad_sq_norm``,
-    ``.../nonfinite_skipped_total`` and ``.../step_overhead_ms`` when ``noise_dominated`` is on.
+    ``convergence/stop/predicted_final_loss``, ``convergence/stop/curve_streak``, ``convergence/stop/stopped``.
 
     Raises:
-        ValueError: for empty or unknown ``rules``, ``every_n_steps`` < 1, ``patience`` < 1, ``min_step`` < 0,
-            ``eta`` ≤ 0, ``dataset_size`` < 2, ``window`` < 2, ``confidence_z`` < 0, ``ema_beta`` outside [0, 1),
-            ``min_delta`` < 0, ``min_points`` < 4, unknown ``future_lr``, or ``annealing_decay`` outside [0, 1).
-        RuntimeError: at fit start, for ``noise_dominated`` with one device and ``accumulate_grad_batches=1``, for
-            ``loss_curve`` with an unknown step budget (``max_steps=-1`` and ``max_epochs=-1``) or manual
-            optimization, or when the dataset size cannot be read (pass ``dataset_size``).
+        ValueError: for a value out of its range or an unknown choice (the message names the field).
+        RuntimeError: at fit start, for manual optimization, ``loss_curve`` with an unknown step budget
+            (``max_steps=-1`` and ``max_epochs=-1``), or an unreadable dataset size (pass ``dataset_size``).
 
     Example::
 
@@ -125,8 +113,8 @@ class ConvergenceEarlyStopping(Callback):
 
     def __init__(
         self,
-        rules: tuple[str, ...] | list[str] = ("noise_dominated",),
-        every_n_steps: int = 10,
+        rules: tuple[str, ...] | list[str] = ("noise_dominated", "loss_curve"),
+        check_every_n_steps: int = 10,
         patience: int = 3,
         min_step: int = 0,
         eta: float = 1.0,
@@ -145,7 +133,7 @@ class ConvergenceEarlyStopping(Callback):
         rules = tuple([rules] if isinstance(rules, str) else rules)
         if not rules or any(r not in RULES for r in rules):
             raise ValueError(f"{name}: `rules` must be a non-empty subset of {RULES}, got {list(rules)!r}.")
-        check_int_at_least(name, "every_n_steps", every_n_steps, 1)
+        check_int_at_least(name, "check_every_n_steps", check_every_n_steps, 1)
         validate_noise_args(name, eta, patience, min_step, window, confidence_z)
         validate_curve_args(name, min_delta, patience, min_step, min_points)
         if dataset_size is not None and (isinstance(dataset_size, bool) or not isinstance(dataset_size, int)
@@ -157,13 +145,14 @@ class ConvergenceEarlyStopping(Callback):
             raise ValueError(f"{name}: `future_lr` must be one of {FUTURE_LR}, got {future_lr!r}.")
         if not isinstance(annealing_decay, (int, float)) or not 0.0 <= annealing_decay < 1.0:
             raise ValueError(f"{name}: `annealing_decay` must be in [0, 1), got {annealing_decay!r}.")
-        self.rules, self.every_n_steps, self.patience, self.min_step = rules, every_n_steps, patience, min_step
+        self.rules, self.check_every_n_steps = rules, check_every_n_steps
+        self.patience, self.min_step = patience, min_step
         self.eta, self.dataset_size, self.ema_beta = float(eta), dataset_size, float(ema_beta)
         self.window, self.confidence_z = window, float(confidence_z)
         self.min_delta, self.min_points, self.future_lr = float(min_delta), min_points, future_lr
         self.annealing_decay, self.verbose = float(annealing_decay), verbose
         self.on_nonfinite = check_nonfinite_policy(name, on_nonfinite)
-        self.monitor = (GradientStatsMonitor(every_n_steps=every_n_steps, norm_types=(), noise_scale=True,
+        self.monitor = (GradientStatsMonitor(log_every_n_steps=check_every_n_steps, norm_types=(), noise_scale=True,
                                              ema_beta=self.ema_beta, on_nonfinite=on_nonfinite)
                         if "noise_dominated" in rules else None)
         if self.monitor is not None:
@@ -239,7 +228,7 @@ class ConvergenceEarlyStopping(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._per_sample is not None:
             n = stats.batch_length(batch)
-            self._per_sample.begin_batch(batch, n, capturing=trainer.global_step % self.every_n_steps == 0)
+            self._per_sample.begin_batch(batch, n, capturing=trainer.global_step % self.check_every_n_steps == 0)
         elif self.monitor is not None:
             self.monitor.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
@@ -286,7 +275,7 @@ class ConvergenceEarlyStopping(Callback):
                 self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
                 self._loss_count += 1
         step = trainer.global_step
-        if step == 0 or step % self.every_n_steps != 0 or self._check_done_at == step:
+        if step == 0 or step % self.check_every_n_steps != 0 or self._check_done_at == step:
             return
         self._check_done_at = step
         self._check(trainer, step)
@@ -410,44 +399,12 @@ class ConvergenceEarlyStopping(Callback):
         self._check_done_at = int(state_dict["last_check_step"])
 
 
-class _ShadowOptimizer:
-    """A parameter-free stand-in for an optimizer: LR schedulers only read and write ``param_groups``."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.param_groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} | {"params": []}
-                             for g in optimizer.param_groups]
-        self.defaults = dict(optimizer.defaults)
-
-    def step(self) -> None:  # pragma: no cover - never called; present for schedulers that inspect it
-        pass
-
-
 def _simulate_scheduler(trainer: Trainer, config: Any, optimizer: torch.optim.Optimizer, step: int,
                         remaining: int) -> list[float]:
-    """The first param group's LR for each of the next ``remaining`` optimizer steps, by stepping a copy of the
-    scheduler bound to a :class:`_ShadowOptimizer` (the real optimizer and its state are never copied)."""
-    shadow = _ShadowOptimizer(optimizer)
-    sched = config.scheduler
-    try:
-        twin = copy.deepcopy(sched, memo={id(optimizer): shadow})
-    except Exception as err:
-        rank_zero_warn(f"ConvergenceEarlyStopping: cannot copy the LR scheduler ({err}); `future_lr`='constant'.")
+    """:func:`~lightning_convergence.stopping.forecast_lrs` on the trainer's scheduler config (constant on failure)."""
+    per_epoch = int(trainer.num_training_batches) // max(trainer.accumulate_grad_batches, 1)
+    lrs = forecast_lrs(config.scheduler, optimizer, step, remaining, config.interval, config.frequency, per_epoch)
+    if lrs is None:
+        rank_zero_warn("ConvergenceEarlyStopping: cannot copy the LR scheduler; `future_lr`='constant'.")
         return [float(optimizer.param_groups[0]["lr"])] * remaining
-    if hasattr(twin, "_advanced_by_optimizer"):
-        # A budget schedule advanced itself on the optimizer step just taken; the shadow holds that step's
-        # successor rate already, so every twin.step() below must advance (not re-apply, as after a real step).
-        twin._advanced_by_optimizer = False
-    freq = max(int(config.frequency), 1)
-    per_epoch = max(int(trainer.num_training_batches) // max(trainer.accumulate_grad_batches, 1), 1)
-    out: list[float] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for k in range(remaining):
-            out.append(float(shadow.param_groups[0]["lr"]))
-            done = step + k + 1  # optimizer steps completed after this one
-            if config.interval == "step":
-                if done % freq == 0:
-                    twin.step()
-            elif done % per_epoch == 0 and (done // per_epoch) % freq == 0:
-                twin.step()
-    return out
+    return lrs

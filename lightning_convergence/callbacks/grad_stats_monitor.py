@@ -17,7 +17,7 @@ from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._nonfinite import check_nonfinite_policy
 from lightning_convergence._state import check_state_version
-from lightning_convergence.callbacks._common import finite_metrics, handle_nonfinite, hook_loss_factor
+from lightning_convergence.callbacks._common import finite_metrics, handle_nonfinite, hook_loss_factor, sum_all_reduce
 
 __all__ = ["GradientStatsMonitor"]
 
@@ -25,7 +25,7 @@ _NORM_TYPES = ("l1", "l2")
 
 
 class GradientStatsMonitor(Callback):
-    """Log gradient norms and McCandlish et al.'s gradient noise scale every ``every_n_steps`` optimizer steps.
+    """Log gradient norms and McCandlish et al.'s gradient noise scale every ``log_every_n_steps`` optimizer steps.
 
     Paper: McCandlish, Kaplan, Amodei. *An Empirical Model of Large-Batch Training.* arXiv:1812.06162, 2018
     (App. A: the unbiased two-batch-size estimator of ``B_simple = tr(Σ)/|G|²``).
@@ -45,7 +45,7 @@ class GradientStatsMonitor(Callback):
     small bias on that one step. Norms are taken after AMP unscaling and before gradient clipping.
 
     Args:
-        every_n_steps: measure and log every this many optimizer steps, ≥ 1. Default ``None``: the trainer's
+        log_every_n_steps: measure and log every this many optimizer steps, ≥ 1. Default ``None``: the trainer's
             ``log_every_n_steps``. Steps in between cost nothing (hooks return at once).
         norm_types: which global gradient norms to log, a subset of ``("l1", "l2")``. Default both.
         noise_scale: estimate the gradient noise scale. Default ``True``.
@@ -66,33 +66,35 @@ class GradientStatsMonitor(Callback):
     ``convergence/grad_stats/grad_l2_norm/<param>``.
 
     Raises:
-        ValueError: for ``every_n_steps`` < 1, an unknown norm type, ``ema_beta`` outside [0, 1), or an unknown
+        ValueError: for ``log_every_n_steps`` < 1, an unknown norm type, ``ema_beta`` outside [0, 1), or an unknown
             ``on_nonfinite``.
 
     Example::
 
-        Trainer(callbacks=[GradientStatsMonitor(every_n_steps=10)], accumulate_grad_batches=4)
+        Trainer(callbacks=[GradientStatsMonitor(log_every_n_steps=10)], accumulate_grad_batches=4)
     """
 
     STATE_VERSION = 1
 
     def __init__(
         self,
-        every_n_steps: int | None = None,
+        log_every_n_steps: int | None = None,
         norm_types: tuple[str, ...] | list[str] = ("l1", "l2"),
         noise_scale: bool = True,
         ema_beta: float = 0.9,
         log_per_item: bool = False,
         on_nonfinite: str = "stop",
     ) -> None:
-        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
-            raise ValueError(f"GradientStatsMonitor: `every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
+        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            raise ValueError(
+                f"GradientStatsMonitor: `log_every_n_steps` must be an int >= 1, got {log_every_n_steps!r}."
+            )
         bad = [t for t in norm_types if t not in _NORM_TYPES]
         if bad:
             raise ValueError(f"GradientStatsMonitor: `norm_types` entries must be in {_NORM_TYPES}, got {bad}.")
         if not 0.0 <= float(ema_beta) < 1.0:
             raise ValueError(f"GradientStatsMonitor: `ema_beta` must be in [0, 1), got {ema_beta}.")
-        self.every_n_steps = every_n_steps
+        self.log_every_n_steps = log_every_n_steps
         self.norm_types = tuple(norm_types)
         self.noise_scale = noise_scale
         self.ema_beta = float(ema_beta)
@@ -112,7 +114,7 @@ class GradientStatsMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, noise_scale=self.noise_scale)
+        return self._generate_state_key(log_every_n_steps=self.log_every_n_steps, noise_scale=self.noise_scale)
 
     # -- hooks ------------------------------------------------------------------------------------------------
     @override
@@ -133,14 +135,14 @@ class GradientStatsMonitor(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        capturing = self.noise_scale and should_log(trainer, self.every_n_steps)
+        capturing = self.noise_scale and should_log(trainer, self.log_every_n_steps)
         self._capture.begin_batch(batch, int(extract_batch_size(batch)) if capturing else 0, capturing)
 
     @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not should_log(trainer, self.every_n_steps):
+        if not should_log(trainer, self.log_every_n_steps):
             return
         t0 = time.perf_counter()
         grads = stats.grads_of(pl_module.parameters())
@@ -179,7 +181,7 @@ class GradientStatsMonitor(Callback):
 
     # -- internals --------------------------------------------------------------------------------------------
     def _noise_metrics(self, trainer: Trainer, grad_sq_norm: Tensor) -> dict[str, float]:
-        all_reduce = (lambda t: torch.distributed.all_reduce(t)) if trainer.world_size > 1 else None
+        all_reduce = sum_all_reduce(trainer)
         measured = self._capture.noise(hook_loss_factor(trainer), all_reduce, big_sq_norm=grad_sq_norm)
         if measured is None:  # one micro-batch on one device: a single batch size, nothing to compare
             return {}

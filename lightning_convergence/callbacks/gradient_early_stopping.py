@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics, should_log
-from lightning_convergence._nonfinite import check_nonfinite_policy
+from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
 from lightning_convergence._state import check_state_version
 from lightning_convergence._validate import check_int_at_least
 from lightning_convergence.callbacks._common import handle_nonfinite
@@ -25,6 +25,7 @@ from lightning_convergence.stopping.grades import GradES, validate_grades_args
 __all__ = ["GradientEarlyStopping", "FREEZE_MODES"]
 
 FREEZE_MODES = ("auto", "requires_grad", "drop_grad")
+MEASURE_AT = ("after_step", "before_step")
 
 
 class GradientEarlyStopping(Callback):
@@ -47,23 +48,30 @@ class GradientEarlyStopping(Callback):
     * ``"auto"`` (default): ``"requires_grad"`` except under a DDP model without ``find_unused_parameters`` or with
       ``static_graph``, where it picks ``"drop_grad"`` and says so once.
 
-    Deviations: ``signal``, ``reduction`` and ``patience`` generalise the code (see the core); the signal is measured
-    in ``on_before_optimizer_step``, so the weight change covers the steps up to (not including) the current one.
-    Signals are averaged across ranks before deciding, so every rank freezes the same matrices at the same step.
+    When the signal is measured (``measure_at``): ``"after_step"`` (default, the official code's ``on_step_end``)
+    measures in ``on_train_batch_end`` right after optimizer step ``s`` (``s`` = steps completed, checks at
+    ``s % check_every_n_steps == 0``): the weight change includes step ``s``'s update, the gradient signal is the
+    gradient step ``s`` just applied, and a matrix frozen at check ``s`` receives no update from step ``s + 1`` on.
+    ``"before_step"`` measures in ``on_before_optimizer_step`` of step ``s + 1``: the gradient that falls below τ
+    is itself dropped (one update earlier), and the first weight-change reference is the initial weights.
+
+    Deviations: ``signal``, ``reduction`` and ``patience`` generalise the code (see the core). Signals are averaged
+    across ranks before deciding, so every rank freezes the same matrices at the same step.
 
     Args:
-        tau: τ, the freezing threshold on the signal, > 0. Default ``1e-4`` (code). Pick it from a logged signal
-            trace (``log_per_item=True``): a value the slowest-converging matrices reach late in training.
+        tau: τ, the freezing threshold on the signal, > 0. Default ``1e-3`` (per entry, with ``reduction="mean"``:
+            triggers on the converged models of the test zoo; the code's ``1e-4`` is a summed LLM fine-tuning
+            value). Pick it from ``convergence/stop/signal_median`` of a reference run (see the card).
         grace_fraction: α, the share of the total steps before anything freezes, in [0, 1). Default ``0.3`` (code).
         max_frozen_ratio: stop once this share of the tracked matrices is frozen, in (0, 1]. Default ``1.0``.
         signal: ``"weight_change"`` (L1 norm of the weight change between checks, the official code) or
             ``"grad"`` (L1 norm of the gradient, the paper's abstract). Default ``"weight_change"``. The weight
             change keeps a copy of every tracked, unfrozen matrix (memory and checkpoint size grow by that much);
             with Adam-type optimizers it does not shrink with the gradient, so prefer ``"grad"`` there.
-        reduction: ``"sum"`` (paper) or ``"mean"`` (divide by the matrix size: one τ for all shapes). Default
-            ``"sum"``.
+        reduction: ``"sum"`` (paper/code) or ``"mean"`` (divide by the matrix size: one τ for all shapes).
+            Default ``"mean"``.
         patience: consecutive checks below τ needed to freeze a matrix, ≥ 1. Default ``1`` (code).
-        every_n_steps: check every this many optimizer steps, ≥ 1. Default ``1`` (code's ``compute_interval``).
+        check_every_n_steps: check every this many optimizer steps, ≥ 1. Default ``1`` (code's ``compute_interval``).
         include: regular expressions (``re.search``) selecting the tracked parameters by name, e.g.
             ``["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]`` for the paper's
             transformer components. Default ``None``: every parameter with at least ``min_ndim`` dimensions.
@@ -71,6 +79,7 @@ class GradientEarlyStopping(Callback):
         min_ndim: minimum dimensions of a tracked parameter, ≥ 1. Default ``2`` (matrices; biases and norms stay
             trainable).
         freeze_mode: ``"auto"``, ``"requires_grad"`` or ``"drop_grad"`` (see above). Default ``"auto"``.
+        measure_at: ``"after_step"`` (official code) or ``"before_step"`` (see above). Default ``"after_step"``.
         total_steps: T, the step budget α refers to, ≥ 1. Default ``None``: ``trainer.estimated_stepping_batches``.
         stop_training: stop when ``max_frozen_ratio`` is reached. Default ``True``; ``False`` only freezes.
         log_per_item: also log each matrix's last signal. Default ``False``.
@@ -89,7 +98,7 @@ class GradientEarlyStopping(Callback):
 
     Raises:
         ValueError: for ``tau`` ≤ 0, ``grace_fraction`` outside [0, 1), ``max_frozen_ratio`` outside (0, 1], an
-            unknown ``signal``, ``reduction`` or ``freeze_mode``, ``patience``/``every_n_steps``/``min_ndim`` < 1,
+            unknown ``signal``, ``reduction`` or ``freeze_mode``, ``patience``/``check_every_n_steps``/``min_ndim`` < 1,
             ``total_steps`` < 1, or an invalid regular expression.
         RuntimeError: at setup, under manual optimization, when no parameter matches, when the step budget is
             unknown (set ``max_steps`` or ``total_steps``), or for ``freeze_mode="requires_grad"`` under DDP without
@@ -104,17 +113,18 @@ class GradientEarlyStopping(Callback):
 
     def __init__(
         self,
-        tau: float = 1e-4,
+        tau: float = 1e-3,
         grace_fraction: float = 0.3,
         max_frozen_ratio: float = 1.0,
         signal: str = "weight_change",
-        reduction: str = "sum",
+        reduction: str = "mean",
         patience: int = 1,
-        every_n_steps: int = 1,
+        check_every_n_steps: int = 1,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         min_ndim: int = 2,
         freeze_mode: str = "auto",
+        measure_at: str = "after_step",
         total_steps: int | None = None,
         stop_training: bool = True,
         log_per_item: bool = False,
@@ -124,18 +134,23 @@ class GradientEarlyStopping(Callback):
         self.on_nonfinite = check_nonfinite_policy(name, on_nonfinite)
         self._nonfinite_warned = False
         validate_grades_args(name, tau, grace_fraction, max_frozen_ratio, signal, reduction, patience)
-        for field, value in (("every_n_steps", every_n_steps), ("min_ndim", min_ndim)):
+        for field, value in (("check_every_n_steps", check_every_n_steps), ("min_ndim", min_ndim)):
             check_int_at_least(name, field, value, 1)
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                         or total_steps < 1):
             raise ValueError(f"{name}: `total_steps` must be None or an int >= 1, got {total_steps!r}.")
         if freeze_mode not in FREEZE_MODES:
             raise ValueError(f"{name}: `freeze_mode` must be one of {FREEZE_MODES}, got {freeze_mode!r}.")
+        if measure_at not in MEASURE_AT:
+            raise ValueError(f"{name}: `measure_at` must be one of {MEASURE_AT}, got {measure_at!r}.")
+        self.measure_at = measure_at
+        self._step_at_batch_start = -1
+        self._skip_next_measure = False
         self._include = _compile(name, "include", include)
         self._exclude = _compile(name, "exclude", exclude)
         self.tau, self.grace_fraction, self.max_frozen_ratio = float(tau), float(grace_fraction), max_frozen_ratio
         self.signal, self.reduction, self.patience = signal, reduction, patience
-        self.every_n_steps, self.min_ndim, self.freeze_mode = every_n_steps, min_ndim, freeze_mode
+        self.check_every_n_steps, self.min_ndim, self.freeze_mode = check_every_n_steps, min_ndim, freeze_mode
         self.total_steps, self.stop_training, self.log_per_item = total_steps, stop_training, log_per_item
         self.core: GradES | None = None
         self.resolved_mode: str | None = None
@@ -195,27 +210,48 @@ class GradientEarlyStopping(Callback):
             self._freeze(self.core.frozen)
 
     @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         core = self.core
         if core is None:
             return
-        step = trainer.global_step
-        if step % self.every_n_steps == 0 and core.active:
-            signals = self._measure(trainer, core)
-            bad = signals is not None and not bool(torch.isfinite(signals).all())
-            if self.signal == "weight_change" and not bad:  # the weights are finite until a bad step is applied
-                grads = [p.grad for p in self._params.values() if p.grad is not None]
-                bad = bool(grads) and not stats.all_finite(grads)
-            bad, self._nonfinite_warned = handle_nonfinite(trainer, self._module, type(self).__name__,
-                                                           self.on_nonfinite, bad, self._nonfinite_warned, "signal")
-            newly = core.decide(step, None if bad else signals)
-            self._freeze(newly, keep_going=self._keeps_training(trainer, core))
+        if self.measure_at == "before_step":
+            self._check(trainer, core, trainer.global_step, before_update=True)
+        elif (trainer.global_step + 1) % self.check_every_n_steps == 0 and core.active:
+            # The after-step check of this step: a non-finite gradient never reaches the weights (policy first).
+            self._skip_next_measure = self._nonfinite_grads(trainer)
         self._drop_frozen_grads()
-        # Decisions only change at checks, so the (collective) reduction runs only there.
-        if (self.stop_training and step % self.every_n_steps == 0
-                and trainer.strategy.reduce_boolean_decision(core.should_stop, all=False)):
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        core = self.core
+        if core is None or self.measure_at != "after_step" or trainer.global_step == self._step_at_batch_start:
+            return  # no optimizer step in this batch (accumulating)
+        skip, self._skip_next_measure = self._skip_next_measure, False
+        self._check(trainer, core, trainer.global_step, before_update=False, skip=skip)
+
+    def _check(self, trainer: Trainer, core: GradES, step: int, before_update: bool, skip: bool = False) -> None:
+        """One check at step ``step`` (steps completed when it is measured): measure, decide, freeze, stop, log."""
+        if step % self.check_every_n_steps != 0:
+            if should_log(trainer):
+                self._log(trainer, core)
+            return
+        if core.active and not skip:
+            bad = before_update and self._nonfinite_grads(trainer)
+            signals = None if bad else self._measure(trainer, core)
+            if signals is not None and not bool(torch.isfinite(signals).all()):
+                self._nonfinite_warned = self._report_nonfinite(trainer, "signal")
+                signals = None
+            newly = core.decide(step, signals)
+            self._freeze(newly, keep_going=self._keeps_training(trainer, core))
+        if self.stop_training and trainer.strategy.reduce_boolean_decision(core.should_stop, all=False):
             if self.stopped_step is None:
                 self.stopped_step = step
                 rank_zero_info(
@@ -225,6 +261,21 @@ class GradientEarlyStopping(Callback):
             trainer.should_stop = True
         if should_log(trainer):
             self._log(trainer, core)
+
+    def _nonfinite_grads(self, trainer: Trainer) -> bool:
+        """Global finding of non-finite gradients among the tracked matrices, with the shared policy applied (the
+        step is then not applied: every gradient is dropped)."""
+        grads = [p.grad for p in self._params.values() if p.grad is not None]
+        found = bool(grads) and not stats.all_finite(grads)
+        found, self._nonfinite_warned = handle_nonfinite(trainer, self._module, type(self).__name__,
+                                                         self.on_nonfinite, found, self._nonfinite_warned)
+        if found:
+            self.nonfinite_skipped_total += 1
+        return found
+
+    def _report_nonfinite(self, trainer: Trainer, what: str) -> bool:
+        self.nonfinite_skipped_total += 1
+        return act_on_nonfinite(trainer, type(self).__name__, self.on_nonfinite, what, warned=self._nonfinite_warned)
 
     # -- internals --------------------------------------------------------------------------------------------
     def _selected(self, name: str, p: torch.nn.Parameter) -> bool:
@@ -264,8 +315,6 @@ class GradientEarlyStopping(Callback):
             return None
         if trainer.world_size > 1:
             signals = trainer.strategy.reduce(signals, reduce_op="mean")
-        if not bool(torch.isfinite(signals).all()):
-            self.nonfinite_skipped_total += 1
         return signals
 
     def _freeze(self, names: Sequence[str], keep_going: bool = True) -> None:
@@ -292,7 +341,8 @@ class GradientEarlyStopping(Callback):
             return True
         min_steps = trainer.fit_loop.min_steps or 0
         min_epochs = trainer.fit_loop.min_epochs or 0
-        return trainer.global_step + 1 < min_steps or trainer.current_epoch + 1 < min_epochs
+        done = trainer.global_step + (1 if self.measure_at == "before_step" else 0)  # steps done once this one is
+        return done < min_steps or trainer.current_epoch + 1 < min_epochs
 
     def _drop_frozen_grads(self) -> None:
         for n in self.frozen_names:

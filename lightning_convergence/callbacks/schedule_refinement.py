@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ from typing_extensions import override
 
 from lightning_convergence import stats
 from lightning_convergence._metrics import log_metrics, should_log
+from lightning_convergence._nonfinite import check_nonfinite_policy
 from lightning_convergence._state import check_state_version
+from lightning_convergence.callbacks._common import finite_metrics, handle_nonfinite
 from lightning_convergence.optim.refinement import (
     interp_profile,
     online_profile,
@@ -51,9 +54,10 @@ class ScheduleRefinement(Callback):
     never exceeds the peak and, with ``monotone=True``, never rises after the first refit.
 
     Deviations: norms are taken in ``on_before_optimizer_step`` (after AMP unscaling and the DDP all-reduce, before
-    gradient clipping); steps with non-finite gradients are not recorded (counted instead), so the recorded sequence
-    may be shorter than the step count (the refined schedule is read in relative time, so this only shifts it
-    slightly). The online mode's constant extrapolation is our choice; the paper only defines the two-run method.
+    gradient clipping); a step with non-finite gradients is never recorded and follows ``on_nonfinite`` (with
+    ``"skip"`` the recorded sequence may be shorter than the step count; the refined schedule is read in relative
+    time, so this only shifts it slightly). The online mode's constant extrapolation is our choice; the paper
+    only defines the two-run method.
 
     Args:
         norm_type: ``"auto"`` (l1 for Adam-type optimizers, i.e. groups with ``betas``; l2 otherwise), ``"l1"`` or
@@ -66,7 +70,9 @@ class ScheduleRefinement(Callback):
             refit costs a median filter over up to 10,000 points (a few ms on CPU).
         monotone: in online mode, never raise the rate after the first refit. Default ``True``.
         log_plot: at fit end, log a plot of the refined schedule to loggers with ``log_image`` (W&B). Default ``True``.
-        every_n_steps: logging interval; ``None`` uses the trainer's ``log_every_n_steps``.
+        log_every_n_steps: logging interval; ``None`` uses the trainer's ``log_every_n_steps``.
+        on_nonfinite: ``"stop"`` (default) or ``"skip"``: the shared non-finite policy
+            (``lightning_convergence._nonfinite``) for non-finite gradients; the step is not applied either way.
 
     State: the recorded norms, the resolved norm type, the skip counter, and in online mode the peak LRs, the
     current fitted profile and the last applied multiplier, with a ``version`` key.
@@ -75,7 +81,8 @@ class ScheduleRefinement(Callback):
     ``convergence/schedule/nonfinite_skipped_total``; a ``convergence/schedule/refined_schedule`` image at fit end.
 
     Raises:
-        ValueError: for an unknown ``norm_type``, ``smoothing_tau`` outside [0, 1], or ``refit_every_n_steps`` < 2.
+        ValueError: for an unknown ``norm_type`` or ``on_nonfinite``, ``smoothing_tau`` outside [0, 1], or
+            ``refit_every_n_steps`` < 2.
 
     Example::
 
@@ -94,8 +101,11 @@ class ScheduleRefinement(Callback):
         refit_every_n_steps: int = 100,
         monotone: bool = True,
         log_plot: bool = True,
-        every_n_steps: int | None = None,
+        log_every_n_steps: int | None = None,
+        on_nonfinite: str = "stop",
     ) -> None:
+        self.on_nonfinite = check_nonfinite_policy(type(self).__name__, on_nonfinite)
+        self._nonfinite_warned = False
         if norm_type not in _NORM_TYPES:
             raise ValueError(f"ScheduleRefinement: `norm_type` must be one of {_NORM_TYPES}, got {norm_type!r}.")
         if not 0.0 <= float(smoothing_tau) <= 1.0:
@@ -104,8 +114,8 @@ class ScheduleRefinement(Callback):
             raise ValueError(
                 f"ScheduleRefinement: `refit_every_n_steps` must be an int >= 2, got {refit_every_n_steps!r}."
             )
-        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
-            raise ValueError(f"ScheduleRefinement: `every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
+        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            raise ValueError(f"ScheduleRefinement: `log_every_n_steps` must be an int >= 1, got {log_every_n_steps!r}.")
         self.norm_type = norm_type
         self.norms_path = norms_path
         self.smoothing_tau = float(smoothing_tau)
@@ -113,7 +123,7 @@ class ScheduleRefinement(Callback):
         self.refit_every_n_steps = refit_every_n_steps
         self.monotone = bool(monotone)
         self.log_plot = bool(log_plot)
-        self.every_n_steps = every_n_steps
+        self.log_every_n_steps = log_every_n_steps
         self.norms: list[float] = []
         self.resolved_norm_type: str | None = None if norm_type == "auto" else norm_type
         self.nonfinite_skipped_total = 0
@@ -149,19 +159,23 @@ class ScheduleRefinement(Callback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         grads = stats.grads_of(pl_module.parameters())
-        metrics: dict[str, float] = {}
-        if grads and stats.all_finite(grads):
-            norm = stats.l1_norm(grads) if self.resolved_norm_type == "l1" else stats.l2_norm(grads)
-            self.norms.append(float(norm))
-            metrics["grad_norm"] = self.norms[-1]
-        elif grads:
+        norm = float("nan")
+        if grads:  # one host read per step: a non-finite gradient makes the norm non-finite (the norm is recorded)
+            norm = float(stats.l1_norm(grads) if self.resolved_norm_type == "l1" else stats.l2_norm(grads))
+        bad, self._nonfinite_warned = handle_nonfinite(trainer, pl_module, type(self).__name__, self.on_nonfinite,
+                                                       bool(grads) and not math.isfinite(norm), self._nonfinite_warned)
+        if bad:
             self.nonfinite_skipped_total += 1
+            norm = float("nan")
+        elif grads:
+            self.norms.append(norm)
         if self.online:
             self._apply_online(trainer, optimizer)
-        if should_log(trainer, self.every_n_steps):
-            metrics["lr"] = float(optimizer.param_groups[0]["lr"])
-            metrics["nonfinite_skipped_total"] = self.nonfinite_skipped_total
-            log_metrics(trainer, "schedule", metrics)
+        if should_log(trainer, self.log_every_n_steps):
+            metrics = {"grad_norm": norm, "lr": float(optimizer.param_groups[0]["lr"]),
+                       "nonfinite_skipped_total": self.nonfinite_skipped_total}
+            # No estimate this step (no or skipped gradients): the key is dropped, never left stale.
+            log_metrics(trainer, "schedule", finite_metrics(trainer, "schedule", metrics))
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

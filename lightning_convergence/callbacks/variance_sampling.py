@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
@@ -16,14 +15,16 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_convergence._metrics import log_metrics
+from lightning_convergence._nonfinite import check_nonfinite_policy
 from lightning_convergence._state import check_state_version
-from lightning_convergence.callbacks._common import finite_metrics, probe_loss
+from lightning_convergence.callbacks._common import finite_metrics
+from lightning_convergence.callbacks._group_probe import GroupProbe
 from lightning_convergence.data import rebuild_dataloader, wrap_train_dataloader
 from lightning_convergence.sampling import (
-    POLICIES,
     GroupBudgetSampler,
     GroupStats,
     allocate_budget,
+    check_sampling_args,
     cooldown_temperature,
     effective_sample_size_sum,
     resolve_groups,
@@ -34,7 +35,7 @@ from lightning_convergence.stats.module_grads import BatchLossFn, ExampleGradien
 __all__ = ["GradientVarianceSampling", "resolve_groups"]
 
 
-class GradientVarianceSampling(Callback):
+class GradientVarianceSampling(GroupProbe, Callback):
     """Re-allocate each data group's share of the sampled examples from gradient statistics; deliver importance
     weights so the weighted loss stays an unbiased estimate of the uniform full-data objective.
 
@@ -47,27 +48,17 @@ class GradientVarianceSampling(Callback):
     *Upsample or Upweight? Balanced Training on Heavily Imbalanced Datasets*, NAACL 2025, arXiv:2410.04579
     (``temperature``: ``n_i ∝ N_i^(1/T)`` with a cooldown of ``T``). Formulas: :mod:`lightning_convergence.sampling`.
 
-    How it works: in ``setup`` it replaces the train loader's sampler by a :class:`GroupBudgetSampler` (a
-    ``DistributedSampler`` subclass, so Lightning keeps it under DDP; each rank draws a disjoint share of every
-    window). Every ``every_n_steps`` optimizer steps it *probes*: ``probe_per_group`` seeded examples per group,
-    collated by the train loader's own ``collate_fn`` (so any batch shape works), exact per-example gradients of the
-    module's own ``training_step`` loss (``stats.module_grads``: ``vmap``, or one backward per example with a
-    one-time warning where ``vmap`` cannot trace the model, e.g. RNNs), per-group statistics (``GroupStats``: mean
-    norm ``G_i``, second moment, within-group variance ``σ_i²``; EMA), then sets the next windows' allocation. A
-    window is the ``every_n_steps × batch_size × accumulate_grad_batches × world_size`` draws between two
-    re-allocations.
-
-    Importance weights: before each training batch it sets ``pl_module.sample_weights`` (``[batch]`` float tensor,
-    ``w = (N_i/N)/(n_i/n)``; all ones with ``reweight=False``). The module applies them with one line::
+    The math is in :mod:`lightning_convergence.sampling` (:class:`GroupBudgetSampler`, :class:`GroupStats`,
+    :func:`allocate_budget`); the card ``docs/algorithms/variance_sampling.md`` explains the mechanics. This callback
+    installs the sampler in ``setup``; every ``check_every_n_steps`` optimizer steps it probes ``probe_per_group``
+    seeded examples per group (exact per-example gradients of the module's own loss) and sets the allocation of the
+    next windows (``check_every_n_steps × batch_size × accumulate_grad_batches × world_size`` draws each). Before
+    each batch it sets ``pl_module.sample_weights`` (``w = (N_i/N)/(n_i/n)``) and ``pl_module.sample_groups``; the
+    module applies the weights in one line and declares ``uses_sample_weights = True``::
 
         loss = (F.cross_entropy(logits, y, reduction="none") * self.sample_weights).mean()
 
-    and declares ``uses_sample_weights = True`` (otherwise a warning names the field). A callback cannot apply
-    per-example weights to a loss the module has already reduced: rescaling the gradient by one factor is exact only
-    for a batch from a single group, so it is not offered. ``pl_module.sample_groups`` holds the batch's group ids.
-
-    Generate-and-filter training (GVM's ``p_i``): call :meth:`record_acceptance` from ``training_step`` with each
-    candidate's group and whether it passed the filter; counts are summed across ranks at each re-allocation.
+    Generate-and-filter training (GVM's ``p_i``): call :meth:`record_acceptance` from ``training_step``.
 
     Deviations: (1) GVM's ``G_i`` is measured on accepted samples of an LLM's embedding gradients; here it is the
     mean per-example gradient norm on a small stratified probe of the parameters named in ``probe_params`` (all by
@@ -80,23 +71,18 @@ class GradientVarianceSampling(Callback):
     Args:
         policy: ``"gvm"`` (default), ``"min_variance"`` (the per-batch variance optimum: recommended when the goal
             is a lower-variance gradient), ``"neyman"``, ``"uniform"`` or ``"temperature"``.
-        every_n_steps: optimizer steps between re-allocations (and probes, and logs), ≥ 1. Default ``50``. Smaller
-            adapts faster but probes more often.
+        check_every_n_steps: optimizer steps between re-allocations (probes, logs), ≥ 1. Default ``50``.
         group_fn: ``group_fn(dataset, index) -> int``; default: the dataset's ``groups``/``targets``/``labels``
             attribute, or a ``TensorDataset``'s last (integer label) tensor. Called once per example at setup.
         num_groups: K; default ``max(group id) + 1``.
         group_names: names used in the per-group log keys; default the group ids.
-        probe_per_group: examples per group in each probe, ≥ 2 (variances need two), or 0 to never probe (only with
-            ``uniform``/``temperature``). Default ``8``. Cost per probe: one ``vmap`` per-example gradient over
-            ``K × probe_per_group`` examples, memory ``K × probe_per_group × #probed parameters`` floats, identical on
-            every rank (no communication).
+        probe_per_group: examples per group in each probe, ≥ 2, or 0 to never probe (only ``uniform``/
+            ``temperature``). Default ``8`` (cost: one per-example gradient over ``K × probe_per_group`` examples).
         probe_params: parameter-name prefixes to differentiate in the probe (e.g. ``["net.4"]`` for the last layer,
             GVM's cheap-proxy idea); default all trainable parameters.
-        batch_loss_fn: ``batch_loss_fn(module, batch) -> scalar``, the mean loss of a collated batch (any shape).
-            Default ``None``: the module's ``training_step`` (its ``self.log`` calls are silenced, and
-            ``pl_module.sample_weights`` is all ones during the probe); for a module that declares
-            ``uses_sample_weights = True`` (written for this callback, whose ``training_step`` may read
-            ``sample_groups`` or record acceptance) cross-entropy of ``forward(inputs)`` on ``(inputs, targets)``.
+        batch_loss_fn: ``batch_loss_fn(module, batch) -> scalar``, the mean loss of a collated batch. Default
+            ``None``: the module's ``training_step`` (weights all ones, logs silenced), or for a module declaring
+            ``uses_sample_weights = True`` cross-entropy of ``forward(inputs)`` on ``(inputs, targets)``.
         loss_fn: ``loss_fn(output, target)`` on ``module(inputs)``, mean-reduced; an alternative to
             ``batch_loss_fn`` for ``(inputs, targets)`` batches. Default ``None``.
         batch_to_inputs: maps a collated probe batch to ``(inputs, targets)`` for ``loss_fn`` (cross-entropy when
@@ -104,24 +90,24 @@ class GradientVarianceSampling(Callback):
         reweight: deliver importance weights (default ``True``: unbiased for the uniform objective). ``False``
             trains on the sampling mixture itself (the paper setting of temperature sampling).
         gvm_statistic: ``G_i`` for ``gvm``: ``"mean_norm"`` (default, the paper's ``E‖∇f‖``) or ``"rms_norm"``
-            (``sqrt(E‖∇f‖²)``, which makes the allocation the exact variance optimum ``q ∝ π·sqrt(M)`` for i.i.d.
-            draws; prefer it when per-example norms inside a group are heavy-tailed).
+            (``sqrt(E‖∇f‖²)``: the exact variance optimum ``q ∝ π·sqrt(M)`` for i.i.d. draws).
         ema_beta: EMA factor of the group statistics, in [0, 1). Default ``0.9``.
         alpha: GVM's α ≥ 0. Default ``1e-3`` (paper/code).
         beta: GVM's β. Default ``2.0`` (paper/code).
         min_per_group: draws per non-empty group per window, ≥ 0 (≥ 1 with ``reweight``). Default ``1``.
-        start_temperature: ``T`` at the start of training (``temperature``), > 0. Default ``5.0``. ``T = 1`` is
-            uniform; large values give every group an equal share.
+        start_temperature: ``T`` at the start (``temperature``), > 0. Default ``5.0`` (``T = 1``: proportional).
         end_temperature: ``T`` after the cooldown, > 0. Default ``1.0`` (back to proportional sampling).
         cooldown_start_step: optimizer step where the cooldown starts, ≥ 0. Default ``0``.
         cooldown_steps: length of the cooldown in optimizer steps, ≥ 0 (0 = a jump). Default ``1000``.
         cooldown_shape: ``"linear"`` (default) or ``"cosine"`` (our choices; the paper fixes no shape).
         seed: seed of the sampler and of the probes, same on all ranks. Default ``0``.
         log_per_item: also log each group's budget as ``convergence/sampling/budget/<group>``. Default ``False``.
+        on_nonfinite: ``"stop"`` (default) or ``"skip"``: the shared non-finite policy
+            (``lightning_convergence._nonfinite``) for a probe with non-finite per-example gradients; the probe never
+            enters the group statistics, and with ``"skip"`` the allocation is made from the statistics before it.
 
-    State: group statistics (EMAs), the sampler's position (epoch, consumed, per-window allocations of the epoch),
-    the current allocation and its version, acceptance counts not yet folded in, ESS accumulators, the step of the
-    last re-allocation, and ``version``; ``policy``, ``every_n_steps`` and ``seed`` are checked on load.
+    State: group statistics, the sampler's position and allocations, pending acceptance counts, ESS accumulators,
+    the last re-allocation step, ``version``; ``policy``, ``check_every_n_steps`` and ``seed`` are checked on load.
 
     Logs (at each re-allocation): ``convergence/sampling/grad_variance`` (estimated per-example trace covariance of
     the (weighted) gradient under the current allocation), ``convergence/sampling/grad_variance_uniform`` (the same
@@ -137,7 +123,7 @@ class GradientVarianceSampling(Callback):
 
     Example::
 
-        Trainer(callbacks=[GradientVarianceSampling(policy="gvm", every_n_steps=20)])
+        Trainer(callbacks=[GradientVarianceSampling(policy="gvm", check_every_n_steps=20)])
     """
 
     STATE_VERSION = 1
@@ -145,7 +131,7 @@ class GradientVarianceSampling(Callback):
     def __init__(
         self,
         policy: str = "gvm",
-        every_n_steps: int = 50,
+        check_every_n_steps: int = 50,
         group_fn: Callable[[Dataset, int], int] | None = None,
         num_groups: int | None = None,
         group_names: Sequence[str] | None = None,
@@ -167,36 +153,19 @@ class GradientVarianceSampling(Callback):
         cooldown_shape: str = "linear",
         seed: int = 0,
         log_per_item: bool = False,
+        on_nonfinite: str = "stop",
     ) -> None:
         name = type(self).__name__
-        if policy not in POLICIES:
-            raise ValueError(f"{name}: `policy` must be one of {POLICIES}, got {policy!r}.")
-        ints = (
-            ("every_n_steps", every_n_steps, 1), ("min_per_group", min_per_group, 0),
-            ("cooldown_start_step", cooldown_start_step, 0), ("cooldown_steps", cooldown_steps, 0),
+        self.on_nonfinite = check_nonfinite_policy(name, on_nonfinite)
+        self._nonfinite_warned = False
+        check_sampling_args(
+            name, policy=policy, check_every_n_steps=check_every_n_steps, min_per_group=min_per_group,
+            cooldown_start_step=cooldown_start_step, cooldown_steps=cooldown_steps, probe_per_group=probe_per_group,
+            reweight=reweight, ema_beta=ema_beta, alpha=alpha, start_temperature=start_temperature,
+            end_temperature=end_temperature, gvm_statistic=gvm_statistic, cooldown_shape=cooldown_shape,
         )
-        for field, value, low in ints:
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: `{field}` must be an int >= {low}, got {value!r}.")
-        if not isinstance(probe_per_group, int) or probe_per_group < 0 or probe_per_group == 1:
-            raise ValueError(f"{name}: `probe_per_group` must be 0 or an int >= 2, got {probe_per_group!r}.")
-        if probe_per_group == 0 and policy in ("gvm", "min_variance", "neyman"):
-            raise ValueError(f"{name}: `probe_per_group` = 0 leaves policy {policy!r} without statistics; use >= 2.")
-        if reweight and min_per_group < 1:
-            raise ValueError(f"{name}: `min_per_group` must be >= 1 with `reweight=True` (unbiasedness), got 0.")
-        if not 0.0 <= float(ema_beta) < 1.0:
-            raise ValueError(f"{name}: `ema_beta` must be in [0, 1), got {ema_beta}.")
-        if float(alpha) < 0:
-            raise ValueError(f"{name}: `alpha` must be >= 0, got {alpha}.")
-        for field, value in (("start_temperature", start_temperature), ("end_temperature", end_temperature)):
-            if not float(value) > 0:
-                raise ValueError(f"{name}: `{field}` must be > 0, got {value}.")
-        if gvm_statistic not in ("mean_norm", "rms_norm"):
-            raise ValueError(f"{name}: `gvm_statistic` must be 'mean_norm' or 'rms_norm', got {gvm_statistic!r}.")
-        if cooldown_shape not in ("linear", "cosine"):
-            raise ValueError(f"{name}: `cooldown_shape` must be 'linear' or 'cosine', got {cooldown_shape!r}.")
         self.policy = policy
-        self.every_n_steps = every_n_steps
+        self.check_every_n_steps = check_every_n_steps
         self.group_fn = group_fn
         self.num_groups = num_groups
         self.group_names = list(group_names) if group_names is not None else None
@@ -235,10 +204,11 @@ class GradientVarianceSampling(Callback):
 
     @property
     def state_key(self) -> str:
-        # Lightning reads this at every hook call; build the string once per (policy, every_n_steps).
-        key = (self.policy, self.every_n_steps)
+        # Lightning reads this at every hook call; build the string once per (policy, check_every_n_steps).
+        key = (self.policy, self.check_every_n_steps)
         if getattr(self, "_state_key", (None, ""))[0] != key:
-            self._state_key = (key, self._generate_state_key(policy=self.policy, every_n_steps=self.every_n_steps))
+            state_key = self._generate_state_key(policy=self.policy, check_every_n_steps=self.check_every_n_steps)
+            self._state_key = (key, state_key)
         return self._state_key[1]
 
     # -- hooks ----------------------------------------------------------------------------------------------------
@@ -286,22 +256,10 @@ class GradientVarianceSampling(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        if step > 0 and step % self.check_every_n_steps == 0 and step != self._last_step:
             self._reallocate(trainer, pl_module)
 
     # -- generate-and-filter ----------------------------------------------------------------------------------------
-    def record_acceptance(self, groups: Tensor, accepted: Tensor) -> None:
-        """Count generated candidates (``groups``: their group ids) and which passed the filter (``accepted``:
-        bools), for GVM's acceptance rates ``p_i``. Call from ``training_step``; folded in at the next re-allocation.
-        """
-        k = self._require_sampler().num_groups
-        groups = torch.as_tensor(groups).long().flatten().cpu()
-        accepted = torch.as_tensor(accepted).flatten().cpu().double()
-        if self._accept.shape[1] != k:
-            self._accept = torch.zeros(2, k, dtype=torch.float64)
-        self._accept[0] += torch.bincount(groups, weights=accepted, minlength=k)
-        self._accept[1] += torch.bincount(groups, minlength=k).double()
-
     # -- internals ----------------------------------------------------------------------------------------------------
     def _require_sampler(self) -> GroupBudgetSampler:
         if self.sampler is None:
@@ -320,7 +278,7 @@ class GradientVarianceSampling(Callback):
         if self.sampler is None or self._dataset is not loader.dataset:
             groups = resolve_groups(loader.dataset, self.group_fn)
             world = trainer.world_size
-            window = self.every_n_steps * loader.batch_size * trainer.accumulate_grad_batches * world
+            window = self.check_every_n_steps * loader.batch_size * trainer.accumulate_grad_batches * world
             self.sampler = GroupBudgetSampler(
                 loader.dataset, groups, num_groups=self.num_groups, window_size=window,
                 num_replicas=world, rank=trainer.global_rank, seed=self.seed,
@@ -332,62 +290,6 @@ class GradientVarianceSampling(Callback):
                 self._pending_state = None
         self._collate = loader.collate_fn
         return rebuild_dataloader(loader, sampler=self.sampler)
-
-    def _probe(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        sampler, gs = self._require_sampler(), self.group_stats
-        if self.probe_per_group == 0 or gs is None or self._dataset is None:
-            return
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.global_step)
-        idx, grp = [], []
-        for g, members in enumerate(sampler._members):  # a stratified probe, identical on every rank
-            if members.numel():
-                take = members[torch.randperm(members.numel(), generator=gen)[: self.probe_per_group]]
-                idx.append(take)
-                grp.append(torch.full((take.numel(),), g, dtype=torch.long))
-        indices = torch.cat(idx)
-        batch = self._collate([self._dataset[i] for i in indices.tolist()])
-        batch = _to_device(batch, pl_module.device)
-        params = {
-            n: p for n, p in pl_module.named_parameters()
-            if p.requires_grad and (self.probe_params is None or n.startswith(self.probe_params))
-        }
-        was_training = pl_module.training
-        pl_module.eval()  # deterministic probe (no dropout draws)
-        weights = pl_module.__dict__.get("sample_weights")
-        pl_module.sample_weights = torch.ones(1, device=pl_module.device)  # one example per vmapped call
-        try:
-            # Per example: every (vmapped or looped) call sees a batch of one.
-            grads, _ = self._example_grads(pl_module)(pl_module, batch, params)
-        finally:
-            pl_module.train(was_training)
-            if weights is None:
-                pl_module.__dict__.pop("sample_weights", None)
-            else:
-                pl_module.sample_weights = weights
-        share = sampler.group_sizes.double() / sampler.group_sizes.sum()
-        gs.update_grads(torch.cat(grp), list(grads.values()), group_weights=share)
-
-    def _example_grads(self, pl_module: LightningModule) -> ExampleGradients:
-        if self._grads is None:
-            name = type(self).__name__
-            loss = probe_loss(name, self.batch_loss_fn, self.loss_fn, self.batch_to_inputs)
-            if loss is None and getattr(pl_module, "uses_sample_weights", False):
-                # A module written for this callback may read per-batch attributes (sample_groups) or record
-                # acceptance in training_step: probe it by cross-entropy of forward(inputs), as it was designed for.
-                loss = probe_loss(name, None, F.cross_entropy)
-            self._grads = ExampleGradients(name, loss)
-        return self._grads
-
-    def _fold_acceptance(self, trainer: Trainer) -> None:
-        if self._accept.shape[1] == 0 and trainer.world_size == 1:
-            return
-        k = self._require_sampler().num_groups
-        counts = self._accept if self._accept.shape[1] == k else torch.zeros(2, k, dtype=torch.float64)
-        if trainer.world_size > 1:  # every rank re-allocates at the same step, so this collective is matched
-            counts = trainer.strategy.reduce(counts.clone(), reduce_op="sum")
-        if counts[1].sum() > 0 and self.group_stats is not None:
-            self.group_stats.update_acceptance(counts[0].cpu(), counts[1].cpu())
-        self._accept = torch.zeros(2, k, dtype=torch.float64)
 
     def _temperature(self, step: int) -> float:
         return cooldown_temperature(
@@ -454,7 +356,7 @@ class GradientVarianceSampling(Callback):
         state: dict[str, Any] = {
             "version": self.STATE_VERSION,
             "policy": self.policy,
-            "every_n_steps": self.every_n_steps,
+            "check_every_n_steps": self.check_every_n_steps,
             "seed": self.seed,
             "last_step": self._last_step,
             "accept": self._accept.clone(),
@@ -471,7 +373,7 @@ class GradientVarianceSampling(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_state_version(type(self).__name__, state_dict, self.STATE_VERSION)
-        for field in ("policy", "every_n_steps", "seed"):
+        for field in ("policy", "check_every_n_steps", "seed"):
             if state_dict[field] != getattr(self, field):
                 warnings.warn(
                     f"GradientVarianceSampling: `{field}` is {getattr(self, field)!r} but the checkpoint was written "
@@ -493,15 +395,3 @@ class GradientVarianceSampling(Callback):
             return
         self.sampler.load_state_dict(state["sampler"])
         self.group_stats.load_state_dict(state["group_stats"])
-
-
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch

@@ -9,6 +9,7 @@ from lightning_convergence.sampling.allocation import (
     gvm_scores,
     integerize_preserve_sum,
 )
+from lightning_convergence.sampling.checks import check_sampling_args
 from lightning_convergence.sampling.group_stats import GroupStats
 from lightning_convergence.sampling.groups import resolve_groups
 from lightning_convergence.sampling.sampler import GroupBudgetSampler
@@ -25,6 +26,7 @@ __all__ = [
     "GroupStats",
     "allocate_budget",
     "allocation_ratios",
+    "check_sampling_args",
     "cooldown_temperature",
     "effective_sample_size",
     "effective_sample_size_sum",

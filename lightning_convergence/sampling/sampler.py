@@ -197,6 +197,17 @@ class GroupBudgetSampler(DistributedSampler):
         order = torch.randperm(idx.numel(), generator=gen)
         return idx[order], grp[order]
 
+    def probe_indices(self, per_group: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """A stratified probe: up to ``per_group`` distinct examples of every non-empty group (without replacement,
+        drawn from ``generator``, so identical on every rank given the same seed), and their group ids."""
+        idx, grp = [], []
+        for g, members in enumerate(self._members):
+            if members.numel():
+                take = members[torch.randperm(members.numel(), generator=generator)[:per_group]]
+                idx.append(take)
+                grp.append(torch.full((take.numel(),), g, dtype=torch.long))
+        return torch.cat(idx), torch.cat(grp)
+
     def __iter__(self) -> Iterator[int]:
         start, self._start = self._start, 0
         self._consumed = start

@@ -4,9 +4,11 @@ Imports torch only (never ``lightning``), so it is usable and testable outside a
 """
 
 from lightning_convergence.stats.batch_tests import (
+    BATCH_TESTS,
     BlockwiseGradStats,
     augmented_test_batch_size,
     blockwise_sample_grad_stats,
+    demanded_batch_size,
     inner_product_test_batch_size,
     next_batch_size,
     noise_estimate,
@@ -50,7 +52,9 @@ __all__ = [
     "StepGradientSamples",
     "all_finite",
     "augmented_test_batch_size",
+    "BATCH_TESTS",
     "blockwise_sample_grad_stats",
+    "demanded_batch_size",
     "batch_length",
     "estimate_noise",
     "grads_of",

@@ -41,9 +41,11 @@ from lightning_convergence.stats.noise_scale import NoiseEstimate
 from lightning_convergence.stats.variance import AllReduce, SampleGradStats
 
 __all__ = [
+    "BATCH_TESTS",
     "BlockwiseGradStats",
     "augmented_test_batch_size",
     "blockwise_sample_grad_stats",
+    "demanded_batch_size",
     "inner_product_test_batch_size",
     "next_batch_size",
     "noise_estimate",
@@ -245,3 +247,30 @@ def next_batch_size(
     if math.isinf(target):  # an infinite demand with no bound at all: nothing sensible to grow to
         return max(current, min_batch_size)
     return int(math.ceil(target))
+
+
+BATCH_TESTS = ("norm", "inner_product", "augmented", "noise_scale")
+
+
+def demanded_batch_size(
+    test: str, stats: SampleGradStats | BlockwiseGradStats, *, eta: float = 0.1, theta: float = 0.1, nu: float = 0.1,
+    noise_scale: float = math.nan, noise_scale_factor: float = 1.0,
+) -> float:
+    """The global batch one test demands: AdAdaGrad's ``"norm"`` (η), ``"inner_product"`` (θ) or ``"augmented"``
+    (θ, ν) test on ``stats``, or ``"noise_scale"``: ``ceil(noise_scale_factor × B_simple)`` (McCandlish et al.) from
+    the given ``noise_scale``, at least 1. ``nan`` means "no estimate"; ``inf`` "larger than any batch".
+
+    Raises:
+        ValueError: for an unknown ``test``.
+    """
+    if test == "norm":
+        return norm_test_batch_size(stats, eta)
+    if test == "inner_product":
+        return inner_product_test_batch_size(stats, theta)
+    if test == "augmented":
+        return augmented_test_batch_size(stats, theta, nu)
+    if test != "noise_scale":
+        raise ValueError(f"demanded_batch_size: `test` must be one of {BATCH_TESTS}, got {test!r}.")
+    if math.isnan(noise_scale) or math.isinf(noise_scale):
+        return noise_scale
+    return float(max(math.ceil(noise_scale_factor * noise_scale), 1))

@@ -3,6 +3,7 @@ norm-test "signal below the dataset's noise" rule and the LR-annealing loss-curv
 
 from lightning_convergence.stopping.grades import GradES
 from lightning_convergence.stopping.loss_curve import LossCurveRule, LRAreas, ScalingLawFit, fit_scaling_law
+from lightning_convergence.stopping.lr_forecast import forecast_lrs
 from lightning_convergence.stopping.statistical import NoiseDominatedRule
 
 __all__ = [
@@ -12,4 +13,5 @@ __all__ = [
     "NoiseDominatedRule",
     "ScalingLawFit",
     "fit_scaling_law",
+    "forecast_lrs",
 ]

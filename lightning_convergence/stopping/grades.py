@@ -3,7 +3,7 @@
 Paper: Wen et al. *GradES: Significantly Faster Training in Transformers with Gradient-Based Early Stopping.*
 arXiv:2509.01842, 2025; official code ``IXZZZ9/GradES`` (``grades/gradient_early_stopping.py``).
 
-Every ``every_n_steps`` optimizer steps, for each matrix ``c`` not yet frozen::
+Every ``check_every_n_steps`` optimizer steps, for each matrix ``c`` not yet frozen::
 
     signal_c = ‖∇_{W_c} L‖₁                      (signal="grad": the paper's abstract)
              = ‖W_c(t) − W_c(t_prev)‖₁            (signal="weight_change": the official code)

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_convergence.callbacks import AdaptiveBatchSize
-from lightning_convergence.callbacks.adaptive_batch import plan_batch
+from lightning_convergence.data.batch_plan import plan_batch
 from tests.callbacks.adaptive_batch_helpers import LeastSquares, RecordLR, make_trainer
 from tests.helpers.loggers import MemoryLogger
 
@@ -215,7 +215,7 @@ def test_min_batch_size_applies_at_the_start():
     [
         ({"test": "bogus"}, "test"), ({"lr_scaling": "cube"}, "lr_scaling"),
         ({"variance_estimator": "x"}, "variance_estimator"), ({"eta": 0}, "eta"), ({"theta": -1}, "theta"),
-        ({"nu": float("nan")}, "nu"), ({"test_interval": 0}, "test_interval"),
+        ({"nu": float("nan")}, "nu"), ({"check_every_n_steps": 0}, "check_every_n_steps"),
         ({"min_batch_size": 0}, "min_batch_size"), ({"min_batch_size": 8, "max_batch_size": 4}, "max_batch_size"),
         ({"max_growth_factor": 1.0}, "max_growth_factor"), ({"smoothing": 1.0}, "smoothing"),
         ({"noise_ema_beta": -0.1}, "noise_ema_beta"), ({"per_sample_max_examples": 1}, "per_sample_max_examples"),

@@ -14,6 +14,7 @@ from lightning_convergence.callbacks.convergence_stop import (
     _simulate_scheduler,
 )
 from lightning_convergence.examples import LinearModel, SyntheticRegressionDataModule
+from lightning_convergence.stopping import forecast_lrs
 from tests.helpers.dist import DumpOnRanks, ddp_fork_strategy, load_rank_results
 from tests.helpers.loggers import MemoryLogger
 
@@ -55,7 +56,7 @@ def test_noise_rule_stops_after_convergence_not_before() -> None:
     L.seed_everything(0)
     dm = SyntheticRegressionDataModule(n_samples=N, dim=DIM, noise_std=NOISE, batch_size=256)
     logger = MemoryLogger()
-    cb = ConvergenceEarlyStopping(rules=["noise_dominated"], every_n_steps=2, patience=3, eta=1.0)
+    cb = ConvergenceEarlyStopping(rules=["noise_dominated"], check_every_n_steps=2, patience=3, eta=1.0)
     excess = ExcessLoss(dm)
     trainer = _trainer([cb, excess], max_steps=400, accumulate_grad_batches=4, logger=logger, log_every_n_steps=2)
     trainer.fit(LinearModel(dim=DIM, lr=0.05), dm)
@@ -74,7 +75,7 @@ def test_noise_rule_two_ranks_without_accumulation(tmp_path) -> None:
     # The two batch sizes come from the ranks (128 per rank, 256 per step): the cross-rank estimator.
     L.seed_everything(0)
     dm = SyntheticRegressionDataModule(n_samples=N, dim=DIM, noise_std=NOISE, batch_size=128)
-    cb = ConvergenceEarlyStopping(rules=["noise_dominated"], every_n_steps=2, patience=3, eta=1.0)
+    cb = ConvergenceEarlyStopping(rules=["noise_dominated"], check_every_n_steps=2, patience=3, eta=1.0)
     excess = ExcessLoss(dm)
 
     def dump(trainer, pl_module):
@@ -99,7 +100,7 @@ def test_noise_rule_on_a_bare_trainer_uses_per_example_gradients() -> None:
     # on the check step's batch give tr(Sigma); the rule stops after convergence, as with accumulation.
     L.seed_everything(0)
     dm = SyntheticRegressionDataModule(n_samples=N, dim=DIM, noise_std=NOISE, batch_size=64)
-    cb = ConvergenceEarlyStopping(rules=["noise_dominated"], every_n_steps=2, patience=3, eta=1.0)
+    cb = ConvergenceEarlyStopping(rules=["noise_dominated"], check_every_n_steps=2, patience=3, eta=1.0)
     excess = ExcessLoss(dm)
     trainer = _trainer([cb, excess], max_steps=600)
     trainer.fit(LinearModel(dim=DIM, lr=0.05), dm)
@@ -125,7 +126,7 @@ class _Scheduled(LinearModel):
 
 def test_future_lrs_come_from_a_copy_of_the_scheduler() -> None:
     model = _Scheduled(total=200, dim=DIM, lr=0.01)
-    cb = ConvergenceEarlyStopping(rules=["loss_curve"], every_n_steps=5, min_delta=0.0)
+    cb = ConvergenceEarlyStopping(rules=["loss_curve"], check_every_n_steps=5, min_delta=0.0)
     trainer = _trainer([cb], max_steps=50)
     trainer.fit(model, SyntheticRegressionDataModule(dim=DIM))
     opt = trainer.optimizers[0]
@@ -144,7 +145,8 @@ def test_loss_curve_rule_stops_and_reports_why() -> None:
     L.seed_everything(0)
     dm = SyntheticRegressionDataModule(n_samples=N, dim=DIM, noise_std=NOISE, batch_size=64)
     logger = MemoryLogger()
-    cb = ConvergenceEarlyStopping(rules=["loss_curve"], every_n_steps=10, patience=2, min_delta=1e-3, min_points=5)
+    cb = ConvergenceEarlyStopping(rules=["loss_curve"], check_every_n_steps=10, patience=2, min_delta=1e-3,
+                                     min_points=5)
     trainer = _trainer([cb], max_steps=600, logger=logger, log_every_n_steps=10)
     trainer.fit(_Scheduled(total=600, dim=DIM, lr=0.01), dm)
     assert cb.stopping_reason is ConvergenceStopReason.LOSS_CURVE and "Loss-curve fit" in cb.stopping_reason_message
@@ -153,7 +155,8 @@ def test_loss_curve_rule_stops_and_reports_why() -> None:
     assert len(cb.curve_rule.history) == cb.stopped_step // 10
     assert logger.values("convergence/stop/predicted_improvement")[-1] < 1e-3
     # State round trip: the history and stop reason survive.
-    other = ConvergenceEarlyStopping(rules=["loss_curve"], every_n_steps=10, patience=2, min_delta=1e-3, min_points=5)
+    other = ConvergenceEarlyStopping(rules=["loss_curve"], check_every_n_steps=10, patience=2, min_delta=1e-3,
+                                     min_points=5)
     other.load_state_dict(cb.state_dict())
     assert other.curve_rule.history == cb.curve_rule.history and other.stopping_reason is cb.stopping_reason
     assert other.stopped_step == cb.stopped_step
@@ -163,7 +166,7 @@ def test_loss_curve_rule_stops_and_reports_why() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"rules": []}, "rules"), ({"rules": ["patience"]}, "rules"), ({"every_n_steps": 0}, "every_n_steps"),
+    [({"rules": []}, "rules"), ({"rules": ["patience"]}, "rules"), ({"check_every_n_steps": 0}, "check_every_n_steps"),
      ({"patience": 0}, "patience"), ({"min_step": -1}, "min_step"), ({"eta": 0.0}, "eta"), ({"eta": -1}, "eta"),
      ({"dataset_size": 1}, "dataset_size"), ({"window": 1}, "window"), ({"confidence_z": -0.5}, "confidence_z"),
      ({"ema_beta": 1.0}, "ema_beta"), ({"min_delta": -0.1}, "min_delta"),
@@ -183,7 +186,7 @@ def test_resume_reproduces_the_stop(tmp_path) -> None:
     def run(max_steps: int, ckpt=None):
         L.seed_everything(0)
         dm = SyntheticRegressionDataModule(n_samples=N, dim=DIM, noise_std=NOISE, batch_size=N, shuffle=False)
-        cb = ConvergenceEarlyStopping(rules=["loss_curve"], every_n_steps=2, patience=3, min_delta=1e-4,
+        cb = ConvergenceEarlyStopping(rules=["loss_curve"], check_every_n_steps=2, patience=3, min_delta=1e-4,
                                       min_points=5)
         trainer = _trainer([cb], max_steps=max_steps)
         model = _Scheduled(total=400, dim=DIM, lr=0.02)
@@ -203,10 +206,10 @@ def test_resume_reproduces_the_stop(tmp_path) -> None:
 
 def test_noise_rule_state_survives_a_round_trip() -> None:
     dm = SyntheticRegressionDataModule(n_samples=N, dim=DIM, noise_std=NOISE, batch_size=256)
-    cb = ConvergenceEarlyStopping(rules=["noise_dominated"], every_n_steps=2)
+    cb = ConvergenceEarlyStopping(rules=["noise_dominated"], check_every_n_steps=2)
     _trainer([cb], max_steps=20, accumulate_grad_batches=4).fit(LinearModel(dim=DIM, lr=0.05), dm)
     state = cb.state_dict()
-    other = ConvergenceEarlyStopping(rules=["noise_dominated"], every_n_steps=2)
+    other = ConvergenceEarlyStopping(rules=["noise_dominated"], check_every_n_steps=2)
     other.load_state_dict(state)  # before fit: kept until the dataset size is known at train start
     assert other.state_dict()["noise_rule"] == state["noise_rule"]
     assert other.monitor.tracker.state_dict() == cb.monitor.tracker.state_dict()
@@ -257,13 +260,9 @@ def test_unsized_dataset_needs_dataset_size() -> None:
 def test_future_lrs_of_a_budget_schedule_that_steps_itself() -> None:
     # LinearDecay advances on the optimizer's step hook; right after a step the rate is already step 1's, and the
     # simulation must continue 0.8, 0.7, ... (1 - s/10), not repeat 0.9.
-    from types import SimpleNamespace
-
     from lightning_convergence.optim import LinearDecay
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = LinearDecay(opt, total_steps=10)
     opt.step()
-    config = SimpleNamespace(scheduler=sched, frequency=1, interval="step")
-    trainer = SimpleNamespace(num_training_batches=100, accumulate_grad_batches=1)
-    assert _simulate_scheduler(trainer, config, opt, 1, 4) == pytest.approx([0.9, 0.8, 0.7, 0.6], abs=1e-12)
+    assert forecast_lrs(sched, opt, 1, 4) == pytest.approx([0.9, 0.8, 0.7, 0.6], abs=1e-12)  # the core, no Trainer

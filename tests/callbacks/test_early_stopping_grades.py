@@ -25,18 +25,19 @@ def _trainer(callbacks, max_steps=300, **kwargs) -> L.Trainer:
 def _assert_frozen_unchanged(trace: dict, final: dict, frozen: dict[str, int]) -> None:
     """A matrix frozen at step t keeps, at every later step and at the end, its value from before step t."""
     for name, t in frozen.items():
-        ref = trace[t][name]
+        ref = trace[t][name] if t in trace else final[name]  # frozen after the last step: its final value
         for s in sorted(trace):
             if s > t:
                 assert torch.equal(trace[s][name], ref), f"{name} frozen at {t} changed by step {s}"
         assert torch.equal(final[name], ref), f"{name} changed after freezing at {t}"
 
 
+@pytest.mark.parametrize("measure_at", ["after_step", "before_step"])
 @pytest.mark.parametrize("signal", ["grad", "weight_change"])
-def test_freezes_in_convergence_order_and_stops(signal: str) -> None:
+def test_freezes_in_convergence_order_and_stops(signal: str, measure_at: str) -> None:
     # Blocks with curvature 4, 1, 0.25 under full-batch GD: the gradient (and the step) of `fast` shrinks fastest.
     cb = GradientEarlyStopping(tau=1e-3 if signal == "grad" else 1e-4, grace_fraction=0.1, signal=signal,
-                               reduction="mean")
+                               reduction="mean", measure_at=measure_at)
     trace = ParamTrace()
     trainer = _trainer([cb, trace], max_steps=600)
     trainer.fit(Blocks())
@@ -44,8 +45,10 @@ def test_freezes_in_convergence_order_and_stops(signal: str) -> None:
     assert list(frozen) == ["fast.weight", "mid.weight", "slow.weight"]
     assert frozen["fast.weight"] < frozen["mid.weight"] < frozen["slow.weight"]
     assert frozen["fast.weight"] >= cb.core.grace_steps == 60  # nothing before floor(0.1 * 600)
-    # All frozen -> stop at that very check; the trainer ran one more update-free step at most.
-    assert cb.stopped_step == frozen["slow.weight"] and trainer.global_step == cb.stopped_step + 1 < 600
+    # All frozen -> stop at that very check: after the step it measured (after_step), or after one more, update-free
+    # step (before_step: the check ran before the step it belongs to).
+    extra = 1 if measure_at == "before_step" else 0
+    assert cb.stopped_step == frozen["slow.weight"] and trainer.global_step == cb.stopped_step + extra < 600
     _assert_frozen_unchanged(trace.trace, trace.final, frozen)
     assert not any(p.requires_grad for p in trainer.lightning_module.parameters())
 
@@ -72,11 +75,14 @@ def test_max_frozen_ratio_and_logging() -> None:
     assert len(logger.values("convergence/stop/signal/slow.weight")) > 0
 
 
-def test_first_weight_change_check_never_freezes() -> None:
-    # The official code's first check returns 0.0, which with alpha = 0 would freeze everything at step 0.
-    cb = GradientEarlyStopping(tau=1e9, grace_fraction=0.0, signal="weight_change", stop_training=False)
+@pytest.mark.parametrize(("measure_at", "first"), [("after_step", 2), ("before_step", 1)])
+def test_first_weight_change_check_never_freezes(measure_at: str, first: int) -> None:
+    # The official code's first check returns 0.0, which with alpha = 0 would freeze everything at once. Here the
+    # first check (after step 1, or before it) only caches the weights; the next one (step 2, or 1) may freeze.
+    cb = GradientEarlyStopping(tau=1e9, grace_fraction=0.0, signal="weight_change", stop_training=False,
+                               measure_at=measure_at)
     _trainer([cb], max_steps=3).fit(Blocks())
-    assert set(cb.core.frozen.values()) == {1}
+    assert set(cb.core.frozen.values()) == {first}
 
 
 def test_drop_grad_mode_keeps_requires_grad_but_no_update() -> None:
@@ -163,7 +169,8 @@ def test_resume_keeps_frozen_set(tmp_path) -> None:
         ({"grace_fraction": 1.0}, "grace_fraction"), ({"grace_fraction": -0.1}, "grace_fraction"),
         ({"max_frozen_ratio": 0.0}, "max_frozen_ratio"), ({"max_frozen_ratio": 1.5}, "max_frozen_ratio"),
         ({"signal": "hessian"}, "signal"), ({"reduction": "max"}, "reduction"), ({"patience": 0}, "patience"),
-        ({"every_n_steps": 0}, "every_n_steps"), ({"min_ndim": 0}, "min_ndim"), ({"total_steps": 0}, "total_steps"),
+        ({"check_every_n_steps": 0}, "check_every_n_steps"), ({"min_ndim": 0}, "min_ndim"),
+        ({"total_steps": 0}, "total_steps"),
         ({"freeze_mode": "maybe"}, "freeze_mode"), ({"include": ["("]}, "include"),
     ],
 )

@@ -49,7 +49,7 @@ def test_single_process_accumulation_matches_reference():
     dm = _data()
     logger = MemoryLogger()
     # lr = 0 keeps w = 0, so the reference gradients are closed-form; ema_beta = 0 logs the latest estimate.
-    monitor = GradientStatsMonitor(every_n_steps=1, ema_beta=0.0)
+    monitor = GradientStatsMonitor(log_every_n_steps=1, ema_beta=0.0)
     _trainer(devices=1, accumulate_grad_batches=2, logger=logger, callbacks=[monitor]).fit(LinearModel(5, lr=0.0), dm)
     logged: dict = {}  # step -> every metric logged at that step
     for step, metrics in logger.history:
@@ -71,7 +71,7 @@ def _history(trainer, pl_module):
 
 def test_two_ranks_match_reference(tmp_path):
     dm = _data()
-    monitor = GradientStatsMonitor(every_n_steps=1, ema_beta=0.0)
+    monitor = GradientStatsMonitor(log_every_n_steps=1, ema_beta=0.0)
     trainer = _trainer(
         devices=2, strategy=ddp_fork_strategy(), logger=MemoryLogger(),
         callbacks=[monitor, DumpOnRanks(tmp_path, _history)],
@@ -94,7 +94,7 @@ def test_two_ranks_match_reference(tmp_path):
 
 def test_no_noise_scale_without_two_batch_sizes_and_per_item_keys():
     logger = MemoryLogger()
-    monitor = GradientStatsMonitor(every_n_steps=2, log_per_item=True)
+    monitor = GradientStatsMonitor(log_every_n_steps=2, log_per_item=True)
     _trainer(devices=1, logger=logger, callbacks=[monitor], max_steps=4).fit(LinearModel(5), _data())
     assert len(logger.values(KEY + "grad_l2_norm")) == 2  # steps 0 and 2
     assert logger.values(KEY + "noise_scale") == []
@@ -108,7 +108,7 @@ def test_nonfinite_gradients_follow_the_policy(policy, caplog):
             return super().training_step(batch, batch_idx) * float("nan")
 
     logger = MemoryLogger()
-    monitor = GradientStatsMonitor(every_n_steps=1, on_nonfinite=policy)
+    monitor = GradientStatsMonitor(log_every_n_steps=1, on_nonfinite=policy)
     model = NaNModel(5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = _trainer(devices=1, logger=logger, callbacks=[monitor], max_steps=2, accumulate_grad_batches=2)
@@ -134,7 +134,8 @@ def test_state_round_trip_and_version_check():
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"every_n_steps": 0}, "every_n_steps"), ({"norm_types": ["l3"]}, "norm_types"), ({"ema_beta": 1.0}, "ema_beta")],
+    [({"log_every_n_steps": 0}, "log_every_n_steps"), ({"norm_types": ["l3"]}, "norm_types"),
+     ({"ema_beta": 1.0}, "ema_beta")],
 )
 def test_bad_arguments_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"`{field}`"):

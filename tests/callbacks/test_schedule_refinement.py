@@ -226,23 +226,34 @@ def test_schedule_refinement_two_ranks_record_global_norms_and_agree(tmp_path):
     assert json.loads((tmp_path / "ddp_norms.json").read_text())["norms"] == r0["norms"]
 
 
-def test_schedule_refinement_skips_nonfinite_gradients(tmp_path):
-    class PoisonThenClean(Callback):
-        """Step 2's gradient is NaN when ScheduleRefinement reads it; cleaned afterwards so training continues."""
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_schedule_refinement_nonfinite_policy(tmp_path, policy, caplog):
+    class PoisonAtStep2(Callback):
+        """Step 2's gradient is NaN when ScheduleRefinement reads it; records whether a stale norm stayed visible."""
+
+        def __init__(self) -> None:
+            self.visible_at_2 = None
 
         def on_after_backward(self, trainer, pl_module):
             if trainer.global_step == 2:
                 pl_module.layer.weight.grad[0, 0] = float("nan")
 
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            for p in pl_module.parameters():
-                p.grad.nan_to_num_(0.0)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:  # the optimizer step taken at global_step 2 is done
+                self.visible_at_2 = "convergence/schedule/grad_norm" in trainer.callback_metrics
 
     seed_everything(0)
     logger = MemoryLogger()
-    ref = ScheduleRefinement(norm_type="l1", log_plot=False)
-    _trainer(tmp_path, [ref, PoisonThenClean()], max_steps=6, logger=logger).fit(_Regression(total=6))
+    ref = ScheduleRefinement(norm_type="l1", log_plot=False, on_nonfinite=policy)
+    poison = PoisonAtStep2()
+    trainer = _trainer(tmp_path, [ref, poison], max_steps=6, logger=logger)
+    trainer.fit(_Regression(total=6))
     assert ref.resolved_norm_type == "l1"  # explicit choice wins over auto (SGD would give l2)
-    assert len(ref.norms) == 5 and ref.nonfinite_skipped_total == 1
     assert all(n == n and n > 0 for n in ref.norms)  # no NaN recorded
+    assert poison.visible_at_2 is False  # the step-1 norm is not left in callback_metrics for step 2
+    assert "ScheduleRefinement: non-finite gradients at optimizer step 2" in caplog.text
+    if policy == "stop":  # the poisoned step is not applied and training ends at that step boundary
+        assert trainer.global_step == 3 and len(ref.norms) == 2 and ref.nonfinite_skipped_total == 1
+        return
+    assert len(ref.norms) == 5 and ref.nonfinite_skipped_total == 1
     assert logger.values("convergence/schedule/nonfinite_skipped_total") == [0, 0, 1, 1, 1, 1]

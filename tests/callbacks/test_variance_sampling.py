@@ -6,18 +6,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_convergence.callbacks import GradientVarianceSampling
 from lightning_convergence.callbacks.variance_sampling import resolve_groups
 from lightning_convergence.examples import DigitsDataModule, MLPClassifier
 from lightning_convergence.sampling import (
-    GroupBudgetSampler,
     allocate_budget,
-    effective_sample_size,
-    importance_weights,
 )
 from tests.helpers.loggers import MemoryLogger
 
@@ -45,41 +42,84 @@ def _trainer(max_steps, callbacks, logger=False, **kwargs):
     )
 
 
-def test_allocation_follows_gvm_formula_and_weights_reach_the_module():
+class _ScriptedGroups(LightningModule):
+    """loss = mean(w · x): every example's gradient is its own x, so the group statistics are known by hand.
+    Group 0 holds x = 1, group 1 holds x = 6 (16 examples each, label = group)."""
+
+    uses_sample_weights = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen.append((x.flatten().clone(), self.sample_weights.clone(), self.sample_groups.clone()))
+        return (self.w * x.flatten() * self.sample_weights).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        x = torch.cat([torch.ones(16), torch.full((16,), 6.0)]).unsqueeze(1)
+        return DataLoader(TensorDataset(x, torch.tensor([0] * 16 + [1] * 16)), batch_size=8)
+
+
+def _probe_loss(module, batch):
+    return (module.w * batch[0].flatten()).mean()
+
+
+def test_gvm_allocation_and_weights_against_hand_computation():
+    # By hand: per-example gradient norms are exactly G_0 = 1 and G_1 = 6 (whatever w is), p_i = 1 (no filtering),
+    # equal group sizes (π_i = 1/2). GVM: n_i ∝ π_i G_i / sqrt(p_i + α/p_i^(β−1)), the same denominator for both.
+    # Window = 2 steps × 8 = 16 draws: one floor draw per group, the other 14 split 1 : 6 -> counts [1+2, 1+12].
+    # Importance weights w_i = π_i / (n_i / 16): group 0 -> 0.5 / (3/16) = 8/3, group 1 -> 0.5 / (13/16) = 8/13.
     seed_everything(0)
-    cb = GradientVarianceSampling(policy="gvm", every_n_steps=3, probe_per_group=4, log_per_item=True)
-    model, logger = WeightedMLP(hidden=(16,)), MemoryLogger()
-    trainer = _trainer(6, [cb], logger=logger, enable_checkpointing=False)
-    trainer.fit(model, DigitsDataModule(batch_size=16))
-    sampler = cb.sampler
-    assert isinstance(trainer.train_dataloader.sampler, GroupBudgetSampler) and sampler is not None
-    assert sampler.window_size == 3 * 16
-    # The allocation in force is the GVM formula applied to the callback's own statistics (p_i = 1: no filtering).
-    expected = allocate_budget(
-        "gvm", 48, sampler.group_sizes, grad_norms=cb.group_stats.value("grad_norm"), min_per_group=1
-    )
-    assert torch.equal(sampler.counts, expected)
-    assert not torch.equal(expected, allocate_budget("uniform", 48, sampler.group_sizes, min_per_group=1))
-    # Every batch got weights; each is one of the window's importance weights.
-    assert len(model.seen_weights) == 6 and all(w.numel() == 16 for w in model.seen_weights)
-    allowed = set()
-    for counts in sampler.state_dict()["window_counts"]:
-        allowed |= {round(v, 5) for v in importance_weights(sampler.group_sizes, counts).tolist()}
-    assert {round(v, 5) for w in model.seen_weights for v in w.tolist()} <= allowed
-    for key in ("grad_variance", "grad_variance_uniform", "effective_sample_size", "budget/0", "step_overhead_ms"):
-        assert logger.values(f"convergence/sampling/{key}"), key
-    assert sum(logger.values(f"convergence/sampling/budget/{g}")[-1] for g in range(10)) == 48
-    # ESS (computed at the log from the window's batches): the mean Kish ESS of the 3 batches since the last log.
-    ess = [effective_sample_size(w) for w in model.seen_weights]
-    assert logger.values("convergence/sampling/effective_sample_size")[-2:] == pytest.approx(
-        [sum(ess[:3]) / 3, sum(ess[3:]) / 3]
-    )
-    assert min(ess) < 16  # the GVM allocation is not uniform, so the weights differ and ESS < batch size
+    cb = GradientVarianceSampling(policy="gvm", check_every_n_steps=2, probe_per_group=4, batch_loss_fn=_probe_loss,
+                                  log_per_item=True)
+    model, logger = _ScriptedGroups(), MemoryLogger()
+    _trainer(6, [cb], logger=logger, enable_checkpointing=False).fit(model)
+    assert cb.sampler.counts.tolist() == [3, 13]
+    assert logger.values("convergence/sampling/budget/0") == [3.0] * 4  # re-allocations at steps 0, 2, 4, 6
+    assert logger.values("convergence/sampling/budget/1") == [13.0] * 4
+    for x, weights, groups in model.seen:
+        assert torch.equal(groups, (x == 6).long())  # the delivered group ids are the examples' own groups
+        # float32 of 8/3 and 8/13: exact to 1 ulp.
+        torch.testing.assert_close(weights, torch.where(x == 6, 8 / 13, 8 / 3).float(), rtol=1e-6, atol=0)
+    # Kish ESS of each batch, (Σw)² / Σw², averaged over the 2 batches of each window (the log at steps 2, 4, 6).
+    ess = [float(w.double().sum() ** 2 / (w.double() ** 2).sum()) for _, w, _ in model.seen]
+    assert logger.values("convergence/sampling/effective_sample_size") == pytest.approx(
+        [(ess[0] + ess[1]) / 2, (ess[2] + ess[3]) / 2, (ess[4] + ess[5]) / 2], rel=1e-12
+    )  # both in float64 from the same float32 weights: summation order only
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nonfinite_probe_follows_the_policy(policy, caplog):
+    # From step 4 on the probe's loss is NaN (the training loss stays finite): it never enters the group statistics.
+    def poisoned(module, batch):
+        loss = _probe_loss(module, batch)
+        return loss * float("nan") if module.trainer.global_step >= 4 else loss
+
+    seed_everything(0)
+    cb = GradientVarianceSampling(policy="gvm", check_every_n_steps=2, probe_per_group=4, batch_loss_fn=poisoned,
+                                  on_nonfinite=policy)
+    trainer = _trainer(8, [cb], enable_checkpointing=False)
+    trainer.fit(_ScriptedGroups())
+    assert "GradientVarianceSampling: non-finite probe gradients at optimizer step 4" in caplog.text
+    assert cb.group_stats.value("grad_norm").tolist() == [1.0, 6.0]  # only the finite probes (steps 0, 2)
+    assert cb.sampler.counts.tolist() == [3, 13]
+    if policy == "stop":
+        assert trainer.global_step == 4 and cb.group_stats.nonfinite_skipped_total == 1
+    else:  # probes at 4, 6 and 8 skipped and counted; training ran to the end
+        assert trainer.global_step == 8 and cb.group_stats.nonfinite_skipped_total == 3
+        assert caplog.text.count("non-finite probe gradients") == 1  # warned once
+        assert trainer.callback_metrics["convergence/sampling/nonfinite_skipped_total"] == 3
 
 
 def test_rms_norm_statistic_gives_the_iid_optimum():
     seed_everything(0)
-    cb = GradientVarianceSampling(policy="gvm", gvm_statistic="rms_norm", every_n_steps=2, probe_per_group=4)
+    cb = GradientVarianceSampling(policy="gvm", gvm_statistic="rms_norm", check_every_n_steps=2, probe_per_group=4)
     _trainer(2, [cb], enable_checkpointing=False).fit(WeightedMLP(hidden=(8,)), DigitsDataModule(batch_size=16))
     sizes, m = cb.sampler.group_sizes, cb.group_stats.value("grad_sq")
     assert torch.equal(cb.sampler.counts, allocate_budget("gvm", 32, sizes, grad_norms=m.sqrt(), min_per_group=1))
@@ -88,7 +128,7 @@ def test_rms_norm_statistic_gives_the_iid_optimum():
 def test_resume_is_identical(tmp_path):
     def run(max_steps, ckpt_path=None, save=False):
         seed_everything(0)
-        cb = GradientVarianceSampling(policy="gvm", every_n_steps=3, probe_per_group=4, seed=5)
+        cb = GradientVarianceSampling(policy="gvm", check_every_n_steps=3, probe_per_group=4, seed=5)
         model = WeightedMLP(hidden=(16,))
         extra = [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=7, save_top_k=-1)] if save else []
         trainer = _trainer(max_steps, [cb, *extra], enable_checkpointing=save)
@@ -115,7 +155,7 @@ def test_resume_is_identical(tmp_path):
 def test_temperature_cooldown_and_no_reweighting():
     seed_everything(0)
     cb = GradientVarianceSampling(
-        policy="temperature", every_n_steps=2, probe_per_group=0, reweight=False, min_per_group=0,
+        policy="temperature", check_every_n_steps=2, probe_per_group=0, reweight=False, min_per_group=0,
         start_temperature=4.0, end_temperature=1.0, cooldown_start_step=2, cooldown_steps=4,
     )
     model, logger = WeightedMLP(hidden=(8,)), MemoryLogger()
@@ -135,7 +175,7 @@ def test_acceptance_rates_enter_the_gvm_allocation():
             return super().training_step(batch, batch_idx)
 
     seed_everything(0)
-    cb = GradientVarianceSampling(policy="gvm", every_n_steps=2, probe_per_group=4)
+    cb = GradientVarianceSampling(policy="gvm", check_every_n_steps=2, probe_per_group=4)
     _trainer(4, [cb], enable_checkpointing=False).fit(Filtering(hidden=(8,)), DigitsDataModule(batch_size=16))
     p = cb.group_stats.value("accept_rate", default=1.0)
     assert p.tolist() == [0.0] * 5 + [1.0] * 5
@@ -165,7 +205,7 @@ def test_module_without_weights_is_warned():
         uses_sample_weights = False  # a user module that reduces its loss without the weights
 
     seed_everything(0)
-    cb = GradientVarianceSampling(every_n_steps=2, probe_per_group=2)
+    cb = GradientVarianceSampling(check_every_n_steps=2, probe_per_group=2)
     with pytest.warns(UserWarning, match="uses_sample_weights"):
         _trainer(1, [cb], enable_checkpointing=False).fit(Unweighted(hidden=(8,)), DigitsDataModule(batch_size=16))
 
@@ -174,7 +214,7 @@ def test_module_without_weights_is_warned():
     ("kwargs", "field"),
     [
         ({"policy": "gvmm"}, "policy"),
-        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"check_every_n_steps": 0}, "check_every_n_steps"),
         ({"probe_per_group": 1}, "probe_per_group"),
         ({"probe_per_group": 0}, "probe_per_group"),
         ({"min_per_group": 0}, "min_per_group"),
@@ -232,7 +272,7 @@ def test_works_under_adaptive_batch_size():
             return super().training_step(batch, batch_idx)
 
     seed_everything(0)
-    gvs = GradientVarianceSampling(every_n_steps=2, probe_per_group=2)
+    gvs = GradientVarianceSampling(check_every_n_steps=2, probe_per_group=2)
     adaptive = AdaptiveBatchSize(test="norm", eta=0.05, max_batch_size=128)
     model = Recording(hidden=(8,))
     trainer = _trainer(6, [gvs, adaptive], enable_checkpointing=False, accumulate_grad_batches=2)

@@ -53,7 +53,7 @@ def _dump(trainer, module):
 
 def test_two_ranks_draw_disjoint_shares(tmp_path):
     seed_everything(0)
-    cb = GradientVarianceSampling(policy="gvm", every_n_steps=EVERY, probe_per_group=4, seed=3)
+    cb = GradientVarianceSampling(policy="gvm", check_every_n_steps=EVERY, probe_per_group=4, seed=3)
     trainer = Trainer(
         strategy=ddp_fork_strategy(), devices=2, accelerator="cpu", max_steps=8, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -88,7 +88,7 @@ def test_resume_is_identical_on_two_ranks(tmp_path):
 
     def run(out, max_steps, ckpt_path=None, save=False):
         seed_everything(0)
-        cb = GradientVarianceSampling(policy="neyman", every_n_steps=EVERY, probe_per_group=4, seed=3)
+        cb = GradientVarianceSampling(policy="neyman", check_every_n_steps=EVERY, probe_per_group=4, seed=3)
         extra = [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)] if save else []
         trainer = Trainer(
             strategy=ddp_fork_strategy(), devices=2, accelerator="cpu", max_steps=max_steps, logger=False,

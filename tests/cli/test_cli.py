@@ -58,8 +58,8 @@ def test_bad_config_names_the_field(override, pattern, tmp_path, monkeypatch, ca
 def test_callback_argument_out_of_range_names_the_field(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text(Path(QUICKSTART).read_text().replace("every_n_steps: 5", "every_n_steps: 0"))
-    with pytest.raises(ValueError, match="`every_n_steps`"):
+    cfg.write_text(Path(QUICKSTART).read_text().replace("        log_every_n_steps: 5", "        log_every_n_steps: 0"))
+    with pytest.raises(ValueError, match="`log_every_n_steps`"):
         main(["fit", "--config", str(cfg), "--trainer.logger=false"])
 
 

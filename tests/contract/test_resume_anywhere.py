@@ -85,7 +85,7 @@ CALLBACKS = {
         # noise_dominated needs 2 micro-batches per step (it refuses accumulation 1 on 1 rank).
         callbacks=lambda ws, acc: [ConvergenceEarlyStopping(
             rules=["noise_dominated", "loss_curve"] if ws * acc > 1 else ["loss_curve"],
-            every_n_steps=1, patience=10, min_points=4, window=2,
+            check_every_n_steps=1, patience=10, min_points=4, window=2,
             verbose=False,
         )],
     ),
@@ -97,11 +97,13 @@ CALLBACKS = {
         )],
     ),
     "GradientStatsMonitor": Case(
-        "GradientStatsMonitor", callbacks=lambda ws, acc: [GradientStatsMonitor(every_n_steps=1)]
+        "GradientStatsMonitor", callbacks=lambda ws, acc: [GradientStatsMonitor(log_every_n_steps=1)]
     ),
     "GradientVarianceSampling": Case(
         "GradientVarianceSampling",
-        callbacks=lambda ws, acc: [GradientVarianceSampling(policy="gvm", every_n_steps=1, probe_per_group=2, seed=3)],
+        callbacks=lambda ws, acc: [
+            GradientVarianceSampling(policy="gvm", check_every_n_steps=1, probe_per_group=2, seed=3)
+        ],
         owns_sampler=True,
     ),
     "ScheduleFreeModeSwitch": Case(

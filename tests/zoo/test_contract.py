@@ -8,7 +8,6 @@ Lightning traceback. The table below lists those expected errors explicitly, so 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -67,7 +66,7 @@ CALLBACKS: dict[str, tuple[Callable[[], Callback], Callable[[], tuple[Callback, 
     ),
     "ConvergenceEarlyStopping": (
         ConvergenceEarlyStopping,
-        lambda: (ConvergenceEarlyStopping(every_n_steps=2), {"accumulate_grad_batches": 2}, None),
+        lambda: (ConvergenceEarlyStopping(check_every_n_steps=2), {"accumulate_grad_batches": 2}, None),
     ),
     "GradientEarlyStopping": (
         GradientEarlyStopping,
@@ -75,11 +74,11 @@ CALLBACKS: dict[str, tuple[Callable[[], Callback], Callable[[], tuple[Callback, 
     ),
     "GradientStatsMonitor": (
         GradientStatsMonitor,
-        lambda: (GradientStatsMonitor(every_n_steps=2), {"accumulate_grad_batches": 2}, None),
+        lambda: (GradientStatsMonitor(log_every_n_steps=2), {"accumulate_grad_batches": 2}, None),
     ),
     "GradientVarianceSampling": (
         GradientVarianceSampling,
-        lambda: (GradientVarianceSampling(policy="neyman", every_n_steps=2, probe_per_group=2), {}, None),
+        lambda: (GradientVarianceSampling(policy="neyman", check_every_n_steps=2, probe_per_group=2), {}, None),
     ),
     "ScheduleFreeModeSwitch": (ScheduleFreeModeSwitch, lambda: (ScheduleFreeModeSwitch(), {}, _schedule_free)),
     "ScheduleRefinement": (
@@ -150,6 +149,8 @@ def _strategy(name: str, world_size: int) -> Any:
         return spec["strategy"](**{**kwargs, "num_clients": 2, "local_steps": 1})
     if "schedule" in kwargs:
         kwargs["schedule"] = 2  # a sync round within the short run
+    if name == "streaming_diloco":  # the zoo's models have 2 layer blocks (the default splits into 4 fragments)
+        kwargs.update(num_fragments=2, sync_every=4)
     if world_size > 1:
         kwargs.update(fork_strategy_kwargs())
     return spec["strategy"](**kwargs)
@@ -161,19 +162,27 @@ STRATEGIES = sorted(
 
 
 def _strategy_cases() -> list[Any]:
-    """Every strategy on every shape on 1 rank; on 2 ranks every strategy on the tuple MLP and on one more shape
-    (rotating, so each shape meets several strategies) to keep the forked runs within the suite's time budget.
-    ``async_fl`` has no world size of its own: it forks ``num_clients`` client processes (2 here)."""
+    """Every strategy on every shape on 1 rank; on 2 forked ranks every strategy once, on a rotating shape (so each
+    shape meets two or three strategies), to keep the forked runs within the suite's time budget. ``async_fl`` has
+    no world size of its own: it forks ``num_clients`` client processes (2 here) in its 1-rank cases."""
     cases = [pytest.param(n, 1, z, id=f"{n}-1-{z.name}") for n in STRATEGIES for z in ZOO]
-    two_ranks = pytest.mark.skipif(
-        not os.environ.get("LC_ZOO_TWO_RANKS"),
-        reason="forked ranks deadlock in a pytest process that already ran in-process gloo groups (seen in the whole "
-               "suite); run them in their own process: LC_ZOO_TWO_RANKS=1 pytest <the '-2-' node ids of this test>",
-    )
     for i, n in enumerate(s for s in STRATEGIES if s != "async_fl"):
-        for z in {ZOO[0].name: ZOO[0], ZOO[1 + i % (len(ZOO) - 1)].name: ZOO[1 + i % (len(ZOO) - 1)]}.values():
-            cases.append(pytest.param(n, 2, z, id=f"{n}-2-{z.name}", marks=two_ranks))
+        z = ZOO[i % len(ZOO)]
+        cases.append(pytest.param(n, 2, z, id=f"{n}-2-{z.name}"))
     return cases
+
+
+def _documented_module(name: str, entry: ZooEntry) -> Any:
+    """The zoo module, with the optimizer a strategy documents as required (DeMo and 1-bit Adam own their
+    communication, so ``demo``/``onebit_adam`` refuse plain SGD at setup with a message that says so)."""
+    module = entry.module()
+    if name in ("demo", "onebit_adam"):
+        from lightning_convergence.optim import DeMo, OnebitAdam
+
+        make = {"demo": lambda: DeMo(module.parameters(), lr=1e-3, topk=4, chunk_size=8),
+                "onebit_adam": lambda: OnebitAdam(module.parameters(), lr=1e-3, start_step=2)}[name]
+        module.configure_optimizers = make
+    return module
 
 
 @pytest.mark.parametrize(("name", "world_size", "entry"), _strategy_cases())
@@ -186,5 +195,55 @@ def test_strategy_on_every_shape(tmp_path, name, world_size, entry):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = _trainer(tmp_path, [dump], strategy=_strategy(name, world_size), devices=world_size, max_steps=4)
-        trainer.fit(entry.module(), data)
+        trainer.fit(_documented_module(name, entry), data)
     assert load_rank_results(tmp_path / "ranks", world_size) == [4] * world_size
+
+
+def _rank_view(trainer: Trainer, module: Any) -> dict[str, Any]:
+    logged = [v for _, m in trainer.loggers[0].history for v in m.values()] if trainer.is_global_zero else []
+    return {"step": trainer.global_step, "logged": logged, "params": [p.detach().clone() for p in module.parameters()]}
+
+
+def _fit_two_ranks(tmp_path: Any, entry: ZooEntry, callbacks: list[Callback]) -> None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    torch.manual_seed(0)
+    dump = DumpOnRanks(tmp_path / "ranks", _rank_view)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = _trainer(tmp_path, [*callbacks, dump], logger=MemoryLogger(), devices=2, max_steps=4,
+                           strategy=DDPStrategy(**fork_strategy_kwargs()))
+        module = entry.module()
+        if any(isinstance(c, ScheduleFreeModeSwitch) for c in callbacks):
+            module = _schedule_free(module)
+        trainer.fit(module, entry.datamodule())
+    r0, r1 = load_rank_results(tmp_path / "ranks", 2)
+    assert r0["step"] == r1["step"] > 0  # both ranks end together (a stopping callback may end the run early)
+    assert r0["logged"] and all(math.isfinite(v) for v in r0["logged"])
+    for a, b in zip(r0["params"], r1["params"]):  # every callback acted alike on both ranks
+        assert torch.equal(a, b)
+
+
+TWO_RANK_BUNDLE = sorted(n for n in CALLBACKS if n != "GradientVarianceSampling")
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=repr)
+def test_every_callback_on_two_ranks(tmp_path, entry):
+    """The public callbacks together with their defaults on 2 forked DDP ranks, one process pair per shape (with the
+    schedule-free optimizer the mode switch documents). GradientVarianceSampling runs in its own pair below: with
+    AdaptiveBatchSize under DDP the two samplers do not compose yet (the xfail below)."""
+    _fit_two_ranks(tmp_path, entry, [CALLBACKS[n][0]() for n in TWO_RANK_BUNDLE])
+
+
+@pytest.mark.parametrize("entry", [z for z in ZOO if ("GradientVarianceSampling", z.name) not in EXPECTED_ERRORS][1:],
+                         ids=repr)
+def test_variance_sampling_on_two_ranks(tmp_path, entry):
+    """Defaults on the foreign shapes that have groups (the tuple MLP at 2 ranks: tests/callbacks)."""
+    _fit_two_ranks(tmp_path, entry, [GradientVarianceSampling()])
+
+
+@pytest.mark.xfail(strict=True, raises=Exception, reason="GradientVarianceSampling + AdaptiveBatchSize under DDP: "
+                   "Lightning re-creates the group sampler under the resizable batch sampler, so the weights of a "
+                   "batch are asked of a sampler that did not draw it (works on one device)")
+def test_variance_sampling_with_adaptive_batch_on_two_ranks(tmp_path):
+    _fit_two_ranks(tmp_path, ZOO[0], [GradientVarianceSampling(), AdaptiveBatchSize()])

@@ -97,9 +97,9 @@ class _NaNAtStep5(TupleMLP):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: GradientStatsMonitor(every_n_steps=1),
-    lambda: ConvergenceEarlyStopping(every_n_steps=1),
-    lambda: ConvergenceEarlyStopping(rules=["loss_curve"], every_n_steps=1),
+    lambda: GradientStatsMonitor(log_every_n_steps=1),
+    lambda: ConvergenceEarlyStopping(check_every_n_steps=1),
+    lambda: ConvergenceEarlyStopping(rules=["loss_curve"], check_every_n_steps=1),
     lambda: GradientEarlyStopping(signal="grad"),
     lambda: GradientEarlyStopping(),
     lambda: AdaptiveBatchSize(),
@@ -124,8 +124,8 @@ def test_item4_diloco_on_one_device_stops_before_nan_enters_the_replica(caplog):
 # -- item 6 -----------------------------------------------------------------------------------------------------
 def test_item6_one_owner_per_key_and_no_inf():
     logger = MemoryLogger()
-    monitor = GradientStatsMonitor(every_n_steps=1, ema_beta=0.0)
-    stop = ConvergenceEarlyStopping(every_n_steps=1)
+    monitor = GradientStatsMonitor(log_every_n_steps=1, ema_beta=0.0)
+    stop = ConvergenceEarlyStopping(check_every_n_steps=1)
     _fit(ZOO_BY_NAME["tuple_mlp"], [monitor, stop], max_steps=6, logger=logger, accumulate_grad_batches=2)
     # Only the user's monitor writes grad_stats keys (before: the early-stopping callback's internal monitor wrote
     # the same keys at the same steps with other values), and no value is inf or NaN.
