@@ -90,12 +90,40 @@ class TinyNet(LightningModule):
             import schedulefree
 
             return schedulefree.SGDScheduleFree(self.parameters(), lr=0.1, momentum=0.9, warmup_steps=2)
-        opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+        opt = _OPTIMIZERS[self.optimizer_name](self.parameters())
+        if self.optimizer_name == "budget":  # total_steps=None: BudgetScheduleSync gives it the trainer's budget
+            from lightning_convergence.optim import LinearDecay
+
+            sched = LinearDecay(opt, warmup_steps=1)
+        else:
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.x, self.y), batch_size=BATCH, shuffle=True)
+
+
+def _demo(params: Any) -> torch.optim.Optimizer:
+    from lightning_convergence.optim import DeMo
+
+    # 4-entry chunks with 2 sent: the 4x4 and 2x4 weights split into several chunks, so top-k really drops entries.
+    return DeMo(params, lr=0.05, momentum_decay=0.9, topk=2, chunk_size=4)
+
+
+def _onebit_adam(params: Any) -> torch.optim.Optimizer:
+    from lightning_convergence.optim import OnebitAdam
+
+    return OnebitAdam(params, lr=0.05, start_step=2)  # warm-up (DDP all-reduce) for 2 steps, then 1-bit momentum
+
+
+def _sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+# The optimizer families a case can ask for (``Case.optimizer``); ``schedule_free`` is built in TinyNet itself.
+_OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    "sgd": _sgd, "budget": _sgd, "demo": _demo, "onebit_adam": _onebit_adam,
+}
 
 
 @dataclass
@@ -211,11 +239,11 @@ def _short(x: Any) -> str:
 
 def fit(case: Case, root: Path, world_size: int, accumulation: int, ckpt_path: str | None = None,
         savers: list[Callback] | None = None, extra: list[Callback] | None = None, stop: str = "epochs",
-        ) -> dict[str, Any]:
+        logger: Any = False) -> dict[str, Any]:
     """One run of the case in a fresh Trainer/module/callbacks/strategy; returns its end :func:`snapshot`.
 
     ``stop``: ``"epochs"`` (``max_epochs=2``) or ``"steps"`` (``max_steps=4``, ``max_epochs=-1``: Lightning's loops
-    restore differently in iteration-based training)."""
+    restore differently in iteration-based training). ``logger``: the trainer's logger (none by default)."""
     snap = Snapshot()
     position = [] if case.owns_sampler else [ResumablePosition()]
     callbacks = [*position, *case.callbacks(world_size, accumulation), *(extra or []), *(savers or []), snap]
@@ -223,7 +251,7 @@ def fit(case: Case, root: Path, world_size: int, accumulation: int, ckpt_path: s
         accelerator="cpu", devices=world_size, max_epochs=EPOCHS if stop == "epochs" else -1,
         max_steps=-1 if stop == "epochs" else EPOCHS * STEPS_PER_EPOCH,
         accumulate_grad_batches=accumulation, limit_train_batches=STEPS_PER_EPOCH * accumulation,
-        limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+        limit_val_batches=1, num_sanity_val_steps=0, logger=logger, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=bool(savers), default_root_dir=str(root),
         deterministic=True, log_every_n_steps=1,
     )
