@@ -11,7 +11,7 @@ is added without an entry here.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lightning.pytorch.strategies import StrategyRegistry
@@ -50,7 +50,6 @@ class Part:
     cores: tuple[str, ...] = ()
     resume: str = "anywhere"
     variant_of: str | None = None  # a second setting of the part named here (another code path worth resuming)
-    notes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def base(self) -> str:
@@ -73,7 +72,7 @@ def _registered(name: str, keys: tuple[str, ...], cores: tuple[str, ...], optimi
     return Part(name, Case(name, strategy=build, optimizer=optimizer), keys, cores, resume=resume)
 
 
-_BATCH = ("batch_size", "samples_seen_total", "test_statistic", "accumulate_grad_batches", "per_device_batch_size",
+_BATCH = ("batch_size", "samples_seen_total", "test_statistic", "noise_scale", "accumulate_grad_batches", "per_device_batch_size",
           "step_overhead_ms", "nonfinite_skipped_total")
 _COMPRESS = ("bytes_sent_total", "ratio", "residual_norm", "nonfinite_skipped_total")
 _LOCAL_SGD = ("sync_rounds_total", "bytes_sent_total", "pseudo_grad_norm", "replica_divergence",
@@ -106,8 +105,7 @@ def _entries() -> list[Part]:
                 rules=["noise_dominated", "loss_curve"] if ws * acc > 1 else ["loss_curve"],
                 every_n_steps=1, patience=10, min_points=4, window=2, verbose=False,
             )],
-            _keys("stop", ("required_batch", "grad_sq_upper", "noise_streak", "stopped"))
-            + _keys("grad_stats", ("noise_scale", "trace_cov", "grad_sq_norm")),
+            _keys("stop", ("required_batch", "grad_sq_upper", "noise_streak", "curve_streak", "stopped")),
             ("stopping", "stats"),
         ),
         _callback(  # a large tau and no grace: parameters freeze within the 4 steps, so the frozen set resumes too
