@@ -72,8 +72,8 @@ def _registered(name: str, keys: tuple[str, ...], cores: tuple[str, ...], optimi
     return Part(name, Case(name, strategy=build, optimizer=optimizer), keys, cores, resume=resume)
 
 
-_BATCH = ("batch_size", "samples_seen_total", "test_statistic", "noise_scale", "accumulate_grad_batches", "per_device_batch_size",
-          "step_overhead_ms", "nonfinite_skipped_total")
+_BATCH = ("batch_size", "samples_seen_total", "test_statistic", "noise_scale", "accumulate_grad_batches",
+          "per_device_batch_size", "step_overhead_ms", "nonfinite_skipped_total")
 _COMPRESS = ("bytes_sent_total", "ratio", "residual_norm", "nonfinite_skipped_total")
 _LOCAL_SGD = ("sync_rounds_total", "bytes_sent_total", "pseudo_grad_norm", "replica_divergence",
               "nonfinite_skipped_total")
