@@ -29,17 +29,15 @@ from tests.contract.parts import PARTS
 from tests.helpers.dist import run_processes
 from tests.helpers.resume import (
     EPOCHS,
-    SLURM_ENV,
     STEPS_PER_EPOCH,
     differences,
     external_launch_env,
     fit,
     issue_fit,
     resume_everywhere,
-    sigterm_resumes,
-    sigusr1_resumes,
     step_savers,
 )
+from tests.helpers.resume_signals import SLURM_ENV, sigterm_resumes, sigusr1_resumes
 
 ROOT = Path(__file__).resolve().parents[2]
 
