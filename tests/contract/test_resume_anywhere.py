@@ -1,18 +1,14 @@
-"""Resume from any step is exact: every public callback and every registered strategy, at 1 and 2 ranks, with
-accumulation 1 and 2, in epoch-based and ``max_steps`` runs, checkpointed by Lightning's ``ModelCheckpoint`` after
-every optimizer step, at every training epoch's end and at every end-of-epoch validation; each resumed run (fresh
-Trainer, module, callbacks, strategy) must end bit-identical to the run that never stopped: parameters, optimizer
-and scheduler state, and the part's own state (issue #21). The run that wrote the checkpoints must also equal the
-run that wrote none (saving has no side effect).
-
-There is no part registry yet (issue #13): :data:`CALLBACKS` and :data:`STRATEGIES` list every public callback and
-every name registered in Lightning's ``StrategyRegistry``; :func:`test_the_lists_cover_every_public_part` fails when a
-part is added without a case here.
+"""Resume from any step is exact, for every part of the registry (:mod:`tests.contract.parts`): each public callback
+and each registered strategy, at 1 and 2 ranks, with accumulation 1 and 2, in epoch-based and ``max_steps`` runs,
+checkpointed by Lightning's ``ModelCheckpoint`` after every optimizer step, at every training epoch's end and at every
+end-of-epoch validation; each resumed run (fresh Trainer, module, callbacks, strategy) must end bit-identical to the
+run that never stopped: parameters, optimizer and scheduler state, and the part's own state (issue #21). The run that
+wrote the checkpoints must also equal the run that wrote none (saving has no side effect).
 
 Also covered: the case filed in issue #21 (AdaptiveBatchSize resumed from an epoch-end checkpoint), a resume in a
-fresh Python process through the CLI entry point, and the checkpoints Lightning's fault-tolerant path writes on
-SIGTERM (``OnExceptionCheckpoint``) and on the SLURM requeue signal SIGUSR1 (the ``hpc_ckpt_<n>.ckpt`` a preempted
-job leaves).
+fresh Python process through the CLI entry point, the checkpoints Lightning's fault-tolerant path writes on SIGTERM
+(``OnExceptionCheckpoint``) and on the SLURM requeue signal SIGUSR1 (the ``hpc_ckpt_<n>.ckpt`` a preempted job
+leaves), and ``async_fl`` (its own process model).
 """
 
 from __future__ import annotations
@@ -29,31 +25,19 @@ import torch
 import yaml
 from lightning.pytorch.strategies import StrategyRegistry
 
-import lightning_convergence.callbacks as public_callbacks
-from lightning_convergence.callbacks import (
-    AdaptiveBatchSize,
-    ConvergenceEarlyStopping,
-    GradientEarlyStopping,
-    GradientStatsMonitor,
-    GradientVarianceSampling,
-    ScheduleFreeModeSwitch,
-    ScheduleRefinement,
-)
+from tests.contract.parts import PARTS
 from tests.helpers.dist import run_processes
 from tests.helpers.resume import (
     EPOCHS,
-    SLURM_ENV,
     STEPS_PER_EPOCH,
-    Case,
     differences,
     external_launch_env,
     fit,
     issue_fit,
     resume_everywhere,
-    sigterm_resumes,
-    sigusr1_resumes,
     step_savers,
 )
+from tests.helpers.resume_signals import SLURM_ENV, sigterm_resumes, sigusr1_resumes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,75 +47,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
 
-CALLBACKS = {
-    "AdaptiveBatchSize": Case(
-        "AdaptiveBatchSize",
-        # The micro-batch estimator needs 2 micro-batches per step: per_sample at accumulation 1 on 1 rank.
-        callbacks=lambda ws, acc: [AdaptiveBatchSize(
-            max_batch_size=64, variance_estimator="microbatch" if ws * acc > 1 else "per_sample", smoothing=0.5,
-        )],
-        owns_sampler=True,
-    ),
-    "AdaptiveBatchSize-per-device": Case(
-        "AdaptiveBatchSize-per-device",
-        # The per-device batch grows at epoch ends (the loader is rebuilt every epoch).
-        callbacks=lambda ws, acc: [AdaptiveBatchSize(
-            max_batch_size=64, max_per_device_batch_size=8, variance_estimator="per_sample", smoothing=0.5,
-        )],
-        owns_sampler=True, trainer_kwargs={"reload_dataloaders_every_n_epochs": 1},
-    ),
-    "ConvergenceEarlyStopping": Case(
-        "ConvergenceEarlyStopping",
-        # noise_dominated needs 2 micro-batches per step (it refuses accumulation 1 on 1 rank).
-        callbacks=lambda ws, acc: [ConvergenceEarlyStopping(
-            rules=["noise_dominated", "loss_curve"] if ws * acc > 1 else ["loss_curve"],
-            check_every_n_steps=1, patience=10, min_points=4, window=2,
-            verbose=False,
-        )],
-    ),
-    "GradientEarlyStopping": Case(
-        "GradientEarlyStopping",
-        # A large tau and no grace: parameters freeze within the 4 steps, so the frozen set must resume too.
-        callbacks=lambda ws, acc: [GradientEarlyStopping(
-            tau=0.5, grace_fraction=0.25, total_steps=4, min_ndim=1, stop_training=False,
-        )],
-    ),
-    "GradientStatsMonitor": Case(
-        "GradientStatsMonitor", callbacks=lambda ws, acc: [GradientStatsMonitor(log_every_n_steps=1)]
-    ),
-    "GradientVarianceSampling": Case(
-        "GradientVarianceSampling",
-        callbacks=lambda ws, acc: [
-            GradientVarianceSampling(policy="gvm", check_every_n_steps=1, probe_per_group=2, seed=3)
-        ],
-        owns_sampler=True,
-    ),
-    "ScheduleFreeModeSwitch": Case(
-        "ScheduleFreeModeSwitch", callbacks=lambda ws, acc: [ScheduleFreeModeSwitch()], optimizer="schedule_free"
-    ),
-    "ScheduleRefinement": Case(
-        "ScheduleRefinement", callbacks=lambda ws, acc: [ScheduleRefinement(online=True, refit_every_n_steps=2)]
-    ),
-}
-
-# Registered names with their registered settings; the local-SGD family synchronises every 2 steps here (the
-# registered 8 or 32 would never synchronise in a 4-step run).
-_SCHEDULE_OVERRIDE = {"local_sgd": 2, "diloco": 2, "noloco": 2, "co2": 2}
-STRATEGIES = ["ddp_ef21", "ddp_ef21_sgdm", "ddp_econtrol", "ddp_ef14", "local_sgd", "diloco", "noloco", "co2"]
-# async_fl runs its own process model (the server is one Lightning process that forks its clients, and in-flight
-# client work is by design not part of a checkpoint): it is covered by test_async_fl_resumes_at_every_server_step.
-ASYNC = ["async_fl"]
-
-
-def _registered(name: str):
-    def build():
-        entry = StrategyRegistry[name]
-        kwargs = dict(entry["init_params"])
-        if name in _SCHEDULE_OVERRIDE:
-            kwargs["schedule"] = _SCHEDULE_OVERRIDE[name]
-        return entry["strategy"](process_group_backend="gloo", **kwargs)
-
-    return Case(name, strategy=build)
+ANYWHERE = sorted(n for n, p in PARTS.items() if p.resume == "anywhere")
 
 
 def _assert_exact(results: dict[str, list[str]]) -> None:
@@ -140,50 +56,26 @@ def _assert_exact(results: dict[str, list[str]]) -> None:
     assert len(results) >= 2  # at least two runs (resumed or signalled) were compared
 
 
-def _case(name: str) -> Case:
-    return CALLBACKS[name] if name in CALLBACKS else _registered(name)
-
-
-def _worker(rank: int, world_size: int, case_name: str, root: str, accumulation: int, stop: str,
+def _worker(rank: int, world_size: int, name: str, root: str, accumulation: int, stop: str,
             ) -> dict[str, list[str]]:
     external_launch_env(rank, world_size)
     warnings.simplefilter("ignore")
-    return resume_everywhere(_case(case_name), Path(root), world_size, accumulation, stop)
+    return resume_everywhere(PARTS[name].case, Path(root), world_size, accumulation, stop)
 
 
-def _run(case_name: str, world_size: int, accumulation: int, stop: str, root: Path) -> None:
-    # Always in forked processes, world size 1 included: a DDP-type strategy run in the pytest process itself leaves
-    # state behind that hangs later ddp_fork tests.
-    for rank_results in run_processes(_worker, world_size, case_name, str(root), accumulation, stop):
+# Each world size runs accumulation 1 and 2, and an epoch-based and an iteration-based (`max_steps`) run, where
+# Lightning restores its loops differently (it calls `on_train_epoch_end` again, and sets the sampler epoch one ahead).
+# Always in forked processes, world size 1 included: a DDP-type strategy run in the pytest process itself leaves
+# state behind that hangs later ddp_fork tests.
+_SHAPES = [(1, 1, "epochs"), (1, 2, "steps"), (2, 1, "steps"), (2, 2, "epochs")]
+
+
+@pytest.mark.parametrize(("world_size", "accumulation", "stop"), _SHAPES,
+                         ids=[f"{w}rank-acc{a}-{s}" for w, a, s in _SHAPES])
+@pytest.mark.parametrize("name", ANYWHERE)
+def test_part_resumes_exactly_from_every_step(name, world_size, accumulation, stop, tmp_path):
+    for rank_results in run_processes(_worker, world_size, name, str(tmp_path), accumulation, stop):
         _assert_exact(rank_results)
-
-
-# Epoch-based runs at accumulation 1 and 2; an iteration-based run (`max_steps`) at accumulation 2, where Lightning
-# restores its loops differently (it calls `on_train_epoch_end` again, and sets the sampler epoch one ahead).
-_SHAPES = [(1, "epochs"), (2, "epochs"), (2, "steps")]
-
-
-@pytest.mark.parametrize(("accumulation", "stop"), _SHAPES, ids=[f"acc{a}-{s}" for a, s in _SHAPES])
-@pytest.mark.parametrize("world_size", [1, 2], ids=["1rank", "2ranks"])
-@pytest.mark.parametrize("name", sorted(CALLBACKS))
-def test_callback_resumes_exactly_from_every_step(name, world_size, accumulation, stop, tmp_path):
-    _run(name, world_size, accumulation, stop, tmp_path)
-
-
-@pytest.mark.parametrize(("accumulation", "stop"), _SHAPES, ids=[f"acc{a}-{s}" for a, s in _SHAPES])
-@pytest.mark.parametrize("world_size", [1, 2], ids=["1rank", "2ranks"])
-@pytest.mark.parametrize("name", STRATEGIES)
-def test_strategy_resumes_exactly_from_every_step(name, world_size, accumulation, stop, tmp_path):
-    _run(name, world_size, accumulation, stop, tmp_path)
-
-
-def test_the_lists_cover_every_public_part():
-    public = {n for n in public_callbacks.__all__ if isinstance(getattr(public_callbacks, n), type)
-              and n != "ConvergenceStopReason"}
-    assert {name.split("-")[0] for name in CALLBACKS} == public
-    ours = {n for n in StrategyRegistry if StrategyRegistry[n]["strategy"].__module__.startswith(
-        "lightning_convergence")}
-    assert set(STRATEGIES) | set(ASYNC) == ours
 
 
 # -- the case filed in issue #21 ---------------------------------------------------------------------------------
@@ -211,7 +103,8 @@ def test_issue_21_adaptive_batch_resumes_exactly_from_the_end_of_epoch_0(world_s
 
 
 # -- checkpoints written by Lightning's fault-tolerant path ------------------------------------------------------
-_SIGNAL_CASES = ["AdaptiveBatchSize", "GradientVarianceSampling", "ddp_ef21", "diloco"]
+# A part that owns its sampler and one with per-rank strategy state (the signal paths are Lightning's, not the parts').
+_SIGNAL_CASES = ["AdaptiveBatchSize", "diloco"]
 
 
 def _slurm_env(rank: int, world_size: int) -> dict[str, str]:
@@ -226,8 +119,8 @@ def _signal_worker(rank: int, world_size: int, kind: str, name: str, root: str) 
     external_launch_env(rank, world_size)
     if kind == "sigusr1":
         os.environ.update(_slurm_env(rank, world_size))
-        return sigusr1_resumes(_case(name), Path(root), 2, world_size)
-    return sigterm_resumes(_case(name), Path(root), 2, world_size)
+        return sigusr1_resumes(PARTS[name].case, Path(root), 2, world_size)
+    return sigterm_resumes(PARTS[name].case, Path(root), 2, world_size)
 
 
 def _run_signal(kind: str, name: str, world_size: int, root: Path, monkeypatch) -> None:
@@ -258,7 +151,7 @@ def test_cli_resume_in_a_fresh_process_is_exact(tmp_path):
     """AdaptiveBatchSize (accumulation 2) saved in-process at step 2 and at the end of epoch 0, then resumed by
     ``python -m lightning_convergence fit --ckpt_path ...`` in a new interpreter: nothing process-global (RNG,
     module caches, the sampler's controller) carries the state."""
-    case = CALLBACKS["AdaptiveBatchSize"]
+    case = PARTS["AdaptiveBatchSize"].case
     straight = fit(case, tmp_path / "straight", 1, 2)
     fit(case, tmp_path / "saving", 1, 2, savers=step_savers(tmp_path / "ckpt"))
     config = {

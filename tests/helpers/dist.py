@@ -33,12 +33,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any,
+            init_group: bool = True) -> None:
     try:
         torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=TIMEOUT
-        )
+        if init_group:
+            dist.init_process_group(
+                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=TIMEOUT
+            )
         result = fn(rank, world_size, *args)
         queue.put((rank, "ok", result))
     except BaseException:
@@ -48,15 +50,18 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
             dist.destroy_process_group()
 
 
-def run_processes(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout_s: float = 120) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` forked processes joined by a gloo group.
+def run_processes(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout_s: float = 120,
+                  init_group: bool = True) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` forked processes joined by a gloo group (none with
+    ``init_group=False``: for code that sets up its own, such as the federated server).
 
     Returns the results ordered by rank. ``fn`` and its results must be picklable only for the results.
     """
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, init_group))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,12 +89,40 @@ class TinyNet(LightningModule):
             import schedulefree
 
             return schedulefree.SGDScheduleFree(self.parameters(), lr=0.1, momentum=0.9, warmup_steps=2)
-        opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+        opt = _OPTIMIZERS[self.optimizer_name](self.parameters())
+        if self.optimizer_name == "budget":  # total_steps=None: BudgetScheduleSync gives it the trainer's budget
+            from lightning_convergence.optim import LinearDecay
+
+            sched = LinearDecay(opt, warmup_steps=1)
+        else:
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.x, self.y), batch_size=BATCH, shuffle=True)
+
+
+def _demo(params: Any) -> torch.optim.Optimizer:
+    from lightning_convergence.optim import DeMo
+
+    # 4-entry chunks with 2 sent: the 4x4 and 2x4 weights split into several chunks, so top-k really drops entries.
+    return DeMo(params, lr=0.05, momentum_decay=0.9, topk=2, chunk_size=4)
+
+
+def _onebit_adam(params: Any) -> torch.optim.Optimizer:
+    from lightning_convergence.optim import OnebitAdam
+
+    return OnebitAdam(params, lr=0.05, start_step=2)  # warm-up (DDP all-reduce) for 2 steps, then 1-bit momentum
+
+
+def _sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+# The optimizer families a case can ask for (``Case.optimizer``); ``schedule_free`` is built in TinyNet itself.
+_OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    "sgd": _sgd, "budget": _sgd, "demo": _demo, "onebit_adam": _onebit_adam,
+}
 
 
 @dataclass
@@ -211,11 +238,11 @@ def _short(x: Any) -> str:
 
 def fit(case: Case, root: Path, world_size: int, accumulation: int, ckpt_path: str | None = None,
         savers: list[Callback] | None = None, extra: list[Callback] | None = None, stop: str = "epochs",
-        ) -> dict[str, Any]:
+        logger: Any = False) -> dict[str, Any]:
     """One run of the case in a fresh Trainer/module/callbacks/strategy; returns its end :func:`snapshot`.
 
     ``stop``: ``"epochs"`` (``max_epochs=2``) or ``"steps"`` (``max_steps=4``, ``max_epochs=-1``: Lightning's loops
-    restore differently in iteration-based training)."""
+    restore differently in iteration-based training). ``logger``: the trainer's logger (none by default)."""
     snap = Snapshot()
     position = [] if case.owns_sampler else [ResumablePosition()]
     callbacks = [*position, *case.callbacks(world_size, accumulation), *(extra or []), *(savers or []), snap]
@@ -223,7 +250,7 @@ def fit(case: Case, root: Path, world_size: int, accumulation: int, ckpt_path: s
         accelerator="cpu", devices=world_size, max_epochs=EPOCHS if stop == "epochs" else -1,
         max_steps=-1 if stop == "epochs" else EPOCHS * STEPS_PER_EPOCH,
         accumulate_grad_batches=accumulation, limit_train_batches=STEPS_PER_EPOCH * accumulation,
-        limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+        limit_val_batches=1, num_sanity_val_steps=0, logger=logger, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=bool(savers), default_root_dir=str(root),
         deterministic=True, log_every_n_steps=1,
     )
@@ -340,74 +367,3 @@ def issue_fit(root: Path, world_size: int, ckpt_path: str | None = None, save: b
     trainer.fit(IssueNet(), ckpt_path=ckpt_path)
     assert snap.state is not None
     return snap.state
-
-
-class SignalAt(Callback):
-    """Send ``signum`` to this process at the end of the batches that made optimizer steps ``steps``."""
-
-    def __init__(self, signum: int, steps: list[int]) -> None:
-        self.signum, self.steps = signum, list(steps)
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if self.steps and trainer.global_step == self.steps[0]:
-            self.steps.pop(0)
-            os.kill(os.getpid(), self.signum)  # the handler runs here, in the main thread, before the next line
-
-
-SLURM_ENV = {
-    "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
-    "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "resume-anywhere", "SLURM_NODELIST": "localhost",
-}
-
-
-def sigusr1_resumes(case: Case, root: Path, accumulation: int, world_size: int = 1) -> dict[str, list[str]]:
-    """SLURM's requeue path on one process (call with :data:`SLURM_ENV` in the environment): SIGUSR1 after every
-    optimizer step makes Lightning write ``hpc_ckpt_<k>.ckpt``; each is resumed, the newest one the way a requeued
-    job does it (same ``default_root_dir``, no ``ckpt_path``: Lightning finds the HPC checkpoint itself)."""
-    straight = fit(case, root / "straight", world_size, accumulation)
-    steps = list(range(1, straight["global_step"]))
-    job = root / "job"
-    saving = fit(case, job, world_size, accumulation, extra=[SignalAt(signal.SIGUSR1, steps)])
-    out = {"signalled run": differences(saving, straight)}
-    paths = sorted(job.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    assert [torch.load(p, weights_only=False)["global_step"] for p in paths] == steps
-    for path in paths[:-1]:
-        resumed = fit(case, root / f"from-{path.stem}", world_size, accumulation, ckpt_path=str(path))
-        out[path.stem] = differences(resumed, straight)
-    first_step: list[int] = []
-    requeued = fit(case, job, world_size, accumulation, extra=[_FirstStep(first_step)])
-    out["requeued job"] = differences(requeued, straight)
-    assert first_step == [steps[-1]], first_step  # it did resume from the newest HPC checkpoint
-    return out
-
-
-def sigterm_resumes(case: Case, root: Path, accumulation: int, world_size: int = 1) -> dict[str, list[str]]:
-    """Lightning's SIGTERM path on one process: after the signal the batch finishes, ``SIGTERMException`` ends
-    ``fit`` and ``OnExceptionCheckpoint`` writes a checkpoint; a fresh run resumes from it (one run per step)."""
-    from lightning.pytorch.callbacks import OnExceptionCheckpoint
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    straight = fit(case, root / "straight", world_size, accumulation)
-    out: dict[str, list[str]] = {}
-    for step in range(1, straight["global_step"]):
-        directory = root / f"term{step}"
-        saver = OnExceptionCheckpoint(dirpath=directory)
-        try:
-            fit(case, directory, world_size, accumulation, extra=[SignalAt(signal.SIGTERM, [step])], savers=[saver])
-        except SIGTERMException:
-            pass
-        path = directory / "on_exception.ckpt"
-        assert torch.load(path, weights_only=False)["global_step"] == step
-        out[f"sigterm-step{step}"] = differences(
-            fit(case, root / f"from-term{step}", world_size, accumulation, ckpt_path=str(path)), straight
-        )
-    return out
-
-
-class _FirstStep(Callback):
-    def __init__(self, out: list[int]) -> None:
-        self.out = out
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.out.append(trainer.global_step)
