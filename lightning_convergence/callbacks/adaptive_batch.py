@@ -17,10 +17,9 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from typing_extensions import override
 
 from lightning_convergence import stats
+from lightning_convergence._checks import check_int_at_least, check_state_version
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._nonfinite import check_nonfinite_policy
-from lightning_convergence._state import check_state_version
-from lightning_convergence._validate import check_int_at_least
 from lightning_convergence.callbacks._common import finite_metrics, handle_nonfinite, hook_loss_factor, probe_loss
 from lightning_convergence.data import rebuild_dataloader, wrap_train_dataloader
 from lightning_convergence.data.resizable import BatchSizeController, EpochShuffleSampler, ResizableBatchSampler

@@ -39,7 +39,7 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from lightning_convergence._validate import check_int_at_least
+from lightning_convergence._checks import check_int_at_least
 
 __all__ = [
     "BudgetSchedule",
