@@ -42,14 +42,14 @@ def _show(value: Any) -> str:
     return f"an object of type {type(value).__name__}"
 
 
-def argument_error(owner: str, field: str, accepted: str, value: Any,
-                   kind: type[Exception] = ValueError) -> Exception:
+def argument_error(owner: str, field: str, accepted: str, value: Any, kind: type[Exception] = ValueError,
+                   hint: str = "") -> Exception:
     """The exception for a check written by hand: ``raise argument_error(owner, field, "...", value)``.
 
     Use it for conditions the functions below do not cover (a relation between two fields, a length that depends on
-    another argument), so every message keeps the one form.
+    another argument), so every message keeps the one form; ``hint`` (the fix, a sentence) follows it.
     """
-    return kind(f"{owner}: `{field}` must be {accepted}, got {_show(value)}.")
+    return kind(f"{owner}: `{field}` must be {accepted}, got {_show(value)}." + (f" {hint}" if hint else ""))
 
 
 def _is_int(value: Any) -> bool:

@@ -114,8 +114,11 @@ def test_check_instance_names_the_type_received():
 
 def test_argument_error_keeps_the_form_and_shows_objects_by_type():
     err = argument_error("Owner", "field", "1 + 2 entries", object(), TypeError)
-    assert isinstance(err, TypeError) and str(err) == "Owner: `field` must be 1 + 2 entries, got an object of type object."
+    assert isinstance(err, TypeError)
+    assert str(err) == "Owner: `field` must be 1 + 2 entries, got an object of type object."
     assert str(argument_error("Owner", "field", "short", "x" * 200)).endswith("...")  # long values are cut
+    assert str(argument_error("Owner", "field", ">= 3", 2, hint="Launch fewer.")) == (
+        "Owner: `field` must be >= 3, got 2. Launch fewer.")
 
 
 def test_check_state_version():

@@ -211,6 +211,10 @@ class ServerRule:
             out.update({f"participation/client{c}": float(v) for c, v in sorted(self.participation.items())})
         return out
 
+    def staleness_counts(self) -> dict[str, float]:
+        """The staleness histogram as ``staleness_count/<τ>`` scalars (logged once, at the end of a run)."""
+        return {f"staleness_count/{s}": float(c) for s, c in sorted(self.staleness_hist.items())}
+
     # ------------------------------------------------------------------ state
     def _extra_state(self) -> dict:
         return {}
