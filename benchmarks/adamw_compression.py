@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,9 +38,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._netem import RateLimitedNamespace
-from benchmarks.compressed_ddp import _free_port, _smooth
+from benchmarks._common import run_on_link, torchrun_command
 from benchmarks.compressed_ddp import _recorder as compressed_recorder
+from benchmarks.compressed_ddp import _smooth
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -272,20 +271,13 @@ def main() -> None:
             p.error(f"unknown method {spec!r}; choose from {list(METHODS)}")
     OUT.mkdir(parents=True, exist_ok=True)
     results = OUT / f"adamw_compression-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     for world in args.world_sizes:
-        argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}", __file__, "--worker", "--task", args.task, "--rate", args.rate,
-                "--out", str(results), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-                "--onebit-fraction", str(args.onebit_fraction), "--methods", *args.methods]
+        argv = torchrun_command(__file__, world, [
+            "--worker", "--task", args.task, "--rate", args.rate, "--out", str(results), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+            "--onebit-fraction", str(args.onebit_fraction), "--methods", *args.methods])
         t0 = time.time()
-        if args.no_netem:
-            subprocess.run(argv, check=True, env=env)
-        else:
-            with RateLimitedNamespace(None if args.rate == "none" else args.rate) as ns:
-                ns.run(argv, check=True, env=env)
+        run_on_link(argv, None if args.rate == "none" else args.rate, "adamw_compression", namespace=not args.no_netem)
         print(f"[{args.task} W={world} @ {args.rate}: {time.time() - t0:.0f} s]", file=sys.stderr)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     print_summary(summarise(rows), "target: DDP + AdamW's smoothed training loss at 75% of its steps")
