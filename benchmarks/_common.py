@@ -6,8 +6,9 @@ Every script in ``benchmarks/`` keeps only its experiment and takes the rest fro
   writes it to ``benchmarks/out/<name>.png`` when the ``with`` block ends;
 * :class:`StepTimer` times each optimizer step (by step, warm-up and post-validation steps dropped) and
   :class:`TrainClock` the training wall time with validation excluded, plus the validation curve against it;
-* :func:`free_port`, :func:`torchrun_command` and :func:`run_on_link` launch ranks on 127.0.0.1, inside a
-  rate-limited network namespace (:mod:`_netem`) when one can be made, and say whether the limit applied.
+* :func:`free_port`, :func:`torchrun_command` / :func:`torchrun_nodes` (one node / several torchrun "nodes") and
+  :func:`run_on_link` launch ranks on 127.0.0.1, inside a rate-limited network namespace (:mod:`_netem`) when one can
+  be made, and say whether the limit applied.
 
 Scripts run as ``python benchmarks/<name>.py`` and import it as ``_common``; from the repository root it is
 ``benchmarks._common``.
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,8 +37,9 @@ else:  # imported as ``_common`` by a script run as ``python benchmarks/<name>.p
     from _netem import RateLimitedNamespace, lo_tx_bytes, netem_available
 
 __all__ = [
-    "OUT", "RateLimitedNamespace", "StepTimer", "TrainClock", "figure", "free_port", "lo_tx_bytes", "netem_available",
-    "print_table", "run_on_link", "save_bar_plot", "time_to", "torch_hook_strategy", "torchrun_command", "bench_env",
+    "OUT", "RateLimitedNamespace", "StepTimer", "TrainClock", "bench_env", "figure", "free_port", "lo_tx_bytes",
+    "netem_available", "print_table", "run_on_link", "save_bar_plot", "time_to", "torch_hook_strategy",
+    "torchrun_command", "torchrun_nodes",
 ]
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -206,6 +210,34 @@ def run_on_link(cmd: Sequence[str], rate: str | None, label: str, namespace: boo
     with RateLimitedNamespace(rate) as ns:
         subprocess.run(ns.command(cmd), check=True, env=bench_env())
     return rate is not None
+
+
+def torchrun_nodes(script: str | Path, args: Sequence[str], nproc_per_node: Sequence[int], timeout_s: float) -> None:
+    """Run ``script args`` as ``len(nproc_per_node)`` torchrun nodes on 127.0.0.1 (c10d rendezvous hosted by node
+    0, which starts first); waits for all, and always ends every process tree it started."""
+    port, run_id, nnodes = free_port(), uuid.uuid4().hex[:8], len(nproc_per_node)
+    procs: list[subprocess.Popen] = []
+    try:
+        for node, nproc in enumerate(nproc_per_node):
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
+                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}",
+                   f"--rdzv-conf=is_host={int(node == 0)}", str(script), *args]
+            procs.append(subprocess.Popen(cmd, env=bench_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+            deadline = time.monotonic() + 60
+            while node == 0 and time.monotonic() < deadline:  # the store must listen before the others look
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        for p in procs:
+            p.wait(timeout=timeout_s)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)  # ours to end: the agent and its workers
+            p.wait()
 
 
 def torch_hook_strategy(state: Any, hook: Any, **kwargs: Any) -> Any:

@@ -7,7 +7,7 @@ augmented and noise-scale rules, each starting from the small batch (split into 
 estimator needs 2 gradient samples per step) with sqrt LR scaling, growing up to the large batch, the per-device batch
 growing at epoch boundaries.
 
-    /work/venv/bin/python benchmarks/adaptive_batch.py --quick
+    python benchmarks/adaptive_batch.py --quick
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OUT, print_table, save_bar_plot
+from _common import OUT, TrainClock, print_table, save_bar_plot
 
 from lightning_convergence.callbacks import AdaptiveBatchSize
 from lightning_convergence.examples import (
@@ -69,20 +69,6 @@ class TargetWatch(Callback):
             trainer.should_stop = True
 
 
-class OverheadProbe(Callback):
-    """Mean train wall time per optimizer step (evaluation excluded by TargetWatch's own timer is not needed here)."""
-
-    def __init__(self) -> None:
-        self.t0 = 0.0
-        self.total = 0.0
-
-    def on_train_start(self, trainer, pl_module):
-        self.t0 = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module):
-        self.total = time.perf_counter() - self.t0
-
-
 def _classifier_loss(model: Any, batch: Any) -> torch.Tensor:
     x, y = batch
     return F.cross_entropy(model(x), y)
@@ -111,7 +97,7 @@ def _task(name: str, quick: bool) -> dict[str, Any]:
     }
 
 
-def _run(task: dict[str, Any], label: str, test: str | None, large: int, test_interval: int = 4) -> dict[str, Any]:
+def _run(task: dict[str, Any], label: str, test: str | None, large: int, check_every_n_steps: int = 4) -> dict:
     seed_everything(0, workers=True)
     small = task["small"]
     if test is None:
@@ -123,13 +109,13 @@ def _run(task: dict[str, Any], label: str, test: str | None, large: int, test_in
         dm, accumulate = task["data"](small // 2), 2
         callbacks = [AdaptiveBatchSize(
             test=test, eta=0.5, theta=task["theta"], nu=task["nu"], max_batch_size=large, max_growth_factor=2.0,
-            max_per_device_batch_size=large, lr_scaling="sqrt", smoothing=0.9, test_interval=test_interval,
+            max_per_device_batch_size=large, lr_scaling="sqrt", smoothing=0.9, test_interval=check_every_n_steps,
         )]
     model = task["model"](lr)
     dm.setup("fit")
     val_batches = list(dm.val_dataloader())
     watch = TargetWatch(task["loss"], val_batches, task["target"], task["every"])
-    probe = OverheadProbe()
+    probe = TrainClock()
     trainer = Trainer(
         accelerator="cpu", devices=1, max_steps=task["max_steps"], max_epochs=-1, accumulate_grad_batches=accumulate,
         callbacks=[*callbacks, watch, probe], logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -139,7 +125,7 @@ def _run(task: dict[str, Any], label: str, test: str | None, large: int, test_in
     trainer.fit(model, datamodule=dm)
     steps = max(trainer.global_step, 1)
     out: dict[str, Any] = {"label": label, "hit": watch.hit, "steps_run": steps, "curve": watch.curve}
-    train_s = probe.total - watch._eval_s
+    train_s = probe.elapsed - watch._eval_s
     out["step_ms"] = 1e3 * train_s / steps
     if callbacks:
         cb = callbacks[0]
@@ -151,12 +137,12 @@ def _run(task: dict[str, Any], label: str, test: str | None, large: int, test_in
     return out
 
 
-def bench(name: str, quick: bool, test_interval: int) -> tuple[str, list[dict[str, Any]]]:
+def bench(name: str, quick: bool, check_every_n_steps: int) -> tuple[str, list[dict[str, Any]]]:
     task = _task(name, quick)
     large = task["small"] * 8
     runs = [_run(task, "fixed_small", None, large), _run(task, "fixed_large", None, large)]
     for test in ("norm", "inner_product", "augmented", "noise_scale"):
-        runs.append(_run(task, test, test, large, test_interval))
+        runs.append(_run(task, test, test, large, check_every_n_steps))
     small_r, large_r = runs[0], runs[1]
     fixed_hits = [r for r in runs[:2] if r["hit"]]
     best_wall = min((r["hit"]["wall_s"] for r in fixed_hits), default=math.nan)
@@ -178,11 +164,11 @@ def bench(name: str, quick: bool, test_interval: int) -> tuple[str, list[dict[st
         "run", "steps", "samples", "wall_s", "steps/small", "samples/large", "wall/best_fixed", "final_batch",
         "stats_ms/step", "overhead_%",
     ]
-    title = f"\n{name}: target val loss {task['target']} (quick={quick}, test_interval={test_interval})"
+    title = f"\n{name}: target val loss {task['target']} (quick={quick}, check_every_n_steps={check_every_n_steps})"
     text = print_table(title, header, rows)
     labels = [r["label"] for r in runs]
     save_bar_plot(
-        OUT / f"adaptive_batch_{name}.png", labels,
+        f"adaptive_batch_{name}", labels,
         [r["hit"]["steps"] if r["hit"] else float("nan") for r in runs], "optimizer steps to target",
         f"{name}: steps to val loss {task['target']}",
     )
@@ -193,11 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller LM corpus and looser targets (~3 minutes)")
     parser.add_argument("--tasks", nargs="+", default=["classifier", "lm"], choices=["classifier", "lm"])
-    parser.add_argument("--test-interval", type=int, default=4, help="optimizer steps between tests (paper: 1)")
+    parser.add_argument("--check-every-n-steps", type=int, default=4, help="optimizer steps between tests (paper: 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for name in args.tasks:
-        bench(name, args.quick, args.test_interval)
+        bench(name, args.quick, args.check_every_n_steps)
     print(f"\nplots: {OUT}/adaptive_batch_<task>.png  (2-core CPU, shared: wall times are noisy)")
 
 
