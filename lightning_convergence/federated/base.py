@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from lightning_convergence._checks import argument_error, check_choice, check_int, check_number
+from lightning_convergence._checks import argument_error, check_choice, check_int, check_number, check_state_version
 from lightning_convergence.stats import all_finite
 
 __all__ = ["ParamDict", "ServerRule", "staleness_weight", "weighted_sum", "STALENESS_FUNCTIONS"]
@@ -235,8 +235,7 @@ class ServerRule:
 
     def load_state_dict(self, state: Mapping) -> None:
         owner = type(self).__name__
-        if state.get("version") != self.STATE_VERSION:
-            raise RuntimeError(f"{owner}: state `version` must be {self.STATE_VERSION}, got {state.get('version')!r}.")
+        check_state_version(owner, state, self.STATE_VERSION)
         if state.get("rule") != self.name:
             raise RuntimeError(f"{owner}: state was written by rule {state.get('rule')!r}, not {self.name!r}.")
         self.params = {k: v.detach().to("cpu", torch.float32).clone() for k, v in state["params"].items()}
