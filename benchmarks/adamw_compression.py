@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import run_on_link, torchrun_command
+from benchmarks._common import print_table, run_on_link, torchrun_command
 from benchmarks.compressed_ddp import _recorder as compressed_recorder
 from benchmarks.compressed_ddp import _smooth
 
@@ -113,12 +113,12 @@ def _recorder(warmup: int) -> Any:
     """compressed_ddp's recorder (losses, step times, kernel bytes), with our strategy's own byte count."""
     rec = compressed_recorder(warmup)
 
-    def ours(trainer: Any) -> float:
+    def ours(trainer: Any, key: str = "bytes_sent_total") -> float:  # the recorder also asks for "dense_bytes_total"
         s = trainer.strategy
-        if hasattr(s, "link_bytes_total"):
+        if key == "bytes_sent_total" and hasattr(s, "link_bytes_total"):
             return float(s.link_bytes_total())
         hs = getattr(s, "hook_state", None)  # CompressedDDPStrategy: payload bytes of this rank's all-gathers
-        return float(hs.counters["bytes_sent_total"]) if hs is not None else 0.0
+        return float(hs.counters.get(key, 0)) if hs is not None and hasattr(hs, "counters") else 0.0
 
     rec._ours = ours
     return rec
@@ -197,15 +197,12 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def print_summary(summary: list[dict[str, Any]], target_note: str) -> None:
-    head = (f"{'task':<6} {'W':>2} {'method':<24} {'kernel B/rank/step':>18} {'our B':>10} {'DDP/bytes':>9} "
-            f"{'loss':>7} {'gap %':>6} {'step s':>7} {'TTT s':>7} {'TTT/DDP':>7}")
-    print(head + "\n" + "-" * len(head))
-    for o in summary:
-        ttt = f"{o['ttt_s']:.1f}" if o["ttt_s"] else "never"
-        tx = f"{o['ttt_x']:.2f}" if o["ttt_x"] else "-"
-        print(f"{o['task']:<6} {o['W']:>2} {o['method']:<24} {o['net_B']:>18.0f} {o['our_B']:>10.0f} "
-              f"{o['bytes_x']:>9.1f} {o['loss']:>7.4f} {o['gap_pct']:>+6.2f} {o['step_s']:>7.3f} {ttt:>7} {tx:>7}")
-    print(target_note)
+    rows = [[o["task"], o["W"], o["method"], f"{o['net_B']:.0f}", f"{o['our_B']:.0f}", f"{o['bytes_x']:.1f}",
+             f"{o['loss']:.4f}", f"{o['gap_pct']:+.2f}", f"{o['step_s']:.3f}",
+             f"{o['ttt_s']:.1f}" if o["ttt_s"] else "never", f"{o['ttt_x']:.2f}" if o["ttt_x"] else "-"]
+            for o in summary]
+    print_table(target_note, ["task", "W", "method", "kernel B/rank/step", "our B", "DDP/bytes", "loss", "gap %",
+                              "step s", "TTT s", "TTT/DDP"], rows)
 
 
 def step_compute(task: str, repeats: int = 10) -> None:
