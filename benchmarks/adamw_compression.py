@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,9 +38,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._netem import RateLimitedNamespace
-from benchmarks.compressed_ddp import _free_port, _smooth
+from benchmarks._common import print_table, run_on_link, torchrun_command
 from benchmarks.compressed_ddp import _recorder as compressed_recorder
+from benchmarks.compressed_ddp import _smooth
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -114,12 +113,12 @@ def _recorder(warmup: int) -> Any:
     """compressed_ddp's recorder (losses, step times, kernel bytes), with our strategy's own byte count."""
     rec = compressed_recorder(warmup)
 
-    def ours(trainer: Any) -> float:
+    def ours(trainer: Any, key: str = "bytes_sent_total") -> float:  # the recorder also asks for "dense_bytes_total"
         s = trainer.strategy
-        if hasattr(s, "link_bytes_total"):
+        if key == "bytes_sent_total" and hasattr(s, "link_bytes_total"):
             return float(s.link_bytes_total())
         hs = getattr(s, "hook_state", None)  # CompressedDDPStrategy: payload bytes of this rank's all-gathers
-        return float(hs.counters["bytes_sent_total"]) if hs is not None else 0.0
+        return float(hs.counters.get(key, 0)) if hs is not None and hasattr(hs, "counters") else 0.0
 
     rec._ours = ours
     return rec
@@ -198,15 +197,12 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def print_summary(summary: list[dict[str, Any]], target_note: str) -> None:
-    head = (f"{'task':<6} {'W':>2} {'method':<24} {'kernel B/rank/step':>18} {'our B':>10} {'DDP/bytes':>9} "
-            f"{'loss':>7} {'gap %':>6} {'step s':>7} {'TTT s':>7} {'TTT/DDP':>7}")
-    print(head + "\n" + "-" * len(head))
-    for o in summary:
-        ttt = f"{o['ttt_s']:.1f}" if o["ttt_s"] else "never"
-        tx = f"{o['ttt_x']:.2f}" if o["ttt_x"] else "-"
-        print(f"{o['task']:<6} {o['W']:>2} {o['method']:<24} {o['net_B']:>18.0f} {o['our_B']:>10.0f} "
-              f"{o['bytes_x']:>9.1f} {o['loss']:>7.4f} {o['gap_pct']:>+6.2f} {o['step_s']:>7.3f} {ttt:>7} {tx:>7}")
-    print(target_note)
+    rows = [[o["task"], o["W"], o["method"], f"{o['net_B']:.0f}", f"{o['our_B']:.0f}", f"{o['bytes_x']:.1f}",
+             f"{o['loss']:.4f}", f"{o['gap_pct']:+.2f}", f"{o['step_s']:.3f}",
+             f"{o['ttt_s']:.1f}" if o["ttt_s"] else "never", f"{o['ttt_x']:.2f}" if o["ttt_x"] else "-"]
+            for o in summary]
+    print_table(target_note, ["task", "W", "method", "kernel B/rank/step", "our B", "DDP/bytes", "loss", "gap %",
+                              "step s", "TTT s", "TTT/DDP"], rows)
 
 
 def step_compute(task: str, repeats: int = 10) -> None:
@@ -281,20 +277,13 @@ def main() -> None:
             p.error(f"unknown method {spec!r}; choose from {list(METHODS)}")
     OUT.mkdir(parents=True, exist_ok=True)
     results = OUT / f"adamw_compression-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     for world in args.world_sizes:
-        argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}", __file__, "--worker", "--task", args.task, "--rate", args.rate,
-                "--out", str(results), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-                "--onebit-fraction", str(args.onebit_fraction), "--methods", *args.methods]
+        argv = torchrun_command(__file__, world, [
+            "--worker", "--task", args.task, "--rate", args.rate, "--out", str(results), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+            "--onebit-fraction", str(args.onebit_fraction), "--methods", *args.methods])
         t0 = time.time()
-        if args.no_netem:
-            subprocess.run(argv, check=True, env=env)
-        else:
-            with RateLimitedNamespace(None if args.rate == "none" else args.rate) as ns:
-                ns.run(argv, check=True, env=env)
+        run_on_link(argv, None if args.rate == "none" else args.rate, "adamw_compression", namespace=not args.no_netem)
         print(f"[{args.task} W={world} @ {args.rate}: {time.time() - t0:.0f} s]", file=sys.stderr)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     print_summary(summarise(rows), "target: DDP + AdamW's smoothed training loss at 75% of its steps")

@@ -7,7 +7,7 @@ augmented and noise-scale rules, each starting from the small batch (split into 
 estimator needs 2 gradient samples per step) with sqrt LR scaling, growing up to the large batch, the per-device batch
 growing at epoch boundaries.
 
-    /work/venv/bin/python benchmarks/adaptive_batch.py --quick
+    python benchmarks/adaptive_batch.py --quick
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OUT, print_table, save_bar_plot
+from _common import OUT, TrainClock, print_table, save_bar_plot
 
 from lightning_convergence.callbacks import AdaptiveBatchSize
 from lightning_convergence.examples import (
@@ -67,20 +67,6 @@ class TargetWatch(Callback):
             wall = time.perf_counter() - self._t0 - self._eval_s
             self.hit = {"steps": trainer.global_step, "samples": self.samples, "wall_s": wall}
             trainer.should_stop = True
-
-
-class OverheadProbe(Callback):
-    """Mean train wall time per optimizer step (evaluation excluded by TargetWatch's own timer is not needed here)."""
-
-    def __init__(self) -> None:
-        self.t0 = 0.0
-        self.total = 0.0
-
-    def on_train_start(self, trainer, pl_module):
-        self.t0 = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module):
-        self.total = time.perf_counter() - self.t0
 
 
 def _classifier_loss(model: Any, batch: Any) -> torch.Tensor:
@@ -131,7 +117,7 @@ def _run(
     dm.setup("fit")
     val_batches = list(dm.val_dataloader())
     watch = TargetWatch(task["loss"], val_batches, task["target"], task["every"])
-    probe = OverheadProbe()
+    probe = TrainClock()
     trainer = Trainer(
         accelerator="cpu", devices=1, max_steps=task["max_steps"], max_epochs=-1, accumulate_grad_batches=accumulate,
         callbacks=[*callbacks, watch, probe], logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -141,7 +127,7 @@ def _run(
     trainer.fit(model, datamodule=dm)
     steps = max(trainer.global_step, 1)
     out: dict[str, Any] = {"label": label, "hit": watch.hit, "steps_run": steps, "curve": watch.curve}
-    train_s = probe.total - watch._eval_s
+    train_s = probe.elapsed - watch._eval_s
     out["step_ms"] = 1e3 * train_s / steps
     if callbacks:
         cb = callbacks[0]
@@ -184,7 +170,7 @@ def bench(name: str, quick: bool, check_every_n_steps: int) -> tuple[str, list[d
     text = print_table(title, header, rows)
     labels = [r["label"] for r in runs]
     save_bar_plot(
-        OUT / f"adaptive_batch_{name}.png", labels,
+        f"adaptive_batch_{name}", labels,
         [r["hit"]["steps"] if r["hit"] else float("nan") for r in runs], "optimizer steps to target",
         f"{name}: steps to val loss {task['target']}",
     )

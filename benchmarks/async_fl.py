@@ -8,9 +8,9 @@ the global model first reaches the target validation accuracy, as ratios to FedA
 best and final accuracy within the budget. Virtual time is the headline: in simulation the wall time only counts the
 compute of one process (it is what a 1-process simulation costs, not what a deployment waits).
 
-    /work/venv/bin/python benchmarks/async_fl.py            # 16 clients
-    /work/venv/bin/python benchmarks/async_fl.py --quick    # 8 clients, shorter budget
-    /work/venv/bin/python benchmarks/async_fl.py --real     # real processes (AsyncFederatedStrategy), wall time
+    python benchmarks/async_fl.py            # 16 clients
+    python benchmarks/async_fl.py --quick    # 8 clients, shorter budget
+    python benchmarks/async_fl.py --real     # real processes (AsyncFederatedStrategy), wall time
 
 ``--real`` runs the same four rules with ``AsyncFederatedStrategy`` (forked gloo clients on this machine), emulating
 the speeds with ``step_delay_s·speed_n`` seconds of sleep per local step, and measures wall seconds and server updates
@@ -21,7 +21,7 @@ with ``(clients + 1) / 2`` processes; global rank 0 is the server and every othe
 speeds 1x..10x from ``step_delay_s·speed_n`` sleeps on top of the hardware's own speed. It prints the wall-time table
 next to the simulation of the same clients, speeds and rules (virtual time), and the server's link bytes.
 
-    /work/venv/bin/python benchmarks/async_fl.py --torchrun --clients 3
+    python benchmarks/async_fl.py --torchrun --clients 3
 """
 
 from __future__ import annotations
@@ -29,17 +29,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 import torch.nn.functional as F
+from _common import OUT, figure, print_table, torchrun_nodes
 
 from lightning_convergence.examples import DigitsDataModule, MLPClassifier
 from lightning_convergence.federated import (
@@ -53,8 +51,6 @@ from lightning_convergence.federated import (
     partition_indices,
     speed_factors,
 )
-
-OUT = Path(__file__).resolve().parent / "out"
 
 
 class SGDClassifier(MLPClassifier):
@@ -151,42 +147,6 @@ def run_real(name, rule, n, speeds, args, init_state, val_x, val_y):
             "bytes_sent": strategy.bytes_sent_total, "bytes_received": strategy.bytes_received_total}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch_two_nodes(argv: list[str], nproc: int, timeout_s: float) -> None:
-    """Two torchrun agents on 127.0.0.1 (node 0 hosts the rendezvous store); both process trees are always ended."""
-    port, run_id = _free_port(), uuid.uuid4().hex[:8]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = []
-    try:
-        for node in (0, 1):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc-per-node={nproc}",
-                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}",
-                   f"--rdzv-conf=is_host={1 - node}", __file__, *argv]
-            procs.append(subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL))
-            if node == 0:
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    try:
-                        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                        break
-                    except OSError:
-                        time.sleep(0.1)
-        for p in procs:
-            p.wait(timeout=timeout_s)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
-
 def torchrun_worker(args, name, rule, n, speeds, init_state, val_x, val_y) -> None:
     """What every launched process runs; rank 0 writes the result to ``--worker-out``."""
     result = run_real(name, rule, n, speeds, args, init_state, val_x, val_y)
@@ -248,42 +208,30 @@ def main() -> None:
         return x / b if (b and not math.isnan(x) and not math.isnan(b)) else math.nan
 
     mode = f"real processes, step_delay_s={args.step_delay_s}" if args.real else "simulation"
-    print(f"\nasync FL on digits ({mode}): {n} clients, speeds 1x-10x, Dirichlet alpha={args.alpha}, "
-          f"K={args.local_steps} local SGD steps (lr {args.client_lr}, batch {args.batch_size}), target val acc "
-          f"{args.target:.2f}" + ("" if args.real else f", virtual-time budget {args.budget:g}"))
-    header = ("rule", "t_target", "t/FedAvg", "speedup", "server_upd", "upd/FedAvg", "client_upd", "cu/FedAvg",
-              "wall_s", "best_acc", "final_acc", "stale_mean")
-    print(" | ".join(header))
+    title = (f"\nasync FL on digits ({mode}): {n} clients, speeds 1x-10x, Dirichlet alpha={args.alpha}, "
+             f"K={args.local_steps} local SGD steps (lr {args.client_lr}, batch {args.batch_size}), target val acc "
+             f"{args.target:.2f}" + ("" if args.real else f", virtual-time budget {args.budget:g}"))
+    rows = []
     for r in results:
         t_ratio = ratio(r["time"], base["time"])
-        print(" | ".join([
+        rows.append([
             r["name"], f"{r['time']:.1f}" if args.real else f"{r['time']:.0f}", f"{t_ratio:.2f}",
             f"{1 / t_ratio:.2f}x" if t_ratio else "nan",
             f"{r['versions']:.0f}", f"{ratio(r['versions'], base['versions']):.2f}", f"{r['client_updates']:.0f}",
             f"{ratio(r['client_updates'], base['client_updates']):.2f}", f"{r['wall']:.1f}", f"{r['best']:.4f}",
             f"{r['final']:.4f}", f"{r['staleness']:.2f}",
-        ]))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        OUT.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for r in results:
-            ax.plot([h["time"] for h in r["history"]], [h["acc"] for h in r["history"]], label=r["name"])
-        ax.axhline(args.target, color="grey", ls="--", lw=0.8)
-        ax.set_xlabel("wall seconds" if args.real else "virtual time")
-        ax.set_ylabel("validation accuracy (global model)")
-        ax.set_ylim(0, 1)
-        ax.legend()
-        path = OUT / f"async_fl{'_real' if args.real else ''}{'_quick' if args.quick else ''}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        print(f"plot: {path}")
-    except ImportError:  # pragma: no cover - matplotlib is an optional extra
-        print("matplotlib missing: no plot")
+        ])
+    print_table(title, ["rule", "t_target", "t/FedAvg", "speedup", "server_upd", "upd/FedAvg", "client_upd",
+                        "cu/FedAvg", "wall_s", "best_acc", "final_acc", "stale_mean"], rows)
+    with figure(f"async_fl{'_real' if args.real else ''}{'_quick' if args.quick else ''}") as ax:
+        if ax is not None:
+            for r in results:
+                ax.plot([h["time"] for h in r["history"]], [h["acc"] for h in r["history"]], label=r["name"])
+            ax.axhline(args.target, color="grey", ls="--", lw=0.8)
+            ax.set_xlabel("wall seconds" if args.real else "virtual time")
+            ax.set_ylabel("validation accuracy (global model)")
+            ax.set_ylim(0, 1)
+            ax.legend()
 
 
 def _two_rules(n: int, k: int) -> dict:
@@ -314,24 +262,22 @@ def main_torchrun(args) -> None:
         path = out / f"{name.split()[0]}.json"
         path.unlink(missing_ok=True)
         argv = [a for a in sys.argv[1:] if a != "--torchrun"] + ["--torchrun-worker", name, "--worker-out", str(path)]
-        _launch_two_nodes(argv, (n + 1) // 2, timeout_s=600)
+        torchrun_nodes(__file__, argv, [(n + 1) // 2] * 2, timeout_s=600)
         real.append(json.loads(path.read_text()))
     wall_all = time.perf_counter() - start_all
     parts = partition_indices(len(train), n, "dirichlet", labels=train.tensors[1], alpha=args.alpha, seed=0,
                               min_size=args.batch_size // 2)
     args.budget = args.budget or 1500.0
     sim = [run_rule(k, r(), train, parts, speeds, args, make_eval(val_x, val_y), init_state) for k, r in rules.items()]
-    print(f"\nasync FL on digits, {n} client processes over 2 torchrun nodes on 127.0.0.1 (server = rank 0), speeds "
-          f"{', '.join(f'{s:g}' for s in speeds)} x step_delay_s={args.step_delay_s} s per local step, Dirichlet "
-          f"alpha={args.alpha}, K={args.local_steps} local SGD steps, target val acc {args.target:.2f}; "
-          f"{wall_all:.0f} s for both launches")
-    print("rule | real t_target (s) | real speedup | server_upd | client_upd | MB sent | MB received | "
-          "sim t_target | sim speedup")
-    for r, s_ in zip(real, sim):
-        print(" | ".join([r["name"], f"{r['time']:.1f}", f"{real[0]['time'] / r['time']:.2f}x",
-                          f"{r['versions']:.0f}", f"{r['client_updates']:.0f}", f"{r['bytes_sent'] / 1e6:.2f}",
-                          f"{r['bytes_received'] / 1e6:.2f}", f"{s_['time']:.0f}",
-                          f"{sim[0]['time'] / s_['time']:.2f}x"]))
+    title = (f"\nasync FL on digits, {n} client processes over 2 torchrun nodes on 127.0.0.1 (server = rank 0), "
+             f"speeds {', '.join(f'{s:g}' for s in speeds)} x step_delay_s={args.step_delay_s} s per local step, "
+             f"Dirichlet alpha={args.alpha}, K={args.local_steps} local SGD steps, target val acc {args.target:.2f}; "
+             f"{wall_all:.0f} s for both launches")
+    rows = [[r["name"], f"{r['time']:.1f}", f"{real[0]['time'] / r['time']:.2f}x", f"{r['versions']:.0f}",
+             f"{r['client_updates']:.0f}", f"{r['bytes_sent'] / 1e6:.2f}", f"{r['bytes_received'] / 1e6:.2f}",
+             f"{s_['time']:.0f}", f"{sim[0]['time'] / s_['time']:.2f}x"] for r, s_ in zip(real, sim)]
+    print_table(title, ["rule", "real t_target (s)", "real speedup", "server_upd", "client_upd", "MB sent",
+                        "MB received", "sim t_target", "sim speedup"], rows)
 
 
 if __name__ == "__main__":

@@ -16,18 +16,20 @@ Usage: ``python benchmarks/early_stopping.py [--quick]``; writes ``benchmarks/ou
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import lightning as L
 import torch
+from _common import OUT, figure, print_table
 from lightning.pytorch.callbacks import EarlyStopping
 
 from lightning_convergence.callbacks import ConvergenceEarlyStopping, GradientEarlyStopping
 from lightning_convergence.examples import CharTransformerLM, DigitsDataModule, MLPClassifier, StdlibTextDataModule
-
-OUT = Path(__file__).resolve().parent / "out"
 
 
 class ComputeMeter(L.Callback):
@@ -118,32 +120,23 @@ def main() -> None:
             metric_ratio = r["metric"] / base["metric"]
             rows.append((task_name, name, r["steps"], base["flops"] / r["flops"], r["metric"], metric_ratio,
                          r["wall_s"]))
-    header = (f"{'task':<10} {'method':<48} {'steps':>6} {'compute saved (x)':>17} {'final metric':>12} "
-              f"{'metric/base':>11} {'wall s':>7}")
-    print(header)
-    print("-" * len(header))
-    for task_name, name, steps, saved, metric, ratio, wall in rows:
-        print(f"{task_name:<10} {name:<48} {steps:>6.0f} {saved:>17.2f} {metric:>12.4f} {ratio:>11.4f} {wall:>7.1f}")
-    print("compute saved = baseline (patience) FLOPs proxy / method's; metric: val_acc (classifier), val_loss (LM);"
-          f" means over {args.seeds} seed(s).")
-    _plot(rows)
+    print_table("Convergence early stopping vs patience: compute saved = baseline (patience) FLOPs proxy / method's; "
+                f"metric: val_acc (classifier), val_loss (LM); means over {args.seeds} seed(s)",
+                ["task", "method", "steps", "compute saved (x)", "final metric", "metric/base", "wall s"],
+                [[t, n, round(steps), round(saved, 2), round(metric, 4), round(ratio, 4), round(wall, 1)]
+                 for t, n, steps, saved, metric, ratio, wall in rows])
+    with figure("early_stopping", 1, 2, (11, 4)) as axes:
+        if axes is not None:
+            _plot(axes[0], rows)
 
 
-def _plot(rows: list[tuple]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+def _plot(axes, rows: list[tuple]) -> None:
     for ax, task_name in zip(axes, ("classifier", "char_lm")):
         sub = [r for r in rows if r[0] == task_name]
         ax.bar(range(len(sub)), [r[3] for r in sub], color="tab:blue")
         ax.set_xticks(range(len(sub)), [r[1].split(" (")[0] for r in sub], rotation=20, fontsize=8)
         ax.set_ylabel("compute saved vs patience (x)")
         ax.set_title(f"{task_name}: metric ratio " + ", ".join(f"{r[5]:.3f}" for r in sub), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(OUT / "early_stopping.png", dpi=120)
 
 
 if __name__ == "__main__":

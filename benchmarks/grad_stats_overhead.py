@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from _common import OUT, StepTimer, print_table, save_bar_plot
+from _common import StepTimer, print_table, save_bar_plot
 from lightning.pytorch import Trainer, seed_everything
 
 from lightning_convergence.callbacks import GradientStatsMonitor
@@ -71,9 +71,8 @@ def main() -> None:
         f"GradientStatsMonitor overhead, char LM (0.4M params), batch 2x32x64, {steps} steps, best of {repeat}",
         ["configuration", "ms/step", "ratio", "monitor ms on a measured step"], rows,
     )
-    path = save_bar_plot(OUT / "grad_stats_overhead.png", [r[0] for r in rows], [r[2] for r in rows],
-                         "step time / baseline", "GradientStatsMonitor overhead")
-    print(f"plot: {path}")
+    save_bar_plot("grad_stats_overhead", [r[0] for r in rows], [r[2] for r in rows], "step time / baseline",
+                  "GradientStatsMonitor overhead")
 
 
 if __name__ == "__main__":

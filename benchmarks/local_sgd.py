@@ -8,23 +8,21 @@ training time to a target loss (1.03 × DDP's final validation loss; validation 
 measured in the same run. All runs happen inside one ``torchrun --nproc_per_node=2`` launched in a network namespace
 whose loopback is rate-limited (``benchmarks/_netem.py``).
 
-    /work/venv/bin/python benchmarks/local_sgd.py [--quick] [--steps N] [--rate-mbit 100]
+    python benchmarks/local_sgd.py [--quick] [--steps N] [--rate-mbit 100]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-OUT = Path(__file__).resolve().parent / "out"
+from _common import OUT, TrainClock, figure, lo_tx_bytes, print_table, run_on_link, time_to, torchrun_command
+
 MODEL = {"vocab_size": 128, "seq_len": 64, "d_model": 64, "n_layers": 2, "n_heads": 4, "lr": 3e-3}
 DATA = {"seq_len": 64, "batch_size": 16, "max_chars": 200_000, "val_fraction": 0.1}
 
@@ -39,37 +37,6 @@ def _runs(quick: bool, steps: int) -> list[dict[str, Any]]:
     if not quick:  # DiLoCo with a Top-5% pseudo-gradient and error feedback
         runs.append({"name": "diloco_top5%_ef_H32", "kind": "local", "outer": "diloco_topk", "H": 32})
     return runs
-
-
-def _timer_cls():
-    from lightning.pytorch import Callback
-
-    class TrainClock(Callback):
-        """Training wall time with validation excluded, and the validation curve against it."""
-
-        def __init__(self) -> None:
-            self.elapsed, self._t0, self.curve = 0.0, None, []
-
-        def on_train_start(self, trainer, pl_module):
-            self._t0 = time.perf_counter()
-
-        def on_validation_start(self, trainer, pl_module):
-            if self._t0 is not None:
-                self.elapsed += time.perf_counter() - self._t0
-                self._t0 = None
-
-        def on_validation_end(self, trainer, pl_module):
-            if trainer.sanity_checking:
-                return
-            self.curve.append((trainer.global_step, self.elapsed, float(trainer.callback_metrics["val_loss"])))
-            self._t0 = time.perf_counter()
-
-        def on_train_end(self, trainer, pl_module):
-            if self._t0 is not None:
-                self.elapsed += time.perf_counter() - self._t0
-                self._t0 = None
-
-    return TrainClock
 
 
 def _strategy(run: dict[str, Any], subgroup: Any) -> Any:
@@ -100,7 +67,6 @@ def _strategy(run: dict[str, Any], subgroup: Any) -> Any:
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
-    from _netem import lo_tx_bytes
     from lightning.pytorch import Trainer, seed_everything
 
     from lightning_convergence.examples import CharTransformerLM, StdlibTextDataModule
@@ -114,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
         seed_everything(0, verbose=False)
         model = CharTransformerLM(**MODEL)
         data = StdlibTextDataModule(**DATA)
-        clock = _timer_cls()()
+        clock = TrainClock()
         trainer = Trainer(
             accelerator="cpu", devices=2, strategy=_strategy(run, subgroup), max_steps=args.steps, max_epochs=-1,
             val_check_interval=args.val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
@@ -145,26 +111,17 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- parent
-def _time_to(curve: list, target: float) -> float | None:
-    for _, t, loss in curve:
-        if loss <= target:
-            return t
-    return None
-
-
 def report(results: list[dict[str, Any]], args: argparse.Namespace, limited: bool) -> None:
-    from _common import print_table
-
     ddp = next(r for r in results if r["name"] == "ddp")
     post = next(r for r in results if r["kind"] == "post_local")
     target = 1.03 * ddp["final_val"]
     post_target = post["final_val"]  # torch post-local SGD's own final loss: it reaches it by construction
-    ddp_t = _time_to(ddp["curve"], target)
-    post_t = _time_to(post["curve"], post_target)
+    ddp_t = time_to(ddp["curve"], target)
+    post_t = time_to(post["curve"], post_target)
     rows = []
     for r in results:
-        t = _time_to(r["curve"], target)
-        t2 = _time_to(r["curve"], post_target)
+        t = time_to(r["curve"], target)
+        t2 = time_to(r["curve"], post_target)
         rows.append([
             r["name"], r["rounds"], f"{ddp['rounds'] / max(r['rounds'], 1):.1f}x", f"{r['bytes_counted'] / 1e6:.2f}",
             f"{r['bytes_wire'] / 1e6:.2f}", f"{r['final_val']:.4f}", f"{r['final_val'] / ddp['final_val']:.3f}",
@@ -182,13 +139,12 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, limited: boo
 
 
 def _plot(results: list[dict[str, Any]], target: float) -> None:
-    import matplotlib
+    with figure("local_sgd", 1, 2, (12, 4)) as grid:
+        if grid is not None:
+            _draw(grid[0], results, target)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+def _draw(axes: Any, results: list[dict[str, Any]], target: float) -> None:
     for r in results:
         steps, times, losses = zip(*r["curve"]) if r["curve"] else ((), (), ())
         style = "k-" if r["kind"] == "ddp" else ("k--" if r["kind"] == "post_local" else "-")
@@ -200,11 +156,6 @@ def _plot(results: list[dict[str, Any]], target: float) -> None:
         ax.set_xlabel(xl)
         ax.set_ylabel("val loss (merged model)")
     axes[1].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    path = OUT / "local_sgd.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"plot: {path}")
 
 
 def main() -> None:
@@ -226,27 +177,11 @@ def main() -> None:
     if args.report_only:
         report(json.loads(Path(args.out).read_text()), args, not args.no_limit)
         return
-    from _netem import RateLimitedNamespace, netem_available
-
     OUT.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           "--master_port=29517", str(Path(__file__).resolve()), "--worker", f"--steps={args.steps}",
-           f"--val-every={args.val_every}", f"--out={args.out}"] + (["--quick"] if args.quick else [])
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    if args.no_limit:
-        subprocess.run(cmd, check=True, env=env)
-        limited = False
-    else:
-        reason = netem_available()
-        if reason:
-            print(f"local_sgd: no rate-limited link ({reason}): running WITHOUT a limit", file=sys.stderr)
-            subprocess.run(cmd, check=True, env=env)
-            limited = False
-        else:
-            with RateLimitedNamespace(f"{args.rate_mbit:g}mbit") as ns:
-                subprocess.run(ns.command(cmd), check=True, env=env)
-                limited = True
+    cmd = torchrun_command(Path(__file__).resolve(), 2, ["--worker", f"--steps={args.steps}",
+                                                         f"--val-every={args.val_every}", f"--out={args.out}",
+                                                         *(["--quick"] if args.quick else [])])
+    limited = run_on_link(cmd, f"{args.rate_mbit:g}mbit", "local_sgd", namespace=not args.no_limit)
     report(json.loads(Path(args.out).read_text()), args, limited)
 
 

@@ -6,8 +6,8 @@ refined two-run (norms recorded during the linear run of the same seed, then ``R
 online (``ScheduleRefinement(online=True)`` on top of warm-up + linear). Every run of a task has the same number of
 optimizer steps, data order (per seed) and peak LR.
 
-    /work/venv/bin/python benchmarks/schedules.py            # 3 seeds, LM 150 steps, classifier 300 steps
-    /work/venv/bin/python benchmarks/schedules.py --quick    # 1 seed, LM 40 steps, classifier 60 steps
+    python benchmarks/schedules.py            # 3 seeds, LM 150 steps, classifier 300 steps
+    python benchmarks/schedules.py --quick    # 1 seed, LM 40 steps, classifier 60 steps
 
 Prints a table of mean final validation loss and the mean per-seed ratio to cosine, and writes
 ``benchmarks/out/schedules.png``.
@@ -17,20 +17,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import torch
+from _common import figure, print_table
 from lightning.pytorch import Trainer, seed_everything
 
 from lightning_convergence.callbacks import ScheduleRefinement
 from lightning_convergence.examples import CharTransformerLM, DigitsDataModule, MLPClassifier, StdlibTextDataModule
 from lightning_convergence.optim import CosineDecay, LinearDecay, RefinedSchedule, REXDecay, UBADecay, WSDSchedule
 
-OUT = Path(__file__).resolve().parent / "out"
 SCHEDULES = ["cosine", "linear", "rex", "uba", "wsd", "refined", "refined_online"]
 
 
@@ -150,13 +153,8 @@ def report(results: dict[str, dict[str, list[float]]], seeds: list[int], idx: in
             row += [f"{statistics.mean(losses):.4f}", f"{statistics.mean(ratios):.4f}",
                     f"{min(ratios):.3f}-{max(ratios):.3f}"]
         rows.append(row)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print(f"\nFinal validation loss at equal step budgets ({len(seeds)} seeds; ratio = mean over seeds of "
-          f"loss / cosine loss of the same seed; < 1 is better)")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print_table(f"\nFinal validation loss at equal step budgets ({len(seeds)} seeds; ratio = mean over seeds of "
+                f"loss / cosine loss of the same seed; < 1 is better)", header, rows)
     for task in tasks:
         mean = {n: statistics.mean(results[task][n]) for n in SCHEDULES}
         print(f"{task}: linear <= cosine: {mean['linear'] <= mean['cosine']}; "
@@ -165,14 +163,14 @@ def report(results: dict[str, dict[str, list[float]]], seeds: list[int], idx: in
 
 
 def plot(results: dict[str, dict[str, list[float]]], traces: dict[str, dict[str, list[float]]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    OUT.mkdir(parents=True, exist_ok=True)
     tasks = list(results)
-    fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 7), squeeze=False)
+    with figure("schedules", 2, len(tasks), (6 * len(tasks), 7)) as axes:
+        if axes is not None:
+            _draw(axes, tasks, results, traces)
+
+
+def _draw(axes, tasks: list[str], results: dict[str, dict[str, list[float]]],
+          traces: dict[str, dict[str, list[float]]]) -> None:
     for j, task in enumerate(tasks):
         ratios = [statistics.mean(a / b for a, b in zip(results[task][n], results[task]["cosine"])) for n in SCHEDULES]
         ax = axes[0][j]
@@ -188,11 +186,6 @@ def plot(results: dict[str, dict[str, list[float]]], traces: dict[str, dict[str,
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("lr (seed 0)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = OUT / "schedules.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    print(f"plot written to {path}")
 
 
 if __name__ == "__main__":

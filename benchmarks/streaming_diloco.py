@@ -17,17 +17,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from local_sgd import DATA, MODEL, OUT, _time_to, _timer_cls
+from _common import (
+    OUT,
+    StepTimer,
+    TrainClock,
+    lo_tx_bytes,
+    netem_available,
+    print_table,
+    run_on_link,
+    time_to,
+    torchrun_command,
+)
+from local_sgd import DATA, MODEL
 
 H, P, TAU = 32, 2, 4  # defaults; --sync-every / --fragments / --overlap override them
 
@@ -46,36 +54,19 @@ def _runs(only: str | None) -> list[dict[str, Any]]:
     return [r for r in runs if keep is None or r["kind"] == "ddp" or any(k in r["name"] for k in keep)]
 
 
-def _step_clock_cls():
-    from lightning.pytorch import Callback
+class _StepClock(StepTimer):
+    """The harness's step timer, plus the namespace's bytes sent while validating (subtracted from the wire count)."""
 
-    class StepClock(Callback):
-        """Wall time of each optimizer step (end of the previous one to the end of this one), by step; the step
-        after a validation is dropped."""
+    def __init__(self) -> None:
+        super().__init__(warmup=0)
+        self.val_wire, self._val0 = 0, 0
 
-        def __init__(self) -> None:
-            self.times: dict[int, float] = {}
-            self._last: float | None = None
-            self.val_wire, self._val0 = 0, 0
+    def on_validation_start(self, trainer, pl_module):
+        super().on_validation_start(trainer, pl_module)
+        self._val0 = lo_tx_bytes()
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            now = time.perf_counter()
-            if self._last is not None:
-                self.times[trainer.global_step] = now - self._last
-            self._last = now
-
-        def on_validation_start(self, trainer, pl_module):
-            from _netem import lo_tx_bytes
-
-            self._last = None
-            self._val0 = lo_tx_bytes()
-
-        def on_validation_end(self, trainer, pl_module):
-            from _netem import lo_tx_bytes
-
-            self.val_wire += lo_tx_bytes() - self._val0  # namespace-wide bytes while validating
-
-    return StepClock
+    def on_validation_end(self, trainer, pl_module):
+        self.val_wire += lo_tx_bytes() - self._val0  # namespace-wide bytes while validating
 
 
 def _strategy(run: dict[str, Any], subgroup: Any, steps: int) -> Any:
@@ -114,7 +105,6 @@ def _sync_steps(run: dict[str, Any], steps: int, warmup: int) -> set[int]:
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
-    from _netem import lo_tx_bytes
     from lightning.pytorch import Trainer, seed_everything
 
     from lightning_convergence.examples import CharTransformerLM, StdlibTextDataModule
@@ -129,7 +119,7 @@ def worker(args: argparse.Namespace) -> None:
     for run in _runs(args.runs):
         seed_everything(0, verbose=False)
         model = CharTransformerLM(**MODEL)
-        clock, steps_clock = _timer_cls()(), _step_clock_cls()()
+        clock, steps_clock = TrainClock(), _StepClock()
         trainer = Trainer(
             accelerator="cpu", devices=w, strategy=_strategy(run, subgroup, args.steps), max_steps=args.steps,
             max_epochs=-1, val_check_interval=args.val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
@@ -152,8 +142,8 @@ def worker(args: argparse.Namespace) -> None:
             warm = args.steps // 8 if run["kind"] == "post_local" else args.steps
             counted, peak = (warm + (args.steps - warm) // H) * full, full
         sync = _sync_steps(run, args.steps, args.steps // 8)
-        inner = [t for k, t in steps_clock.times.items() if k not in sync and k > 5]
-        at_sync = [t for k, t in steps_clock.times.items() if k in sync]
+        inner = [t for k, t in steps_clock.by_step.items() if k not in sync and k > 5]
+        at_sync = [t for k, t in steps_clock.by_step.items() if k in sync]
         results.append({**run, "W": w, "n_params": n_params, "bytes_counted": counted, "bytes_wire": wire,
                         "peak_step_bytes": peak, "final_val": float(final), "train_s": clock.elapsed,
                         "curve": clock.curve, "inner_ms": 1e3 * statistics.median(inner),
@@ -166,17 +156,15 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace, limited: bool) -> None:
-    from _common import print_table
-
     for w in sorted({r["W"] for r in results}):
         rs = [r for r in results if r["W"] == w]
         ddp = next(r for r in rs if r["kind"] == "ddp")
         dil = next((r for r in rs if r["kind"] == "local"), None)
         target = 1.03 * ddp["final_val"]
-        dil_t = None if dil is None else _time_to(dil["curve"], target)
+        dil_t = None if dil is None else time_to(dil["curve"], target)
         rows = []
         for r in rs:
-            t = _time_to(r["curve"], target)
+            t = time_to(r["curve"], target)
             rows.append([
                 r["name"], f"{r['bytes_counted'] / 1e6:.3f}", f"{r['bytes_wire'] / 1e6:.3f}",
                 f"{ddp['bytes_counted'] / r['bytes_counted']:.0f}x", f"{r['peak_step_bytes'] / 1e3:.1f}",
@@ -216,25 +204,16 @@ def main() -> None:
     sizes = [int(x) for x in args.world_sizes.split(",")]
     outs = [OUT / f"streaming_diloco_W{w}{args.tag}.json" for w in sizes]
     if not args.report_only:
-        from _netem import RateLimitedNamespace, netem_available
-
         OUT.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        reason = None if args.no_limit else netem_available()
-        if reason:
-            print(f"streaming_diloco: no rate-limited link ({reason}): running WITHOUT a limit", file=sys.stderr)
+        limited = False
         for w, out in zip(sizes, outs):
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={w}", "--master_addr=127.0.0.1",
-                   "--master_port=29519", str(Path(__file__).resolve()), "--worker", f"--steps={args.steps}",
-                   f"--val-every={args.val_every}", f"--out={out}", f"--sync-every={H}", f"--fragments={P}",
-                   f"--overlap={TAU}"] + ([f"--runs={args.runs}"] if args.runs else [])
-            if args.no_limit or reason:
-                subprocess.run(cmd, check=True, env=env)
-            else:
-                with RateLimitedNamespace(f"{args.rate_mbit:g}mbit") as ns:
-                    subprocess.run(ns.command(cmd), check=True, env=env)
-    limited = not args.no_limit and (args.report_only or netem_available() is None)
+            cmd = torchrun_command(Path(__file__).resolve(), w, [
+                "--worker", f"--steps={args.steps}", f"--val-every={args.val_every}", f"--out={out}",
+                f"--sync-every={H}", f"--fragments={P}", f"--overlap={TAU}",
+                *([f"--runs={args.runs}"] if args.runs else [])])
+            limited = run_on_link(cmd, f"{args.rate_mbit:g}mbit", "streaming_diloco", namespace=not args.no_limit)
+    else:
+        limited = not args.no_limit and netem_available() is None
     report([r for out in outs for r in json.loads(out.read_text())], args, limited)
 
 

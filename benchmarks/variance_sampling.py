@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 import torch.nn.functional as F
-from _common import OUT, print_table
+from _common import figure, print_table
 from lightning.pytorch import Callback, Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -400,26 +400,18 @@ def _median_hit(hits) -> tuple[float, ...]:
 
 
 def _plot(var_rows, time_rows) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    OUT.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [f"{r[0]}\n{r[1]}" for r in var_rows]
-    axes[0].bar(range(len(var_rows)), [r[5] for r in var_rows])
-    axes[0].set_xticks(range(len(var_rows)), labels, fontsize=7)
-    axes[0].set_ylabel("variance ratio uniform / method (empirical)")
-    axes[0].axhline(1.0, color="k", lw=0.5)
-    axes[1].bar([r[0] for r in time_rows], [r[8] for r in time_rows])
-    axes[1].set_ylabel("speedup in steps to target")
-    axes[1].axhline(1.0, color="k", lw=0.5)
-    fig.tight_layout()
-    path = OUT / "variance_sampling.png"
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
-
+    with figure("variance_sampling", 1, 2, (11, 4)) as grid:
+        if grid is None:
+            return
+        axes = grid[0]
+        labels = [f"{r[0]}\n{r[1]}" for r in var_rows]
+        axes[0].bar(range(len(var_rows)), [r[5] for r in var_rows])
+        axes[0].set_xticks(range(len(var_rows)), labels, fontsize=7)
+        axes[0].set_ylabel("variance ratio uniform / method (empirical)")
+        axes[0].axhline(1.0, color="k", lw=0.5)
+        axes[1].bar([r[0] for r in time_rows], [r[8] for r in time_rows])
+        axes[1].set_ylabel("speedup in steps to target")
+        axes[1].axhline(1.0, color="k", lw=0.5)
 
 if __name__ == "__main__":
     main()

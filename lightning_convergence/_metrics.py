@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lightning_convergence._checks import argument_error, check_choice
+
 if TYPE_CHECKING:  # lightning is imported lazily: cores never pull it in through this module.
     from lightning.pytorch import Trainer
 
@@ -28,17 +30,19 @@ def metric_key(part: str, name: str) -> str:
     Raises:
         ValueError: if ``part`` is not one of :data:`PARTS` or ``name`` is not snake_case.
     """
-    if part not in PARTS:
-        raise ValueError(f"metric_key: `part` must be one of {PARTS}, got {part!r}.")
+    check_choice("metric_key", "part", part, PARTS)
     key = f"convergence/{part}/{name}"
     if not KEY_PATTERN.match(key):
-        raise ValueError(f"metric_key: `name` must be snake_case (optionally /item), got {name!r}.")
+        raise argument_error("metric_key", "name", "snake_case (optionally /item)", name)
     return key
 
 
-def should_log(trainer: Trainer, every_n_steps: int | None = None) -> bool:
-    """True on optimizer steps where metrics are due (``global_step % every_n_steps == 0``)."""
-    n = every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
+def should_log(trainer: Trainer, log_every_n_steps: int | None = None) -> bool:
+    """True on optimizer steps where metrics are due (``global_step % log_every_n_steps == 0``).
+
+    ``log_every_n_steps=None`` follows the trainer's ``log_every_n_steps``.
+    """
+    n = log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
     return trainer.global_step % n == 0
 
 

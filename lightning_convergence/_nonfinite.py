@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from lightning_convergence._checks import check_choice
+
 __all__ = ["NONFINITE_POLICIES", "check_nonfinite_policy", "nonfinite_message", "act_on_nonfinite"]
 
 NONFINITE_POLICIES: tuple[str, ...] = ("stop", "skip")
@@ -31,10 +33,7 @@ def check_nonfinite_policy(owner: str, value: Any) -> str:
     Raises:
         ValueError: "``{owner}: `on_nonfinite` must be one of 'stop', 'skip', got {value!r}.``"
     """
-    if value not in NONFINITE_POLICIES:
-        accepted = ", ".join(repr(p) for p in NONFINITE_POLICIES)
-        raise ValueError(f"{owner}: `on_nonfinite` must be one of {accepted}, got {value!r}.")
-    return value
+    return check_choice(owner, "on_nonfinite", value, NONFINITE_POLICIES)
 
 
 def nonfinite_message(owner: str, step: int, what: str, policy: str) -> str:

@@ -15,9 +15,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_convergence import stats
+from lightning_convergence._checks import check_state_version
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._nonfinite import check_nonfinite_policy
-from lightning_convergence._state import check_state_version
 from lightning_convergence.callbacks._batch_control import BatchControl
 from lightning_convergence.callbacks._common import (
     finite_metrics,

@@ -15,10 +15,9 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
 from lightning_convergence import stats
+from lightning_convergence._checks import check_int_at_least, check_state_version
 from lightning_convergence._metrics import log_metrics
 from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
-from lightning_convergence._state import check_state_version
-from lightning_convergence._validate import check_int_at_least
 from lightning_convergence.callbacks._common import handle_nonfinite, hook_loss_factor
 from lightning_convergence.callbacks.grad_stats_monitor import GradientStatsMonitor
 from lightning_convergence.stopping.loss_curve import LossCurveRule, validate_curve_args

@@ -14,9 +14,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_convergence import stats
+from lightning_convergence._checks import check_state_version
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._nonfinite import check_nonfinite_policy
-from lightning_convergence._state import check_state_version
 from lightning_convergence.callbacks._common import finite_metrics, handle_nonfinite, hook_loss_factor, sum_all_reduce
 
 __all__ = ["GradientStatsMonitor"]

@@ -13,9 +13,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_convergence import stats
+from lightning_convergence._checks import check_state_version
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._nonfinite import check_nonfinite_policy
-from lightning_convergence._state import check_state_version
 from lightning_convergence.callbacks._common import finite_metrics, handle_nonfinite
 from lightning_convergence.optim.refinement import (
     interp_profile,

@@ -14,9 +14,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from lightning_convergence._checks import check_state_version
 from lightning_convergence._metrics import log_metrics
 from lightning_convergence._nonfinite import check_nonfinite_policy
-from lightning_convergence._state import check_state_version
 from lightning_convergence.callbacks._common import finite_metrics
 from lightning_convergence.callbacks._group_probe import GroupProbe
 from lightning_convergence.data import rebuild_dataloader, wrap_train_dataloader

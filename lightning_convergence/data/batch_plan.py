@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lightning_convergence._validate import check_int_at_least
+from lightning_convergence._checks import check_int_at_least
 from lightning_convergence.stats.batch_tests import BATCH_TESTS
 
 __all__ = ["ESTIMATORS", "LR_SCALING", "check_adaptive_batch_args", "lr_scale_ratio", "plan_batch", "scale_lrs"]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, Sampler
 
-from lightning_convergence._validate import check_int_at_least
+from lightning_convergence._checks import check_int_at_least
 
 __all__ = ["BatchSizeController", "EpochShuffleSampler", "ResizableBatchSampler"]
 

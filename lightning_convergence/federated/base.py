@@ -16,12 +16,12 @@ Conventions used by every rule:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
 
+from lightning_convergence._checks import argument_error, check_choice, check_int, check_number, check_state_version
 from lightning_convergence.stats import all_finite
 
 __all__ = ["ParamDict", "ServerRule", "staleness_weight", "weighted_sum", "STALENESS_FUNCTIONS"]
@@ -39,24 +39,20 @@ def staleness_weight(staleness: int, kind: str = "polynomial", a: float = 0.5, b
 
     ``constant``: 1. ``polynomial``: (τ + 1)^(−a). ``hinge``: 1 if τ ≤ b else 1 / (a(τ − b) + 1).
     """
+    check_choice("staleness_weight", "kind", kind, STALENESS_FUNCTIONS)
     if staleness < 0:
-        raise ValueError(f"staleness_weight: `staleness` must be >= 0, got {staleness}.")
+        raise argument_error("staleness_weight", "staleness", ">= 0", staleness)
     if kind == "constant":
         return 1.0
     if kind == "polynomial":
         return float((staleness + 1) ** (-a))
-    if kind == "hinge":
-        return 1.0 if staleness <= b else 1.0 / (a * (staleness - b) + 1.0)
-    raise ValueError(f"staleness_weight: `kind` must be one of {STALENESS_FUNCTIONS}, got {kind!r}.")
+    return 1.0 if staleness <= b else 1.0 / (a * (staleness - b) + 1.0)  # hinge
 
 
 def _check_staleness_args(owner: str, kind: str, a: float, b: int) -> None:
-    if kind not in STALENESS_FUNCTIONS:
-        raise ValueError(f"{owner}: `staleness` must be one of {STALENESS_FUNCTIONS}, got {kind!r}.")
-    if not (isinstance(a, (int, float)) and a >= 0 and math.isfinite(a)):
-        raise ValueError(f"{owner}: `staleness_a` must be a finite number >= 0, got {a!r}.")
-    if not (isinstance(b, int) and b >= 0):
-        raise ValueError(f"{owner}: `staleness_b` must be an int >= 0, got {b!r}.")
+    check_choice(owner, "staleness", kind, STALENESS_FUNCTIONS)
+    check_number(owner, "staleness_a", a, 0)
+    check_int(owner, "staleness_b", b, 0)
 
 
 class ServerRule:
@@ -85,12 +81,8 @@ class ServerRule:
 
     def __init__(self, server_lr: float = 1.0, max_staleness: int | None = None) -> None:
         owner = type(self).__name__
-        if not (isinstance(server_lr, (int, float)) and server_lr > 0 and math.isfinite(server_lr)):
-            raise ValueError(f"{owner}: `server_lr` must be a finite number > 0, got {server_lr!r}.")
-        if max_staleness is not None and not (isinstance(max_staleness, int) and max_staleness >= 0):
-            raise ValueError(f"{owner}: `max_staleness` must be None or an int >= 0, got {max_staleness!r}.")
-        self.server_lr = float(server_lr)
-        self.max_staleness = max_staleness
+        self.server_lr = check_number(owner, "server_lr", server_lr, 0, low_open=True)
+        self.max_staleness = check_int(owner, "max_staleness", max_staleness, 0, optional=True)
         self.params: ParamDict = {}
         self.version = 0
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
@@ -156,9 +148,7 @@ class ServerRule:
             self.counters["nonfinite_skipped_total"] += 1
             return False
         if base_version > self.version or base_version < 0:
-            raise ValueError(
-                f"{type(self).__name__}: `base_version` must be in [0, {self.version}], got {base_version}."
-            )
+            raise argument_error(type(self).__name__, "base_version", f"in [0, {self.version}]", base_version)
         staleness = self.version - int(base_version)
         if (self.max_staleness is not None and staleness > self.max_staleness) or not self._admissible(
             cid, staleness
@@ -221,6 +211,10 @@ class ServerRule:
             out.update({f"participation/client{c}": float(v) for c, v in sorted(self.participation.items())})
         return out
 
+    def staleness_counts(self) -> dict[str, float]:
+        """The staleness histogram as ``staleness_count/<τ>`` scalars (logged once, at the end of a run)."""
+        return {f"staleness_count/{s}": float(c) for s, c in sorted(self.staleness_hist.items())}
+
     # ------------------------------------------------------------------ state
     def _extra_state(self) -> dict:
         return {}
@@ -241,8 +235,7 @@ class ServerRule:
 
     def load_state_dict(self, state: Mapping) -> None:
         owner = type(self).__name__
-        if state.get("version") != self.STATE_VERSION:
-            raise RuntimeError(f"{owner}: state `version` must be {self.STATE_VERSION}, got {state.get('version')!r}.")
+        check_state_version(owner, state, self.STATE_VERSION)
         if state.get("rule") != self.name:
             raise RuntimeError(f"{owner}: state was written by rule {state.get('rule')!r}, not {self.name!r}.")
         self.params = {k: v.detach().to("cpu", torch.float32).clone() for k, v in state["params"].items()}

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import default_collate
 
+from lightning_convergence._checks import argument_error, check_int
 from lightning_convergence.federated.base import ParamDict
 from lightning_convergence.federated.fedprox import add_proximal_grad
 from lightning_convergence.stats import all_finite, grads_of
@@ -41,10 +42,9 @@ class ClientStream:
     """
 
     def __init__(self, dataset: Any, indices: Sequence[int], batch_size: int, seed: int = 0, client_id: int = 0):
-        if batch_size < 1:
-            raise ValueError(f"ClientStream: `batch_size` must be >= 1, got {batch_size}.")
+        check_int("ClientStream", "batch_size", batch_size, 1)
         if len(indices) == 0:
-            raise ValueError(f"ClientStream: `indices` of client {client_id} must not be empty.")
+            raise argument_error("ClientStream", "indices", f"a non-empty shard for client {client_id}", [])
         self.dataset = dataset
         self.indices = torch.as_tensor(list(indices), dtype=torch.long)
         self.batch_size = int(batch_size)

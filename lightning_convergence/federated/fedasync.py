@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
+from lightning_convergence._checks import check_choice, check_number
 from lightning_convergence.federated.base import ParamDict, ServerRule, _check_staleness_args, staleness_weight
 
 __all__ = ["FedAsync"]
@@ -61,13 +61,10 @@ class FedAsync(ServerRule):
         prox_mu: float = 0.0, mixing: str = "model", max_staleness: int | None = None,
     ) -> None:
         super().__init__(server_lr=1.0, max_staleness=max_staleness)
-        if not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
-            raise ValueError(f"FedAsync: `alpha` must be in (0, 1], got {alpha!r}.")
+        check_number("FedAsync", "alpha", alpha, 0, 1, low_open=True)
         _check_staleness_args("FedAsync", staleness, staleness_a, staleness_b)
-        if not (isinstance(prox_mu, (int, float)) and prox_mu >= 0 and math.isfinite(prox_mu)):
-            raise ValueError(f"FedAsync: `prox_mu` must be a finite number >= 0, got {prox_mu!r}.")
-        if mixing not in _MIXING:
-            raise ValueError(f"FedAsync: `mixing` must be one of {_MIXING}, got {mixing!r}.")
+        check_number("FedAsync", "prox_mu", prox_mu, 0)
+        check_choice("FedAsync", "mixing", mixing, _MIXING)
         self.alpha = float(alpha)
         self.staleness = staleness
         self.staleness_a = float(staleness_a)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from lightning_convergence._checks import check_int
 from lightning_convergence.federated.fedavg import FedAvg
 
 __all__ = ["FedAU"]
@@ -56,8 +57,7 @@ class FedAU(FedAvg):
 
     def __init__(self, num_clients: int, cutoff_rounds: int = 50, server_lr: float = 1.0) -> None:
         super().__init__(num_clients, server_lr=server_lr)  # FedAvg's round machinery; weights replaced below
-        if not (isinstance(cutoff_rounds, int) and cutoff_rounds >= 1):
-            raise ValueError(f"FedAU: `cutoff_rounds` must be an int >= 1, got {cutoff_rounds!r}.")
+        check_int("FedAU", "cutoff_rounds", cutoff_rounds, 1)
         self.cutoff_rounds = cutoff_rounds
         self.omega = [1.0] * num_clients
         self.intervals = [0] * num_clients

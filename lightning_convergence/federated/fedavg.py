@@ -4,21 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+from lightning_convergence._checks import argument_error, check_int, check_numbers
 from lightning_convergence.federated.base import ParamDict, ServerRule, weighted_sum
 
 __all__ = ["FedAvg"]
 
 
 def _check_clients(owner: str, num_clients: int, client_weights: Sequence[float] | None) -> list[float]:
-    if not (isinstance(num_clients, int) and num_clients >= 1):
-        raise ValueError(f"{owner}: `num_clients` must be an int >= 1, got {num_clients!r}.")
+    check_int(owner, "num_clients", num_clients, 1)
     if client_weights is None:
         return [1.0 / num_clients] * num_clients
-    weights = [float(w) for w in client_weights]
-    if len(weights) != num_clients or any(not w > 0 for w in weights):
-        raise ValueError(
-            f"{owner}: `client_weights` must be {num_clients} positive numbers, got {list(client_weights)!r}."
-        )
+    weights = check_numbers(owner, "client_weights", client_weights, num_clients, 0, low_open=True)
     total = sum(weights)
     return [w / total for w in weights]
 
@@ -76,9 +72,7 @@ class FedAvg(ServerRule):
     def begin_round(self, participants: Iterable[int]) -> None:
         ids = {int(i) for i in participants}
         if any(not 0 <= i < self.num_clients for i in ids):
-            raise ValueError(
-                f"{type(self).__name__}: `participants` must be ids in [0, {self.num_clients}), got {sorted(ids)}."
-            )
+            raise argument_error(type(self).__name__, "participants", f"ids in [0, {self.num_clients})", sorted(ids))
         self.expected = ids
 
     def _admissible(self, client_id: int, staleness: int) -> bool:

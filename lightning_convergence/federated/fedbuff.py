@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
+from lightning_convergence._checks import check_choice, check_int, check_number
 from lightning_convergence.federated.base import ParamDict, ServerRule, _check_staleness_args, staleness_weight
 
 __all__ = ["FedBuff"]
@@ -67,13 +68,10 @@ class FedBuff(ServerRule):
         staleness_b: int = 4, server_momentum: float = 0.0, reduction: str = "mean", max_staleness: int | None = None,
     ) -> None:
         super().__init__(server_lr=server_lr, max_staleness=max_staleness)
-        if not (isinstance(buffer_size, int) and buffer_size >= 1):
-            raise ValueError(f"FedBuff: `buffer_size` must be an int >= 1, got {buffer_size!r}.")
+        check_int("FedBuff", "buffer_size", buffer_size, 1)
         _check_staleness_args("FedBuff", staleness, staleness_a, staleness_b)
-        if not (isinstance(server_momentum, (int, float)) and 0 <= server_momentum < 1):
-            raise ValueError(f"FedBuff: `server_momentum` must be in [0, 1), got {server_momentum!r}.")
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"FedBuff: `reduction` must be one of {_REDUCTIONS}, got {reduction!r}.")
+        check_number("FedBuff", "server_momentum", server_momentum, 0, 1, high_open=True)
+        check_choice("FedBuff", "reduction", reduction, _REDUCTIONS)
         self.buffer_size = buffer_size
         self.staleness = staleness
         self.staleness_a = float(staleness_a)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
+from lightning_convergence._checks import check_number
 from lightning_convergence.federated.base import ParamDict, ServerRule, weighted_sum
 from lightning_convergence.federated.fedavg import _check_clients
 
@@ -57,8 +57,7 @@ class FedFix(ServerRule):
         self, period: float, num_clients: int, server_lr: float = 1.0, client_weights: Sequence[float] | None = None
     ) -> None:
         super().__init__(server_lr=server_lr)
-        if not (isinstance(period, (int, float)) and period > 0 and math.isfinite(period)):
-            raise ValueError(f"FedFix: `period` must be a finite number > 0, got {period!r}.")
+        check_number("FedFix", "period", period, 0, low_open=True)
         self.period = float(period)
         self.num_clients = num_clients
         self.weights = _check_clients("FedFix", num_clients, client_weights)

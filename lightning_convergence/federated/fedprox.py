@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from lightning_convergence._checks import check_number
 from lightning_convergence.federated.fedavg import FedAvg
 from lightning_convergence.stats import sq_norm
 
@@ -73,6 +73,5 @@ class FedProx(FedAvg):
         client_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__(num_clients=num_clients, server_lr=server_lr, client_weights=client_weights)
-        if not (isinstance(mu, (int, float)) and mu >= 0 and math.isfinite(mu)):
-            raise ValueError(f"FedProx: `mu` must be a finite number >= 0, got {mu!r}.")
+        check_number("FedProx", "mu", mu, 0)
         self.prox_mu = float(mu)

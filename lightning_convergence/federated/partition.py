@@ -6,11 +6,12 @@ the training's own randomness is untouched), so a partition is a pure function o
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from lightning_convergence._checks import argument_error, check_choice, check_int, check_number, check_numbers
 
 __all__ = ["PARTITIONS", "partition_indices", "speed_factors", "Participation"]
 
@@ -46,26 +47,22 @@ def partition_indices(
     Raises:
         ValueError: for a bad ``scheme``, ``num_clients``, ``alpha``, missing ``labels``, or no valid draw.
     """
-    if scheme not in PARTITIONS:
-        raise ValueError(f"partition_indices: `scheme` must be one of {PARTITIONS}, got {scheme!r}.")
-    if not (isinstance(num_clients, int) and 1 <= num_clients):
-        raise ValueError(f"partition_indices: `num_clients` must be an int >= 1, got {num_clients!r}.")
+    owner = "partition_indices"
+    check_choice(owner, "scheme", scheme, PARTITIONS)
+    check_int(owner, "num_clients", num_clients, 1)
     if num_items < num_clients * min_size:
-        raise ValueError(
-            f"partition_indices: `num_items` ({num_items}) must be >= num_clients·min_size ({num_clients * min_size})."
-        )
-    if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
-        raise ValueError(f"partition_indices: `alpha` must be a finite number > 0, got {alpha!r}.")
+        raise argument_error(owner, "num_items", f">= num_clients·min_size = {num_clients * min_size}", num_items)
+    check_number(owner, "alpha", alpha, 0, low_open=True)
     g = torch.Generator().manual_seed(int(seed))
     if scheme == "iid":
         perm = torch.randperm(num_items, generator=g)
         return [sorted(p.tolist()) for p in torch.tensor_split(perm, num_clients)]
     if scheme == "dirichlet":
         if labels is None:
-            raise ValueError("partition_indices: `labels` must be given for scheme='dirichlet'.")
+            raise argument_error(owner, "labels", "given for scheme='dirichlet'", None)
         y = torch.as_tensor(labels).reshape(-1)
         if len(y) != num_items:
-            raise ValueError(f"partition_indices: `labels` must have {num_items} entries, got {len(y)}.")
+            raise argument_error(owner, "labels", f"{num_items} entries", f"{len(y)} entries")
     for _ in range(max_tries):
         parts: list[list[int]] = [[] for _ in range(num_clients)]
         if scheme == "quantity":
@@ -92,16 +89,14 @@ def speed_factors(num_clients: int, slowest: float = 10.0, spread: str = "linear
     ``"linear"``: evenly spaced 1..slowest in client order; ``"uniform"``: seeded draws in [1, slowest];
     ``"equal"``: all 1.
     """
-    if not (isinstance(slowest, (int, float)) and slowest >= 1):
-        raise ValueError(f"speed_factors: `slowest` must be >= 1, got {slowest!r}.")
+    check_number("speed_factors", "slowest", slowest, 1)
+    check_choice("speed_factors", "spread", spread, ("linear", "uniform", "equal"))
     if spread == "equal" or num_clients == 1:
         return [1.0] * num_clients
     if spread == "linear":
         return [1.0 + (slowest - 1.0) * i / (num_clients - 1) for i in range(num_clients)]
-    if spread == "uniform":
-        g = torch.Generator().manual_seed(int(seed))
-        return (1.0 + (slowest - 1.0) * torch.rand(num_clients, generator=g, dtype=torch.float64)).tolist()
-    raise ValueError(f"speed_factors: `spread` must be 'linear', 'uniform' or 'equal', got {spread!r}.")
+    g = torch.Generator().manual_seed(int(seed))  # "uniform"
+    return (1.0 + (slowest - 1.0) * torch.rand(num_clients, generator=g, dtype=torch.float64)).tolist()
 
 
 class Participation:
@@ -127,12 +122,9 @@ class Participation:
     ) -> None:
         if (probs is None) == (periods is None):
             raise ValueError("Participation: exactly one of `probs` and `periods` must be given.")
-        if probs is not None and any(not 0 < float(p) <= 1 for p in probs):
-            raise ValueError(f"Participation: `probs` must be in (0, 1], got {list(probs)!r}.")
-        if periods is not None and any(not (int(k) == k and k >= 1) for k in periods):
-            raise ValueError(f"Participation: `periods` must be ints >= 1, got {list(periods)!r}.")
-        self.probs = None if probs is None else [float(p) for p in probs]
-        self.periods = None if periods is None else [int(k) for k in periods]
+        self.probs = None if probs is None else check_numbers("Participation", "probs", probs, None, 0, 1,
+                                                              low_open=True)
+        self.periods = None if periods is None else [check_int("Participation", "periods", k, 1) for k in periods]
         self.seed = int(seed)
 
     @property

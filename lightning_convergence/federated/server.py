@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+from lightning_convergence._checks import argument_error
 from lightning_convergence.federated.base import ServerRule
 from lightning_convergence.federated.partition import Participation
 from lightning_convergence.federated.transport import STOP, TASK, UPDATE, Message, ServerTransport
@@ -42,12 +43,13 @@ class FederatedServer:
         state: dict | None = None,
     ) -> None:
         if event_order is not None and rule.synchronous:
-            raise ValueError(f"FederatedServer: `event_order` needs an asynchronous rule, got {type(rule).__name__}.")
+            raise argument_error("FederatedServer", "event_order", "None with a synchronous rule", type(rule).__name__)
         if event_order is not None and transport.num_client_ranks != transport.num_clients:
             raise ValueError(f"FederatedServer: `event_order` needs one client per rank, got "
                              f"{transport.num_clients} clients on {transport.num_client_ranks} ranks.")
         if participation is not None and not rule.round_based:
-            raise ValueError(f"FederatedServer: `participation` needs a round-based rule, got {type(rule).__name__}.")
+            raise argument_error("FederatedServer", "participation", "None with a rule that is not round-based",
+                                 type(rule).__name__)
         self.rule, self.transport, self.participation = rule, transport, participation
         self.round_timeout_s, self.poll_s = float(round_timeout_s), float(poll_s)
         self.event_order = None if event_order is None else [int(c) for c in event_order]

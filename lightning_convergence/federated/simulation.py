@@ -10,25 +10,15 @@ the two give the same trajectory for the same event order (``event_order``).
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lightning_convergence._checks import argument_error, check_int, check_numbers
 from lightning_convergence.federated.base import ParamDict, ServerRule
 from lightning_convergence.federated.client import ClientStream, local_train, module_params
 from lightning_convergence.federated.partition import Participation
 
-__all__ = ["FederatedSimulation", "log_rule_metrics"]
-
-
-def log_rule_metrics(trainer: Any, rule: ServerRule, step: int, log_per_item: bool = False,
-                     extra: dict[str, float] | None = None) -> None:
-    """Write the rule's metrics (and ``extra``) as ``convergence/fl/<name>`` through the one logging helper."""
-    from lightning_convergence._metrics import log_metrics
-
-    metrics = rule.metrics(log_per_item)
-    metrics.update(extra or {})
-    log_metrics(trainer, "fl", metrics, step=step)
+__all__ = ["FederatedSimulation"]
 
 
 class FederatedSimulation:
@@ -53,19 +43,22 @@ class FederatedSimulation:
         local_steps: K, local optimizer steps per update, ≥ 1. Default ``5``.
         speeds: virtual time per local step for each client (≥ 0). Default all ``1.0``.
         participation: round-based rules only: who takes part in each round. Default everyone.
-        eval_fn: ``eval_fn(params) -> {name: value}`` on the global model; called every ``eval_every`` versions.
-        eval_every: versions between evaluations, ≥ 1. Default ``1``.
-        log_per_item: also log per-client participation. Default ``False``.
+        eval_fn: ``eval_fn(params) -> {name: value}`` on the global model; called every ``check_every_n_steps``
+            server steps (versions).
+        check_every_n_steps: server steps (versions) between evaluations, ≥ 1. Default ``1``.
+        log_per_item: also record per-client participation. Default ``False``.
 
     State:
         The rule holds the model state; the simulation's own state (streams, virtual clock) is rebuilt per run.
 
     Logs:
-        With a ``trainer`` passed to :meth:`run`: the rule's ``convergence/fl/*`` metrics (``staleness_steps``,
-        ``updates_applied_total``, ``nonfinite_skipped_total``, ...), ``convergence/fl/virtual_time`` and
-        ``convergence/fl/val_<name>`` for each ``eval_fn`` output; at the end ``convergence/fl/staleness_count/<τ>``.
+        Nothing itself (a core): :attr:`metric_rows` holds ``(version, metrics)`` for each evaluated version (the
+        rule's ``convergence/fl/*`` metrics, ``virtual_time`` and ``val_<name>`` for each ``eval_fn`` output) and,
+        last, the ``staleness_count/<τ>`` histogram; ``strategies.async_fl.log_simulation(trainer, sim)`` writes
+        them through a trainer's loggers.
 
     Raises:
+        TypeError: for a non-int ``local_steps`` or ``check_every_n_steps``, or non-number ``speeds``.
         ValueError: for mismatched ``streams``/``speeds``/``participation`` lengths, ``local_steps`` < 1, a
             ``participation`` given to a non-round rule, or ``event_order`` with a non-asynchronous rule.
 
@@ -77,32 +70,27 @@ class FederatedSimulation:
     def __init__(
         self, module: Any, rule: ServerRule, streams: Sequence[ClientStream], local_steps: int = 5,
         speeds: Sequence[float] | None = None, participation: Participation | None = None,
-        eval_fn: Callable[[ParamDict], dict[str, float]] | None = None, eval_every: int = 1,
+        eval_fn: Callable[[ParamDict], dict[str, float]] | None = None, check_every_n_steps: int = 1,
         log_per_item: bool = False,
     ) -> None:
-        n = len(streams)
+        owner, n = "FederatedSimulation", len(streams)
         if n < 1:
-            raise ValueError("FederatedSimulation: `streams` must hold at least one client.")
-        if not (isinstance(local_steps, int) and local_steps >= 1):
-            raise ValueError(f"FederatedSimulation: `local_steps` must be an int >= 1, got {local_steps!r}.")
-        speeds = [1.0] * n if speeds is None else [float(s) for s in speeds]
-        if len(speeds) != n or any(not (s >= 0 and math.isfinite(s)) for s in speeds):
-            raise ValueError(f"FederatedSimulation: `speeds` must be {n} finite numbers >= 0, got {speeds}.")
+            raise argument_error(owner, "streams", "at least one client's stream", [])
+        check_int(owner, "local_steps", local_steps, 1)
+        speeds = [1.0] * n if speeds is None else check_numbers(owner, "speeds", list(speeds), n, 0)
         if participation is not None:
             if not rule.round_based:
-                raise ValueError(
-                    f"FederatedSimulation: `participation` needs a round-based rule (FedAvg, FedProx, FedAU), "
-                    f"got {type(rule).__name__}."
-                )
+                raise argument_error(owner, "participation", "None with a rule that is not round-based (use FedAvg, "
+                                     "FedProx or FedAU)", type(rule).__name__)
             if participation.num_clients != n:
-                raise ValueError(f"FederatedSimulation: `participation` must cover {n} clients, "
-                                 f"got {participation.num_clients}.")
-        if eval_every < 1:
-            raise ValueError(f"FederatedSimulation: `eval_every` must be >= 1, got {eval_every}.")
+                raise argument_error(owner, "participation", f"a Participation of {n} clients",
+                                     f"{participation.num_clients} clients")
+        check_int(owner, "check_every_n_steps", check_every_n_steps, 1)
         self.module, self.rule, self.streams = module, rule, list(streams)
         self.local_steps, self.speeds, self.participation = local_steps, speeds, participation
-        self.eval_fn, self.eval_every, self.log_per_item = eval_fn, eval_every, log_per_item
+        self.eval_fn, self.check_every_n_steps, self.log_per_item = eval_fn, check_every_n_steps, log_per_item
         self.history: list[dict[str, float]] = []
+        self.metric_rows: list[tuple[int, dict[str, float]]] = []
         self.events: list[tuple[float, int, int, bool]] = []
         self.time = 0.0
         self._seq = [0] * n
@@ -121,9 +109,9 @@ class FederatedSimulation:
         self.events.append((self.time, cid, base, ok))
         return ok
 
-    def _record(self, trainer: Any, force: bool = False) -> None:
+    def _record(self, force: bool = False) -> None:
         v = self.rule.version
-        if v == self._last_eval or (not force and v % self.eval_every != 0):
+        if v == self._last_eval or (not force and v % self.check_every_n_steps != 0):
             return
         self._last_eval = v
         row = {"version": float(v), "time": self.time,
@@ -131,11 +119,10 @@ class FederatedSimulation:
         if self.eval_fn is not None:
             row.update({k: float(x) for k, x in self.eval_fn(self.rule.global_params()).items()})
         self.history.append(row)
-        if trainer is not None:
-            extra = {"virtual_time": self.time}
-            extra.update({f"val_{k}": x for k, x in row.items() if k not in ("version", "time",
-                                                                           "updates_applied_total")})
-            log_rule_metrics(trainer, self.rule, v, self.log_per_item, extra)
+        metrics = self.rule.metrics(self.log_per_item)
+        metrics["virtual_time"] = self.time
+        metrics.update({f"val_{k}": x for k, x in row.items() if k not in ("version", "time", "updates_applied_total")})
+        self.metric_rows.append((v, metrics))
 
     def _done(self, max_versions: int | None, max_time: float | None, stop: Callable | None) -> bool:
         if max_versions is not None and self.rule.version >= max_versions:
@@ -147,38 +134,35 @@ class FederatedSimulation:
     # ---------------------------------------------------------------------- run
     def run(
         self, max_versions: int | None = None, max_time: float | None = None,
-        event_order: Sequence[int] | None = None, trainer: Any = None,
+        event_order: Sequence[int] | None = None,
         stop: Callable[[dict[str, float]], bool] | None = None, max_rounds: int = 1_000_000,
     ) -> list[dict[str, float]]:
         """Simulate until ``max_versions`` server updates, virtual time ``max_time``, or ``stop(last_row)``.
 
         ``event_order`` (asynchronous rules only) forces the order in which client updates arrive, one client id per
-        arrival, ignoring speeds. Returns :attr:`history` (one row per evaluated version).
+        arrival, ignoring speeds. Returns :attr:`history` (one row per evaluated version); :attr:`metric_rows` gets
+        the metrics of the same versions and, last, the staleness histogram.
         """
         if max_versions is None and max_time is None and event_order is None and stop is None:
             raise ValueError("FederatedSimulation.run: give `max_versions`, `max_time`, `event_order` or `stop`.")
         if not self.rule.params:
             self.rule.init_params(module_params(self.module))
-        self._record(trainer, force=True)
+        self._record(force=True)
         if self.rule.round_based:
-            self._run_rounds(max_versions, max_time, stop, trainer, max_rounds)
+            self._run_rounds(max_versions, max_time, stop, max_rounds)
         elif event_order is not None:
             if self.rule.synchronous:
                 raise ValueError("FederatedSimulation.run: `event_order` needs an asynchronous rule "
                                  f"(FedAsync, FedBuff), got {type(self.rule).__name__}.")
-            self._run_ordered(event_order, trainer)
+            self._run_ordered(event_order)
         else:
-            self._run_events(max_versions, max_time, stop, trainer)
-        self._record(trainer, force=True)
-        if trainer is not None:
-            from lightning_convergence._metrics import log_metrics
-
-            hist = {f"staleness_count/{s}": float(c) for s, c in sorted(self.rule.staleness_hist.items())}
-            if hist:
-                log_metrics(trainer, "fl", hist, step=self.rule.version)
+            self._run_events(max_versions, max_time, stop)
+        self._record(force=True)
+        if self.rule.staleness_hist:
+            self.metric_rows.append((self.rule.version, self.rule.staleness_counts()))
         return self.history
 
-    def _run_rounds(self, max_versions, max_time, stop, trainer, max_rounds) -> None:
+    def _run_rounds(self, max_versions, max_time, stop, max_rounds) -> None:
         r = 0
         while not self._done(max_versions, max_time, stop) and r < max_rounds:
             ids = self.participation.participants(r) if self.participation else list(range(len(self.streams)))
@@ -191,17 +175,17 @@ class FederatedSimulation:
             if self.rule.rounds_total == rounds0:  # nobody came, or a rejected update left the round open
                 self.rule.close_round(self.time)
             r += 1
-            self._record(trainer)
+            self._record()
 
-    def _run_ordered(self, order: Sequence[int], trainer) -> None:
+    def _run_ordered(self, order: Sequence[int]) -> None:
         inflight = {cid: self._train(cid) for cid in range(len(self.streams))}
         for step, cid in enumerate(order):
             self.time = float(step + 1)
             self._deliver(cid, *inflight.pop(cid))
             inflight[cid] = self._train(cid)
-            self._record(trainer)
+            self._record()
 
-    def _run_events(self, max_versions, max_time, stop, trainer) -> None:
+    def _run_events(self, max_versions, max_time, stop) -> None:
         heap: list[tuple[float, int, int]] = []  # (time, kind 0=client 1=window boundary, client id)
         inflight: dict[int, tuple[ParamDict, int, int]] = {}
         windowed = self.rule.synchronous  # FedFix: clients restart only at aggregation times
@@ -235,4 +219,4 @@ class FederatedSimulation:
                     start(c)
                 waiting.clear()
                 heapq.heappush(heap, (self.rule.next_boundary(), 1, -1))
-            self._record(trainer)
+            self._record()

@@ -9,6 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_convergence import stats
+from lightning_convergence._checks import check_number
 
 __all__ = ["AdaGradNorm"]
 
@@ -54,14 +55,9 @@ class AdaGradNorm(Optimizer):
         initial_accumulator_value: float = 1e-2,
         weight_decay: float = 0.0,
     ) -> None:
-        if not float(lr) > 0.0:
-            raise ValueError(f"AdaGradNorm: `lr` must be > 0, got {lr!r}.")
-        if not float(initial_accumulator_value) > 0.0:
-            raise ValueError(
-                f"AdaGradNorm: `initial_accumulator_value` must be > 0, got {initial_accumulator_value!r}."
-            )
-        if not float(weight_decay) >= 0.0:
-            raise ValueError(f"AdaGradNorm: `weight_decay` must be >= 0, got {weight_decay!r}.")
+        check_number("AdaGradNorm", "lr", lr, 0, low_open=True)
+        check_number("AdaGradNorm", "initial_accumulator_value", initial_accumulator_value, 0, low_open=True)
+        check_number("AdaGradNorm", "weight_decay", weight_decay, 0)
         defaults = {"lr": float(lr), "weight_decay": float(weight_decay)}
         super().__init__(params, defaults)
         for group in self.param_groups:

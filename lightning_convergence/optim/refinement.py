@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_convergence._checks import check_choice, check_int, check_number
 from lightning_convergence.optim.schedules import BudgetSchedule
 
 __all__ = [
@@ -56,16 +57,14 @@ NORM_TYPES = ("l1", "l2")
 NORMS_FILE_VERSION = 1
 
 
-def _check_norm_type(norm_type: str, owner: str) -> None:
-    if norm_type not in NORM_TYPES:
-        raise ValueError(f"{owner}: `norm_type` must be one of {NORM_TYPES}, got {norm_type!r}.")
+def _check_norm_type(norm_type: str, owner: str) -> str:
+    return check_choice(owner, "norm_type", norm_type, NORM_TYPES)
 
 
 def resample(values: Tensor | Sequence[float], n: int) -> Tensor:
     """Linear interpolation of ``values`` (on an even grid over [0, 1]) to ``n`` evenly spaced points (float64)."""
     v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
-    if n < 1:
-        raise ValueError(f"resample: `n` must be >= 1, got {n}.")
+    check_int("resample", "n", n, 1)
     if v.numel() == n:
         return v.clone()
     if v.numel() == 1:
@@ -96,8 +95,7 @@ def median_smooth(values: Tensor | Sequence[float], tau: float = 0.1, width_poin
     """
     v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
     n = v.numel()
-    if not 0.0 <= tau <= 1.0:
-        raise ValueError(f"median_smooth: `tau` must be in [0, 1], got {tau}.")
+    check_number("median_smooth", "tau", tau, 0, 1)
     w = 2 * math.floor(tau * (n if width_points is None else int(width_points)) / 2) + 1
     if w == 1 or n == 0:
         return v.clone()
@@ -295,16 +293,9 @@ class RefinedSchedule(BudgetSchedule):
         else:
             values = list(norms)
             self.norms_source = "list"
-        if norm_type is None:
-            raise ValueError("RefinedSchedule: `norm_type` must be 'l1' or 'l2' when `norms` is a list, got None.")
-        _check_norm_type(norm_type, "RefinedSchedule")
-        if not 0.0 <= float(smoothing_tau) <= 1.0:
-            raise ValueError(f"RefinedSchedule: `smoothing_tau` must be in [0, 1], got {smoothing_tau!r}.")
-        if int(resample_points) < 2:
-            raise ValueError(f"RefinedSchedule: `resample_points` must be >= 2, got {resample_points!r}.")
-        self.norm_type = norm_type
-        self.smoothing_tau = float(smoothing_tau)
-        self.resample_points = int(resample_points)
+        self.norm_type = _check_norm_type(norm_type, "RefinedSchedule")  # None (a list without a type) fails too
+        self.smoothing_tau = check_number("RefinedSchedule", "smoothing_tau", smoothing_tau, 0, 1)
+        self.resample_points = check_int("RefinedSchedule", "resample_points", resample_points, 2)
         self.profile: list[float] = refine_schedule(values, norm_type, self.smoothing_tau,
                                                     self.resample_points).tolist()
         super().__init__(optimizer, total_steps, warmup_steps, min_lr_ratio, last_epoch)

@@ -39,7 +39,7 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from lightning_convergence._validate import check_int_at_least
+from lightning_convergence._checks import argument_error, check_choice, check_int, check_number, check_state_version
 
 __all__ = [
     "BudgetSchedule",
@@ -156,15 +156,11 @@ class BudgetSchedule(LRScheduler):
         last_epoch: int = -1,
     ) -> None:
         name = type(self).__name__
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"{name}: `warmup_steps` must be an int in [0, total_steps), got {warmup_steps!r}.")
-        if not 0.0 <= float(min_lr_ratio) <= 1.0:
-            raise ValueError(f"{name}: `min_lr_ratio` must be in [0, 1], got {min_lr_ratio!r}.")
-        self.warmup_steps = int(warmup_steps)
+        self.warmup_steps = check_int(name, "warmup_steps", warmup_steps, 0)
+        self.min_lr_ratio = check_number(name, "min_lr_ratio", min_lr_ratio, 0, 1)
         self.total_steps: int | None = None
         if total_steps is not None:
             self.set_total_steps(total_steps)
-        self.min_lr_ratio = float(min_lr_ratio)
         self.version = self.STATE_VERSION
         self._advanced_by_optimizer = False
         super().__init__(optimizer, last_epoch)
@@ -180,11 +176,10 @@ class BudgetSchedule(LRScheduler):
     def set_total_steps(self, total_steps: int) -> None:
         """Set the budget ``T`` (checked as in the constructor)."""
         name = type(self).__name__
-        check_int_at_least(name, "total_steps", total_steps, 1)
+        check_int(name, "total_steps", total_steps, 1)
         if not self.warmup_steps < total_steps:
-            raise ValueError(f"{name}: `warmup_steps` must be an int in [0, total_steps={total_steps}), "
-                             f"got {self.warmup_steps!r}.")
-        self.total_steps = int(total_steps)
+            raise argument_error(name, "warmup_steps", f"an int in [0, total_steps={total_steps})", self.warmup_steps)
+        self.total_steps = total_steps
 
     def _on_optimizer_step(self) -> None:
         """The optimizer's step post-hook: advance one step and apply the new rate."""
@@ -231,9 +226,8 @@ class BudgetSchedule(LRScheduler):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the step count (and the saved hyperparameters, as every torch scheduler does)."""
-        if state_dict.get("version", self.STATE_VERSION) != self.STATE_VERSION:
-            raise RuntimeError(f"{type(self).__name__}: checkpoint state `version` {state_dict.get('version')!r} "
-                               f"is not {self.STATE_VERSION}; it cannot be converted.")
+        if "version" in state_dict:  # torch's own scheduler state (no version) loads as version 1
+            check_state_version(type(self).__name__, state_dict, self.STATE_VERSION)
         super().load_state_dict(state_dict)
 
 
@@ -313,9 +307,7 @@ class UBADecay(BudgetSchedule):
         phi: float = 2.0,
         last_epoch: int = -1,
     ) -> None:
-        if not float(phi) > 0.0:
-            raise ValueError(f"UBADecay: `phi` must be > 0, got {phi!r}.")
-        self.phi = float(phi)
+        self.phi = check_number("UBADecay", "phi", phi, 0, low_open=True)
         super().__init__(optimizer, total_steps, warmup_steps, min_lr_ratio, last_epoch)
 
     def shape(self, z: float) -> float:
@@ -351,13 +343,8 @@ class WSDSchedule(BudgetSchedule):
         decay_shape: str = "1-sqrt",
         last_epoch: int = -1,
     ) -> None:
-        if not 0.0 < float(decay_fraction) <= 1.0:
-            raise ValueError(f"WSDSchedule: `decay_fraction` must be in (0, 1], got {decay_fraction!r}.")
-        if decay_shape not in WSD_DECAY_SHAPES:
-            raise ValueError(f"WSDSchedule: `decay_shape` must be one of {sorted(WSD_DECAY_SHAPES)}, "
-                             f"got {decay_shape!r}.")
-        self.decay_fraction = float(decay_fraction)
-        self.decay_shape = decay_shape
+        self.decay_fraction = check_number("WSDSchedule", "decay_fraction", decay_fraction, 0, 1, low_open=True)
+        self.decay_shape = check_choice("WSDSchedule", "decay_shape", decay_shape, sorted(WSD_DECAY_SHAPES))
         super().__init__(optimizer, total_steps, warmup_steps, min_lr_ratio, last_epoch)
 
     def shape(self, z: float) -> float:

@@ -24,8 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_convergence import stats
-from lightning_convergence._state import check_state_version
-from lightning_convergence._validate import check_int_at_least
+from lightning_convergence._checks import check_int_at_least, check_state_version
 
 __all__ = ["GradES", "SIGNALS", "REDUCTIONS"]
 

@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from lightning_convergence._state import check_state_version
-from lightning_convergence._validate import check_int_at_least
+from lightning_convergence._checks import check_int_at_least, check_state_version
 
 __all__ = ["LRAreas", "ScalingLawFit", "fit_scaling_law", "LossCurveRule"]
 

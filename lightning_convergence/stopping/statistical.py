@@ -20,8 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lightning_convergence._state import check_state_version
-from lightning_convergence._validate import check_int_at_least
+from lightning_convergence._checks import check_int_at_least, check_state_version
 from lightning_convergence.stats.batch_tests import norm_test_batch_size
 from lightning_convergence.stats.variance import SampleGradStats
 

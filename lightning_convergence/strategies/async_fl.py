@@ -17,11 +17,7 @@ rank the Lightning loop does nothing: the rank serves tasks until the server say
 
 from __future__ import annotations
 
-import math
-import multiprocessing as mp
 import os
-import socket
-import traceback
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -36,15 +32,21 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
+from lightning_convergence._checks import check_state_version
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence.data.federated import FederatedDataModule
 from lightning_convergence.federated.base import ServerRule
 from lightning_convergence.federated.client import ClientStream, load_params, module_params
 from lightning_convergence.federated.fedbuff import FedBuff
-from lightning_convergence.federated.partition import Participation
+from lightning_convergence.federated.processes import (
+    check_fl_arguments,
+    check_launch,
+    fork_clients,
+    server_step_metrics,
+)
 from lightning_convergence.federated.server import FederatedServer
+from lightning_convergence.federated.simulation import FederatedSimulation
 from lightning_convergence.federated.transport import (
-    ClientFault,
     ClientWork,
     ParamLayout,
     ServerTransport,
@@ -53,33 +55,16 @@ from lightning_convergence.federated.transport import (
     torch_p2p,
 )
 
-__all__ = ["AsyncFederatedStrategy", "FederatedDataModule", "register_strategies"]
+__all__ = ["AsyncFederatedStrategy", "FederatedDataModule", "log_simulation", "register_strategies"]
 
 _STATE_KEY = "convergence/fl"
 _STATE_VERSION = 1
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _client_entry(cid: int, world: int, port: int, timeout_s: float, module: Any, work: ClientWork,
-                  layout: ParamLayout, local_steps: int, prox_mu: float) -> None:
-    code = 0
-    try:
-        torch.set_num_threads(1)
-        if hasattr(module, "trainer"):
-            module.trainer = None  # self.log() inside training_step becomes a no-op on clients
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=cid + 1, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
-        serve_clients({cid: work}, module, layout, local_steps, prox_mu, torch_p2p())
-    except BaseException:  # the server sees the dropped connection; the traceback goes to stderr
-        traceback.print_exc()
-        code = 1
-    finally:
-        os._exit(code)  # never run the parent's Lightning/pytest teardown in a forked child
+def log_simulation(trainer: Any, simulation: FederatedSimulation) -> None:
+    """Write what a finished :class:`FederatedSimulation` recorded as ``convergence/fl/*``, one row per version."""
+    for version, metrics in simulation.metric_rows:
+        log_metrics(trainer, "fl", metrics, step=version)
 
 
 class AsyncFederatedStrategy(SingleDeviceStrategy):
@@ -149,7 +134,8 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
             for a launch with more client ranks than clients, or ``event_order`` with several clients per rank.
         RuntimeError: at ``setup`` for a launch it cannot run: a launched process group of another backend already
             initialised, or ``fit`` run by one process of a multi-process launch outside a launcher.
-        TypeError: if ``rule`` is not a ``ServerRule`` or the datamodule has no ``client_dataset``.
+        TypeError: if ``rule`` is not a ``ServerRule``, a count is not an int (bools included), a speed or timeout is
+            not a number, or the datamodule has no ``client_dataset``.
 
     Example:
         >>> # Trainer(strategy=AsyncFederatedStrategy(rule=FedBuff(buffer_size=4), num_clients=8), max_steps=200,
@@ -167,46 +153,17 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
         faults: dict[int, Sequence[Any]] | None = None,
     ) -> None:
         super().__init__(device="cpu")
-        owner = "AsyncFederatedStrategy"
-        if not (isinstance(num_clients, int) and num_clients >= 1):
-            raise ValueError(f"{owner}: `num_clients` must be an int >= 1, got {num_clients!r}.")
-        if rule is None:
+        if rule is None and isinstance(num_clients, int):
             rule = FedBuff(buffer_size=max(1, num_clients // 2))
-        if not isinstance(rule, ServerRule):
-            raise TypeError(f"{owner}: `rule` must be a ServerRule (e.g. FedBuff), got {type(rule).__name__}.")
-        if not (isinstance(local_steps, int) and local_steps >= 1):
-            raise ValueError(f"{owner}: `local_steps` must be an int >= 1, got {local_steps!r}.")
-        speeds = [1.0] * num_clients if speeds is None else [float(s) for s in speeds]
-        if len(speeds) != num_clients or any(not (s >= 0 and math.isfinite(s)) for s in speeds):
-            raise ValueError(f"{owner}: `speeds` must be {num_clients} finite numbers >= 0, got {speeds}.")
-        for name, value in (("step_delay_s", step_delay_s), ("round_timeout_s", round_timeout_s),
-                            ("serve_timeout_s", serve_timeout_s), ("shutdown_timeout_s", shutdown_timeout_s),
-                            ("process_group_timeout_s", process_group_timeout_s)):
-            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{owner}: `{name}` must be a finite number >= 0, got {value!r}.")
-        self.participation = None
-        if participation_probs is not None:
-            if not rule.round_based:
-                raise ValueError(f"{owner}: `participation_probs` needs a round-based rule (FedAvg, FedProx, FedAU), "
-                                 f"got {type(rule).__name__}.")
-            if len(participation_probs) != num_clients:
-                raise ValueError(f"{owner}: `participation_probs` must have {num_clients} entries, "
-                                 f"got {len(participation_probs)}.")
-            self.participation = Participation(probs=participation_probs, seed=seed)
-        if event_order is not None and rule.synchronous:
-            raise ValueError(f"{owner}: `event_order` needs an asynchronous rule (FedAsync, FedBuff), "
-                             f"got {type(rule).__name__}.")
-        self.faults: dict[int, ClientFault] = {}
-        for cid, spec in (faults or {}).items():
-            kind, after = spec
-            if kind not in ("crash", "kill", "stall"):
-                raise ValueError(f"{owner}: `faults` kinds must be 'crash', 'kill' or 'stall', got {kind!r}.")
-            self.faults[int(cid)] = ClientFault(kind, int(after))
-        self.rule, self.num_clients, self.local_steps, self.speeds = rule, num_clients, local_steps, speeds
+        checked = check_fl_arguments(
+            "AsyncFederatedStrategy", rule, num_clients, local_steps, speeds, participation_probs, seed, event_order,
+            faults, step_delay_s=step_delay_s, round_timeout_s=round_timeout_s, serve_timeout_s=serve_timeout_s,
+            shutdown_timeout_s=shutdown_timeout_s, process_group_timeout_s=process_group_timeout_s)
+        self.rule, self.num_clients, self.local_steps, self.speeds = rule, num_clients, local_steps, checked.speeds
+        self.participation, self.event_order, self.faults = checked.participation, checked.event_order, checked.faults
         self.step_delay_s, self.round_timeout_s = float(step_delay_s), float(round_timeout_s)
         self.serve_timeout_s, self.shutdown_timeout_s = float(serve_timeout_s), float(shutdown_timeout_s)
         self.process_group_timeout_s, self.seed, self.log_per_item = float(process_group_timeout_s), seed, log_per_item
-        self.event_order = None if event_order is None else [int(c) for c in event_order]
         self.server: FederatedServer | None = None
         self.cluster_environment: ClusterEnvironment | None = None  # set by Lightning's connector
         self.parallel_devices: list[torch.device] | None = None  # set by Lightning's connector (``devices``)
@@ -295,23 +252,13 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
             ranks = self.cluster_environment.world_size() - 1
         else:
             ranks = self.num_clients
-            self._fork_clients(dm, module, layout)
+            works = [self._client_work(dm, cid) for cid in range(self.num_clients)]
+            self._procs = fork_clients(works, module, layout, self.local_steps, self.rule.prox_mu,
+                                       self.process_group_timeout_s)
         self.server = FederatedServer(self.rule, ServerTransport(layout, self.num_clients, ranks, torch_p2p()),
                                       self.participation, round_timeout_s=self.round_timeout_s,
                                       event_order=self.event_order, state=server_state)
         self.server.start()
-
-    def _fork_clients(self, dm: Any, module: Any, layout: ParamLayout) -> None:
-        port, world = _free_port(), self.num_clients + 1
-        ctx = mp.get_context("fork")
-        for cid in range(self.num_clients):
-            args = (cid, world, port, self.process_group_timeout_s, module, self._client_work(dm, cid), layout,
-                    self.local_steps, self.rule.prox_mu)
-            proc = ctx.Process(target=_client_entry, args=args, daemon=True)
-            proc.start()
-            self._procs.append(proc)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world,
-                                timeout=timedelta(seconds=self.process_group_timeout_s))
 
     def _join_launched_group(self, trainer: Any, dm: Any, module: Any) -> None:
         """Launched mode: join the launch's gloo group; a client rank serves its clients here until STOP."""
@@ -320,15 +267,7 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
         # Lightning's launcher sets LOCAL_RANK only when it starts the other processes, after `set_world_ranks`.
         self.global_rank, self.local_rank = rank, env.local_rank()
         rank_zero_only.rank = rank
-        if self.num_clients < world - 1:
-            raise ValueError(
-                f"AsyncFederatedStrategy: this launch has {world} processes (rank 0 is the server, ranks "
-                f"1..{world - 1} serve clients), so `num_clients` must be >= {world - 1}, got {self.num_clients}; "
-                f"launch at most {self.num_clients + 1} processes or raise `num_clients` (and the datamodule's) "
-                f"to {world - 1}.")
-        if self.event_order is not None and self.num_clients != world - 1:
-            raise ValueError(f"AsyncFederatedStrategy: `event_order` needs one client per launched rank: "
-                             f"`num_clients` must be {world - 1}, got {self.num_clients}.")
+        check_launch("AsyncFederatedStrategy", self.num_clients, world, self.event_order)
         if dist.is_initialized():
             if dist.get_backend() != "gloo" or dist.get_world_size() != world:
                 raise RuntimeError(
@@ -379,13 +318,9 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
                            f"{sorted(self.server.alive)}, deaths: {self.server.deaths}); stopping training.")
             trainer.should_stop = True
         load_params(self.lightning_module, self.rule.params)
-        losses = [x for x in self.server.pop_losses() if math.isfinite(x)]
-        loss = sum(losses) / len(losses) if losses else float("nan")
+        loss, metrics = server_step_metrics(self.rule, self.server.metrics(), self.server.pop_losses(),
+                                            self.log_per_item)
         if should_log(trainer):
-            metrics = self.rule.metrics(self.log_per_item)
-            metrics.update(self.server.metrics())
-            if math.isfinite(loss):
-                metrics["client_loss"] = loss
             log_metrics(trainer, "fl", metrics)
         return torch.tensor(loss)
 
@@ -401,11 +336,8 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
     def on_train_end(self) -> None:
         if self.role == "client":
             return
-        trainer = self.lightning_module.trainer
-        hist = {f"staleness_count/{s}": float(c) for s, c in sorted(self.rule.staleness_hist.items())}
-        final = self.rule.metrics(self.log_per_item)
-        final.update(hist)
-        log_metrics(trainer, "fl", final)
+        log_metrics(self.lightning_module.trainer, "fl",
+                    {**self.rule.metrics(self.log_per_item), **self.rule.staleness_counts()})
 
     # ------------------------------------------------------------- checkpoints
     @override
@@ -421,9 +353,7 @@ class AsyncFederatedStrategy(SingleDeviceStrategy):
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
         entry = checkpoint.get(_STATE_KEY)
         if entry is not None:
-            if entry.get("version") != _STATE_VERSION:
-                raise RuntimeError(f"AsyncFederatedStrategy: checkpoint `{_STATE_KEY}` version "
-                                   f"{entry.get('version')!r} is not supported (expected {_STATE_VERSION}).")
+            check_state_version("AsyncFederatedStrategy", entry, _STATE_VERSION)
             self._restored = entry
         return checkpoint
 

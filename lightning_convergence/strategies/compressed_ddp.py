@@ -18,9 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_convergence._checks import check_int_at_least
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
-from lightning_convergence._validate import check_int_at_least
 from lightning_convergence.comm import (
     Communicator,
     SingleProcessCommunicator,

@@ -219,7 +219,7 @@ def test_min_batch_size_applies_at_the_start():
         ({"min_batch_size": 0}, "min_batch_size"), ({"min_batch_size": 8, "max_batch_size": 4}, "max_batch_size"),
         ({"max_growth_factor": 1.0}, "max_growth_factor"), ({"smoothing": 1.0}, "smoothing"),
         ({"noise_ema_beta": -0.1}, "noise_ema_beta"), ({"per_sample_max_examples": 1}, "per_sample_max_examples"),
-        ({"max_per_device_batch_size": 2.5}, "max_per_device_batch_size"),
+        ({"max_per_device_batch_size": 0}, "max_per_device_batch_size"),
     ],
 )
 def test_invalid_arguments(kwargs, field):

@@ -123,7 +123,7 @@ def test_distributed_inner_sampler_shards_and_resumes_per_rank():
 def test_errors():
     with pytest.raises(ValueError, match="`batch_size`"):
         BatchSizeController(0)
-    with pytest.raises(ValueError, match="`batch_size`"):
+    with pytest.raises(TypeError, match="`batch_size`"):  # a float is a wrong type (lightning_convergence._checks)
         ResizableBatchSampler(SequentialSampler(range(4)), 2.5, False)
     with pytest.raises(ValueError, match="`batch_size`"):
         BatchSizeController(2).set_batch_size(-1)

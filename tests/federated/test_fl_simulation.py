@@ -201,17 +201,24 @@ def test_fedprox_proximal_term_shrinks_client_drift():
     assert drift(FedProx(num_clients=2, mu=5.0)) < 0.5 * drift(FedProx(num_clients=2, mu=0.0))
 
 
-def test_simulation_logs_through_a_trainer():
+def test_simulation_returns_its_metrics_and_the_adapter_logs_them_through_a_trainer():
     from lightning.pytorch import Trainer
 
+    from lightning_convergence.strategies.async_fl import log_simulation
     from tests.helpers.loggers import MemoryLogger
 
-    logger = MemoryLogger()
-    trainer = Trainer(logger=logger, accelerator="cpu", devices=1, enable_progress_bar=False)
     rule = FedBuff(buffer_size=2)
     sim = FederatedSimulation(LinearModel(dim=5), rule, _regression_streams(3), local_steps=1, speeds=[1, 2, 3],
-                              eval_fn=lambda p: {"norm": p["linear.weight"].norm().item()}, log_per_item=True)
-    sim.run(max_versions=5, trainer=trainer)
+                              eval_fn=lambda p: {"norm": p["linear.weight"].norm().item()}, log_per_item=True,
+                              check_every_n_steps=2)
+    sim.run(max_versions=5)
+    # The core logs nothing: versions 0, 2, 4 (every 2nd) and the forced last one, 5; then the staleness histogram.
+    assert [v for v, _ in sim.metric_rows] == [0, 2, 4, 5, 5]
+    assert sim.metric_rows[2][1]["updates_applied_total"] == 8 and "val_norm" in sim.metric_rows[2][1]
+    # every accepted update has one staleness entry: the 10 applied plus the one pending in the buffer
+    assert sum(sim.metric_rows[-1][1].values()) == 10 + rule.pending == 11
+    logger = MemoryLogger()
+    log_simulation(Trainer(logger=logger, accelerator="cpu", devices=1, enable_progress_bar=False), sim)
     assert logger.values("convergence/fl/updates_applied_total")[-1] == 10
     assert logger.values("convergence/fl/val_norm") and logger.values("convergence/fl/participation/client0")
     assert any(k.startswith("convergence/fl/staleness_count/") for _, m in logger.history for k in m)

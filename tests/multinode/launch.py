@@ -61,13 +61,13 @@ def _wait_listening(port: int, deadline: float) -> None:
 
 def _finish(procs: list[subprocess.Popen], logs: list[Path], deadline: float,
             done: Callable[[], bool] | None = None) -> list[NodeResult]:
-    """Wait for every node until ``deadline``, or until ``done()`` holds (then 3 s of grace), and kill the rest."""
+    """Wait for every node until ``deadline``, or until ``done()`` holds (then 1 s of grace), and kill the rest."""
     killed: set[int] = set()
     try:
         grace_end = None
         while time.monotonic() < deadline and any(p.poll() is None for p in procs):
             if grace_end is None and done is not None and done():
-                grace_end = time.monotonic() + 3.0
+                grace_end = time.monotonic() + 1.0
             if grace_end is not None and time.monotonic() > grace_end:
                 break
             time.sleep(0.2)
@@ -87,7 +87,7 @@ def run_nodes(args: Sequence[str], nproc_per_node: Sequence[int], tmp: Path, tim
               max_restarts: int = 0, module: bool = False, done: Callable[[], bool] | None = None) -> list[NodeResult]:
     """Run ``python [-m] args`` as ``len(nproc_per_node)`` torchrun nodes on 127.0.0.1; results by node rank.
 
-    ``done``: a condition on the workers' outputs after which the launch is ended (3 s later) even if agents are
+    ``done``: a condition on the workers' outputs after which the launch is ended (1 s later) even if agents are
     still running. Needed when a node failed on purpose: the surviving torchrun agents then wait in torch's exit
     barrier (300 s, not settable from the command line) for the failed agent, long after their workers finished.
     A node ended this way has ``timed_out`` True.
@@ -136,9 +136,13 @@ def run_plain(args: Sequence[str], tmp: Path, timeout_s: float = 90.0) -> NodeRe
     return _finish([proc], [log], deadline)[0]
 
 
-def run_fake_srun(args: Sequence[str], ntasks: int, tmp: Path, timeout_s: float = 90.0) -> list[NodeResult]:
+def run_fake_srun(args: Sequence[str], ntasks: int, tmp: Path, timeout_s: float = 90.0,
+                  done: Callable[[], bool] | None = None) -> list[NodeResult]:
     """Run ``python args`` as ``ntasks`` tasks of one SLURM node the way ``srun`` starts them (the ``SLURM_*``
-    variables Lightning reads), without SLURM: Lightning's ``SLURMEnvironment`` takes the ranks from them."""
+    variables Lightning reads), without SLURM: Lightning's ``SLURMEnvironment`` takes the ranks from them.
+
+    No agent stands between the tasks, so a task that dies takes no other task with it; ``done`` as in
+    :func:`run_nodes`."""
     deadline = time.monotonic() + timeout_s
     port, job = free_port(), str(10_000 + os.getpid() % 50_000)
     procs, logs = [], []
@@ -154,5 +158,5 @@ def run_fake_srun(args: Sequence[str], ntasks: int, tmp: Path, timeout_s: float 
                 procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out,
                                               stderr=subprocess.STDOUT, start_new_session=True))
     finally:
-        results = _finish(procs, logs, deadline)
+        results = _finish(procs, logs, deadline, done)
     return results

@@ -1,13 +1,17 @@
-"""Real torchrun launches on 127.0.0.1: two "nodes" for every registered strategy, async FL over launched ranks,
-a killed client rank, and elastic restarts that resume to the uninterrupted run's weights.
+"""Real launches on 127.0.0.1: two torchrun "nodes" for every registered strategy and async FL, SLURM-style tasks,
+Lightning's own launcher, a killed and a stalled client rank, and elastic restarts that resume to the uninterrupted
+run's weights.
 
-Each launch starts fresh Python processes (``import lightning`` ≈ 5 s each on 2 cores), so the runs are few and
-tiny: a 10-parameter least-squares model, a few dozen steps. Equality is bitwise (``torch.equal``): the same seed,
-world size and rank order give the same gloo reductions in the same order, whatever the launch shape.
+Each launch starts fresh Python processes (``import lightning`` ≈ 5 s each on 2 cores), so launches are few and each
+process runs several modes in turn (``worker.py fit,resume`` / ``fit,async``): six launches, 18 worker processes in
+all. Models are a 10-parameter least-squares problem and runs a few dozen steps. Equality is bitwise
+(``torch.equal``): the same seed, world size and rank order give the same gloo reductions in the same order, whatever
+the launch shape.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -20,7 +24,7 @@ from lightning_convergence.strategies.compressed_ddp import CompressedDDPStrateg
 from lightning_convergence.strategies.local_sgd import LocalSGDStrategy
 from tests.multinode.launch import WORKER, run_fake_srun, run_nodes, run_plain, run_standalone
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.skipif(sys.platform != "linux", reason="torchrun on Linux")]
+pytestmark = [pytest.mark.timeout(300), pytest.mark.skipif(sys.platform != "linux", reason="torchrun on Linux")]
 
 
 def _registered(cls: type) -> list[str]:
@@ -29,6 +33,10 @@ def _registered(cls: type) -> list[str]:
 
 DDP_FAMILY = ["ddp", *_registered(CompressedDDPStrategy)]
 LOCAL_SGD_FAMILY = _registered(LocalSGDStrategy)
+FIT_NAMES = DDP_FAMILY + LOCAL_SGD_FAMILY
+RESUMED = ["ddp_ef21", "local_sgd"]  # one strategy of each family
+STEPS = 40  # past DiLoCo's first outer step (32) and five local-SGD syncs (every 8)
+TIMEOUT_S = 150  # a launch takes 5-25 s on 2 idle cores; a hang fails well inside the module's 300 s
 
 
 def _ok(results) -> None:
@@ -36,54 +44,26 @@ def _ok(results) -> None:
         assert r.returncode == 0 and not r.timed_out, r.log[-4000:]
 
 
-def _params(directory: Path, name: str, rank: int) -> dict[str, torch.Tensor]:
-    return torch.load(directory / name / f"rank{rank}.pt", weights_only=True)["params"]
+def _saved(directory: Path, mode: str, name: str, rank: int) -> dict:
+    return torch.load(directory / mode / name / f"rank{rank}.pt", weights_only=True)
 
 
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-STEPS = 40  # past DiLoCo's first outer step (32) and five local-SGD syncs (every 8)
-
-
-def _fit_args(names: list[str]) -> list[str]:
-    return [str(WORKER), "fit", "--strategies", ",".join(names), "--steps", str(STEPS)]
+def _args(modes: str, out: Path, *extra: str) -> list[str]:
+    return [str(WORKER), modes, "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
 def one_node_two_processes(tmp_path_factory) -> Path:
+    """torchrun --standalone, 2 processes: every strategy's final weights, and the uninterrupted elastic recipe."""
     out = tmp_path_factory.mktemp("1x2")
-    names = DDP_FAMILY + LOCAL_SGD_FAMILY
-    _ok([run_standalone([*_fit_args(names), "--out", str(out), "--devices", "2"], 2, out, timeout_s=300)])
+    _ok([run_standalone(_args("fit,resume", out, "--devices", "2", "--strategies", ",".join(FIT_NAMES), "--steps",
+                              str(STEPS), "--resume-strategies", ",".join(RESUMED), "--ckpt-dir", str(out / "ckpt"),
+                              "--epochs", "3"), 2, out, timeout_s=TIMEOUT_S)])
     return out
-
-
-def test_every_registered_ddp_and_local_sgd_strategy_is_identical_on_2_nodes_and_1_node(tmp_path,
-                                                                                       one_node_two_processes):
-    names = DDP_FAMILY + LOCAL_SGD_FAMILY
-    assert {"ddp_ef21", "local_sgd", "diloco"} <= set(names)
-    _ok(run_nodes([*_fit_args(names), "--out", str(tmp_path), "--num-nodes", "2"], [1, 1], tmp_path, timeout_s=300))
-    for name in names:
-        for rank in (0, 1):
-            assert _equal(_params(tmp_path, name, rank), _params(one_node_two_processes, name, rank)), (name, rank)
-        assert torch.load(tmp_path / name / "rank0.pt", weights_only=True)["global_step"] == STEPS
-    for name in DDP_FAMILY:  # really one job of two ranks: the DDP replicas agree after every step
-        assert _equal(_params(tmp_path, name, 0), _params(tmp_path, name, 1)), name
-
-
-def test_slurm_tasks_give_the_same_weights_and_run_async_fl(tmp_path, one_node_two_processes):
-    # Two processes started as srun starts two tasks on one node (SLURM_* variables, no torchrun).
-    names = ["ddp_ef21", "local_sgd"]
-    _ok(run_fake_srun([*_fit_args(names), "--out", str(tmp_path), "--devices", "2"], 2, tmp_path, timeout_s=300))
-    for name in names:
-        for rank in (0, 1):
-            assert _equal(_params(tmp_path, name, rank), _params(one_node_two_processes, name, rank)), (name, rank)
-    _ok(run_fake_srun([str(WORKER), "async", "--out", str(tmp_path), "--devices", "2", "--clients", "1", "--steps",
-                       "3"], 2, tmp_path, timeout_s=300))
-    result = _async_result(tmp_path)
-    assert result["version"] == 3 and result["participation"] == {0: 6}
-    _check_applied_once(result, buffer_size=2)
 
 
 def _async_result(tmp_path: Path) -> dict:
@@ -109,23 +89,46 @@ def _check_applied_once(result: dict, buffer_size: int) -> None:
         assert torch.equal(result["final"][k], result["rule_params"][k])
 
 
-def test_async_fl_server_on_one_node_serves_three_clients_on_the_other(tmp_path):
-    steps, buffer_size = 6, 2
-    results = run_nodes([str(WORKER), "async", "--out", str(tmp_path), "--num-nodes", "2", "--clients", "3",
-                         "--steps", str(steps), "--buffer", str(buffer_size)], [1, 1], tmp_path, timeout_s=300)
-    _ok(results)
+def test_two_torchrun_nodes_match_one_node_for_every_strategy_then_serve_three_async_clients(
+        tmp_path, one_node_two_processes):
+    assert {"ddp_ef21", "local_sgd", "diloco"} <= set(FIT_NAMES)
+    async_steps, buffer_size = 6, 2
+    _ok(run_nodes(_args("fit,async", tmp_path, "--num-nodes", "2", "--strategies", ",".join(FIT_NAMES), "--steps",
+                        str(STEPS), "--clients", "3", "--async-steps", str(async_steps), "--buffer", str(buffer_size)),
+                  [1, 1], tmp_path, timeout_s=TIMEOUT_S))
+    for name in FIT_NAMES:
+        for rank in (0, 1):
+            got, ref = _saved(tmp_path, "fit", name, rank), _saved(one_node_two_processes, "fit", name, rank)
+            assert _equal(got["params"], ref["params"]), (name, rank)
+        assert got["global_step"] == STEPS
+    for name in DDP_FAMILY:  # really one job of two ranks: the DDP replicas agree after every step
+        assert _equal(_saved(tmp_path, "fit", name, 0)["params"], _saved(tmp_path, "fit", name, 1)["params"]), name
+    # Async FL in the same processes: the server on node 0, one client rank on node 1 serving three clients in turn.
     result = _async_result(tmp_path)
-    assert result["version"] == steps and result["global_step"] == steps and not result["deaths"]
-    assert set(result["participation"]) == {0, 1, 2}  # one client rank served all three clients in turn
+    assert result["version"] == async_steps and result["global_step"] == async_steps and not result["deaths"]
+    assert set(result["participation"]) == {0, 1, 2}
     _check_applied_once(result, buffer_size)
     sent = torch.load(tmp_path / "client_rank1.pt", weights_only=True)["updates_sent"]
     assert sent >= result["counters"]["updates_received_total"]  # the rank's updates all reached the server
 
 
+def test_slurm_tasks_give_the_same_weights_and_run_async_fl(tmp_path, one_node_two_processes):
+    # Two processes started as srun starts two tasks on one node (SLURM_* variables, no torchrun).
+    _ok(run_fake_srun(_args("fit,async", tmp_path, "--devices", "2", "--strategies", ",".join(RESUMED), "--steps",
+                            str(STEPS), "--clients", "1", "--async-steps", "3"), 2, tmp_path, timeout_s=TIMEOUT_S))
+    for name in RESUMED:
+        for rank in (0, 1):
+            got, ref = _saved(tmp_path, "fit", name, rank), _saved(one_node_two_processes, "fit", name, rank)
+            assert _equal(got["params"], ref["params"]), (name, rank)
+    result = _async_result(tmp_path)
+    assert result["version"] == 3 and result["participation"] == {0: 6}
+    _check_applied_once(result, buffer_size=2)
+
+
 def test_async_fl_under_lightnings_own_launcher_one_node_two_processes(tmp_path):
     # No torchrun: Trainer(devices=2) re-runs the script with LOCAL_RANK=1, and that process is the client rank.
-    _ok([run_plain([str(WORKER), "async", "--out", str(tmp_path), "--devices", "2", "--clients", "2", "--steps", "3"],
-                   tmp_path, timeout_s=300)])
+    _ok([run_plain(_args("async", tmp_path, "--devices", "2", "--clients", "2", "--async-steps", "3"), tmp_path,
+                   timeout_s=TIMEOUT_S)])
     result = _async_result(tmp_path)
     assert result["version"] == 3 and set(result["participation"]) == {0, 1} and not result["deaths"]
     _check_applied_once(result, buffer_size=2)
@@ -134,52 +137,42 @@ def test_async_fl_under_lightnings_own_launcher_one_node_two_processes(tmp_path)
 
 def test_killed_and_stalled_client_ranks_never_block_the_server_and_their_updates_count_once(tmp_path):
     steps, buffer_size = 8, 2
-    # Four nodes: the server, client 0 (rank 1), client 1 (rank 2, SIGKILLed after its 2nd update) and client 2
-    # (rank 3, asleep for an hour after its 1st update). The surviving agents would wait 300 s in torchrun's exit
-    # barrier for the failed one, and the stalled rank never ends: stop the launch once the server and client 0 have
-    # written their results.
+    # Four SLURM-style tasks: the server, client 0 (rank 1), client 1 (rank 2, SIGKILLed after its 2nd update) and
+    # client 2 (rank 3, asleep for an hour after its 1st update). The stalled rank never ends: stop the launch once
+    # the server and client 0 have written their results.
     def finished() -> bool:
         return (tmp_path / "async.pt").exists() and (tmp_path / "client_rank1.pt").exists()
 
-    results = run_nodes([str(WORKER), "async", "--out", str(tmp_path), "--clients", "3", "--steps", str(steps),
-                         "--buffer", str(buffer_size), "--faults", "1:kill:2,2:stall:1"], [1, 1, 1, 1], tmp_path,
-                        timeout_s=300, done=finished)
+    results = run_fake_srun(_args("async", tmp_path, "--devices", "4", "--clients", "3", "--async-steps", str(steps),
+                                  "--buffer", str(buffer_size), "--faults", "1:kill:2,2:stall:1"), 4, tmp_path,
+                            timeout_s=TIMEOUT_S, done=finished)
     assert finished(), [r.log[-3000:] for r in results]
-    killed = [r for r in results if "Signal 9 (SIGKILL) received" in r.log]
-    assert len(killed) == 1 and killed[0].returncode != 0  # the client's node reports its dead worker
+    assert results[2].returncode == -signal.SIGKILL  # rank 2 really died mid-run
+    assert results[3].timed_out  # the stalled rank was still asleep when the launch was ended
     result = _async_result(tmp_path)
     assert result["version"] == steps and result["global_step"] == steps  # the server finished its run
     assert list(result["deaths"]) == [1] and result["stalled"] == [2]  # the report names who dropped
     assert result["participation"][1] == 2 and result["participation"][2] == 1  # accepted, once each
     _check_applied_once(result, buffer_size)
-    server_log = next(r.log for r in results if "is the server" in r.log)
-    assert "clients lost: 1 (rank 2" in server_log and "(stalled): [3]" in server_log
+    assert "clients lost: 1 (rank 2" in results[0].log and "(stalled): [3]" in results[0].log
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("uninterrupted")
-    _ok([run_standalone([str(WORKER), "resume", "--out", str(out), "--devices", "2", "--strategies",
-                         "ddp_ef21,local_sgd", "--ckpt-dir", str(out / "ckpt"), "--epochs", "3"], 2, out,
-                        timeout_s=300)])
-    return out
-
-
-@pytest.mark.parametrize("name", ["ddp_ef21", "local_sgd"])
-def test_elastic_restart_after_a_killed_rank_resumes_to_the_uninterrupted_weights(name, tmp_path, uninterrupted):
-    # 15 steps per epoch and rank; checkpoints at steps 15 and 30 (epoch ends); rank 1 is SIGKILLed at step 36 of the
-    # first attempt, torchrun restarts both ranks, and fit(ckpt_path="last") resumes from step 30. Step 30 is not a
-    # local-SGD sync step (every 8), so the replicas differ there: each rank's own state must come back from the file.
-    result = run_standalone([str(WORKER), "resume", "--out", str(tmp_path), "--devices", "2", "--strategies", name,
-                             "--ckpt-dir", str(tmp_path / "ckpt"), "--epochs", "3", "--kill-step", "36",
-                             "--kill-rank", "1"], 2, tmp_path, timeout_s=300, max_restarts=1)
+def test_elastic_restarts_after_killed_ranks_resume_to_the_uninterrupted_weights(tmp_path, one_node_two_processes):
+    # 15 steps per epoch and rank; checkpoints at steps 15 and 30 (epoch ends). Attempt k SIGKILLs rank 1 at step 36
+    # of the k-th strategy (ddp_ef21, then local_sgd); torchrun restarts both ranks each time and fit(ckpt_path="last")
+    # resumes from step 30 (a strategy already finished reloads its final checkpoint). Step 30 is not a local-SGD sync
+    # step (every 8), so the replicas differ there: each rank's own state must come back from the file.
+    result = run_standalone(_args("resume", tmp_path, "--devices", "2", "--strategies", ",".join(RESUMED),
+                                  "--ckpt-dir", str(tmp_path / "ckpt"), "--epochs", "3", "--kill-step", "36",
+                                  "--kill-rank", "1"), 2, tmp_path, timeout_s=TIMEOUT_S, max_restarts=len(RESUMED))
     _ok([result])
-    assert "Signal 9 (SIGKILL)" in result.log or "exitcode: -9" in result.log  # the first attempt really died
+    assert result.log.count("Signal 9 (SIGKILL)") + result.log.count("exitcode: -9") >= len(RESUMED)  # both died
     assert "Restoring states from the checkpoint path" in result.log
-    for rank in (0, 1):
-        resumed = torch.load(tmp_path / name / f"rank{rank}.pt", weights_only=True)
-        assert resumed["global_step"] == 45
-        assert _equal(resumed["params"], _params(uninterrupted, name, rank)), rank
-    key = {"ddp_ef21": "convergence/compressed_ddp", "local_sgd": "convergence/local_sgd"}[name]
-    saved = torch.load(tmp_path / "ckpt" / name / "last.ckpt", weights_only=True)[key]
-    assert saved["world_size"] == 2 and len(saved["ranks"]) == 2  # per-rank state travels in rank 0's file
+    for name in RESUMED:
+        for rank in (0, 1):
+            resumed = _saved(tmp_path, "resume", name, rank)
+            assert resumed["global_step"] == 45
+            assert _equal(resumed["params"], _saved(one_node_two_processes, "resume", name, rank)["params"]), rank
+        key = {"ddp_ef21": "convergence/compressed_ddp", "local_sgd": "convergence/local_sgd"}[name]
+        saved = torch.load(tmp_path / "ckpt" / name / "last.ckpt", weights_only=True)[key]
+        assert saved["world_size"] == 2 and len(saved["ranks"]) == 2  # per-rank state travels in rank 0's file

@@ -1,14 +1,17 @@
 """What each torchrun worker of the multi-node tests runs (a script, not a test module).
 
-Modes:
+Modes (a comma-separated list, run in order by the same processes, so one launch pays for one ``import lightning``):
 
 * ``fit``: for every registered strategy name in ``--strategies``, fit a tiny least-squares model (fresh seed, the
-  same data) and save this rank's final parameters to ``OUT/<name>/rank<k>.pt``.
-* ``resume``: one strategy with the elastic-restart recipe (``ModelCheckpoint(dirpath=..., save_last=True)`` at epoch
-  ends + ``fit(ckpt_path="last")``); with ``--kill-step`` the rank ``--kill-rank`` SIGKILLs itself at that step in
-  the first attempt only (``TORCHELASTIC_RESTART_COUNT == 0``).
-* ``async``: ``AsyncFederatedStrategy`` (FedBuff, constant staleness weight) over the launched ranks; rank 0 records
-  every delta offered to the rule and saves them with the rule's counters and final model to ``OUT/async.pt``.
+  same data) and save this rank's final parameters to ``OUT/fit/<name>/rank<k>.pt``.
+* ``resume``: each strategy of ``--strategies`` with the elastic-restart recipe (``ModelCheckpoint(dirpath=...,
+  save_last=True)`` at epoch ends + ``fit(ckpt_path="last")``), parameters to ``OUT/resume/<name>/rank<k>.pt``; with
+  ``--kill-step`` the rank ``--kill-rank`` SIGKILLs itself at that step while fitting the k-th strategy in attempt k
+  (``TORCHELASTIC_RESTART_COUNT == k``), so with ``--max-restarts`` = the number of strategies every strategy is
+  interrupted once and resumed.
+* ``async``: ``AsyncFederatedStrategy`` (FedBuff, constant staleness weight) over the launched ranks for
+  ``--async-steps`` server updates; rank 0 records every delta offered to the rule and saves them with the rule's
+  counters and final model to ``OUT/async.pt``. After ``fit`` it reuses the launch's gloo group.
 """
 
 from __future__ import annotations
@@ -44,12 +47,12 @@ class _DumpParams(Callback):
 
 
 class _KillOnce(Callback):
-    def __init__(self, step: int, rank: int) -> None:
-        self.step, self.rank = step, rank
+    def __init__(self, step: int, rank: int, attempt: int) -> None:
+        self.step, self.rank, self.attempt = step, rank, attempt
 
     def on_train_batch_end(self, trainer, *unused) -> None:
-        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if first_attempt and trainer.global_rank == self.rank and trainer.global_step == self.step:
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if attempt == self.attempt and trainer.global_rank == self.rank and trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -62,20 +65,20 @@ def _trainer(args, strategy, callbacks, **kw) -> Trainer:
 def fit_all(args) -> None:
     for name in args.strategies.split(","):
         seed_everything(0, verbose=False)
-        trainer = _trainer(args, name, [_DumpParams(Path(args.out) / name)], max_steps=args.steps,
+        trainer = _trainer(args, name, [_DumpParams(Path(args.out) / "fit" / name)], max_steps=args.steps,
                            enable_checkpointing=False)
         trainer.fit(LinearModel(dim=DIM, lr=0.05), SyntheticRegressionDataModule(n_samples=256, dim=DIM,
                                                                                  batch_size=8))
 
 
 def resume(args) -> None:
-    for name in args.strategies.split(","):
+    for index, name in enumerate((args.resume_strategies or args.strategies).split(",")):
         seed_everything(0, verbose=False)
         ckpt = ModelCheckpoint(dirpath=Path(args.ckpt_dir) / name, save_last=True, save_top_k=1, every_n_epochs=1,
                                save_on_train_epoch_end=True)
-        callbacks = [ckpt, _DumpParams(Path(args.out) / name)]
+        callbacks = [ckpt, _DumpParams(Path(args.out) / "resume" / name)]
         if args.kill_step is not None:
-            callbacks.append(_KillOnce(args.kill_step, args.kill_rank))
+            callbacks.append(_KillOnce(args.kill_step, args.kill_rank, attempt=index))
         trainer = _trainer(args, name, callbacks, max_epochs=args.epochs, enable_checkpointing=True)
         trainer.fit(LinearModel(dim=DIM, lr=0.05),
                     SyntheticRegressionDataModule(n_samples=240, dim=DIM, batch_size=8), ckpt_path="last")
@@ -101,7 +104,7 @@ def run_async(args) -> None:
                                num_clients=args.clients, seed=0)
     model = LinearModel(dim=DIM, lr=0.05)
     init = {k: v.detach().clone() for k, v in model.named_parameters()}
-    trainer = _trainer(args, strategy, [], max_steps=args.steps, enable_checkpointing=False)
+    trainer = _trainer(args, strategy, [], max_steps=args.async_steps, enable_checkpointing=False)
     trainer.fit(model, data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,12 +120,14 @@ def run_async(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["fit", "resume", "async"])
+    parser.add_argument("modes", help="comma-separated: fit, resume, async (run in this order)")
     parser.add_argument("--strategies", default="ddp")
+    parser.add_argument("--resume-strategies", default=None, help="for `resume` (default: --strategies)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--num-nodes", type=int, default=1)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--async-steps", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--ckpt-dir", default=None)
     parser.add_argument("--kill-step", type=int, default=None)
@@ -132,8 +137,10 @@ def main() -> None:
     parser.add_argument("--faults", default="", help="client:kind:after_updates,...")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    {"fit": fit_all, "resume": resume, "async": run_async}[args.mode](args)
-    if args.mode != "async" and dist.is_initialized():  # no collective or gloo thread left running at shutdown
+    modes = args.modes.split(",")
+    for mode in modes:
+        {"fit": fit_all, "resume": resume, "async": run_async}[mode](args)
+    if "async" not in modes and dist.is_initialized():  # no collective or gloo thread left running at shutdown
         dist.barrier()
         dist.destroy_process_group()
 
