@@ -181,10 +181,11 @@ def main() -> None:
             vs = [f"{r['step_s'] / b:.2f}" if b else "-" for b in (ddp, psgd)]
             table.append([name, f"{1e3 * r['step_s']:.1f}", *vs, r["replicas_identical"]])
         else:
-            table.append([name, f"failed: {failed.get(name)}", "", "", ""])
-    table += [[name, f"not run: {why}", "", "", ""] for name, why in SKIP.items()]
+            table.append([name, "failed", "-", "-", "-"])
     print_table("step time, ratios to plain DDP and torch's PowerSGD (rank 4) in the same run",
                 ["strategy", "step ms", "vs DDP", "vs PowerSGD", "replicas equal"], table)
+    for name, why in [*((n, f"failed: {f}") for n, f in failed.items()), *SKIP.items()]:
+        print(f"{name}: {why}")
     print(f"raw rows: {out}")
     sys.exit(1 if failed or not all(r["replicas_identical"] for r in rows.values()) else 0)
 
