@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_convergence._checks import argument_error
 from lightning_convergence.compress.base import Compressor, Payload
 from lightning_convergence.compress.identity import Identity
 from lightning_convergence.stats import all_finite, sq_norm
@@ -210,11 +211,10 @@ class FeedbackRule:
             ValueError: for a compressor with ``error="average"`` and a rule that cannot honour it.
         """
         if getattr(compressor, "error", None) == "average" and not self.supports_average_error:
-            raise ValueError(
-                f"{type(self).__name__}: `compressor` {compressor!r} has `error` 'average' (the error is taken "
-                "against the decompressed average), which only 'ef14' supports; use feedback='ef14' or "
-                "error='projection'."
-            )
+            raise argument_error(
+                type(self).__name__, "compressor", "a compressor with `error` 'projection' (only 'ef14' takes the "
+                "error against the decompressed average)", repr(compressor),
+                hint="Use feedback='ef14' or error='projection'.")
         if self.needs_contraction and compressor.contraction(1_000_000) <= 0.0:
             warnings.warn(
                 f"{type(self).__name__}: `compressor` {compressor!r} is not a contraction (alpha = 0), which this "
