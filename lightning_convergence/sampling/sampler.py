@@ -127,10 +127,8 @@ class GroupBudgetSampler(DistributedSampler):
         if window_size is None:
             window_size = math.ceil(epoch_size / self.num_replicas) * self.num_replicas
         if int(window_size) != window_size or window_size < 1 or window_size % self.num_replicas:
-            raise ValueError(
-                "GroupBudgetSampler: `window_size` must be a positive multiple of `num_replicas` "
-                f"({self.num_replicas}), got {window_size!r}."
-            )
+            raise argument_error("GroupBudgetSampler", "window_size",
+                                 f"a positive multiple of `num_replicas` ({self.num_replicas})", window_size)
         self.window_size = int(window_size)
         self.num_windows = math.ceil(epoch_size / self.window_size)
         self.total_size = self.num_windows * self.window_size
