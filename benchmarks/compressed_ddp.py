@@ -9,7 +9,8 @@
     python benchmarks/compressed_ddp.py --hook-cost     # the hook's own CPU time for 10, 100, 300 tensors, W = 1
     python benchmarks/compressed_ddp.py --quick         # 100 Mbit/s link, 2 ranks, Adam, a few methods
 
-For every link rate and world size the script creates a fresh network namespace (:mod:`benchmarks._netem`; its
+For every link rate and world size the script creates a fresh network namespace (``run_on_link`` of
+:mod:`benchmarks._common`; its
 loopback capped by ``tc tbf`` unless the rate is ``unlimited``), launches ``torchrun --nproc_per_node=W`` inside it
 once per task (char LM ``lm``: 438k parameters in 30 tensors; ``lm100``: 6.4M in 102; digits MLP), and the ranks
 train every method in turn from the same seed with the same data order. Per method it measures:
@@ -22,8 +23,8 @@ train every method in turn from the same seed with the same data order. Per meth
   and the cumulative step time until the smoothed loss first reaches plain DDP's smoothed loss at 75% of its steps.
 
 All are printed as ratios to plain DDP measured in the same run at the same W, and plotted into
-``benchmarks/out/``. Without root (no namespaces) pass ``--no-netem`` (host loopback: the kernel's count then
-includes any other traffic on it).
+``benchmarks/out/``. Without root (no namespaces) the harness warns and runs on the host loopback, as
+``--no-netem`` does on purpose: the kernel's count then includes any other traffic on it.
 """
 
 from __future__ import annotations

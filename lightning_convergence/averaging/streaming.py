@@ -139,7 +139,8 @@ class StreamingDiLoCo(OuterStep):
     count for the outer means), ``version``.
 
     Raises:
-        ValueError: a hyperparameter outside its range (message names the field).
+        ValueError: a hyperparameter outside its range (message names the field). TypeError: a value of the
+            wrong type (a float where an int is meant, a string where a number is meant).
 
     Example:
         >>> outer = StreamingDiLoCo(num_fragments=2, sync_every=8, overlap_steps=1)

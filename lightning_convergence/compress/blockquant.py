@@ -99,7 +99,7 @@ class BlockQuantizer(Compressor):
             1.6% at 8). Smaller blocks track outliers better and cost more scale bytes.
 
     Raises:
-        ValueError: unknown ``format``; ``block_size`` not an even int ≥ 8.
+        ValueError: unknown ``format``; ``block_size`` odd or < 8. TypeError: a non-int ``block_size``.
 
     Example:
         >>> q = BlockQuantizer(format="int8", block_size=8)

@@ -103,7 +103,7 @@ class DeMo(CommOptimizer):
 
     Raises:
         ValueError: for ``lr`` ≤ 0, ``momentum_decay`` outside [0, 1), ``topk`` < 1, ``chunk_size`` < 1 or
-            ``weight_decay`` < 0.
+            ``weight_decay`` < 0. TypeError: for a non-number, or a non-int ``topk``/``chunk_size``.
 
     Example::
 

@@ -157,6 +157,7 @@ class OnebitAdam(CommOptimizer):
 
     Raises:
         ValueError: for ``lr`` ≤ 0, betas outside [0, 1), ``eps`` ≤ 0, ``weight_decay`` < 0 or ``start_step`` < 1.
+        TypeError: for a non-number, or a non-int ``start_step``.
 
     Example::
 

@@ -44,7 +44,7 @@ class GroupStats:
     counter and ``version``.
 
     Raises:
-        ValueError: for ``num_groups`` < 1 or ``beta`` outside [0, 1).
+        ValueError: for ``num_groups`` < 1 or ``beta`` outside [0, 1). TypeError: a non-int ``num_groups``.
 
     Example::
 

@@ -68,7 +68,7 @@ class GradES:
     Raises:
         ValueError: for an empty or duplicated ``names``, ``tau`` ≤ 0, ``grace_fraction`` outside [0, 1),
             ``total_steps`` < 1, ``max_frozen_ratio`` outside (0, 1], an unknown ``signal``/``reduction``, or
-            ``patience`` < 1.
+            ``patience`` < 1. TypeError: a non-number ``tau``/fraction or a non-int ``total_steps``/``patience``.
 
     Example::
 

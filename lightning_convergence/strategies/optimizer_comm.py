@@ -93,7 +93,7 @@ class OptimizerCommStrategy(HookedDDPStrategy):
 
     Raises:
         ValueError: for an unknown ``method``, ``log_every_n_steps`` < 1, a bad ``on_nonfinite`` or a ``ddp_comm_*``
-            argument.
+            argument. TypeError: a non-int ``log_every_n_steps``.
         RuntimeError: at setup, if the module has no or several optimizers, uses manual optimization, or its
             optimizer cannot own communication (or is not the ``method`` named).
 
