@@ -11,8 +11,9 @@
 
 For every link rate and world size the script creates a fresh network namespace (``run_on_link`` of
 :mod:`benchmarks._common`; its loopback capped by ``tc tbf`` unless the rate is ``unlimited``), launches
-``torchrun --nproc_per_node=W`` inside it once per task (char LM ``lm``: 438k parameters in 30 tensors; ``lm100``: 6.4M in 102; digits MLP), and the ranks
-train every method in turn from the same seed with the same data order. Per method it measures:
+``torchrun --nproc_per_node=W`` inside it once per task (char LM ``lm``: 438k parameters in 30 tensors; ``lm100``:
+6.4M in 102; digits MLP), and the ranks train every method in turn from the same seed with the same data order. Per
+method it measures:
 
 * link bytes/step: ``/proc/net/dev`` of the namespace's ``lo`` (all ranks; printed per rank), after ``--warmup``
   steps (excludes the parameter broadcast and the uncompressed first step of EF21-type rules);

@@ -79,10 +79,10 @@ class CO2(OuterStep):
         self, lr: float = 1.0, momentum: float = 0.2, gap_penalty: float = 1.0, clip: bool = True,
         clip_threshold: float = 1.0,
     ) -> None:
-        lr = check_number("CO2", "lr", lr, 0.0, low_open=True)
-        momentum = check_number("CO2", "momentum", momentum, 0.0, 1.0, high_open=True)
-        gap_penalty = check_number("CO2", "gap_penalty", gap_penalty, 0.0, low_open=True)
-        clip_threshold = check_number("CO2", "clip_threshold", clip_threshold, 0.0, low_open=True)
+        lr = check_number("CO2", "lr", lr, 0, low_open=True)
+        momentum = check_number("CO2", "momentum", momentum, 0, 1, high_open=True)
+        gap_penalty = check_number("CO2", "gap_penalty", gap_penalty, 0, low_open=True)
+        clip_threshold = check_number("CO2", "clip_threshold", clip_threshold, 0, low_open=True)
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.gap_penalty = float(gap_penalty)

@@ -86,8 +86,8 @@ class DiLoCo(OuterStep):
         self, lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True, compressor: Compressor | None = None,
         error_feedback: bool = True,
     ) -> None:
-        lr = check_number("DiLoCo", "lr", lr, 0.0, low_open=True)
-        momentum = check_number("DiLoCo", "momentum", momentum, 0.0, 1.0, high_open=True)
+        lr = check_number("DiLoCo", "lr", lr, 0, low_open=True)
+        momentum = check_number("DiLoCo", "momentum", momentum, 0, 1, high_open=True)
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)

@@ -89,9 +89,9 @@ class NoLoCo(OuterStep):
     def __init__(
         self, lr: float = 0.7, momentum: float = 0.9, consensus_lr: float | None = None, seed: int = 0
     ) -> None:
-        lr = check_number("NoLoCo", "lr", lr, 0.0, low_open=True)
-        momentum = check_number("NoLoCo", "momentum", momentum, 0.0, 1.0, high_open=True)
-        consensus_lr = check_number("NoLoCo", "consensus_lr", consensus_lr, 0.0, optional=True)
+        lr = check_number("NoLoCo", "lr", lr, 0, low_open=True)
+        momentum = check_number("NoLoCo", "momentum", momentum, 0, 1, high_open=True)
+        consensus_lr = check_number("NoLoCo", "consensus_lr", consensus_lr, 0, optional=True)
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.consensus_lr = float(lr if consensus_lr is None else consensus_lr)

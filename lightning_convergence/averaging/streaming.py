@@ -160,10 +160,10 @@ class StreamingDiLoCo(OuterStep):
         self.sync_every = check_int_at_least(owner, "sync_every", sync_every, num_fragments)
         # overlap_steps < sync_every / num_fragments: a fragment's result lands before its next sync starts
         self.overlap_steps = check_int(owner, "overlap_steps", overlap_steps, 0, sync_every // num_fragments - 1)
-        mixing = check_number(owner, "mixing", mixing, 0.0, 1.0)
+        mixing = check_number(owner, "mixing", mixing, 0, 1)
         check_choice(owner, "quantization", quantization, (None, *QUANT_FORMATS))
-        lr = check_number(owner, "lr", lr, 0.0, low_open=True)
-        momentum = check_number(owner, "momentum", momentum, 0.0, 1.0, high_open=True)
+        lr = check_number(owner, "lr", lr, 0, low_open=True)
+        momentum = check_number(owner, "momentum", momentum, 0, 1, high_open=True)
         check_choice(owner, "partition", partition, _PARTITIONS)
         self.mixing, self.eager = mixing, bool(eager)
         self._due = {off: p for p, off in enumerate(fragment_offsets(sync_every, num_fragments))}

@@ -143,9 +143,9 @@ class ConvergenceEarlyStopping(Callback):
         validate_noise_args(name, eta, patience, min_step, window, confidence_z)
         validate_curve_args(name, min_delta, patience, min_step, min_points)
         check_int(name, "dataset_size", dataset_size, 2, optional=True)
-        check_number(name, "ema_beta", ema_beta, 0.0, 1.0, high_open=True)
+        check_number(name, "ema_beta", ema_beta, 0, 1, high_open=True)
         check_choice(name, "future_lr", future_lr, FUTURE_LR)
-        check_number(name, "annealing_decay", annealing_decay, 0.0, 1.0, high_open=True)
+        check_number(name, "annealing_decay", annealing_decay, 0, 1, high_open=True)
         self.rules, self.check_every_n_steps = rules, check_every_n_steps
         self.patience, self.min_step = patience, min_step
         self.eta, self.dataset_size, self.ema_beta = float(eta), dataset_size, float(ema_beta)

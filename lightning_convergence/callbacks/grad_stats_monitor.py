@@ -91,7 +91,7 @@ class GradientStatsMonitor(Callback):
             raise argument_error(owner, "norm_types", "a list of entries from 'l1', 'l2'", norm_types)
         self.norm_types = tuple(norm_types)
         self.noise_scale = noise_scale
-        self.ema_beta = check_number(owner, "ema_beta", ema_beta, 0.0, 1.0, high_open=True)
+        self.ema_beta = check_number(owner, "ema_beta", ema_beta, 0, 1, high_open=True)
         self.log_per_item = log_per_item
         self.on_nonfinite = check_nonfinite_policy("GradientStatsMonitor", on_nonfinite)
         self._nonfinite_warned = False

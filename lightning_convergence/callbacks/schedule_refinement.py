@@ -108,7 +108,7 @@ class ScheduleRefinement(Callback):
         self._nonfinite_warned = False
         owner = "ScheduleRefinement"
         check_choice(owner, "norm_type", norm_type, _NORM_TYPES)
-        check_number(owner, "smoothing_tau", smoothing_tau, 0.0, 1.0)
+        check_number(owner, "smoothing_tau", smoothing_tau, 0, 1)
         check_int_at_least(owner, "refit_every_n_steps", refit_every_n_steps, 2)
         check_int(owner, "log_every_n_steps", log_every_n_steps, 1, optional=True)
         self.norm_type = norm_type

@@ -58,7 +58,7 @@ class CyclicTopK(Compressor):
     first_round_transport = "broadcast"
 
     def __init__(self, k_fraction: float = 0.01) -> None:
-        self.k_fraction = check_number("CyclicTopK", "k_fraction", k_fraction, 0.0, 1.0, low_open=True)
+        self.k_fraction = check_number("CyclicTopK", "k_fraction", k_fraction, 0, 1, low_open=True)
         self._topk = TopK(self.k_fraction)
         self._rank, self._world_size = 0, 1
         self._pending: dict[str, Tensor] = {}

@@ -117,7 +117,7 @@ class LowRank(Compressor):
         factor_bits: int | None = None, error: str = "projection",
     ):
         check_int_at_least("LowRank", "rank", rank, 1)
-        min_compression_rate = check_number("LowRank", "min_compression_rate", min_compression_rate, 0.0,
+        min_compression_rate = check_number("LowRank", "min_compression_rate", min_compression_rate, 0,
                                             low_open=True)
         check_int("LowRank", "rounds", rounds, 1, 2)
         if factor_bits is not None and (isinstance(factor_bits, bool) or factor_bits != 8):

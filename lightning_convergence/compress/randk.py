@@ -45,7 +45,7 @@ class RandK(Compressor):
     summable = True
 
     def __init__(self, k_fraction: float = 0.01, rescale: bool = True, seed: int = 0) -> None:
-        self.k_fraction = check_number("RandK", "k_fraction", k_fraction, 0.0, 1.0, low_open=True)
+        self.k_fraction = check_number("RandK", "k_fraction", k_fraction, 0, 1, low_open=True)
         self.rescale = bool(rescale)
         self.seed = int(seed)
         self.unbiased = self.rescale

@@ -49,7 +49,7 @@ class TopK(Compressor):
     summable = False
 
     def __init__(self, k_fraction: float = 0.01) -> None:
-        self.k_fraction = check_number("TopK", "k_fraction", k_fraction, 0.0, 1.0, low_open=True)
+        self.k_fraction = check_number("TopK", "k_fraction", k_fraction, 0, 1, low_open=True)
         self.alpha = self.k_fraction
 
     def k_for(self, numel: int) -> int:

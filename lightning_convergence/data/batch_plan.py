@@ -90,7 +90,7 @@ def check_adaptive_batch_args(
     ):
         check_choice(name, field, value, choices)
     for field, value in (("eta", eta), ("theta", theta), ("nu", nu), ("noise_scale_factor", noise_scale_factor)):
-        check_number(name, field, value, 0.0, low_open=True)
+        check_number(name, field, value, 0, low_open=True)
     for field, value, low in (
         ("check_every_n_steps", check_every_n_steps, 1), ("min_batch_size", min_batch_size, 1),
         ("max_batch_size", max_batch_size, 1), ("max_per_device_batch_size", max_per_device_batch_size, 1),
@@ -100,9 +100,9 @@ def check_adaptive_batch_args(
             check_int_at_least(name, field, value, low)
     if min_batch_size is not None and max_batch_size is not None and max_batch_size < min_batch_size:
         raise argument_error(name, "max_batch_size", f">= `min_batch_size` ({min_batch_size})", max_batch_size)
-    check_number(name, "max_growth_factor", max_growth_factor, 1.0, low_open=True, optional=True)
+    check_number(name, "max_growth_factor", max_growth_factor, 1, low_open=True, optional=True)
     for field, value in (("smoothing", smoothing), ("noise_ema_beta", noise_ema_beta)):
-        check_number(name, field, value, 0.0, 1.0, high_open=True)
+        check_number(name, field, value, 0, 1, high_open=True)
     for field, fn in (("loss_fn", loss_fn), ("batch_loss_fn", batch_loss_fn)):
         if fn is not None and not callable(fn):
             raise argument_error(name, field, "None or a callable", fn, TypeError)

@@ -61,7 +61,7 @@ class StdlibTextDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         check_int_at_least("StdlibTextDataModule", "seq_len", seq_len, 2)
-        check_number("StdlibTextDataModule", "val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        check_number("StdlibTextDataModule", "val_fraction", val_fraction, 0, 1, low_open=True, high_open=True)
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.max_chars = max_chars

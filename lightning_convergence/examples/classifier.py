@@ -35,7 +35,7 @@ class DigitsDataModule(LightningDataModule):
     def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
         check_int_at_least("DigitsDataModule", "batch_size", batch_size, 1)
-        check_number("DigitsDataModule", "val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        check_number("DigitsDataModule", "val_fraction", val_fraction, 0, 1, low_open=True, high_open=True)
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.seed = seed

@@ -51,7 +51,7 @@ class SyntheticRegressionDataModule(LightningDataModule):
         batch_size: int = 32, seed: int = 0, shuffle: bool = True,
     ) -> None:
         super().__init__()
-        check_number("SyntheticRegressionDataModule", "noise_std", noise_std, 0.0)
+        check_number("SyntheticRegressionDataModule", "noise_std", noise_std, 0)
         self.x, self.y, self.w_true = make_regression_data(n_samples, dim, noise_std, task, seed)
         self.task = task
         self.batch_size = batch_size

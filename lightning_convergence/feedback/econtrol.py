@@ -88,7 +88,7 @@ class EControl(FeedbackRule):
 
     def __init__(self, eta: float = 0.1, error_update: str = "accumulate", dense_first_step: bool = True) -> None:
         super().__init__()
-        self.eta = check_number("EControl", "eta", eta, 0.0, 1.0)
+        self.eta = check_number("EControl", "eta", eta, 0, 1)
         self.error_update = check_choice("EControl", "error_update", error_update, ERROR_UPDATES)
         self.dense_first_step = bool(dense_first_step)
 

@@ -72,7 +72,7 @@ class EF21SGDM(FeedbackRule):
 
     def __init__(self, momentum: float = 0.1, dense_first_step: bool = True) -> None:
         super().__init__()
-        self.momentum = check_number("EF21SGDM", "momentum", momentum, 0.0, 1.0, low_open=True)
+        self.momentum = check_number("EF21SGDM", "momentum", momentum, 0, 1, low_open=True)
         self.dense_first_step = bool(dense_first_step)
 
     def hparams(self) -> dict[str, Any]:

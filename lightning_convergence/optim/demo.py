@@ -122,12 +122,12 @@ class DeMo(CommOptimizer):
         weight_decay: float = 0.0,
         value_dtype: str = "float32",
     ) -> None:
-        lr = check_number("DeMo", "lr", lr, 0.0, low_open=True)
+        lr = check_number("DeMo", "lr", lr, 0, low_open=True)
         check_choice("DeMo", "value_dtype", value_dtype, VALUE_DTYPES)
-        momentum_decay = check_number("DeMo", "momentum_decay", momentum_decay, 0.0, 1.0, high_open=True)
+        momentum_decay = check_number("DeMo", "momentum_decay", momentum_decay, 0, 1, high_open=True)
         check_int_at_least("DeMo", "topk", topk, 1)
         check_int_at_least("DeMo", "chunk_size", chunk_size, 1)
-        weight_decay = check_number("DeMo", "weight_decay", weight_decay, 0.0)
+        weight_decay = check_number("DeMo", "weight_decay", weight_decay, 0)
         defaults = dict(lr=lr, momentum_decay=momentum_decay, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.topk = topk

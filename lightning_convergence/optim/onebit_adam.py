@@ -177,10 +177,10 @@ class OnebitAdam(CommOptimizer):
         start_step: int = 1000,
         bias_correction: bool = True,
     ) -> None:
-        lr = check_number("OnebitAdam", "lr", lr, 0.0, low_open=True)
-        betas = tuple(check_numbers("OnebitAdam", "betas", betas, 2, 0.0, 1.0, high_open=True))
-        eps = check_number("OnebitAdam", "eps", eps, 0.0, low_open=True)
-        weight_decay = check_number("OnebitAdam", "weight_decay", weight_decay, 0.0)
+        lr = check_number("OnebitAdam", "lr", lr, 0, low_open=True)
+        betas = tuple(check_numbers("OnebitAdam", "betas", betas, 2, 0, 1, high_open=True))
+        eps = check_number("OnebitAdam", "eps", eps, 0, low_open=True)
+        weight_decay = check_number("OnebitAdam", "weight_decay", weight_decay, 0)
         check_int_at_least("OnebitAdam", "start_step", start_step, 1)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, step=0)
         super().__init__(params, defaults)

@@ -150,7 +150,7 @@ def allocation_ratios(
     if policy == "uniform":
         scores = share
     elif policy == "temperature":
-        check_number("allocate_budget", "temperature", temperature, 0.0, low_open=True)
+        check_number("allocate_budget", "temperature", temperature, 0, low_open=True)
         scores = torch.where(sizes > 0, share ** (1.0 / float(temperature)), torch.zeros_like(share))
     elif policy == "gvm":
         if grad_norms is None:

@@ -32,9 +32,9 @@ def check_sampling_args(
                              probe_per_group)
     if reweight and min_per_group < 1:
         raise argument_error(name, "min_per_group", ">= 1 with `reweight=True` (unbiasedness)", min_per_group)
-    check_number(name, "ema_beta", ema_beta, 0.0, 1.0, high_open=True)
-    check_number(name, "alpha", alpha, 0.0)
+    check_number(name, "ema_beta", ema_beta, 0, 1, high_open=True)
+    check_number(name, "alpha", alpha, 0)
     for field, value in (("start_temperature", start_temperature), ("end_temperature", end_temperature)):
-        check_number(name, field, value, 0.0, low_open=True)
+        check_number(name, field, value, 0, low_open=True)
     check_choice(name, "gvm_statistic", gvm_statistic, ("mean_norm", "rms_norm"))
     check_choice(name, "cooldown_shape", cooldown_shape, ("linear", "cosine"))

@@ -58,7 +58,7 @@ class GroupStats:
 
     def __init__(self, num_groups: int, beta: float = 0.9) -> None:
         self.num_groups = check_int_at_least("GroupStats", "num_groups", num_groups, 1)
-        self.beta = check_number("GroupStats", "beta", beta, 0.0, 1.0, high_open=True)
+        self.beta = check_number("GroupStats", "beta", beta, 0, 1, high_open=True)
         self._avg = {f: torch.zeros(self.num_groups, dtype=torch.float64) for f in _FIELDS}
         self._count = {f: torch.zeros(self.num_groups, dtype=torch.float64) for f in _FIELDS}
         self._full = torch.zeros(2, dtype=torch.float64)  # [ema sum, count] of ‖∇F‖²

@@ -83,7 +83,7 @@ class BiasCorrectedEMA:
     """
 
     def __init__(self, beta: float = 0.99) -> None:
-        self.beta = check_number("BiasCorrectedEMA", "beta", beta, 0.0, 1.0, high_open=True)
+        self.beta = check_number("BiasCorrectedEMA", "beta", beta, 0, 1, high_open=True)
         self._avg = 0.0
         self._count = 0
 

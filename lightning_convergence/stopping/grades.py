@@ -209,9 +209,9 @@ def validate_grades_args(
     patience: int,
 ) -> None:
     """Shared validation (core and callback), so both refuse the same nonsense with the owner's name."""
-    check_number(owner, "tau", tau, 0.0, low_open=True)
-    check_number(owner, "grace_fraction", grace_fraction, 0.0, 1.0, high_open=True)
-    check_number(owner, "max_frozen_ratio", max_frozen_ratio, 0.0, 1.0, low_open=True)
+    check_number(owner, "tau", tau, 0, low_open=True)
+    check_number(owner, "grace_fraction", grace_fraction, 0, 1, high_open=True)
+    check_number(owner, "max_frozen_ratio", max_frozen_ratio, 0, 1, low_open=True)
     check_choice(owner, "signal", signal, SIGNALS)
     check_choice(owner, "reduction", reduction, REDUCTIONS)
     check_int_at_least(owner, "patience", patience, 1)

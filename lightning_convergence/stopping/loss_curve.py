@@ -41,7 +41,7 @@ class LRAreas:
     """
 
     def __init__(self, decay: float = 0.999) -> None:
-        self.decay = check_number("LRAreas", "decay", decay, 0.0, 1.0, high_open=True)
+        self.decay = check_number("LRAreas", "decay", decay, 0, 1, high_open=True)
         self.s1 = 0.0
         self.s2 = 0.0
         self.momentum = 0.0
@@ -266,7 +266,7 @@ class LossCurveRule:
 
 def validate_curve_args(owner: str, min_delta: float, patience: int, min_step: int, min_points: int) -> None:
     """Shared validation for the core and the callback (errors name ``owner``)."""
-    check_number(owner, "min_delta", min_delta, 0.0)
+    check_number(owner, "min_delta", min_delta, 0)
     check_int_at_least(owner, "patience", patience, 1)
     check_int_at_least(owner, "min_step", min_step, 0)
     check_int_at_least(owner, "min_points", min_points, 4)

@@ -126,8 +126,8 @@ def validate_noise_args(
     owner: str, eta: float, patience: int, min_step: int, window: int = 2, confidence_z: float = 0.0
 ) -> None:
     """Shared validation for the core and the callback (errors name ``owner``)."""
-    check_number(owner, "eta", eta, 0.0, low_open=True)
+    check_number(owner, "eta", eta, 0, low_open=True)
     check_int_at_least(owner, "patience", patience, 1)
     check_int_at_least(owner, "min_step", min_step, 0)
     check_int_at_least(owner, "window", window, 2)
-    check_number(owner, "confidence_z", confidence_z, 0.0)
+    check_number(owner, "confidence_z", confidence_z, 0)
