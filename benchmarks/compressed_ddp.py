@@ -9,10 +9,11 @@
     python benchmarks/compressed_ddp.py --hook-cost     # the hook's own CPU time for 10, 100, 300 tensors, W = 1
     python benchmarks/compressed_ddp.py --quick         # 100 Mbit/s link, 2 ranks, Adam, a few methods
 
-For every link rate and world size the script creates a fresh network namespace (:mod:`benchmarks._netem`; its
-loopback capped by ``tc tbf`` unless the rate is ``unlimited``), launches ``torchrun --nproc_per_node=W`` inside it
-once per task (char LM ``lm``: 438k parameters in 30 tensors; ``lm100``: 6.4M in 102; digits MLP), and the ranks
-train every method in turn from the same seed with the same data order. Per method it measures:
+For every link rate and world size the script creates a fresh network namespace (``run_on_link`` of
+:mod:`benchmarks._common`; its loopback capped by ``tc tbf`` unless the rate is ``unlimited``), launches
+``torchrun --nproc_per_node=W`` inside it once per task (char LM ``lm``: 438k parameters in 30 tensors; ``lm100``:
+6.4M in 102; digits MLP), and the ranks train every method in turn from the same seed with the same data order. Per
+method it measures:
 
 * link bytes/step: ``/proc/net/dev`` of the namespace's ``lo`` (all ranks; printed per rank), after ``--warmup``
   steps (excludes the parameter broadcast and the uncompressed first step of EF21-type rules);
@@ -22,8 +23,8 @@ train every method in turn from the same seed with the same data order. Per meth
   and the cumulative step time until the smoothed loss first reaches plain DDP's smoothed loss at 75% of its steps.
 
 All are printed as ratios to plain DDP measured in the same run at the same W, and plotted into
-``benchmarks/out/``. Without root (no namespaces) pass ``--no-netem`` (host loopback: the kernel's count then
-includes any other traffic on it).
+``benchmarks/out/``. Without root (no namespaces) the harness warns and runs on the host loopback, as
+``--no-netem`` does on purpose: the kernel's count then includes any other traffic on it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,9 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._netem import RateLimitedNamespace, lo_tx_bytes
-
-OUT = Path(__file__).resolve().parent / "out"
+from benchmarks._common import OUT, figure, lo_tx_bytes, print_table, run_on_link, torchrun_command
 
 # name -> (kind, options). kind: ddp | fp16 | powersgd | ours
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -356,47 +354,30 @@ def _summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _print_table(summary: list[dict[str, Any]]) -> None:
-    head = (f"{'task':<5} {'link':<9} {'W':>2} {'method':<20} {'kernel B/step/rank':>18} {'DDP/ours kernel':>15} "
-            f"{'DDP/ours logged':>15} {'step/DDP':>8} {'loss':>7} {'gap':>7} {'TTT/DDP':>7}")
-    print(head)
-    print("-" * len(head))
-    for o in summary:
-        logged = f"{o['logged_ratio']:.1f}" if o["logged_ratio"] else "-"
-        tr = f"{o['ttt_ratio']:.2f}" if o["ttt_ratio"] else "-"
-        print(f"{o['task']:<5} {o['rate']:<9} {o['world_size']:>2} {o['method']:<20} "
-              f"{o['net_bytes'] / o['world_size']:>18.0f} {o['bytes_ratio']:>15.1f} {logged:>15} "
-              f"{o['step_ratio']:>8.2f} {o['loss']:>7.4f} {100 * o['loss_gap']:>+6.1f}% {tr:>7}")
+    header = ["task", "link", "W", "method", "kernel B/step/rank", "DDP/ours kernel", "DDP/ours logged", "step/DDP",
+              "loss", "gap", "TTT/DDP"]
+    rows = [[o["task"], o["rate"], o["world_size"], o["method"], f"{o['net_bytes'] / o['world_size']:.0f}",
+             f"{o['bytes_ratio']:.1f}", f"{o['logged_ratio']:.1f}" if o["logged_ratio"] else "-",
+             f"{o['step_ratio']:.2f}", f"{o['loss']:.4f}", f"{100 * o['loss_gap']:+.1f}%",
+             f"{o['ttt_ratio']:.2f}" if o["ttt_ratio"] else "-"] for o in summary]
+    print_table("compressed DDP, ratios to plain DDP in the same run", header, rows)
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot(rows: list[dict[str, Any]], name: str) -> None:
     keys = sorted({(r["task"], r["rate"]) for r in rows})
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
-    for ax, (task, rate) in zip(axes[0], keys):
-        for r in rows:
-            if (r["task"], r["rate"]) == (task, rate):
-                cum, xs = 0.0, []
-                for t in r["times"]:
-                    cum += t
-                    xs.append(cum)
-                ax.plot(xs, _smooth(r["losses"]), label=r["method"], lw=1)
-        ax.set(title=f"{task} @ {rate}", xlabel="cumulative step time (s)", ylabel="train loss (smoothed)")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def _free_port() -> int:
-    """A free TCP port (a fixed one collides with a previous run's socket still in TIME_WAIT)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with figure(name, 1, len(keys), (6 * len(keys), 4)) as axes:
+        if axes is None:
+            return
+        for ax, (task, rate) in zip(axes[0] if len(keys) > 1 else [axes], keys):
+            for r in rows:
+                if (r["task"], r["rate"]) == (task, rate):
+                    cum, xs = 0.0, []
+                    for t in r["times"]:
+                        cum += t
+                        xs.append(cum)
+                    ax.plot(xs, _smooth(r["losses"]), label=r["method"], lw=1)
+            ax.set(title=f"{task} @ {rate}", xlabel="cumulative step time (s)", ylabel="train loss (smoothed)")
+            ax.legend(fontsize=6)
 
 
 def main() -> None:
@@ -439,30 +420,23 @@ def main() -> None:
     results = OUT / f"compressed_ddp-{stamp}.jsonl"
     methods = args.methods or (QUICK if args.quick else list(METHODS))
     steps = {"lm": 60 if args.quick else 150, "lm100": 40, "classifier": 100 if args.quick else 300}
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     for rate, task, world in [(r, t, w) for r in args.rates for t in args.tasks for w in args.world_size]:
-        argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-                "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}", __file__, "--worker", "--task", task, "--rate", rate,
-                "--out", str(results),
-                "--steps", str(args.steps or steps[task]), "--warmup", str(args.warmup),
-                "--optimizer", args.optimizer, "--start-step", str(args.start_step),
-                "--schedule", args.schedule, "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-                *(["--lr", str(args.lr)] if args.lr else []), "--methods", *methods]
+        argv = torchrun_command(__file__, world, [
+            "--worker", "--task", task, "--rate", rate, "--out", str(results),
+            "--steps", str(args.steps or steps[task]), "--warmup", str(args.warmup),
+            "--optimizer", args.optimizer, "--start-step", str(args.start_step),
+            "--schedule", args.schedule, "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+            *(["--lr", str(args.lr)] if args.lr else []), "--methods", *methods])
         t0 = time.time()
-        if args.no_netem:
-            subprocess.run(argv, check=True, env=env)
-        else:
-            with RateLimitedNamespace(None if rate == "unlimited" else rate) as ns:
-                ns.run(argv, check=True, env=env)
+        # a private namespace (its loopback counts only this run's bytes), capped unless the rate is "unlimited"
+        run_on_link(argv, None if rate == "unlimited" else rate, f"{task} @ {rate}, W={world}",
+                    namespace=not args.no_netem)
         print(f"[{task} @ {rate}, W={world}: {time.time() - t0:.0f} s]", file=sys.stderr)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     summary = _summarise(rows)
     _print_table(summary)
-    png = OUT / f"compressed_ddp-{stamp}.png"
-    _plot(rows, png)
-    print(f"\nraw rows: {results}\nplot: {png}")
+    _plot(rows, f"compressed_ddp-{stamp}")
+    print(f"\nraw rows: {results}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import OUT, bench_env, print_table, torchrun_command
+
 EXTRA = {  # our recommended settings beyond the registered names: name -> (feedback, compressor arguments)
     "ef14_cyclic_topk1%": ("ef14", "CyclicTopK", {"k_fraction": 0.01}),
     "ef14_powersgd_r7_int8": ("ef14", "LowRank", {"rank": 7, "rounds": 2, "factor_bits": 8}),
@@ -93,7 +95,7 @@ def worker(args: argparse.Namespace) -> None:
     data = torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:])
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size)
 
-    class Timer(Callback):
+    class Timer(Callback):  # per batch and CUDA-synchronised (the harness's StepTimer is neither)
         def __init__(self) -> None:
             self.times: list[float] = []
 
@@ -155,16 +157,16 @@ def main() -> None:
     world = args.world_size or (torch.cuda.device_count() if args.device == "cuda" else 2)
     backend = "nccl" if args.device == "cuda" else "gloo"
     names = args.strategies or ["ddp", "torch_powersgd_r4", *_registered(), *EXTRA]
-    out = Path(__file__).resolve().parent / "out" / f"gpu_check-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    out = OUT / f"gpu_check-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "WANDB_MODE": "disabled"}
     failed = {}
     for name in names:
-        argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
-                f"--master_port={29500 + len(failed) + names.index(name)}", __file__, "--worker", "--strategy", name,
-                "--backend", backend, "--device", args.device, "--steps", str(args.steps), "--warmup",
-                str(args.warmup), "--batch-size", str(args.batch_size), "--out", str(out), *(["--tiny"] * args.tiny)]
-        res = subprocess.run(argv, env=env, capture_output=True, text=True)
+        argv = torchrun_command(__file__, world, [
+            "--worker", "--strategy", name, "--backend", backend, "--device", args.device, "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--out", str(out),
+            *(["--tiny"] * args.tiny)])
+        # captured (not run_on_link): a failing strategy is reported in the table and the others still run
+        res = subprocess.run(argv, env=bench_env(), capture_output=True, text=True)
         if res.returncode != 0:
             errors = [line for line in res.stderr.splitlines() if "Error" in line and "Warning" not in line]
             failed[name] = errors[:1] or res.stderr.strip().splitlines()[-1:] or ["?"]
@@ -172,16 +174,18 @@ def main() -> None:
     ddp, psgd = rows.get("ddp", {}).get("step_s"), rows.get("torch_powersgd_r4", {}).get("step_s")
     print(f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, W = {world}, "
           f"{next(iter(rows.values()))['params'] if rows else '?'} parameters, torch {torch.__version__}")
-    print(f"{'strategy':<24} {'step ms':>8} {'vs DDP':>7} {'vs PowerSGD':>11} {'replicas equal':>15}")
+    table = []
     for name in names:
         if name in rows:
             r = rows[name]
             vs = [f"{r['step_s'] / b:.2f}" if b else "-" for b in (ddp, psgd)]
-            print(f"{name:<24} {1e3 * r['step_s']:>8.1f} {vs[0]:>7} {vs[1]:>11} {r['replicas_identical']!s:>15}")
+            table.append([name, f"{1e3 * r['step_s']:.1f}", *vs, r["replicas_identical"]])
         else:
-            print(f"{name:<24} failed: {failed.get(name)}")
-    for name, why in SKIP.items():
-        print(f"{name:<24} not run: {why}")
+            table.append([name, "failed", "-", "-", "-"])
+    print_table("step time, ratios to plain DDP and torch's PowerSGD (rank 4) in the same run",
+                ["strategy", "step ms", "vs DDP", "vs PowerSGD", "replicas equal"], table)
+    for name, why in [*((n, f"failed: {f}") for n, f in failed.items()), *SKIP.items()]:
+        print(f"{name}: {why}")
     print(f"raw rows: {out}")
     sys.exit(1 if failed or not all(r["replicas_identical"] for r in rows.values()) else 0)
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_convergence._checks import check_state_version
 from lightning_convergence.comm.communicator import TorchDistCommunicator
 
 __all__ = ["PerRankStateMixin", "gather_rank_states", "pick_rank_state", "to_cpu"]
@@ -46,8 +47,7 @@ def pick_rank_state(entry: dict[str, Any], rank: int, world_size: int, owner: st
         RuntimeError: if the entry's version is unknown or it was written by a different world size (the per-rank
             state cannot be re-split; resume with the same number of processes).
     """
-    if entry.get("version") != RANK_STATE_VERSION:
-        raise RuntimeError(f"{owner}: checkpoint per-rank state `version` {entry.get('version')!r} is not supported.")
+    check_state_version(owner, entry, RANK_STATE_VERSION)
     if int(entry["world_size"]) != world_size:
         raise RuntimeError(
             f"{owner}: the checkpoint holds per-rank state for `world_size`={entry['world_size']}, but this run has "

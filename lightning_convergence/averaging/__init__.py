@@ -5,6 +5,7 @@ Torch only (never ``lightning``); communication goes through a :class:`Communica
 
 import importlib
 
+from lightning_convergence._checks import argument_error
 from lightning_convergence.averaging.base import (
     Communicator,
     OuterStep,
@@ -68,8 +69,6 @@ def make_outer_step(outer: str | OuterStep) -> OuterStep:
             cls = getattr(importlib.import_module(module), name)
             if isinstance(cls, type) and issubclass(cls, OuterStep):
                 return cls()
-        raise ValueError(
-            f"LocalSGDStrategy: `outer` must be one of {sorted(OUTER_STEPS)}, a dotted path to an OuterStep "
-            f"subclass, or an OuterStep instance, got {outer!r}."
-        )
-    raise TypeError(f"LocalSGDStrategy: `outer` must be a str or an OuterStep, got {type(outer).__name__}.")
+        raise argument_error("LocalSGDStrategy", "outer", f"one of {', '.join(repr(k) for k in sorted(OUTER_STEPS))}, "
+                             "a dotted path to an OuterStep subclass, or an OuterStep instance", outer)
+    raise argument_error("LocalSGDStrategy", "outer", "a str or an OuterStep", outer, TypeError)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_convergence._checks import check_state_version
 from lightning_convergence.comm import Communicator, PendingMean, TorchDistCommunicator
 from lightning_convergence.stats import all_finite, sq_norm
 
@@ -117,9 +118,7 @@ class OuterStep:
 
     # helpers for subclasses
     def _check_version(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise RuntimeError(f"{type(self).__name__}: state `version` must be {STATE_VERSION}, got "
-                               f"{state.get('version')!r}.")
+        check_state_version(type(self).__name__, state, STATE_VERSION)
 
     def _require_state(self, tensor: Tensor | None) -> Tensor:
         if tensor is None:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_convergence._checks import check_number
 from lightning_convergence.averaging.base import (
     STATE_VERSION,
     Communicator,
@@ -78,14 +79,10 @@ class CO2(OuterStep):
         self, lr: float = 1.0, momentum: float = 0.2, gap_penalty: float = 1.0, clip: bool = True,
         clip_threshold: float = 1.0,
     ) -> None:
-        if not lr > 0:
-            raise ValueError(f"CO2: `lr` must be > 0, got {lr}.")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"CO2: `momentum` must be in [0, 1), got {momentum}.")
-        if not gap_penalty > 0:
-            raise ValueError(f"CO2: `gap_penalty` must be > 0, got {gap_penalty}.")
-        if not clip_threshold > 0:
-            raise ValueError(f"CO2: `clip_threshold` must be > 0, got {clip_threshold}.")
+        lr = check_number("CO2", "lr", lr, 0, low_open=True)
+        momentum = check_number("CO2", "momentum", momentum, 0, 1, high_open=True)
+        gap_penalty = check_number("CO2", "gap_penalty", gap_penalty, 0, low_open=True)
+        clip_threshold = check_number("CO2", "clip_threshold", clip_threshold, 0, low_open=True)
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.gap_penalty = float(gap_penalty)

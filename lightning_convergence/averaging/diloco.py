@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_convergence._checks import check_number
 from lightning_convergence.averaging.base import (
     STATE_VERSION,
     Communicator,
@@ -85,10 +86,8 @@ class DiLoCo(OuterStep):
         self, lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True, compressor: Compressor | None = None,
         error_feedback: bool = True,
     ) -> None:
-        if not lr > 0:
-            raise ValueError(f"DiLoCo: `lr` must be > 0, got {lr}.")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"DiLoCo: `momentum` must be in [0, 1), got {momentum}.")
+        lr = check_number("DiLoCo", "lr", lr, 0, low_open=True)
+        momentum = check_number("DiLoCo", "momentum", momentum, 0, 1, high_open=True)
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_convergence._checks import argument_error, check_number
 from lightning_convergence.averaging.base import (
     STATE_VERSION,
     Communicator,
@@ -44,7 +45,7 @@ def noloco_partner(step: int, world_size: int, rank: int, seed: int = 0) -> int 
     for group in noloco_pairs(step, world_size, seed):
         if rank in group:
             return None if len(group) == 1 else (group[1] if group[0] == rank else group[0])
-    raise ValueError(f"noloco_partner: `rank` must be in [0, {world_size}), got {rank}.")
+    raise argument_error("noloco_partner", "rank", f"in [0, {world_size})", rank)
 
 
 class NoLoCo(OuterStep):
@@ -88,12 +89,9 @@ class NoLoCo(OuterStep):
     def __init__(
         self, lr: float = 0.7, momentum: float = 0.9, consensus_lr: float | None = None, seed: int = 0
     ) -> None:
-        if not lr > 0:
-            raise ValueError(f"NoLoCo: `lr` must be > 0, got {lr}.")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"NoLoCo: `momentum` must be in [0, 1), got {momentum}.")
-        if consensus_lr is not None and consensus_lr < 0:
-            raise ValueError(f"NoLoCo: `consensus_lr` must be >= 0 or None, got {consensus_lr}.")
+        lr = check_number("NoLoCo", "lr", lr, 0, low_open=True)
+        momentum = check_number("NoLoCo", "momentum", momentum, 0, 1, high_open=True)
+        consensus_lr = check_number("NoLoCo", "consensus_lr", consensus_lr, 0, optional=True)
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.consensus_lr = float(lr if consensus_lr is None else consensus_lr)

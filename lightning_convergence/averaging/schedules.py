@@ -8,15 +8,9 @@ from __future__ import annotations
 
 import math
 
+from lightning_convergence._checks import check_int_at_least
+
 __all__ = ["SyncSchedule", "FixedPeriod", "IncreasingFrequency", "SingleFinalMerge"]
-
-
-def _check_int(owner: str, field: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: `{field}` must be an int, got {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"{owner}: `{field}` must be >= {minimum}, got {value}.")
-    return value
 
 
 class SyncSchedule:
@@ -27,7 +21,7 @@ class SyncSchedule:
     """
 
     def __init__(self, start_step: int = 0) -> None:
-        self.start_step = _check_int(type(self).__name__, "start_step", start_step, 0)
+        self.start_step = check_int_at_least(type(self).__name__, "start_step", start_step, 0)
 
     def in_warmup(self, step: int) -> bool:
         """True while the step about to run (``step + 1``) is a DDP step (``step`` = steps completed)."""
@@ -62,7 +56,7 @@ class FixedPeriod(SyncSchedule):
 
     def __init__(self, period: int = 8, start_step: int = 0) -> None:
         super().__init__(start_step)
-        self.period = _check_int("FixedPeriod", "period", period, 1)
+        self.period = check_int_at_least("FixedPeriod", "period", period, 1)
 
     def should_sync(self, step: int) -> bool:
         local = step - self.start_step
@@ -96,9 +90,9 @@ class IncreasingFrequency(SyncSchedule):
 
     def __init__(self, total_steps: int, initial_period: int = 128, final_period: int = 8, start_step: int = 0) -> None:
         super().__init__(start_step)
-        self.total_steps = _check_int("IncreasingFrequency", "total_steps", total_steps, 1)
-        self.initial_period = _check_int("IncreasingFrequency", "initial_period", initial_period, 1)
-        self.final_period = _check_int("IncreasingFrequency", "final_period", final_period, 1)
+        self.total_steps = check_int_at_least("IncreasingFrequency", "total_steps", total_steps, 1)
+        self.initial_period = check_int_at_least("IncreasingFrequency", "initial_period", initial_period, 1)
+        self.final_period = check_int_at_least("IncreasingFrequency", "final_period", final_period, 1)
         self._sync_steps = self._plan()
 
     def _plan(self) -> frozenset[int]:
@@ -139,7 +133,7 @@ class SingleFinalMerge(SyncSchedule):
 
     def __init__(self, total_steps: int, start_step: int = 0) -> None:
         super().__init__(start_step)
-        self.total_steps = _check_int("SingleFinalMerge", "total_steps", total_steps, 1)
+        self.total_steps = check_int_at_least("SingleFinalMerge", "total_steps", total_steps, 1)
 
     def should_sync(self, step: int) -> bool:
         return step == self.total_steps

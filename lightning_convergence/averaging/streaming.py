@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_convergence._checks import argument_error, check_choice, check_int, check_int_at_least, check_number
 from lightning_convergence.averaging.base import STATE_VERSION, OuterStep, SyncStats, finite, sqn
 from lightning_convergence.averaging.diloco import nesterov_outer_update
 from lightning_convergence.comm import Communicator
@@ -35,11 +36,10 @@ def partition_fragments(unit_sizes: list[int], num_fragments: int, mode: str = "
     Raises:
         ValueError: fewer units than fragments, or an unknown ``mode``.
     """
-    if mode not in _PARTITIONS:
-        raise ValueError(f"partition_fragments: `mode` must be one of {_PARTITIONS}, got {mode!r}.")
+    check_choice("partition_fragments", "mode", mode, _PARTITIONS)
     if len(unit_sizes) < num_fragments:
-        raise ValueError(f"StreamingDiLoCo: `num_fragments` must be <= the number of layer blocks "
-                         f"({len(unit_sizes)}), got {num_fragments}.")
+        raise argument_error("StreamingDiLoCo", "num_fragments",
+                             f"<= the number of layer blocks ({len(unit_sizes)})", num_fragments)
     if mode == "strided":
         return [list(range(p, len(unit_sizes), num_fragments)) for p in range(num_fragments)]
     total, out, acc = sum(unit_sizes), [[] for _ in range(num_fragments)], 0
@@ -139,7 +139,8 @@ class StreamingDiLoCo(OuterStep):
     count for the outer means), ``version``.
 
     Raises:
-        ValueError: a hyperparameter outside its range (message names the field).
+        ValueError: a hyperparameter outside its range (message names the field). TypeError: a value of the
+            wrong type (a float where an int is meant, a string where a number is meant).
 
     Example:
         >>> outer = StreamingDiLoCo(num_fragments=2, sync_every=8, overlap_steps=1)
@@ -154,28 +155,17 @@ class StreamingDiLoCo(OuterStep):
         eager: bool = False, quantization: str | None = "fp4_e3m0", block_size: int = 256, lr: float = 0.7,
         momentum: float = 0.9, nesterov: bool = True, partition: str = "strided",
     ) -> None:
-        def _int(field: str, value: Any, lo: int, hi: int | None = None) -> int:
-            ok = not isinstance(value, bool) and isinstance(value, int) and value >= lo and (hi is None or value < hi)
-            if not ok:
-                rng = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
-                raise ValueError(f"StreamingDiLoCo: `{field}` must be an int {rng}, got {value!r}.")
-            return value
-
-        self.num_fragments = _int("num_fragments", num_fragments, 1)
-        self.sync_every = _int("sync_every", sync_every, num_fragments)
-        self.overlap_steps = _int("overlap_steps", overlap_steps, 0, sync_every // num_fragments)
-        if not 0.0 <= float(mixing) <= 1.0:
-            raise ValueError(f"StreamingDiLoCo: `mixing` must be in [0, 1], got {mixing}.")
-        if quantization is not None and quantization not in QUANT_FORMATS:
-            raise ValueError(f"StreamingDiLoCo: `quantization` must be None or one of {QUANT_FORMATS}, "
-                             f"got {quantization!r}.")
-        if not lr > 0:
-            raise ValueError(f"StreamingDiLoCo: `lr` must be > 0, got {lr}.")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"StreamingDiLoCo: `momentum` must be in [0, 1), got {momentum}.")
-        if partition not in _PARTITIONS:
-            raise ValueError(f"StreamingDiLoCo: `partition` must be one of {_PARTITIONS}, got {partition!r}.")
-        self.mixing, self.eager = float(mixing), bool(eager)
+        owner = "StreamingDiLoCo"
+        self.num_fragments = check_int_at_least(owner, "num_fragments", num_fragments, 1)
+        self.sync_every = check_int_at_least(owner, "sync_every", sync_every, num_fragments)
+        # overlap_steps < sync_every / num_fragments: a fragment's result lands before its next sync starts
+        self.overlap_steps = check_int(owner, "overlap_steps", overlap_steps, 0, sync_every // num_fragments - 1)
+        mixing = check_number(owner, "mixing", mixing, 0, 1)
+        check_choice(owner, "quantization", quantization, (None, *QUANT_FORMATS))
+        lr = check_number(owner, "lr", lr, 0, low_open=True)
+        momentum = check_number(owner, "momentum", momentum, 0, 1, high_open=True)
+        check_choice(owner, "partition", partition, _PARTITIONS)
+        self.mixing, self.eager = mixing, bool(eager)
         self._due = {off: p for p, off in enumerate(fragment_offsets(sync_every, num_fragments))}
         self.quantizer = None if quantization is None else BlockQuantizer(quantization, block_size)
         self.quantization = quantization

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
+from lightning_convergence._checks import argument_error
 from lightning_convergence.data import rebuild_dataloader
 from lightning_convergence.data.batch_plan import lr_scale_ratio, plan_batch, scale_lrs
 from lightning_convergence.data.resizable import BatchSizeController, EpochShuffleSampler, ResizableBatchSampler
@@ -139,13 +140,12 @@ class BatchControl:
                 f"{name}: cannot be combined with `GradientAccumulationScheduler`: both set `accumulate_grad_batches`."
             )
         if self.estimator == "microbatch" and trainer.accumulate_grad_batches * trainer.world_size < 2:
-            raise ValueError(
-                f"{name}: `variance_estimator='microbatch'` needs >= 2 gradient samples per step: set "
-                f"`accumulate_grad_batches` >= 2 or use >= 2 devices, or use `variance_estimator='per_sample'`; got "
-                f"accumulate_grad_batches={trainer.accumulate_grad_batches} on {trainer.world_size} device(s)."
-            )
+            raise argument_error(
+                name, "variance_estimator", "'per_sample' with fewer than 2 gradient samples per step "
+                f"(accumulate_grad_batches={trainer.accumulate_grad_batches} on {trainer.world_size} device(s))",
+                "microbatch", hint="Or set `accumulate_grad_batches` >= 2 or use >= 2 devices.")
         if self.max_per_device_batch_size is not None and trainer.reload_dataloaders_every_n_epochs != 1:
-            raise ValueError(
-                f"{name}: `max_per_device_batch_size` needs `Trainer(reload_dataloaders_every_n_epochs=1)` so "
-                f"Lightning recounts the batches after a resize; got {trainer.reload_dataloaders_every_n_epochs}."
-            )
+            raise argument_error(
+                name, "max_per_device_batch_size", "None unless `Trainer(reload_dataloaders_every_n_epochs=1)` (so "
+                "Lightning recounts the batches after a resize); reload_dataloaders_every_n_epochs is "
+                f"{trainer.reload_dataloaders_every_n_epochs}", self.max_per_device_batch_size)

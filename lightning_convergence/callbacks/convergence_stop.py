@@ -15,7 +15,14 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
 from lightning_convergence import stats
-from lightning_convergence._checks import check_int_at_least, check_state_version
+from lightning_convergence._checks import (
+    argument_error,
+    check_choice,
+    check_int,
+    check_int_at_least,
+    check_number,
+    check_state_version,
+)
 from lightning_convergence._metrics import log_metrics
 from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
 from lightning_convergence.callbacks._common import handle_nonfinite, hook_loss_factor
@@ -131,19 +138,14 @@ class ConvergenceEarlyStopping(Callback):
         name = type(self).__name__
         rules = tuple([rules] if isinstance(rules, str) else rules)
         if not rules or any(r not in RULES for r in rules):
-            raise ValueError(f"{name}: `rules` must be a non-empty subset of {RULES}, got {list(rules)!r}.")
+            raise argument_error(name, "rules", "a non-empty subset of 'noise_dominated', 'loss_curve'", list(rules))
         check_int_at_least(name, "check_every_n_steps", check_every_n_steps, 1)
         validate_noise_args(name, eta, patience, min_step, window, confidence_z)
         validate_curve_args(name, min_delta, patience, min_step, min_points)
-        if dataset_size is not None and (isinstance(dataset_size, bool) or not isinstance(dataset_size, int)
-                                         or dataset_size < 2):
-            raise ValueError(f"{name}: `dataset_size` must be None or an int >= 2, got {dataset_size!r}.")
-        if not isinstance(ema_beta, (int, float)) or not 0.0 <= ema_beta < 1.0:
-            raise ValueError(f"{name}: `ema_beta` must be in [0, 1), got {ema_beta!r}.")
-        if future_lr not in FUTURE_LR:
-            raise ValueError(f"{name}: `future_lr` must be one of {FUTURE_LR}, got {future_lr!r}.")
-        if not isinstance(annealing_decay, (int, float)) or not 0.0 <= annealing_decay < 1.0:
-            raise ValueError(f"{name}: `annealing_decay` must be in [0, 1), got {annealing_decay!r}.")
+        check_int(name, "dataset_size", dataset_size, 2, optional=True)
+        check_number(name, "ema_beta", ema_beta, 0, 1, high_open=True)
+        check_choice(name, "future_lr", future_lr, FUTURE_LR)
+        check_number(name, "annealing_decay", annealing_decay, 0, 1, high_open=True)
         self.rules, self.check_every_n_steps = rules, check_every_n_steps
         self.patience, self.min_step = patience, min_step
         self.eta, self.dataset_size, self.ema_beta = float(eta), dataset_size, float(ema_beta)

@@ -14,7 +14,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_convergence import stats
-from lightning_convergence._checks import check_state_version
+from lightning_convergence._checks import argument_error, check_int, check_number, check_state_version
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._nonfinite import check_nonfinite_policy
 from lightning_convergence.callbacks._common import finite_metrics, handle_nonfinite, hook_loss_factor, sum_all_reduce
@@ -85,19 +85,13 @@ class GradientStatsMonitor(Callback):
         log_per_item: bool = False,
         on_nonfinite: str = "stop",
     ) -> None:
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise ValueError(
-                f"GradientStatsMonitor: `log_every_n_steps` must be an int >= 1, got {log_every_n_steps!r}."
-            )
-        bad = [t for t in norm_types if t not in _NORM_TYPES]
-        if bad:
-            raise ValueError(f"GradientStatsMonitor: `norm_types` entries must be in {_NORM_TYPES}, got {bad}.")
-        if not 0.0 <= float(ema_beta) < 1.0:
-            raise ValueError(f"GradientStatsMonitor: `ema_beta` must be in [0, 1), got {ema_beta}.")
-        self.log_every_n_steps = log_every_n_steps
+        owner = "GradientStatsMonitor"
+        self.log_every_n_steps = check_int(owner, "log_every_n_steps", log_every_n_steps, 1, optional=True)
+        if isinstance(norm_types, str) or any(t not in _NORM_TYPES for t in norm_types):
+            raise argument_error(owner, "norm_types", "a list of entries from 'l1', 'l2'", norm_types)
         self.norm_types = tuple(norm_types)
         self.noise_scale = noise_scale
-        self.ema_beta = float(ema_beta)
+        self.ema_beta = check_number(owner, "ema_beta", ema_beta, 0, 1, high_open=True)
         self.log_per_item = log_per_item
         self.on_nonfinite = check_nonfinite_policy("GradientStatsMonitor", on_nonfinite)
         self._nonfinite_warned = False

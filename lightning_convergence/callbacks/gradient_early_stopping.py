@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_convergence import stats
-from lightning_convergence._checks import check_int_at_least, check_state_version
+from lightning_convergence._checks import check_choice, check_int, check_int_at_least, check_state_version
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
 from lightning_convergence.callbacks._common import handle_nonfinite
@@ -135,13 +135,9 @@ class GradientEarlyStopping(Callback):
         validate_grades_args(name, tau, grace_fraction, max_frozen_ratio, signal, reduction, patience)
         for field, value in (("check_every_n_steps", check_every_n_steps), ("min_ndim", min_ndim)):
             check_int_at_least(name, field, value, 1)
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                                        or total_steps < 1):
-            raise ValueError(f"{name}: `total_steps` must be None or an int >= 1, got {total_steps!r}.")
-        if freeze_mode not in FREEZE_MODES:
-            raise ValueError(f"{name}: `freeze_mode` must be one of {FREEZE_MODES}, got {freeze_mode!r}.")
-        if measure_at not in MEASURE_AT:
-            raise ValueError(f"{name}: `measure_at` must be one of {MEASURE_AT}, got {measure_at!r}.")
+        check_int(name, "total_steps", total_steps, 1, optional=True)
+        check_choice(name, "freeze_mode", freeze_mode, FREEZE_MODES)
+        check_choice(name, "measure_at", measure_at, MEASURE_AT)
         self.measure_at = measure_at
         self._step_at_batch_start = -1
         self._skip_next_measure = False

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_convergence import stats
-from lightning_convergence._checks import check_state_version
+from lightning_convergence._checks import check_choice, check_int, check_int_at_least, check_number, check_state_version
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._nonfinite import check_nonfinite_policy
 from lightning_convergence.callbacks._common import finite_metrics, handle_nonfinite
@@ -106,16 +106,11 @@ class ScheduleRefinement(Callback):
     ) -> None:
         self.on_nonfinite = check_nonfinite_policy(type(self).__name__, on_nonfinite)
         self._nonfinite_warned = False
-        if norm_type not in _NORM_TYPES:
-            raise ValueError(f"ScheduleRefinement: `norm_type` must be one of {_NORM_TYPES}, got {norm_type!r}.")
-        if not 0.0 <= float(smoothing_tau) <= 1.0:
-            raise ValueError(f"ScheduleRefinement: `smoothing_tau` must be in [0, 1], got {smoothing_tau!r}.")
-        if not isinstance(refit_every_n_steps, int) or refit_every_n_steps < 2:
-            raise ValueError(
-                f"ScheduleRefinement: `refit_every_n_steps` must be an int >= 2, got {refit_every_n_steps!r}."
-            )
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise ValueError(f"ScheduleRefinement: `log_every_n_steps` must be an int >= 1, got {log_every_n_steps!r}.")
+        owner = "ScheduleRefinement"
+        check_choice(owner, "norm_type", norm_type, _NORM_TYPES)
+        check_number(owner, "smoothing_tau", smoothing_tau, 0, 1)
+        check_int_at_least(owner, "refit_every_n_steps", refit_every_n_steps, 2)
+        check_int(owner, "log_every_n_steps", log_every_n_steps, 1, optional=True)
         self.norm_type = norm_type
         self.norms_path = norms_path
         self.smoothing_tau = float(smoothing_tau)

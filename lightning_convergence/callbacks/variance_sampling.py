@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_convergence._checks import check_state_version
+from lightning_convergence._checks import argument_error, check_state_version
 from lightning_convergence._metrics import log_metrics
 from lightning_convergence._nonfinite import check_nonfinite_policy
 from lightning_convergence.callbacks._common import finite_metrics
@@ -173,7 +173,7 @@ class GradientVarianceSampling(GroupProbe, Callback):
         self.probe_params = tuple(probe_params) if probe_params is not None else None
         for field, fn in (("loss_fn", loss_fn), ("batch_to_inputs", batch_to_inputs), ("batch_loss_fn", batch_loss_fn)):
             if fn is not None and not callable(fn):
-                raise TypeError(f"{name}: `{field}` must be callable, got {type(fn).__name__}.")
+                raise argument_error(name, field, "None or a callable", fn, TypeError)
         self.loss_fn = loss_fn
         self.batch_to_inputs = batch_to_inputs
         self.batch_loss_fn = batch_loss_fn

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Compressor", "Payload", "generator_for", "pack_bits", "unpack_bits", "check_fraction"]
+__all__ = ["Compressor", "Payload", "generator_for", "pack_bits", "unpack_bits"]
 
 
 @dataclass
@@ -180,15 +180,6 @@ def generator_for(seed: int, step: int, key: str = "", device: torch.device | st
     gen = torch.Generator(device=device)
     gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
     return gen
-
-
-def check_fraction(owner: str, name: str, value: float) -> float:
-    """Validate a fraction in (0, 1] (accepting ints from YAML); raise naming the field."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}: `{name}` must be a number in (0, 1], got {type(value).__name__} {value!r}.")
-    if not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"{owner}: `{name}` must be in (0, 1], got {value}.")
-    return float(value)
 
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:

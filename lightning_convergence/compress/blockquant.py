@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_convergence._checks import argument_error, check_choice, check_int_at_least
 from lightning_convergence.compress.base import Compressor, Payload
 
 __all__ = ["BlockQuantizer", "QUANT_FORMATS", "quantize_blocks", "dequantize_blocks"]
@@ -98,7 +99,7 @@ class BlockQuantizer(Compressor):
             1.6% at 8). Smaller blocks track outliers better and cost more scale bytes.
 
     Raises:
-        ValueError: unknown ``format``; ``block_size`` not an even int ≥ 8.
+        ValueError: unknown ``format``; ``block_size`` odd or < 8. TypeError: a non-int ``block_size``.
 
     Example:
         >>> q = BlockQuantizer(format="int8", block_size=8)
@@ -111,10 +112,9 @@ class BlockQuantizer(Compressor):
     summable = False
 
     def __init__(self, format: str = "fp4_e3m0", block_size: int = 256) -> None:
-        if format not in QUANT_FORMATS:
-            raise ValueError(f"BlockQuantizer: `format` must be one of {QUANT_FORMATS}, got {format!r}.")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 8 or block_size % 2:
-            raise ValueError(f"BlockQuantizer: `block_size` must be an even int >= 8, got {block_size!r}.")
+        check_choice("BlockQuantizer", "format", format, QUANT_FORMATS)
+        if check_int_at_least("BlockQuantizer", "block_size", block_size, 8) % 2:
+            raise argument_error("BlockQuantizer", "block_size", "an even int >= 8", block_size)
         self.format = format
         self.block_size = block_size
         self.bits = 8 if format == "int8" else 4

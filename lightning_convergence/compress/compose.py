@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from lightning_convergence._checks import check_instance
 from lightning_convergence.compress.base import Compressor, Payload
 
 __all__ = ["Compose"]
@@ -37,8 +38,7 @@ class Compose(Compressor):
 
     def __init__(self, first: Compressor, second: Compressor) -> None:
         for name, value in (("first", first), ("second", second)):
-            if not isinstance(value, Compressor):
-                raise TypeError(f"Compose: `{name}` must be a Compressor, got {type(value).__name__}.")
+            check_instance("Compose", name, value, Compressor, "a Compressor")
         self.first = first
         self.second = second
         self.unbiased = first.unbiased and second.unbiased

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_convergence.compress.base import Compressor, Payload, check_fraction
+from lightning_convergence._checks import check_number
+from lightning_convergence.compress.base import Compressor, Payload
 from lightning_convergence.compress.topk import TopK, index_dtype
 
 __all__ = ["CyclicTopK"]
@@ -57,7 +58,7 @@ class CyclicTopK(Compressor):
     first_round_transport = "broadcast"
 
     def __init__(self, k_fraction: float = 0.01) -> None:
-        self.k_fraction = check_fraction("CyclicTopK", "k_fraction", k_fraction)
+        self.k_fraction = check_number("CyclicTopK", "k_fraction", k_fraction, 0, 1, low_open=True)
         self._topk = TopK(self.k_fraction)
         self._rank, self._world_size = 0, 1
         self._pending: dict[str, Tensor] = {}

@@ -7,6 +7,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_convergence._checks import (
+    argument_error,
+    check_choice,
+    check_int,
+    check_int_at_least,
+    check_number,
+    check_state_version,
+)
 from lightning_convergence.compress.base import Compressor, Payload, generator_for
 
 __all__ = ["LowRank"]
@@ -108,18 +116,13 @@ class LowRank(Compressor):
         self, rank: int = 1, warm_start: bool = True, min_compression_rate: float = 2.0, seed: int = 0, rounds: int = 2,
         factor_bits: int | None = None, error: str = "projection",
     ):
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(f"LowRank: `rank` must be an int >= 1, got {type(rank).__name__} {rank!r}.")
-        if rank < 1:
-            raise ValueError(f"LowRank: `rank` must be >= 1, got {rank}.")
-        if not float(min_compression_rate) > 0:
-            raise ValueError(f"LowRank: `min_compression_rate` must be > 0, got {min_compression_rate}.")
-        if isinstance(rounds, bool) or rounds not in (1, 2):
-            raise ValueError(f"LowRank: `rounds` must be 1 or 2, got {rounds!r}.")
+        check_int_at_least("LowRank", "rank", rank, 1)
+        min_compression_rate = check_number("LowRank", "min_compression_rate", min_compression_rate, 0,
+                                            low_open=True)
+        check_int("LowRank", "rounds", rounds, 1, 2)
         if factor_bits is not None and (isinstance(factor_bits, bool) or factor_bits != 8):
-            raise ValueError(f"LowRank: `factor_bits` must be None or 8, got {factor_bits!r}.")
-        if error not in ("projection", "average"):
-            raise ValueError(f"LowRank: `error` must be one of 'projection', 'average', got {error!r}.")
+            raise argument_error("LowRank", "factor_bits", "None or 8", factor_bits)
+        check_choice("LowRank", "error", error, ("projection", "average"))
         self.error = error
         self.rank = rank
         self.rounds = rounds
@@ -250,7 +253,6 @@ class LowRank(Compressor):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        if state.get("version") != 1:
-            raise RuntimeError(f"LowRank: state `version` {state.get('version')!r} is not supported.")
+        check_state_version("LowRank", state, 1)
         self._factors = {k: v.clone() for k, v in state["factors"].items()}
         self._left = {k: bool(v) for k, v in state["left"].items()}

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_convergence._checks import check_choice, check_int
 from lightning_convergence.compress.base import Compressor, Payload, generator_for, pack_bits, unpack_bits
 
 __all__ = ["QSGD"]
@@ -54,14 +55,8 @@ class QSGD(Compressor):
     summable = False
 
     def __init__(self, levels: int = 1, norm: str = "l2", seed: int = 0) -> None:
-        if isinstance(levels, bool) or not isinstance(levels, int):
-            raise TypeError(f"QSGD: `levels` must be an int in [1, 127], got {type(levels).__name__} {levels!r}.")
-        if not 1 <= levels <= 127:
-            raise ValueError(f"QSGD: `levels` must be in [1, 127], got {levels}.")
-        if norm not in _NORMS:
-            raise ValueError(f"QSGD: `norm` must be one of {_NORMS}, got {norm!r}.")
-        self.levels = levels
-        self.norm = norm
+        self.levels = check_int("QSGD", "levels", levels, 1, 127)
+        self.norm = check_choice("QSGD", "norm", norm, _NORMS)
         self.seed = int(seed)
         needed = math.ceil(math.log2(2 * levels + 1))
         self._bits = next(b for b in (2, 4, 8) if b >= needed)

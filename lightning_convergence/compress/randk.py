@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_convergence.compress.base import Compressor, Payload, check_fraction, generator_for
+from lightning_convergence._checks import check_number
+from lightning_convergence.compress.base import Compressor, Payload, generator_for
 
 __all__ = ["RandK"]
 
@@ -44,7 +45,7 @@ class RandK(Compressor):
     summable = True
 
     def __init__(self, k_fraction: float = 0.01, rescale: bool = True, seed: int = 0) -> None:
-        self.k_fraction = check_fraction("RandK", "k_fraction", k_fraction)
+        self.k_fraction = check_number("RandK", "k_fraction", k_fraction, 0, 1, low_open=True)
         self.rescale = bool(rescale)
         self.seed = int(seed)
         self.unbiased = self.rescale

@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_convergence.compress.base import Compressor, Payload, check_fraction
+from lightning_convergence._checks import check_number
+from lightning_convergence.compress.base import Compressor, Payload
 
 __all__ = ["TopK", "index_dtype"]
 
@@ -48,7 +49,7 @@ class TopK(Compressor):
     summable = False
 
     def __init__(self, k_fraction: float = 0.01) -> None:
-        self.k_fraction = check_fraction("TopK", "k_fraction", k_fraction)
+        self.k_fraction = check_number("TopK", "k_fraction", k_fraction, 0, 1, low_open=True)
         self.alpha = self.k_fraction
 
     def k_for(self, numel: int) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lightning_convergence._checks import check_int_at_least
+from lightning_convergence._checks import argument_error, check_choice, check_int_at_least, check_number
 from lightning_convergence.stats.batch_tests import BATCH_TESTS
 
 __all__ = ["ESTIMATORS", "LR_SCALING", "check_adaptive_batch_args", "lr_scale_ratio", "plan_batch", "scale_lrs"]
@@ -52,8 +52,7 @@ def lr_scale_ratio(old_batch: int, new_batch: int, rule: str) -> float:
     Raises:
         ValueError: for an unknown ``rule``.
     """
-    if rule not in LR_SCALING:
-        raise ValueError(f"lr_scale_ratio: `rule` must be one of {LR_SCALING}, got {rule!r}.")
+    check_choice("lr_scale_ratio", "rule", rule, LR_SCALING)
     if rule == "none" or old_batch <= 0 or new_batch == old_batch:
         return 1.0
     ratio = new_batch / old_batch
@@ -89,11 +88,9 @@ def check_adaptive_batch_args(
         ("test", test, BATCH_TESTS), ("lr_scaling", lr_scaling, LR_SCALING),
         ("variance_estimator", variance_estimator, ESTIMATORS),
     ):
-        if value not in choices:
-            raise ValueError(f"{name}: `{field}` must be one of {choices}, got {value!r}.")
+        check_choice(name, field, value, choices)
     for field, value in (("eta", eta), ("theta", theta), ("nu", nu), ("noise_scale_factor", noise_scale_factor)):
-        if not float(value) > 0 or not math.isfinite(float(value)):
-            raise ValueError(f"{name}: `{field}` must be a finite number > 0, got {value!r}.")
+        check_number(name, field, value, 0, low_open=True)
     for field, value, low in (
         ("check_every_n_steps", check_every_n_steps, 1), ("min_batch_size", min_batch_size, 1),
         ("max_batch_size", max_batch_size, 1), ("max_per_device_batch_size", max_per_device_batch_size, 1),
@@ -102,14 +99,10 @@ def check_adaptive_batch_args(
         if value is not None:
             check_int_at_least(name, field, value, low)
     if min_batch_size is not None and max_batch_size is not None and max_batch_size < min_batch_size:
-        raise ValueError(
-            f"{name}: `max_batch_size` must be >= `min_batch_size` ({min_batch_size}), got {max_batch_size}."
-        )
-    if max_growth_factor is not None and not float(max_growth_factor) > 1:
-        raise ValueError(f"{name}: `max_growth_factor` must be > 1 or None, got {max_growth_factor!r}.")
+        raise argument_error(name, "max_batch_size", f">= `min_batch_size` ({min_batch_size})", max_batch_size)
+    check_number(name, "max_growth_factor", max_growth_factor, 1, low_open=True, optional=True)
     for field, value in (("smoothing", smoothing), ("noise_ema_beta", noise_ema_beta)):
-        if not 0.0 <= float(value) < 1.0:
-            raise ValueError(f"{name}: `{field}` must be in [0, 1), got {value!r}.")
+        check_number(name, field, value, 0, 1, high_open=True)
     for field, fn in (("loss_fn", loss_fn), ("batch_loss_fn", batch_loss_fn)):
         if fn is not None and not callable(fn):
-            raise TypeError(f"{name}: `{field}` must be callable, got {type(fn).__name__}.")
+            raise argument_error(name, field, "None or a callable", fn, TypeError)

@@ -10,6 +10,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import AttributeDict
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_convergence._checks import check_choice, check_int_at_least
 from lightning_convergence.federated.partition import PARTITIONS, partition_indices
 
 __all__ = ["FederatedDataModule"]
@@ -94,14 +95,9 @@ class FederatedDataModule(LightningDataModule):
         seed: int = 0, min_size: int = 1, client_batch_size: int | None = None, server_steps_per_epoch: int = 100,
     ) -> None:
         super().__init__()
-        if partition not in PARTITIONS:
-            raise ValueError(f"FederatedDataModule: `partition` must be one of {PARTITIONS}, got {partition!r}.")
-        if not (isinstance(num_clients, int) and num_clients >= 1):
-            raise ValueError(f"FederatedDataModule: `num_clients` must be an int >= 1, got {num_clients!r}.")
-        if server_steps_per_epoch < 1:
-            raise ValueError(
-                f"FederatedDataModule: `server_steps_per_epoch` must be >= 1, got {server_steps_per_epoch}."
-            )
+        check_choice("FederatedDataModule", "partition", partition, PARTITIONS)
+        check_int_at_least("FederatedDataModule", "num_clients", num_clients, 1)
+        check_int_at_least("FederatedDataModule", "server_steps_per_epoch", server_steps_per_epoch, 1)
         _repair_nested_hparams(datamodule)
         self.datamodule = datamodule
         self.num_clients, self.partition, self.alpha = num_clients, partition, alpha

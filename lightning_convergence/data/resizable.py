@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, Sampler
 
-from lightning_convergence._checks import check_int_at_least
+from lightning_convergence._checks import check_int_at_least, check_state_version
 
 __all__ = ["BatchSizeController", "EpochShuffleSampler", "ResizableBatchSampler"]
 
@@ -110,10 +110,7 @@ class BatchSizeController:
         return {"version": self.STATE_VERSION, "batch_size": self.batch_size, "epoch": epoch, "consumed": consumed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != self.STATE_VERSION:
-            raise RuntimeError(
-                f"BatchSizeController: state `version` {state.get('version')!r} is not {self.STATE_VERSION}."
-            )
+        check_state_version("BatchSizeController", state, self.STATE_VERSION)
         self.batch_size = _check_batch_size(state["batch_size"])
         self.epoch = None if state["epoch"] is None else int(state["epoch"])
         self._skip = int(state["consumed"])

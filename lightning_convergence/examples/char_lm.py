@@ -13,6 +13,8 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_convergence._checks import check_int_at_least, check_number
+
 __all__ = ["DEFAULT_STDLIB_FILES", "StdlibTextDataModule", "CharTransformerLM", "load_stdlib_corpus"]
 
 #: Modules present in every CPython ≥ 3.10; the text differs slightly between Python versions, never between runs.
@@ -58,10 +60,8 @@ class StdlibTextDataModule(LightningDataModule):
         files: tuple[str, ...] | list[str] = DEFAULT_STDLIB_FILES,
     ) -> None:
         super().__init__()
-        if seq_len < 2:
-            raise ValueError(f"StdlibTextDataModule: `seq_len` must be >= 2, got {seq_len}.")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"StdlibTextDataModule: `val_fraction` must be in (0, 1), got {val_fraction}.")
+        check_int_at_least("StdlibTextDataModule", "seq_len", seq_len, 2)
+        check_number("StdlibTextDataModule", "val_fraction", val_fraction, 0, 1, low_open=True, high_open=True)
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.max_chars = max_chars

@@ -10,6 +10,8 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_convergence._checks import check_int_at_least, check_number
+
 __all__ = ["DigitsDataModule", "MLPClassifier"]
 
 
@@ -32,10 +34,8 @@ class DigitsDataModule(LightningDataModule):
 
     def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"DigitsDataModule: `batch_size` must be >= 1, got {batch_size}.")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"DigitsDataModule: `val_fraction` must be in (0, 1), got {val_fraction}.")
+        check_int_at_least("DigitsDataModule", "batch_size", batch_size, 1)
+        check_number("DigitsDataModule", "val_fraction", val_fraction, 0, 1, low_open=True, high_open=True)
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.seed = seed

@@ -10,6 +10,8 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_convergence._checks import check_choice, check_number
+
 __all__ = ["SyntheticRegressionDataModule", "LinearModel", "make_regression_data"]
 
 _TASKS = ("least_squares", "logistic")
@@ -19,8 +21,7 @@ def make_regression_data(
     n_samples: int, dim: int, noise_std: float, task: str = "least_squares", seed: int = 0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Draw ``(x, y, w_true)``: ``x ~ N(0, I)``, ``y = x·w_true + noise`` (or Bernoulli(sigmoid) labels)."""
-    if task not in _TASKS:
-        raise ValueError(f"make_regression_data: `task` must be one of {_TASKS}, got {task!r}.")
+    check_choice("make_regression_data", "task", task, _TASKS)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_samples, dim, generator=g)
     w = torch.randn(dim, generator=g)
@@ -50,8 +51,7 @@ class SyntheticRegressionDataModule(LightningDataModule):
         batch_size: int = 32, seed: int = 0, shuffle: bool = True,
     ) -> None:
         super().__init__()
-        if noise_std < 0:
-            raise ValueError(f"SyntheticRegressionDataModule: `noise_std` must be >= 0, got {noise_std}.")
+        check_number("SyntheticRegressionDataModule", "noise_std", noise_std, 0)
         self.x, self.y, self.w_true = make_regression_data(n_samples, dim, noise_std, task, seed)
         self.task = task
         self.batch_size = batch_size
@@ -83,8 +83,7 @@ class LinearModel(LightningModule):
 
     def __init__(self, dim: int = 10, task: str = "least_squares", lr: float = 0.05) -> None:
         super().__init__()
-        if task not in _TASKS:
-            raise ValueError(f"LinearModel: `task` must be one of {_TASKS}, got {task!r}.")
+        check_choice("LinearModel", "task", task, _TASKS)
         self.save_hyperparameters()
         self.linear = nn.Linear(dim, 1, bias=False)
         nn.init.zeros_(self.linear.weight)

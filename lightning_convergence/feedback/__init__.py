@@ -6,6 +6,7 @@ Each rule keeps per-worker state keyed by parameter name and exposes ``message``
 
 from __future__ import annotations
 
+from lightning_convergence._checks import argument_error, check_choice
 from lightning_convergence.feedback.base import FeedbackRule, NoFeedback
 from lightning_convergence.feedback.econtrol import EControl
 from lightning_convergence.feedback.ef14 import EF14
@@ -28,7 +29,5 @@ def make_rule(feedback: str | FeedbackRule, owner: str = "make_rule") -> Feedbac
     if isinstance(feedback, FeedbackRule):
         return feedback
     if isinstance(feedback, str):
-        if feedback not in RULES:
-            raise ValueError(f"{owner}: `feedback` must be one of {tuple(RULES)}, got {feedback!r}.")
-        return RULES[feedback]()
-    raise TypeError(f"{owner}: `feedback` must be a rule name or a FeedbackRule, got {type(feedback).__name__}.")
+        return RULES[check_choice(owner, "feedback", feedback, RULES)]()
+    raise argument_error(owner, "feedback", "a rule name or a FeedbackRule", feedback, TypeError)

@@ -23,27 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_convergence._checks import argument_error
 from lightning_convergence.compress.base import Compressor, Payload
 from lightning_convergence.compress.identity import Identity
 from lightning_convergence.stats import all_finite, sq_norm
 
-__all__ = ["FeedbackRule", "NoFeedback", "FEEDBACK_STATE_VERSION", "DENSE", "check_eta"]
+__all__ = ["FeedbackRule", "NoFeedback", "FEEDBACK_STATE_VERSION", "DENSE"]
 
 FEEDBACK_STATE_VERSION = 1
 DENSE = Identity()  # the codec of uncompressed first-step messages
 _NOT_READY = object()  # no compressor_input() result kept for this message
-
-
-def check_eta(owner: str, name: str, value: float, low_open: bool) -> float:
-    """Validate a factor in (0, 1] (``low_open``) or [0, 1]; accept ints from YAML; raise naming the field."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}: `{name}` must be a number, got {type(value).__name__} {value!r}.")
-    v = float(value)
-    ok = (0.0 < v <= 1.0) if low_open else (0.0 <= v <= 1.0)
-    if not ok:
-        interval = "(0, 1]" if low_open else "[0, 1]"
-        raise ValueError(f"{owner}: `{name}` must be in {interval}, got {value}.")
-    return v
 
 
 def get_buffer(buffers: dict[str, Tensor], key: str, like: Tensor) -> Tensor | None:
@@ -222,11 +211,10 @@ class FeedbackRule:
             ValueError: for a compressor with ``error="average"`` and a rule that cannot honour it.
         """
         if getattr(compressor, "error", None) == "average" and not self.supports_average_error:
-            raise ValueError(
-                f"{type(self).__name__}: `compressor` {compressor!r} has `error` 'average' (the error is taken "
-                "against the decompressed average), which only 'ef14' supports; use feedback='ef14' or "
-                "error='projection'."
-            )
+            raise argument_error(
+                type(self).__name__, "compressor", "a compressor with `error` 'projection' (only 'ef14' takes the "
+                "error against the decompressed average)", repr(compressor),
+                hint="Use feedback='ef14' or error='projection'.")
         if self.needs_contraction and compressor.contraction(1_000_000) <= 0.0:
             warnings.warn(
                 f"{type(self).__name__}: `compressor` {compressor!r} is not a contraction (alpha = 0), which this "

@@ -6,7 +6,8 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_convergence.feedback.base import FeedbackRule, check_eta, get_buffer
+from lightning_convergence._checks import check_choice, check_number
+from lightning_convergence.feedback.base import FeedbackRule, get_buffer
 from lightning_convergence.feedback.ef21 import ef21_server_step
 
 __all__ = ["EControl", "econtrol_input", "econtrol_commit", "ERROR_UPDATES"]
@@ -87,10 +88,8 @@ class EControl(FeedbackRule):
 
     def __init__(self, eta: float = 0.1, error_update: str = "accumulate", dense_first_step: bool = True) -> None:
         super().__init__()
-        self.eta = check_eta("EControl", "eta", eta, low_open=False)
-        if error_update not in ERROR_UPDATES:
-            raise ValueError(f"EControl: `error_update` must be one of {ERROR_UPDATES}, got {error_update!r}.")
-        self.error_update = error_update
+        self.eta = check_number("EControl", "eta", eta, 0, 1)
+        self.error_update = check_choice("EControl", "error_update", error_update, ERROR_UPDATES)
         self.dense_first_step = bool(dense_first_step)
 
     def hparams(self) -> dict[str, Any]:

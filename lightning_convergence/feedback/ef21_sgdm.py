@@ -6,7 +6,8 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_convergence.feedback.base import FeedbackRule, check_eta, get_buffer
+from lightning_convergence._checks import check_number
+from lightning_convergence.feedback.base import FeedbackRule, get_buffer
 from lightning_convergence.feedback.ef21 import ef21_commit, ef21_server_step
 
 __all__ = ["EF21SGDM", "ef21_sgdm_input", "ef21_sgdm_commit"]
@@ -71,7 +72,7 @@ class EF21SGDM(FeedbackRule):
 
     def __init__(self, momentum: float = 0.1, dense_first_step: bool = True) -> None:
         super().__init__()
-        self.momentum = check_eta("EF21SGDM", "momentum", momentum, low_open=True)
+        self.momentum = check_number("EF21SGDM", "momentum", momentum, 0, 1, low_open=True)
         self.dense_first_step = bool(dense_first_step)
 
     def hparams(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_convergence._checks import check_state_version
 from lightning_convergence.comm import Communicator, SingleProcessCommunicator
 
 __all__ = ["CommOptimizer", "where_ok"]
@@ -88,10 +89,8 @@ class CommOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop(self.extra_key, None)
-        if extra is not None and extra.get("version") != STATE_VERSION:
-            raise RuntimeError(
-                f"{type(self).__name__}: state `version` {extra.get('version')!r} is not supported."
-            )
+        if extra is not None:
+            check_state_version(type(self).__name__, extra, STATE_VERSION)
         super().load_state_dict(state_dict)
         if extra is not None:
             device = self.comm_params()[0].device

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_convergence._checks import check_choice, check_int_at_least, check_number
 from lightning_convergence.optim._comm_optimizer import CommOptimizer, where_ok
 
 __all__ = ["DeMo", "dct_matrix", "chunk_size_for", "to_chunks", "from_chunks"]
@@ -102,7 +103,7 @@ class DeMo(CommOptimizer):
 
     Raises:
         ValueError: for ``lr`` ≤ 0, ``momentum_decay`` outside [0, 1), ``topk`` < 1, ``chunk_size`` < 1 or
-            ``weight_decay`` < 0.
+            ``weight_decay`` < 0. TypeError: for a non-number, or a non-int ``topk``/``chunk_size``.
 
     Example::
 
@@ -121,20 +122,13 @@ class DeMo(CommOptimizer):
         weight_decay: float = 0.0,
         value_dtype: str = "float32",
     ) -> None:
-        if not float(lr) > 0.0:
-            raise ValueError(f"DeMo: `lr` must be > 0, got {lr!r}.")
-        if value_dtype not in VALUE_DTYPES:
-            raise ValueError(
-                f"DeMo: `value_dtype` must be one of 'float32', 'bfloat16', 'float16', got {value_dtype!r}."
-            )
-        if not 0.0 <= float(momentum_decay) < 1.0:
-            raise ValueError(f"DeMo: `momentum_decay` must be in [0, 1), got {momentum_decay!r}.")
-        for name, value in (("topk", topk), ("chunk_size", chunk_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DeMo: `{name}` must be an int >= 1, got {value!r}.")
-        if not float(weight_decay) >= 0.0:
-            raise ValueError(f"DeMo: `weight_decay` must be >= 0, got {weight_decay!r}.")
-        defaults = dict(lr=float(lr), momentum_decay=float(momentum_decay), weight_decay=float(weight_decay))
+        lr = check_number("DeMo", "lr", lr, 0, low_open=True)
+        check_choice("DeMo", "value_dtype", value_dtype, VALUE_DTYPES)
+        momentum_decay = check_number("DeMo", "momentum_decay", momentum_decay, 0, 1, high_open=True)
+        check_int_at_least("DeMo", "topk", topk, 1)
+        check_int_at_least("DeMo", "chunk_size", chunk_size, 1)
+        weight_decay = check_number("DeMo", "weight_decay", weight_decay, 0)
+        defaults = dict(lr=lr, momentum_decay=momentum_decay, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.topk = topk
         self.chunk_size = chunk_size

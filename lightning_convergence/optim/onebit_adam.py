@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_convergence._checks import check_int_at_least, check_number, check_numbers
 from lightning_convergence.comm import Communicator
 from lightning_convergence.compress.base import pack_bits, unpack_bits
 from lightning_convergence.optim._comm_optimizer import CommOptimizer, where_ok
@@ -156,6 +157,7 @@ class OnebitAdam(CommOptimizer):
 
     Raises:
         ValueError: for ``lr`` ≤ 0, betas outside [0, 1), ``eps`` ≤ 0, ``weight_decay`` < 0 or ``start_step`` < 1.
+        TypeError: for a non-number, or a non-int ``start_step``.
 
     Example::
 
@@ -175,18 +177,12 @@ class OnebitAdam(CommOptimizer):
         start_step: int = 1000,
         bias_correction: bool = True,
     ) -> None:
-        if not float(lr) > 0.0:
-            raise ValueError(f"OnebitAdam: `lr` must be > 0, got {lr!r}.")
-        betas = tuple(float(b) for b in betas)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"OnebitAdam: `betas` must be two values in [0, 1), got {betas!r}.")
-        if not float(eps) > 0.0:
-            raise ValueError(f"OnebitAdam: `eps` must be > 0, got {eps!r}.")
-        if not float(weight_decay) >= 0.0:
-            raise ValueError(f"OnebitAdam: `weight_decay` must be >= 0, got {weight_decay!r}.")
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 1:
-            raise ValueError(f"OnebitAdam: `start_step` must be an int >= 1, got {start_step!r}.")
-        defaults = dict(lr=float(lr), betas=betas, eps=float(eps), weight_decay=float(weight_decay), step=0)
+        lr = check_number("OnebitAdam", "lr", lr, 0, low_open=True)
+        betas = tuple(check_numbers("OnebitAdam", "betas", betas, 2, 0, 1, high_open=True))
+        eps = check_number("OnebitAdam", "eps", eps, 0, low_open=True)
+        weight_decay = check_number("OnebitAdam", "weight_decay", weight_decay, 0)
+        check_int_at_least("OnebitAdam", "start_step", start_step, 1)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, step=0)
         super().__init__(params, defaults)
         self.start_step = start_step
         self.bias_correction = bool(bias_correction)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_convergence._checks import check_choice, check_int, check_number
+from lightning_convergence._checks import argument_error, check_choice, check_int, check_number
 from lightning_convergence.optim.schedules import BudgetSchedule
 
 __all__ = [
@@ -196,7 +196,7 @@ def online_profile(
     if k < 2:
         raise ValueError(f"online_profile: need at least 2 gradient norms, got {k}.")
     if total_steps < k:
-        raise ValueError(f"online_profile: `total_steps` must be >= the {k} norms seen, got {total_steps}.")
+        raise argument_error("online_profile", "total_steps", f">= the {k} norms seen", total_steps)
     m = min(k, int(max_points))
     smoothed = resample(median_smooth(resample(g, m), tau), k)
     future = smoothed[-1:].expand(total_steps - k)

@@ -46,6 +46,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_convergence._checks import check_choice, check_int_at_least, check_number
+
 __all__ = [
     "POLICIES",
     "allocate_budget",
@@ -108,8 +110,7 @@ def cooldown_temperature(
     """Temperature at ``step``: ``start_temperature`` until ``start_step``, then down to ``end_temperature`` over
     ``cooldown_steps`` steps (``linear`` or ``cosine``), then constant. ``cooldown_steps = 0`` jumps at
     ``start_step``. (The schedule shape is ours; Li et al. 2025 only fix its direction.)"""
-    if shape not in ("linear", "cosine"):
-        raise ValueError(f"cooldown_temperature: `shape` must be 'linear' or 'cosine', got {shape!r}.")
+    check_choice("cooldown_temperature", "shape", shape, ("linear", "cosine"))
     if step < start_step:
         return float(start_temperature)
     if cooldown_steps <= 0 or step >= start_step + cooldown_steps:
@@ -140,8 +141,7 @@ def allocation_ratios(
         ValueError: for an unknown policy, a missing statistic, mismatched lengths, negative or non-finite values,
             ``temperature`` ≤ 0, or all groups empty.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"allocate_budget: `policy` must be one of {POLICIES}, got {policy!r}.")
+    check_choice("allocate_budget", "policy", policy, POLICIES)
     sizes = _vec(group_sizes, "group_sizes")
     k = sizes.numel()
     if sizes.sum() <= 0:
@@ -150,8 +150,7 @@ def allocation_ratios(
     if policy == "uniform":
         scores = share
     elif policy == "temperature":
-        if not float(temperature) > 0:
-            raise ValueError(f"allocate_budget: `temperature` must be > 0, got {temperature}.")
+        check_number("allocate_budget", "temperature", temperature, 0, low_open=True)
         scores = torch.where(sizes > 0, share ** (1.0 / float(temperature)), torch.zeros_like(share))
     elif policy == "gvm":
         if grad_norms is None:
@@ -207,10 +206,8 @@ def allocate_budget(
     Raises:
         ValueError: as :func:`allocation_ratios`, or if ``total`` < 0 or the floors exceed ``total``.
     """
-    if int(total) != total or total < 0:
-        raise ValueError(f"allocate_budget: `total` must be an int >= 0, got {total!r}.")
-    if int(min_per_group) != min_per_group or min_per_group < 0:
-        raise ValueError(f"allocate_budget: `min_per_group` must be an int >= 0, got {min_per_group!r}.")
+    check_int_at_least("allocate_budget", "total", total, 0)
+    check_int_at_least("allocate_budget", "min_per_group", min_per_group, 0)
     ratios = allocation_ratios(
         policy, group_sizes, grad_norms=grad_norms, grad_stds=grad_stds, accept_rates=accept_rates,
         temperature=temperature, alpha=alpha, beta=beta, grad_rms=grad_rms,

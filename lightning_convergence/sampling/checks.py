@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lightning_convergence._checks import argument_error, check_choice, check_int_at_least, check_number
 from lightning_convergence.sampling.allocation import POLICIES
 
 __all__ = ["check_sampling_args"]
@@ -17,29 +18,23 @@ def check_sampling_args(
     Raises:
         ValueError: an unknown choice or a value out of its range.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"{name}: `policy` must be one of {POLICIES}, got {policy!r}.")
+    check_choice(name, "policy", policy, POLICIES)
     ints = (
         ("check_every_n_steps", check_every_n_steps, 1), ("min_per_group", min_per_group, 0),
         ("cooldown_start_step", cooldown_start_step, 0), ("cooldown_steps", cooldown_steps, 0),
     )
     for field, value, low in ints:
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}: `{field}` must be an int >= {low}, got {value!r}.")
-    if not isinstance(probe_per_group, int) or probe_per_group < 0 or probe_per_group == 1:
-        raise ValueError(f"{name}: `probe_per_group` must be 0 or an int >= 2, got {probe_per_group!r}.")
+        check_int_at_least(name, field, value, low)
+    if check_int_at_least(name, "probe_per_group", probe_per_group, 0) == 1:
+        raise argument_error(name, "probe_per_group", "0 or an int >= 2", probe_per_group)
     if probe_per_group == 0 and policy in ("gvm", "min_variance", "neyman"):
-        raise ValueError(f"{name}: `probe_per_group` = 0 leaves policy {policy!r} without statistics; use >= 2.")
+        raise argument_error(name, "probe_per_group", f">= 2 with policy {policy!r} (0 leaves it without statistics)",
+                             probe_per_group)
     if reweight and min_per_group < 1:
-        raise ValueError(f"{name}: `min_per_group` must be >= 1 with `reweight=True` (unbiasedness), got 0.")
-    if not 0.0 <= float(ema_beta) < 1.0:
-        raise ValueError(f"{name}: `ema_beta` must be in [0, 1), got {ema_beta}.")
-    if float(alpha) < 0:
-        raise ValueError(f"{name}: `alpha` must be >= 0, got {alpha}.")
+        raise argument_error(name, "min_per_group", ">= 1 with `reweight=True` (unbiasedness)", min_per_group)
+    check_number(name, "ema_beta", ema_beta, 0, 1, high_open=True)
+    check_number(name, "alpha", alpha, 0)
     for field, value in (("start_temperature", start_temperature), ("end_temperature", end_temperature)):
-        if not float(value) > 0:
-            raise ValueError(f"{name}: `{field}` must be > 0, got {value}.")
-    if gvm_statistic not in ("mean_norm", "rms_norm"):
-        raise ValueError(f"{name}: `gvm_statistic` must be 'mean_norm' or 'rms_norm', got {gvm_statistic!r}.")
-    if cooldown_shape not in ("linear", "cosine"):
-        raise ValueError(f"{name}: `cooldown_shape` must be 'linear' or 'cosine', got {cooldown_shape!r}.")
+        check_number(name, field, value, 0, low_open=True)
+    check_choice(name, "gvm_statistic", gvm_statistic, ("mean_norm", "rms_norm"))
+    check_choice(name, "cooldown_shape", cooldown_shape, ("linear", "cosine"))

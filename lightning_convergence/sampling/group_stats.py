@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_convergence._checks import check_choice, check_int_at_least, check_number
 from lightning_convergence.stats import sq_norm
 from lightning_convergence.stats.per_sample_norms import per_sample_sq_norms
 
@@ -43,7 +44,7 @@ class GroupStats:
     counter and ``version``.
 
     Raises:
-        ValueError: for ``num_groups`` < 1 or ``beta`` outside [0, 1).
+        ValueError: for ``num_groups`` < 1 or ``beta`` outside [0, 1). TypeError: a non-int ``num_groups``.
 
     Example::
 
@@ -56,12 +57,8 @@ class GroupStats:
     STATE_VERSION = 1
 
     def __init__(self, num_groups: int, beta: float = 0.9) -> None:
-        if int(num_groups) != num_groups or num_groups < 1:
-            raise ValueError(f"GroupStats: `num_groups` must be an int >= 1, got {num_groups!r}.")
-        if not 0.0 <= float(beta) < 1.0:
-            raise ValueError(f"GroupStats: `beta` must be in [0, 1), got {beta}.")
-        self.num_groups = int(num_groups)
-        self.beta = float(beta)
+        self.num_groups = check_int_at_least("GroupStats", "num_groups", num_groups, 1)
+        self.beta = check_number("GroupStats", "beta", beta, 0, 1, high_open=True)
         self._avg = {f: torch.zeros(self.num_groups, dtype=torch.float64) for f in _FIELDS}
         self._count = {f: torch.zeros(self.num_groups, dtype=torch.float64) for f in _FIELDS}
         self._full = torch.zeros(2, dtype=torch.float64)  # [ema sum, count] of ‖∇F‖²
@@ -136,8 +133,7 @@ class GroupStats:
     # -- reads --------------------------------------------------------------------------------------------------
     def value(self, field: str, default: float = 0.0) -> Tensor:
         """Bias-corrected EMA per group (``[K]`` float64); ``default`` for groups never measured."""
-        if field not in _FIELDS:
-            raise ValueError(f"GroupStats: `field` must be one of {_FIELDS}, got {field!r}.")
+        check_choice("GroupStats", "field", field, _FIELDS)
         cnt = self._count[field]
         corr = 1.0 - self.beta ** cnt
         out = torch.full_like(cnt, float(default))

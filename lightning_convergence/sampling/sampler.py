@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
+from lightning_convergence._checks import argument_error
 from lightning_convergence.sampling.allocation import allocate_budget
 from lightning_convergence.sampling.weights import importance_weights
 
@@ -122,14 +123,12 @@ class GroupBudgetSampler(DistributedSampler):
         self._members = [torch.nonzero(groups == g).flatten() for g in range(k)]
         epoch_size = n if epoch_size is None else int(epoch_size)
         if epoch_size < 1:
-            raise ValueError(f"GroupBudgetSampler: `epoch_size` must be >= 1, got {epoch_size}.")
+            raise argument_error("GroupBudgetSampler", "epoch_size", "None or an int >= 1", epoch_size)
         if window_size is None:
             window_size = math.ceil(epoch_size / self.num_replicas) * self.num_replicas
         if int(window_size) != window_size or window_size < 1 or window_size % self.num_replicas:
-            raise ValueError(
-                "GroupBudgetSampler: `window_size` must be a positive multiple of `num_replicas` "
-                f"({self.num_replicas}), got {window_size!r}."
-            )
+            raise argument_error("GroupBudgetSampler", "window_size",
+                                 f"a positive multiple of `num_replicas` ({self.num_replicas})", window_size)
         self.window_size = int(window_size)
         self.num_windows = math.ceil(epoch_size / self.window_size)
         self.total_size = self.num_windows * self.window_size

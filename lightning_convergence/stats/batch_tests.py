@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_convergence._checks import argument_error
 from lightning_convergence.stats.noise_scale import NoiseEstimate
 from lightning_convergence.stats.variance import AllReduce, SampleGradStats
 
@@ -126,7 +127,7 @@ def _finite(stats: SampleGradStats | BlockwiseGradStats) -> bool:
 def _check_positive(name: str, value: float) -> float:
     value = float(value)
     if not value > 0 or not math.isfinite(value):
-        raise ValueError(f"batch_tests: `{name}` must be a finite number > 0, got {value}.")
+        raise argument_error("batch_tests", name, "a finite number > 0", value)
     return value
 
 
@@ -225,16 +226,14 @@ def next_batch_size(
         ValueError: for ``current`` < 1, ``min_batch_size`` < 1, ``max_batch_size`` < ``min_batch_size`` or a
             ``max_growth_factor`` ≤ 1.
     """
-    if current < 1:
-        raise ValueError(f"next_batch_size: `current` must be >= 1, got {current}.")
-    if min_batch_size < 1:
-        raise ValueError(f"next_batch_size: `min_batch_size` must be >= 1, got {min_batch_size}.")
+    for field, value in (("current", current), ("min_batch_size", min_batch_size)):
+        if value < 1:
+            raise argument_error("next_batch_size", field, ">= 1", value)
     if max_batch_size is not None and max_batch_size < min_batch_size:
-        raise ValueError(
-            f"next_batch_size: `max_batch_size` must be >= `min_batch_size` ({min_batch_size}), got {max_batch_size}."
-        )
+        raise argument_error("next_batch_size", "max_batch_size", f">= `min_batch_size` ({min_batch_size})",
+                             max_batch_size)
     if max_growth_factor is not None and not max_growth_factor > 1:
-        raise ValueError(f"next_batch_size: `max_growth_factor` must be > 1, got {max_growth_factor}.")
+        raise argument_error("next_batch_size", "max_growth_factor", "> 1", max_growth_factor)
     target = float(current) if math.isnan(demanded) else float(demanded)
     if not allow_shrink:
         target = max(target, float(current))
@@ -270,7 +269,7 @@ def demanded_batch_size(
     if test == "augmented":
         return augmented_test_batch_size(stats, theta, nu)
     if test != "noise_scale":
-        raise ValueError(f"demanded_batch_size: `test` must be one of {BATCH_TESTS}, got {test!r}.")
+        raise argument_error("demanded_batch_size", "test", "one of " + ", ".join(map(repr, BATCH_TESTS)), test)
     if math.isnan(noise_scale) or math.isinf(noise_scale):
         return noise_scale
     return float(max(math.ceil(noise_scale_factor * noise_scale), 1))

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from lightning_convergence._checks import check_number
+
 __all__ = ["BiasCorrectedEMA", "GradientNoiseScale", "NoiseEstimate", "estimate_noise"]
 
 
@@ -81,9 +83,7 @@ class BiasCorrectedEMA:
     """
 
     def __init__(self, beta: float = 0.99) -> None:
-        if not 0.0 <= float(beta) < 1.0:
-            raise ValueError(f"BiasCorrectedEMA: `beta` must be in [0, 1), got {beta}.")
-        self.beta = float(beta)
+        self.beta = check_number("BiasCorrectedEMA", "beta", beta, 0, 1, high_open=True)
         self._avg = 0.0
         self._count = 0
 

@@ -24,7 +24,13 @@ import torch
 from torch import Tensor
 
 from lightning_convergence import stats
-from lightning_convergence._checks import check_int_at_least, check_state_version
+from lightning_convergence._checks import (
+    argument_error,
+    check_choice,
+    check_int_at_least,
+    check_number,
+    check_state_version,
+)
 
 __all__ = ["GradES", "SIGNALS", "REDUCTIONS"]
 
@@ -62,7 +68,7 @@ class GradES:
     Raises:
         ValueError: for an empty or duplicated ``names``, ``tau`` ≤ 0, ``grace_fraction`` outside [0, 1),
             ``total_steps`` < 1, ``max_frozen_ratio`` outside (0, 1], an unknown ``signal``/``reduction``, or
-            ``patience`` < 1.
+            ``patience`` < 1. TypeError: a non-number ``tau``/fraction or a non-int ``total_steps``/``patience``.
 
     Example::
 
@@ -85,10 +91,9 @@ class GradES:
     ) -> None:
         names = list(names)
         if not names or len(set(names)) != len(names):
-            raise ValueError(f"GradES: `names` must be non-empty and unique, got {names!r}.")
+            raise argument_error("GradES", "names", "a non-empty list of unique names", names)
         validate_grades_args("GradES", tau, grace_fraction, max_frozen_ratio, signal, reduction, patience)
-        if int(total_steps) < 1:
-            raise ValueError(f"GradES: `total_steps` must be >= 1, got {total_steps!r}.")
+        check_int_at_least("GradES", "total_steps", total_steps, 1)
         self.names = names
         self.tau = float(tau)
         self.grace_fraction = float(grace_fraction)
@@ -204,14 +209,9 @@ def validate_grades_args(
     patience: int,
 ) -> None:
     """Shared validation (core and callback), so both refuse the same nonsense with the owner's name."""
-    if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"{owner}: `tau` must be a finite number > 0, got {tau!r}.")
-    if not isinstance(grace_fraction, (int, float)) or not 0.0 <= grace_fraction < 1.0:
-        raise ValueError(f"{owner}: `grace_fraction` must be in [0, 1), got {grace_fraction!r}.")
-    if not isinstance(max_frozen_ratio, (int, float)) or not 0.0 < max_frozen_ratio <= 1.0:
-        raise ValueError(f"{owner}: `max_frozen_ratio` must be in (0, 1], got {max_frozen_ratio!r}.")
-    if signal not in SIGNALS:
-        raise ValueError(f"{owner}: `signal` must be one of {SIGNALS}, got {signal!r}.")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{owner}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
+    check_number(owner, "tau", tau, 0, low_open=True)
+    check_number(owner, "grace_fraction", grace_fraction, 0, 1, high_open=True)
+    check_number(owner, "max_frozen_ratio", max_frozen_ratio, 0, 1, low_open=True)
+    check_choice(owner, "signal", signal, SIGNALS)
+    check_choice(owner, "reduction", reduction, REDUCTIONS)
     check_int_at_least(owner, "patience", patience, 1)

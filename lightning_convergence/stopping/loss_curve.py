@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lightning_convergence._checks import check_int_at_least, check_state_version
+from lightning_convergence._checks import argument_error, check_int_at_least, check_number, check_state_version
 
 __all__ = ["LRAreas", "ScalingLawFit", "fit_scaling_law", "LossCurveRule"]
 
@@ -41,9 +41,7 @@ class LRAreas:
     """
 
     def __init__(self, decay: float = 0.999) -> None:
-        if not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise ValueError(f"LRAreas: `decay` must be in [0, 1), got {decay!r}.")
-        self.decay = float(decay)
+        self.decay = check_number("LRAreas", "decay", decay, 0, 1, high_open=True)
         self.s1 = 0.0
         self.s2 = 0.0
         self.momentum = 0.0
@@ -141,7 +139,7 @@ def fit_scaling_law(
     """
     lo, hi = (float(b) for b in alpha_bounds)
     if not 0.0 < lo < hi:
-        raise ValueError(f"fit_scaling_law: `alpha_bounds` must satisfy 0 < low < high, got {alpha_bounds!r}.")
+        raise argument_error("fit_scaling_law", "alpha_bounds", "(low, high) with 0 < low < high", alpha_bounds)
     t1, t2, ty = (torch.tensor([float(v) for v in seq], dtype=torch.float64) for seq in (s1, s2, loss))
     keep = (t1 > 0) & torch.isfinite(ty) & torch.isfinite(t2)
     t1, t2, ty = t1[keep], t2[keep], ty[keep]
@@ -268,8 +266,7 @@ class LossCurveRule:
 
 def validate_curve_args(owner: str, min_delta: float, patience: int, min_step: int, min_points: int) -> None:
     """Shared validation for the core and the callback (errors name ``owner``)."""
-    if not isinstance(min_delta, (int, float)) or not math.isfinite(min_delta) or min_delta < 0:
-        raise ValueError(f"{owner}: `min_delta` must be a finite number >= 0, got {min_delta!r}.")
+    check_number(owner, "min_delta", min_delta, 0)
     check_int_at_least(owner, "patience", patience, 1)
     check_int_at_least(owner, "min_step", min_step, 0)
     check_int_at_least(owner, "min_points", min_points, 4)

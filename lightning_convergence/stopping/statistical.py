@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lightning_convergence._checks import check_int_at_least, check_state_version
+from lightning_convergence._checks import check_int_at_least, check_number, check_state_version
 from lightning_convergence.stats.batch_tests import norm_test_batch_size
 from lightning_convergence.stats.variance import SampleGradStats
 
@@ -126,10 +126,8 @@ def validate_noise_args(
     owner: str, eta: float, patience: int, min_step: int, window: int = 2, confidence_z: float = 0.0
 ) -> None:
     """Shared validation for the core and the callback (errors name ``owner``)."""
-    if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta <= 0:
-        raise ValueError(f"{owner}: `eta` must be a finite number > 0, got {eta!r}.")
+    check_number(owner, "eta", eta, 0, low_open=True)
     check_int_at_least(owner, "patience", patience, 1)
     check_int_at_least(owner, "min_step", min_step, 0)
     check_int_at_least(owner, "window", window, 2)
-    if not isinstance(confidence_z, (int, float)) or not math.isfinite(confidence_z) or confidence_z < 0:
-        raise ValueError(f"{owner}: `confidence_z` must be a finite number >= 0, got {confidence_z!r}.")
+    check_number(owner, "confidence_z", confidence_z, 0)

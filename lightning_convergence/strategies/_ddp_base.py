@@ -20,6 +20,7 @@ from torch.distributed.constants import default_pg_timeout
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lightning_convergence._checks import argument_error
 from lightning_convergence._rank_state import PerRankStateMixin
 
 __all__ = ["HookedDDPStrategy", "CommHook"]
@@ -63,10 +64,8 @@ class HookedDDPStrategy(PerRankStateMixin, DDPStrategy):
     ) -> None:
         for name in ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper"):
             if kwargs.get(name) is not None:
-                raise ValueError(
-                    f"{type(self).__name__}: `{name}` must not be set, got {kwargs[name]!r}; this strategy installs "
-                    "its own communication hook."
-                )
+                raise argument_error(type(self).__name__, name, "None (this strategy installs its own communication "
+                                     "hook)", kwargs[name])
             kwargs.pop(name, None)
         if bucket_cap_mb is not None:
             kwargs["bucket_cap_mb"] = bucket_cap_mb

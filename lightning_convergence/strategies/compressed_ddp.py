@@ -18,7 +18,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_convergence._checks import check_int_at_least
+from lightning_convergence._checks import (
+    argument_error,
+    check_instance,
+    check_int,
+    check_int_at_least,
+    check_state_version,
+)
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
 from lightning_convergence.comm import (
@@ -236,25 +242,17 @@ class CompressedDDPStrategy(HookedDDPStrategy):
     ) -> None:
         owner = type(self).__name__
         compressor = TopK(k_fraction=0.01) if compressor is None else compressor
-        if not isinstance(compressor, Compressor):
-            raise TypeError(f"{owner}: `compressor` must be a Compressor, got {type(compressor).__name__}.")
-        if log_every_n_steps is not None:
-            check_int_at_least(owner, "log_every_n_steps", log_every_n_steps, 1)
-        if isinstance(start_step, bool) or not isinstance(start_step, int):
-            kind = type(start_step).__name__
-            raise TypeError(f"{owner}: `start_step` must be an int >= 0, got {kind} {start_step!r}.")
-        if start_step < 0:
-            raise ValueError(f"{owner}: `start_step` must be >= 0, got {start_step}.")
+        check_instance(owner, "compressor", compressor, Compressor, "a Compressor")
+        check_int(owner, "log_every_n_steps", log_every_n_steps, 1, optional=True)
         self.on_nonfinite = check_nonfinite_policy(owner, on_nonfinite)
-        self.start_step = start_step
+        self.start_step = check_int_at_least(owner, "start_step", start_step, 0)
         self.rule = make_rule(feedback, owner)
         self.rule.check_compressor(compressor)
         if compressor.rounds > 1 and type(self.rule)._inputs is FeedbackRule._inputs:
-            raise ValueError(
-                f"{owner}: `compressor` {compressor!r} needs {compressor.rounds} rounds per step, which `feedback` "
-                f"{type(self.rule).__name__} does not support (it defines no `_inputs`); use one of "
-                "'none', 'ef14', 'ef21', 'ef21_sgdm', 'econtrol', or a single-round compressor."
-            )
+            raise argument_error(
+                owner, "feedback", f"one of 'none', 'ef14', 'ef21', 'ef21_sgdm', 'econtrol' with `compressor` "
+                f"{compressor!r}, which needs {compressor.rounds} rounds per step", type(self.rule).__name__,
+                hint="A rule without `_inputs` supports single-round compressors only.")
         self.compressor = compressor
         self.log_every_n_steps = log_every_n_steps
         super().__init__(**kwargs)  # bucket_cap_mb and Lightning's DDP arguments: HookedDDPStrategy
@@ -306,8 +304,7 @@ class CompressedDDPStrategy(HookedDDPStrategy):
         }
 
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise RuntimeError(f"{type(self).__name__}: state `version` {state.get('version')!r} is not supported.")
+        check_state_version(type(self).__name__, state, STATE_VERSION)
         self.rule.load_state_dict(state["feedback"])
         self.compressor.load_state_dict(state["compressor"])
         counters = {k: int(v) for k, v in state.get("counters", {}).items()}

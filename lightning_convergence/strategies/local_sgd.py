@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_convergence._checks import argument_error, check_choice, check_instance, check_state_version
 from lightning_convergence._metrics import log_metrics
 from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
 from lightning_convergence._rank_state import PerRankStateMixin
@@ -126,20 +127,14 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
         self._nonfinite_warned = False
         for key in _REJECTED_KWARGS:
             if kwargs.get(key) is not None:
-                raise ValueError(
-                    f"LocalSGDStrategy: `{key}` is not supported (there is no DDP reducer: the local phase sends no "
-                    "gradients); use `schedule` and `outer` instead."
-                )
+                raise argument_error("LocalSGDStrategy", key, "None (there is no DDP reducer: the local phase sends "
+                                     "no gradients)", kwargs[key], hint="Use `schedule` and `outer` instead.")
         self.outer = make_outer_step(outer)
-        if isinstance(schedule, bool) or not isinstance(schedule, (int, SyncSchedule)):
-            raise TypeError(
-                f"LocalSGDStrategy: `schedule` must be an int or a SyncSchedule, got {type(schedule).__name__}."
-            )
+        if isinstance(schedule, bool):
+            raise argument_error("LocalSGDStrategy", "schedule", "an int or a SyncSchedule", schedule, TypeError)
+        check_instance("LocalSGDStrategy", "schedule", schedule, (int, SyncSchedule), "an int or a SyncSchedule")
         self.schedule = FixedPeriod(period=schedule) if isinstance(schedule, int) else schedule
-        if optimizer_state not in _OPTIMIZER_STATE:
-            raise ValueError(
-                f"LocalSGDStrategy: `optimizer_state` must be one of {_OPTIMIZER_STATE}, got {optimizer_state!r}."
-            )
+        check_choice("LocalSGDStrategy", "optimizer_state", optimizer_state, _OPTIMIZER_STATE)
         super().__init__(**kwargs)
         self.sync_buffers = bool(sync_buffers)
         self.optimizer_state_mode = optimizer_state
@@ -372,9 +367,7 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
                 "buffers": buffers.clone(), "optimizer": self.optimizers[0].state_dict()}
 
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise RuntimeError(f"LocalSGDStrategy: checkpoint `version` must be {STATE_VERSION}, got "
-                               f"{state.get('version')!r}.")
+        check_state_version("LocalSGDStrategy", state, STATE_VERSION)
         if state.get("empty") or self._params is None:
             return
         self._step = int(state["step"])

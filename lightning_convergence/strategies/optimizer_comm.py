@@ -16,6 +16,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lightning_convergence._checks import check_choice, check_int, check_state_version
 from lightning_convergence._metrics import log_metrics, should_log
 from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
 from lightning_convergence.comm import Communicator, SingleProcessCommunicator, TorchDistCommunicator, ddp_link_bytes
@@ -92,7 +93,7 @@ class OptimizerCommStrategy(HookedDDPStrategy):
 
     Raises:
         ValueError: for an unknown ``method``, ``log_every_n_steps`` < 1, a bad ``on_nonfinite`` or a ``ddp_comm_*``
-            argument.
+            argument. TypeError: a non-int ``log_every_n_steps``.
         RuntimeError: at setup, if the module has no or several optimizers, uses manual optimization, or its
             optimizer cannot own communication (or is not the ``method`` named).
 
@@ -108,12 +109,8 @@ class OptimizerCommStrategy(HookedDDPStrategy):
         **kwargs: Any,
     ) -> None:
         owner = type(self).__name__
-        if method is not None and method not in METHODS:
-            raise ValueError(f"{owner}: `method` must be one of 'demo', 'onebit_adam' or None, got {method!r}.")
-        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or int(log_every_n_steps) < 1):
-            raise ValueError(f"{owner}: `log_every_n_steps` must be >= 1 or None, got {log_every_n_steps!r}.")
-        self.method = method
-        self.log_every_n_steps = log_every_n_steps
+        self.method = check_choice(owner, "method", method, (*METHODS, None))
+        self.log_every_n_steps = check_int(owner, "log_every_n_steps", log_every_n_steps, 1, optional=True)
         self.on_nonfinite = check_nonfinite_policy(owner, on_nonfinite)
         super().__init__(**kwargs)
         self.hook_state: OptimizerCommHookState | None = None
@@ -168,8 +165,7 @@ class OptimizerCommStrategy(HookedDDPStrategy):
         }
 
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise RuntimeError(f"{type(self).__name__}: state `version` {state.get('version')!r} is not supported.")
+        check_state_version(type(self).__name__, state, STATE_VERSION)
         self._pending = state  # applied after Lightning loads rank 0's optimizer state (load_optimizer_state_dict)
 
     @override

@@ -250,19 +250,6 @@ def test_loader_with_batch_sampler_and_bad_probe_batch_are_refused():
         GradientVarianceSampling().record_acceptance(torch.tensor([0]), torch.tensor([True]))
 
 
-def test_sampling_core_imports_without_lightning():
-    import subprocess
-    import sys
-
-    code = (
-        "import sys\n"
-        "for k in ('lightning', 'lightning.pytorch', 'lightning_fabric', 'pytorch_lightning'): sys.modules[k] = None\n"
-        "import lightning_convergence.sampling as s\n"
-        "assert s.allocate_budget('gvm', 4, [1, 1], grad_norms=[1, 3]).tolist() == [1, 3]\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
 def test_works_under_adaptive_batch_size():
     from lightning_convergence.callbacks.adaptive_batch import AdaptiveBatchSize
 

@@ -127,7 +127,7 @@ def test_64x64_at_rank_32_is_sent_dense():
 
 
 def test_average_error_needs_ef14():
-    with pytest.raises(ValueError, match="error"):
+    with pytest.raises(ValueError, match="EF21: `compressor` must be a compressor with `error` 'projection'"):
         EF21().check_compressor(LowRank(error="average"))
     with pytest.raises(ValueError, match="error"):
         LowRank(error="torch")

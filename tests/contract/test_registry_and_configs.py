@@ -6,7 +6,9 @@ from __future__ import annotations
 import inspect
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -64,10 +66,57 @@ def _recipe_world_size(path: Path) -> int:
     return devices if isinstance(devices, int) else 1  # "auto": one CPU device here
 
 
+# What a recipe of one part must show after its two micro-batches, beyond "it ran": ``check(cli, stem, warnings)``
+# runs on every rank with the messages of the warnings the run raised.
+def _check_adaptive_batch(cli: Any, stem: str, caught: list[str]) -> None:
+    from lightning_convergence.callbacks import AdaptiveBatchSize
+
+    cb = next(c for c in cli.trainer.callbacks if isinstance(c, AdaptiveBatchSize))
+    assert cb.history, "the batch-size test ran at least once"
+    assert cb.global_batch_size >= 16
+
+
+def _check_early_stopping(cli: Any, stem: str, caught: list[str]) -> None:
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from lightning_convergence.callbacks import ConvergenceEarlyStopping, GradientEarlyStopping
+
+    expected = {"grades_classifier": GradientEarlyStopping, "grades_char_lm": GradientEarlyStopping,
+                "convergence_stop_classifier": ConvergenceEarlyStopping, "patience_baseline_classifier": EarlyStopping}
+    cb = next(c for c in cli.trainer.callbacks if isinstance(c, expected[stem]))
+    if isinstance(cb, GradientEarlyStopping):
+        assert cb.core is not None and len(cb.core.names) >= 3
+        if stem == "grades_char_lm":  # the name patterns select the 4 attention/MLP matrices of the block
+            assert len(cb.core.names) == 4, cb.core.names
+
+
+def _check_variance_sampling(cli: Any, stem: str, caught: list[str]) -> None:
+    from lightning_convergence.callbacks import GradientVarianceSampling
+
+    # The example MLP applies the importance weights, so the callback must not warn that they are ignored.
+    assert not [m for m in caught if "uses_sample_weights" in m]
+    cb = next(c for c in cli.trainer.callbacks if isinstance(c, GradientVarianceSampling))
+    assert cb.sampler is not None and cb.sampler.state_dict()["consumed"] == 2 * 32  # 2 batches of 32
+
+
+def _check_async_fl(cli: Any, stem: str, caught: list[str]) -> None:
+    from lightning_convergence.federated import ServerRule
+
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy.rule, ServerRule) and cli.datamodule.num_clients == strategy.num_clients
+    if stem in ("fedbuff_digits", "fedavg_digits"):  # two server updates applied (async buffer / synchronous round)
+        assert strategy.rule.version >= 2, strategy.rule.version
+
+
+RECIPE_CHECKS: dict[str, Callable[[Any, str, list[str]], None]] = {
+    "adaptive_batch": _check_adaptive_batch, "early_stopping": _check_early_stopping,
+    "variance_sampling": _check_variance_sampling, "async_fl": _check_async_fl,
+}
+
+
 def _run_recipe(rank: int, world_size: int, path: str, root: str, own_group: bool) -> int:
     if not own_group:
         external_launch_env(rank, world_size)  # the forked ranks already share a gloo group; Lightning reuses it
-    warnings.simplefilter("ignore")
     # fast_dev_run replaces the recipe's logger by a no-op one and suppresses checkpoints.
     args = ["fit", "--config", path, "--trainer.fast_dev_run=2", "--trainer.accelerator=cpu",
             f"--trainer.devices={world_size}", f"--trainer.default_root_dir={root}",
@@ -75,7 +124,12 @@ def _run_recipe(rank: int, world_size: int, path: str, root: str, own_group: boo
     if own_group:  # the federated server forks its clients itself; no artificial client delay, fast failure
         args += ["--trainer.strategy.init_args.step_delay_s=0.0", "--trainer.strategy.init_args.shutdown_timeout_s=5.0"]
     args += RECIPE_OVERRIDES.get(Path(path).relative_to(ROOT / "configs").as_posix(), [])
-    cli = ConvergenceCLI(args=args, run=True, save_config_callback=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = ConvergenceCLI(args=args, run=True, save_config_callback=None)
+    check = RECIPE_CHECKS.get(Path(path).parent.name)
+    if check is not None:
+        check(cli, Path(path).stem, [str(w.message) for w in caught])
     return cli.trainer.global_step
 
 

@@ -206,18 +206,6 @@ def test_bad_rule_arguments(factory, exc, match):
         factory()
 
 
-def test_cores_import_without_lightning():
-    import subprocess
-    import sys
-
-    code = (
-        "import sys\n"
-        "for m in ('lightning', 'lightning.pytorch', 'pytorch_lightning', 'lightning_fabric'): sys.modules[m] = None\n"
-        "import lightning_convergence.compress, lightning_convergence.comm, lightning_convergence.feedback\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
 class _Recording(Identity):
     """Identity that remembers what it was asked to compress."""
 

@@ -191,13 +191,13 @@ def test_state_dict_round_trip_continues_exactly():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
-    [(dict(lr=0.0), "`lr`"), (dict(momentum_decay=1.0), "`momentum_decay`"), (dict(topk=0), "`topk`"),
-     (dict(chunk_size=2.5), "`chunk_size`"), (dict(weight_decay=-1.0), "`weight_decay`"),
-     (dict(value_dtype="int8"), "`value_dtype`")],
+    "kwargs, error, match",
+    [(dict(lr=0.0), ValueError, "`lr`"), (dict(momentum_decay=1.0), ValueError, "`momentum_decay`"),
+     (dict(topk=0), ValueError, "`topk`"), (dict(chunk_size=2.5), TypeError, "`chunk_size` must be an int >= 1"),
+     (dict(weight_decay=-1.0), ValueError, "`weight_decay`"), (dict(value_dtype="int8"), ValueError, "`value_dtype`")],
 )
-def test_bad_arguments_fail_at_construction(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
         DeMo([torch.nn.Parameter(torch.zeros(2))], **kwargs)
 
 

@@ -113,7 +113,7 @@ def test_two_round_compressor_needs_a_rule_that_exposes_its_compressor_input():
         def update(self, key, mean):
             return mean
 
-    with pytest.raises(ValueError, match="`feedback` Custom"):
+    with pytest.raises(ValueError, match="`feedback` must be .* needs 2 rounds per step, got .Custom."):
         CompressedDDPStrategy(feedback=Custom(), compressor=LowRank(rank=2))
     CompressedDDPStrategy(feedback=Custom(), compressor=LowRank(rank=2, rounds=1))  # one round: fine
 

@@ -150,7 +150,7 @@ def test_item5_nested_class_path_error_reaches_the_user_first(tmp_path, monkeypa
     with pytest.raises(ValueError) as info:
         main(["fit", "--config", str(cfg), "--trainer.fast_dev_run=1", "--trainer.devices=1",
               "--trainer.logger=false"])
-    assert str(info.value) == "TopK: `k_fraction` must be in (0, 1], got 0.0."
+    assert str(info.value) == "TopK: `k_fraction` must be a finite number in (0, 1], got 0.0."
 
 
 # -- item 7 -----------------------------------------------------------------------------------------------------
