@@ -23,8 +23,10 @@ def _ranks(rank: int, world_size: int) -> dict:
     comm = TorchDistCommunicator()
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(1_000_000, generator=gen)
-    dist.barrier()
+    # Read the counter *before* the barrier: no rank can start sending until rank 0 has entered it (read after it,
+    # a loaded rank 0 could miss the first megabytes its peers already pushed through their socket buffers).
     before = lo_tx_bytes() if rank == 0 else 0
+    dist.barrier()
     start = comm.link_bytes_total
     comm.all_reduce_sum(x.clone())  # ring all-reduce, 4 MB
     comm.all_gather(x[:250_000].clone())  # all-gather, 1 MB each
