@@ -210,9 +210,12 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
         super().post_backward(closure_loss)
         if self._params is None:
             return
-        self._guard_nonfinite()
-        if self._world > 1 and self.schedule.in_warmup(self._step):  # DDP warm-up: one flat mean of the gradients
+        if self._world > 1 and self.schedule.in_warmup(self._step):
+            # DDP warm-up: every rank joins the mean before the guard, so a non-finite gradient on any rank makes the
+            # mean non-finite on all of them and every rank drops the step (a rank dropping its gradients alone would
+            # leave the others waiting in the all-reduce).
             self._comm.all_reduce_mean_flat_([p.grad for p in self._params if p.grad is not None])  # type: ignore
+        self._guard_nonfinite()
 
     @override
     def optimizer_step(

@@ -61,3 +61,37 @@ def test_lightning_still_calls_the_private_methods_local_sgd_overrides():
         assert getattr(LocalSGDStrategy, name) is not getattr(DDPStrategy, name), name
     module = torch.nn.Linear(2, 1)
     assert LocalSGDStrategy()._setup_model(module) is module  # never wrapped
+
+
+def test_a_nonfinite_gradient_on_one_rank_in_the_ddp_warmup_is_dropped_on_every_rank(tmp_path):
+    """In the DDP warm-up every rank joins the gradient all-reduce; a rank whose gradient is non-finite must not skip
+    it (the others would wait for it), and every rank drops that step, so the replicas stay identical."""
+    import warnings
+
+    from lightning.pytorch import Trainer, seed_everything
+
+    from lightning_convergence.averaging import FixedPeriod
+    from lightning_convergence.examples import SyntheticRegressionDataModule
+    from tests.helpers.dist import DumpOnRanks, fork_strategy_kwargs, load_rank_results
+    from tests.strategies._local_sgd_utils import TinyNet, rank_dump
+
+    class NaNOnRankOneAtStep1(TinyNet):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.global_step == 1 and self.global_rank == 1 else loss
+
+    seed_everything(0)
+    strategy = LocalSGDStrategy(schedule=FixedPeriod(2, start_step=4), on_nonfinite="skip", **fork_strategy_kwargs())
+    trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      limit_val_batches=0, num_sanity_val_steps=0, callbacks=[DumpOnRanks(tmp_path, rank_dump)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(NaNOnRankOneAtStep1(), datamodule=SyntheticRegressionDataModule(n_samples=64, dim=10,
+                                                                                     batch_size=8, seed=0))
+    ranks = load_rank_results(tmp_path, 2)
+    for r in ranks:
+        assert r["strategy_state"]["nonfinite_skipped_total"] == 1  # the one bad step, dropped on both ranks
+        assert all(torch.isfinite(v).all() for v in r["params"].values())
+    for k, v in ranks[0]["params"].items():  # three warm-up (DDP) steps: the replicas never diverged
+        assert torch.equal(v, ranks[1]["params"][k]), k
