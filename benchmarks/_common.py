@@ -37,7 +37,8 @@ else:  # imported as ``_common`` by a script run as ``python benchmarks/<name>.p
     from _netem import RateLimitedNamespace, lo_tx_bytes, netem_available
 
 __all__ = [
-    "OUT", "RateLimitedNamespace", "StepTimer", "TrainClock", "bench_env", "figure", "free_port", "lo_tx_bytes",
+    "OUT", "RateLimitedNamespace", "StepTimer", "TrainClock", "bench_env", "bench_trainer", "figure", "free_port",
+    "lo_tx_bytes",
     "netem_available", "print_table", "run_on_link", "save_bar_plot", "time_to", "torch_hook_strategy",
     "torchrun_command", "torchrun_nodes",
 ]
@@ -172,6 +173,17 @@ def save_bar_plot(name: str, labels: list[str], values: list[float], ylabel: str
             ax.set_ylabel(ylabel)
             ax.set_title(title)
             ax.tick_params(axis="x", rotation=20)
+
+
+def bench_trainer(devices: int, strategy: Any, max_steps: int, callbacks: list[Callback]) -> Any:
+    """A CPU ``Trainer`` for a timed training run: no logger, checkpoints, progress bar, summary or validation."""
+    from lightning.pytorch import Trainer
+
+    return Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, callbacks=callbacks,
+    )
 
 
 # ---------------------------------------------------------------------------------------- launching ranks

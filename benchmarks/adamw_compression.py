@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import print_table, run_on_link, torchrun_command
+from benchmarks._common import bench_trainer, print_table, run_on_link, torchrun_command
 from benchmarks.compressed_ddp import _recorder as compressed_recorder
 from benchmarks.compressed_ddp import _smooth
 
@@ -144,11 +144,7 @@ def worker(args: argparse.Namespace) -> None:
         model = _model(args.task, method, lr, args.steps, args.onebit_fraction)
         data = StdlibTextDataModule(seq_len=64, batch_size=args.batch_size)
         rec = _recorder(args.warmup)
-        trainer = L.Trainer(
-            accelerator="cpu", devices=world, strategy=_strategy(METHODS[method][2]), max_steps=args.steps,
-            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            limit_val_batches=0, num_sanity_val_steps=0, callbacks=[rec],
-        )
+        trainer = bench_trainer(world, _strategy(METHODS[method][2]), args.steps, [rec])
         trainer.fit(model, data)
         if rank == 0:
             n = args.steps - args.warmup

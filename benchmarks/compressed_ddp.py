@@ -39,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import OUT, figure, lo_tx_bytes, print_table, run_on_link, torchrun_command
+from benchmarks._common import OUT, bench_trainer, figure, lo_tx_bytes, print_table, run_on_link, torchrun_command
 
 # name -> (kind, options). kind: ddp | fp16 | powersgd | ours
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -228,11 +228,7 @@ def worker(args: argparse.Namespace) -> None:
         L.seed_everything(args.seed, verbose=False)
         model, data = _task(args.task, args.optimizer, args.lr, args.schedule, args.steps, args.batch_size)
         rec = _recorder(args.warmup)
-        trainer = L.Trainer(
-            accelerator="cpu", devices=world, strategy=_strategy(method, args.start_step), max_steps=args.steps,
-            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            limit_val_batches=0, num_sanity_val_steps=0, callbacks=[rec],
-        )
+        trainer = bench_trainer(world, _strategy(method, args.start_step), args.steps, [rec])
         trainer.fit(model, data)
         if rank == 0:
             n = args.steps - args.warmup
