@@ -18,8 +18,10 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_convergence  # noqa: F401  (registers the strategy names)
+import lightning_convergence.callbacks as public_callbacks
 from lightning_convergence.callbacks import (
     AdaptiveBatchSize,
+    BudgetScheduleSync,
     ConvergenceEarlyStopping,
     GradientEarlyStopping,
     GradientStatsMonitor,
@@ -28,6 +30,7 @@ from lightning_convergence.callbacks import (
     ScheduleRefinement,
 )
 from lightning_convergence.data import FederatedDataModule
+from lightning_convergence.optim import LinearDecay
 from tests.helpers.dist import DumpOnRanks, fork_strategy_kwargs, load_rank_results
 from tests.helpers.loggers import MemoryLogger
 from tests.zoo.models import ZOO, ZooEntry
@@ -58,12 +61,23 @@ def _schedule_free(module: Any) -> Any:
     return module
 
 
+def _budget_schedule(module: Any) -> Any:
+    """The documented setup of BudgetScheduleSync: ``configure_optimizers`` returns a budget schedule, unsized."""
+    def configure() -> Any:
+        opt = torch.optim.SGD(module.parameters(), lr=0.05)
+        return [opt], [LinearDecay(opt, total_steps=None)]
+
+    module.configure_optimizers = configure
+    return module
+
+
 # name -> (defaults factory, documented-setup factory returning (callback, trainer kwargs, module transform))
 CALLBACKS: dict[str, tuple[Callable[[], Callback], Callable[[], tuple[Callback, dict[str, Any], Any]]]] = {
     "AdaptiveBatchSize": (
         AdaptiveBatchSize,
         lambda: (AdaptiveBatchSize(test="norm", eta=0.5, max_batch_size=64), {"accumulate_grad_batches": 2}, None),
     ),
+    "BudgetScheduleSync": (BudgetScheduleSync, lambda: (BudgetScheduleSync(), {}, _budget_schedule)),
     "ConvergenceEarlyStopping": (
         ConvergenceEarlyStopping,
         lambda: (ConvergenceEarlyStopping(check_every_n_steps=2), {"accumulate_grad_batches": 2}, None),
@@ -115,6 +129,12 @@ def _run(tmp_path: Any, entry: ZooEntry, callback: Callback, trainer_kw: dict[st
     assert trainer.global_step > 0
     _finite_logs(logger)
     return logger
+
+
+def test_every_public_callback_is_in_the_zoo_contract():
+    public = {n for n in public_callbacks.__all__ if isinstance(getattr(public_callbacks, n), type)
+              and issubclass(getattr(public_callbacks, n), Callback)}
+    assert set(CALLBACKS) == public
 
 
 @pytest.mark.parametrize("entry", ZOO, ids=repr)
