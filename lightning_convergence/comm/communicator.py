@@ -196,6 +196,11 @@ class TorchDistCommunicator(Communicator):
     Args:
         group: process group; ``None`` is the default (world) group. Ranks in :meth:`exchange` and
             :meth:`broadcast_async` are ranks *within* ``group``.
+
+    Paper: none (plumbing); link-byte formulas in :mod:`lightning_convergence.comm.links`.
+
+    State: ``link_bytes_total`` only, a counter of this process's sends; the parts that report it keep their own
+    checkpointed totals (a communicator is rebuilt at every setup).
     """
 
     def __init__(self, group: Any = None) -> None:

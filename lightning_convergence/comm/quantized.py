@@ -75,6 +75,11 @@ class QuantizedMean:
 
     Collectives are issued from the calling thread only, in the same order on every rank. At world size 1 the mean
     is ``flat`` itself (nothing sent, nothing rounded).
+
+    Paper: Wang et al. *ZeRO++: Extremely Efficient Collective Communication for Giant Model Training.*
+    arXiv:2306.10209 (qgZ: quantized reduce-scatter, then all-gather of the quantized reduced chunks).
+
+    State: none across calls (one object per mean in flight).
     """
 
     def __init__(self, flat: Tensor, comm: Communicator, codec: BlockQuantizer = INT8,
