@@ -40,7 +40,7 @@ __all__ = [
     "OUT", "RateLimitedNamespace", "StepTimer", "TrainClock", "bench_env", "bench_trainer", "figure", "free_port",
     "lo_tx_bytes",
     "netem_available", "print_table", "run_on_link", "save_bar_plot", "time_to", "torch_hook_strategy",
-    "torchrun_command", "torchrun_nodes",
+    "torchrun_command", "torchrun_nodes", "with_warmup_cosine",
 ]
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -184,6 +184,30 @@ def bench_trainer(devices: int, strategy: Any, max_steps: int, callbacks: list[C
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
         num_sanity_val_steps=0, callbacks=callbacks,
     )
+
+
+def with_warmup_cosine(model: Any, steps: int, make_opt: Any = None) -> Any:
+    """Give ``model`` a 5% linear warm-up then cosine-to-zero LR over ``steps`` on top of ``make_opt()`` (default: the
+    module's own ``configure_optimizers``), stepped per optimizer step: the usual full recipe, same for every method."""
+    import math
+
+    import torch
+
+    make_opt = make_opt or model.configure_optimizers
+    warm = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+
+    def configure() -> Any:
+        opt = make_opt()
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    model.configure_optimizers = configure
+    return model
 
 
 # ---------------------------------------------------------------------------------------- launching ranks

@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import bench_trainer, print_table, run_on_link, torchrun_command
+from benchmarks._common import bench_trainer, print_table, run_on_link, torchrun_command, with_warmup_cosine
 from benchmarks.compressed_ddp import _recorder as compressed_recorder
 from benchmarks.compressed_ddp import _smooth
 
@@ -86,27 +86,11 @@ def _strategy(kind: str) -> Any:
 
 
 def _model(task: str, method: str, lr: float, steps: int, onebit_fraction: float) -> Any:
-    import math
-
-    import torch
-
     from lightning_convergence.examples import CharTransformerLM
 
     model = CharTransformerLM(**TASKS[task])
-    warm = max(1, steps // 20)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
-
-    def configure() -> Any:
-        opt = _optimizer(METHODS[method][0], model.parameters(), lr, steps, onebit_fraction)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
-                                                   "interval": "step"}}
-
-    model.configure_optimizers = configure
-    return model
+    return with_warmup_cosine(
+        model, steps, lambda: _optimizer(METHODS[method][0], model.parameters(), lr, steps, onebit_fraction))
 
 
 def _recorder(warmup: int) -> Any:

@@ -39,7 +39,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import OUT, bench_trainer, figure, lo_tx_bytes, print_table, run_on_link, torchrun_command
+from benchmarks._common import (
+    OUT,
+    bench_trainer,
+    figure,
+    lo_tx_bytes,
+    print_table,
+    run_on_link,
+    torchrun_command,
+    with_warmup_cosine,
+)
 
 # name -> (kind, options). kind: ddp | fp16 | powersgd | ours
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -139,7 +148,6 @@ def _strategy(method: str, start_step: int = 0):
 
 def _task(task: str, optimizer: str = "adam", lr: float | None = None, schedule: str = "constant",
           steps: int = 0, batch_size: int = 32):
-    import math
 
     import torch
 
@@ -162,20 +170,7 @@ def _task(task: str, optimizer: str = "adam", lr: float | None = None, schedule:
     if schedule == "constant":
         model.configure_optimizers = make_opt
         return model, data
-    warm = max(1, steps // 20)  # 5% linear warm-up, then cosine to zero at the last step (a usual full recipe)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
-
-    def with_schedule() -> Any:
-        opt = make_opt()
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    model.configure_optimizers = with_schedule
-    return model, data
+    return with_warmup_cosine(model, steps, make_opt), data
 
 
 def _recorder(warmup: int):

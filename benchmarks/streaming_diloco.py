@@ -34,10 +34,23 @@ from _common import (
     run_on_link,
     time_to,
     torchrun_command,
+    with_warmup_cosine,
 )
 from local_sgd import DATA, MODEL
 
 H, P, TAU = 32, 2, 4  # defaults; --sync-every / --fragments / --overlap override them
+#: ``--corpus large``: 3.5M characters of stdlib source (these files plus the data module's default 12), so that
+#: 1024 steps at W = 4 see each window about 1.3 times and no run is judged while it overfits the 200k default.
+LARGE_CORPUS = (
+    "typing.py inspect.py subprocess.py tarfile.py ast.py pydoc.py doctest.py difflib.py pickle.py mailbox.py "
+    "configparser.py logging/__init__.py unittest/case.py email/message.py http/client.py urllib/request.py "
+    "threading.py socket.py ssl.py tempfile.py shutil.py os.py locale.py _pydecimal.py statistics.py random.py "
+    "collections/__init__.py turtle.py imaplib.py smtplib.py ftplib.py optparse.py gettext.py csv.py selectors.py "
+    "asyncio/base_events.py trace.py pdb.py cmd.py code.py codecs.py tokenize.py traceback.py warnings.py weakref.py "
+    "copy.py queue.py sched.py base64.py ipaddress.py plistlib.py platform.py pprint.py glob.py fnmatch.py "
+    "fileinput.py shelve.py timeit.py wave.py zipimport.py"
+).split()
+OUTER_LR = 0.7  # DiLoCo's and streaming DiLoCo's outer Nesterov learning rate; --outer-lr overrides it
 
 
 def _runs(only: str | None) -> list[dict[str, Any]]:
@@ -51,7 +64,8 @@ def _runs(only: str | None) -> list[dict[str, Any]]:
          "eager": True},
     ]
     keep = None if only is None else set(only.split(","))
-    return [r for r in runs if keep is None or r["kind"] == "ddp" or any(k in r["name"] for k in keep)]
+    return [r for r in runs if keep is None or (r["kind"] == "ddp" and "-ddp" not in keep)
+            or any(k in r["name"] for k in keep)]
 
 
 class _StepClock(StepTimer):
@@ -82,12 +96,13 @@ def _strategy(run: dict[str, Any], subgroup: Any, steps: int) -> Any:
         from lightning_convergence.averaging import DiLoCo
         from lightning_convergence.strategies.local_sgd import LocalSGDStrategy
 
-        return LocalSGDStrategy(outer=DiLoCo(lr=0.7, momentum=0.9), schedule=run["H"], process_group_backend="gloo")
+        return LocalSGDStrategy(outer=DiLoCo(lr=OUTER_LR, momentum=0.9), schedule=run["H"],
+                                process_group_backend="gloo")
     from lightning_convergence.strategies.streaming_diloco import StreamingDiLoCoStrategy
 
     return StreamingDiLoCoStrategy(num_fragments=P, sync_every=H, overlap_steps=TAU, mixing=0.5,
                                    eager=run.get("eager", False), quantization=run["quantization"],
-                                   process_group_backend="gloo")
+                                   outer_lr=OUTER_LR, process_group_backend="gloo")
 
 
 def _sync_steps(run: dict[str, Any], steps: int, warmup: int) -> set[int]:
@@ -108,7 +123,10 @@ def worker(args: argparse.Namespace) -> None:
     from lightning.pytorch import Trainer, seed_everything
 
     from lightning_convergence.examples import CharTransformerLM, StdlibTextDataModule
+    from lightning_convergence.examples.char_lm import DEFAULT_STDLIB_FILES
 
+    data = DATA if args.corpus == "small" else {
+        **DATA, "max_chars": 10**8, "files": (*DEFAULT_STDLIB_FILES, *LARGE_CORPUS)}
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     w = dist.get_world_size()
@@ -118,7 +136,9 @@ def worker(args: argparse.Namespace) -> None:
     results = []
     for run in _runs(args.runs):
         seed_everything(0, verbose=False)
-        model = CharTransformerLM(**MODEL)
+        model = CharTransformerLM(**{**MODEL, "lr": args.lr})
+        if args.schedule == "cosine":
+            with_warmup_cosine(model, args.steps)
         clock, steps_clock = TrainClock(), _StepClock()
         trainer = Trainer(
             accelerator="cpu", devices=w, strategy=_strategy(run, subgroup, args.steps), max_steps=args.steps,
@@ -128,13 +148,13 @@ def worker(args: argparse.Namespace) -> None:
         )
         dist.barrier()
         wire0 = lo_tx_bytes()
-        trainer.fit(model, datamodule=StdlibTextDataModule(**DATA))
+        trainer.fit(model, datamodule=StdlibTextDataModule(**data))
         dist.barrier()
         wire = lo_tx_bytes() - wire0
         val_wire = torch.tensor(float(steps_clock.val_wire))
         dist.broadcast(val_wire, 0)  # rank 0's count of the namespace's bytes during validation
         wire = (wire - val_wire.item()) / w
-        final = trainer.validate(model, datamodule=StdlibTextDataModule(**DATA), verbose=False)[0]["val_loss"]
+        final = trainer.validate(model, datamodule=StdlibTextDataModule(**data), verbose=False)[0]["val_loss"]
         s = trainer.strategy
         if run["kind"] in ("local", "streaming"):
             counted, peak = s.bytes_sent_total(), (s._peak_step_bytes if run["kind"] == "streaming" else full)
@@ -174,7 +194,9 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, limited: boo
                 f"{r['inner_ms']:.1f}", "-" if r["sync_ms"] is None else f"{r['sync_ms'] / r['inner_ms']:.2f}",
             ])
         link = f"{args.rate_mbit:g} Mbit/s tbf loopback (shared by all ranks)" if limited else "UNTHROTTLED loopback"
-        title = (f"Streaming DiLoCo: char LM ({ddp['n_params']} params), W={w}, {args.steps} steps per rank, {link}; "
+        title = (f"Streaming DiLoCo: char LM ({ddp['n_params']} params, {args.corpus} corpus), W={w}, "
+                 f"{args.steps} steps per rank, "
+                 f"{args.schedule} inner LR {args.lr:g}, outer LR {OUTER_LR:g}, {link}; "
                  f"target = 1.03 x DDP final val = {target:.4f}; bytes per rank; times exclude validation")
         print_table(title, ["run", "MB counted", "MB wire", "fewer vs DDP", "peak KB/step", "peak/DiLoCo",
                             "final val", "gap vs DDP", "train s", "t->target s", "t->target/DiLoCo",
@@ -192,12 +214,20 @@ def main() -> None:
     parser.add_argument("--sync-every", type=int, default=H, help="H for DiLoCo, post-local SGD and streaming (32)")
     parser.add_argument("--fragments", type=int, default=P, help="streaming fragments P (default 2)")
     parser.add_argument("--overlap", type=int, default=TAU, help="streaming overlap steps tau (default 4)")
-    parser.add_argument("--runs", default=None, help="comma-separated name parts to run besides DDP (default: all)")
+    parser.add_argument("--corpus", default="small", choices=["small", "large"],
+                        help="char LM text: the 200k-character default, or 3.5M characters of stdlib source")
+    parser.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                        help="inner LR of every run: constant, or 5%% linear warm-up then cosine to zero")
+    parser.add_argument("--lr", type=float, default=MODEL["lr"], help="inner (and DDP) AdamW peak LR (3e-3)")
+    parser.add_argument("--outer-lr", type=float, default=OUTER_LR, help="outer LR of DiLoCo and streaming (0.7)")
+    parser.add_argument("--runs", default=None, help="comma-separated name parts to run besides DDP (default: all); "
+                        "'-ddp' drops DDP too (losses are printed, no table)")
     parser.add_argument("--tag", default="", help="suffix of the JSON files (keeps runs with other settings apart)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    globals().update(H=args.sync_every, P=args.fragments, TAU=args.overlap)  # the run definitions read them
+    # the run definitions read them
+    globals().update(H=args.sync_every, P=args.fragments, TAU=args.overlap, OUTER_LR=args.outer_lr)
     if args.worker:
         worker(args)
         return
@@ -209,12 +239,14 @@ def main() -> None:
         for w, out in zip(sizes, outs):
             cmd = torchrun_command(Path(__file__).resolve(), w, [
                 "--worker", f"--steps={args.steps}", f"--val-every={args.val_every}", f"--out={out}",
-                f"--sync-every={H}", f"--fragments={P}", f"--overlap={TAU}",
+                f"--sync-every={H}", f"--fragments={P}", f"--overlap={TAU}", f"--schedule={args.schedule}",
+                f"--corpus={args.corpus}", f"--lr={args.lr}", f"--outer-lr={OUTER_LR}",
                 *([f"--runs={args.runs}"] if args.runs else [])])
             limited = run_on_link(cmd, f"{args.rate_mbit:g}mbit", "streaming_diloco", namespace=not args.no_limit)
     else:
         limited = not args.no_limit and netem_available() is None
-    report([r for out in outs for r in json.loads(out.read_text())], args, limited)
+    if args.runs is None or "-ddp" not in args.runs.split(","):
+        report([r for out in outs for r in json.loads(out.read_text())], args, limited)
 
 
 if __name__ == "__main__":
