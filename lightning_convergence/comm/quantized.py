@@ -34,7 +34,9 @@ __all__ = [
     "INT8",
     "QuantizedMean",
     "decode_chunk",
+    "decode_chunks",
     "encode_chunk",
+    "encode_chunks",
     "quantized_link_bytes",
     "quantized_mean_async",
 ]
@@ -45,16 +47,31 @@ INT8 = BlockQuantizer("int8", BLOCK)  # the default codec (ZeRO++'s 8 bits; comp
 
 def encode_chunk(codec: BlockQuantizer, x: Tensor) -> Tensor:
     """``x`` (1-D, whole blocks) on the wire: the codec's packed codes, then one float32 scale per block (uint8)."""
+    return encode_chunks(codec, x, 1)
+
+
+def encode_chunks(codec: BlockQuantizer, x: Tensor, parts: int) -> Tensor:
+    """``x`` cut into ``parts`` equal chunks of whole blocks, each laid out as :func:`encode_chunk` would, end to end
+    (one quantization call for all of them)."""
     p = codec.compress(x)
-    return torch.cat([p.tensors["codes"].reshape(-1), p.tensors["scales"].reshape(-1).view(torch.uint8)])
+    codes = p.tensors["codes"].reshape(parts, -1)
+    scales = p.tensors["scales"].reshape(-1).view(torch.uint8).reshape(parts, -1)  # each chunk's blocks in order
+    return torch.cat([codes, scales], dim=1).reshape(-1)
 
 
 def decode_chunk(codec: BlockQuantizer, blob: Tensor, numel: int) -> Tensor:
     """Inverse of :func:`encode_chunk` for ``numel`` entries (float32)."""
-    nblocks = numel // codec.block_size
+    return decode_chunks(codec, blob, 1, numel)
+
+
+def decode_chunks(codec: BlockQuantizer, blob: Tensor, parts: int, numel: int) -> Tensor:
+    """Inverse of :func:`encode_chunks`: ``parts`` chunks of ``numel`` entries each, decoded in one call (float32,
+    ``parts · numel`` entries)."""
     ncodes = numel * codec.bits // 8
-    scales = blob[ncodes: ncodes + 4 * nblocks].clone().view(torch.float32)
-    return codec.decompress(Payload({"codes": blob[:ncodes], "scales": scales}, torch.Size([numel]), torch.float32,
+    b = blob.reshape(parts, -1)
+    codes = b[:, :ncodes].reshape(-1)
+    scales = b[:, ncodes:].reshape(-1).clone().view(torch.float32)  # a few bytes: the copy makes the view aligned
+    return codec.decompress(Payload({"codes": codes, "scales": scales}, torch.Size([parts * numel]), torch.float32,
                                     codec))
 
 
@@ -71,7 +88,6 @@ class QuantizedMean:
         flat: 1-D float tensor, this rank's contribution (not modified).
         comm: the communicator (its ``link_bytes_total`` counts both collectives when they are issued).
         codec: a :class:`~lightning_convergence.compress.BlockQuantizer`. Default :data:`INT8` (int8, 256 per scale).
-        measure_error: also compute ``own_error_sq``, ``‖Q(x)−x‖²`` of this rank's own encoded contribution.
 
     Collectives are issued from the calling thread only, in the same order on every rank. At world size 1 the mean
     is ``flat`` itself (nothing sent, nothing rounded).
@@ -82,10 +98,9 @@ class QuantizedMean:
     State: none across calls (one object per mean in flight).
     """
 
-    def __init__(self, flat: Tensor, comm: Communicator, codec: BlockQuantizer = INT8,
-                 measure_error: bool = False) -> None:
+    def __init__(self, flat: Tensor, comm: Communicator, codec: BlockQuantizer = INT8) -> None:
         self.codec, self.comm, self.numel = codec, comm, flat.numel()
-        self.own_error_sq: Tensor | None = None
+        self._flat, self._sent, self._own_error_sq = flat, None, None  # for own_error_sq(), computed on demand
         self._result: Tensor | None = None
         w = comm.world_size
         if w == 1:
@@ -93,15 +108,25 @@ class QuantizedMean:
             self.stage = 2
             return
         self.chunk = quantized_padded_numel(self.numel, w, codec.block_size) // w
-        x = torch.zeros(self.chunk * w, dtype=torch.float32, device=flat.device)
-        x[: self.numel] = flat
-        sent = torch.cat([encode_chunk(codec, c) for c in x.split(self.chunk)])  # per destination: codes, scales
-        if measure_error:
-            mine = torch.cat([decode_chunk(codec, b, self.chunk) for b in sent.chunk(w)])[: self.numel]
-            diff = mine - flat.float()
-            self.own_error_sq = (diff * diff).sum()
+        pad = self.chunk * w - self.numel
+        x = flat.float() if pad == 0 else torch.nn.functional.pad(flat.float(), (0, pad))
+        sent = encode_chunks(codec, x, w)  # chunk j (codes, then scales) goes to rank j
+        self._sent = sent
         self._future = comm.all_to_all_async(sent)
         self.stage = 1
+
+    def own_error_sq(self) -> Tensor:
+        """``‖Q(x)−x‖²`` of this rank's own encoded contribution (0 at world size 1), decoded from what was sent on
+        the first call (so a caller that never asks pays nothing). ``flat`` must be unchanged until then."""
+        if self._own_error_sq is None:
+            if self._sent is None:
+                self._own_error_sq = torch.zeros((), device=self._flat.device)
+            else:
+                w = self.comm.world_size
+                mine = decode_chunks(self.codec, self._sent, w, self.chunk)
+                diff = mine[: self.numel] - self._flat.float()
+                self._own_error_sq = (diff * diff).sum()
+        return self._own_error_sq
 
     def forward(self) -> None:
         """Second stage (idempotent): wait for the all-to-all, sum the ``W`` copies of this rank's chunk in rank order,
@@ -109,10 +134,10 @@ class QuantizedMean:
         if self.stage != 1:
             return
         w = self.comm.world_size
-        parts = self._future.wait().chunk(w)
-        mean_chunk = decode_chunk(self.codec, parts[0], self.chunk)
-        for part in parts[1:]:
-            mean_chunk = mean_chunk + decode_chunk(self.codec, part, self.chunk)
+        parts = decode_chunks(self.codec, self._future.wait(), w, self.chunk).view(w, self.chunk)
+        mean_chunk = parts[0]
+        for part in parts[1:]:  # in rank order, as documented (W adds, not a reduction of unspecified order)
+            mean_chunk = mean_chunk + part
         self._future = self.comm.all_gather_async(encode_chunk(self.codec, mean_chunk / w))
         self.stage = 2
 
@@ -122,8 +147,7 @@ class QuantizedMean:
             self.forward()
             result = self._future.wait()
             if self.comm.world_size > 1:
-                result = torch.cat([decode_chunk(self.codec, b, self.chunk)
-                                    for b in result.chunk(self.comm.world_size)])[: self.numel]
+                result = decode_chunks(self.codec, result, self.comm.world_size, self.chunk)[: self.numel]
             self._result = result
         return self._result
 

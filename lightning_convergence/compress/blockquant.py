@@ -39,9 +39,28 @@ def _byte_lut(fmt: str, device: torch.device) -> Tensor:
     return _LUT_CACHE[key]
 
 
+_INDEX_LUT_CACHE: dict[tuple[str, str], tuple[int, Tensor]] = {}
+
+
+def _index_lut(fmt: str, device: torch.device) -> tuple[int, Tensor]:
+    """``(K, lut)``: the smallest power of two ``K`` that makes every midpoint of the grid a multiple of ``1/K``, and
+    ``lut[c]`` (uint8) = the number of midpoints ``m`` with ``K·m < c``, for ``c = 0 … K·grid_max``. For ``|y| ≤
+    grid_max``, ``|y| > m ⟺ ⌈K·|y|⌉ > K·m``, so ``lut[⌈K·|y|⌉]`` is the nearest grid index (ties down)."""
+    key = (fmt, str(device))
+    if key not in _INDEX_LUT_CACHE:
+        grid = _FP4_GRIDS[fmt]
+        mids = [(a + b) / 2 for a, b in zip(grid, grid[1:])]
+        k = 1
+        while any(m * k != int(m * k) for m in mids):
+            k *= 2
+        lut = [sum(k * m < c for m in mids) for c in range(int(k * grid[-1]) + 1)]
+        _INDEX_LUT_CACHE[key] = (k, torch.tensor(lut, dtype=torch.uint8, device=device))
+    return _INDEX_LUT_CACHE[key]
+
+
 def quantize_blocks(x: Tensor, fmt: str, block_size: int) -> tuple[Tensor, Tensor]:
-    """Codes (one per entry: uint8 bytes for int8, int64 for 4 bits) and float32 scales (one per block) of the 1-D
-    ``x`` (length a multiple of ``block_size``); deterministic round-to-nearest.
+    """Codes (one uint8 per entry: two's-complement bytes for int8, ``0..15`` for 4 bits) and float32 scales (one per
+    block) of the 1-D ``x`` (length a multiple of ``block_size``); deterministic round-to-nearest.
 
     ``int8``: ``scale = max|block|/127``, code ``round(x/scale)`` in [−127, 127] stored as a two's-complement byte.
     ``fp4_*``: ``scale = max|block|/grid_max``; code ``8·[x<0] + i`` with ``grid[i]`` nearest to ``|x|/scale``.
@@ -56,10 +75,12 @@ def quantize_blocks(x: Tensor, fmt: str, block_size: int) -> tuple[Tensor, Tenso
     if fmt == "int8":  # two's complement int8 codes seen as the wire's bytes (one cast, no int64 round trip)
         codes = torch.round(y).clamp_(-127, 127).to(torch.int8).view(torch.uint8)
     else:
-        grid = _grid(fmt, x.device)
-        mids = (grid[1:] + grid[:-1]) / 2
-        idx = torch.bucketize(y.abs().nan_to_num(0.0), mids).clamp_(max=len(grid) - 1)
-        codes = idx + 8 * (y < 0).to(torch.int64)
+        # nearest grid index = how many midpoints lie strictly below |y| (ties round down; NaN → 0), by table look-up:
+        # every midpoint is a multiple of 1/K, so ceil(|y|·K) alone decides it (several times faster than bucketize)
+        k, lut = _index_lut(fmt, x.device)
+        c = y.abs().mul_(k).ceil_().nan_to_num_(0.0).clamp_(max=lut.numel() - 1)
+        codes = torch.index_select(lut, 0, c.reshape(-1).to(torch.int32)).view(c.shape)
+        codes |= (y < 0).to(torch.uint8) << 3
     return codes.reshape(-1), scale
 
 
@@ -69,6 +90,7 @@ def dequantize_blocks(codes: Tensor, scale: Tensor, fmt: str, block_size: int) -
     if fmt == "int8":
         values = codes.view(torch.int8).float()
     else:
+        codes = codes.long()
         grid = _grid(fmt, codes.device)
         values = grid[codes % 8] * (1.0 - 2.0 * (codes >= 8).float())
     return (values * scale.unsqueeze(1)).reshape(-1)
@@ -143,7 +165,7 @@ class BlockQuantizer(Compressor):
             flat = torch.cat([flat, flat.new_zeros(pad)])
         codes, scales = quantize_blocks(flat, self.format, self.block_size)
         if self.bits == 4:  # two codes per byte, low nibble first (pack_bits' layout), in uint8 arithmetic
-            pairs = codes.to(torch.uint8).view(-1, 2)
+            pairs = codes.view(-1, 2)
             packed = pairs[:, 0] | (pairs[:, 1] << 4)
         else:
             packed = codes  # already one uint8 per entry
@@ -153,7 +175,8 @@ class BlockQuantizer(Compressor):
     def decompress(self, payload: Payload) -> Tensor:
         scales = payload.tensors["scales"]
         if self.bits == 4:  # one table look-up per byte gives both values
-            values = _byte_lut(self.format, scales.device)[payload.tensors["codes"].long()].view(-1, self.block_size)
+            codes = payload.tensors["codes"].reshape(-1).to(torch.int32)  # int32 index_select: ~3x a long gather
+            values = torch.index_select(_byte_lut(self.format, scales.device), 0, codes).view(-1, self.block_size)
             flat = (values * scales.unsqueeze(1)).reshape(-1)
         else:
             flat = dequantize_blocks(payload.tensors["codes"], scales, self.format, self.block_size)

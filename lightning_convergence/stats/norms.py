@@ -83,5 +83,8 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     ts = _as_list(tensors)
     if not ts:
         return True
-    # The max-norm propagates NaN and inf but, unlike a squared norm, never overflows on large finite values.
+    # The max-norm propagates NaN and inf but, unlike a squared norm, never overflows on large finite values. One
+    # (flat) tensor: max|t| directly, several times faster on CPU than the inf-norm kernel.
+    if len(ts) == 1:
+        return ts[0].numel() == 0 or bool(torch.isfinite(ts[0].abs().amax()))
     return bool(torch.isfinite(per_tensor_norms(ts, float("inf"))).all())
