@@ -76,7 +76,8 @@ class _InFlight:
         self.local_delta, self.start = local_delta, start
         self.pending: Any = None  # a PendingMean (fp32 all-reduce) or a QuantizedMean (two stages)
         self.mean: Tensor | None = None  # materialised result (after wait, or restored from a checkpoint)
-        self.quant_error_sq = torch.zeros(())
+        self.quant_error_sq: Tensor | None = torch.zeros(())  # None: not measured yet (``encoded`` can)
+        self.encoded: QuantizedMean | None = None  # the quantized mean, kept for its own-error diagnostic
         self.link_bytes = 0  # what this rank's communicator counted for it so far
 
 
@@ -85,7 +86,7 @@ class StreamingStats(SyncStats):
     """:class:`SyncStats` plus what a fragment sync did: ``bytes_sent`` is the link bytes this rank's communicator
     counted for the fragment's mean; ``fragment`` the fragment merged; ``wait_ms`` the time blocked in the final wait
     (0 when the overlap hid the collective); ``quant_rel_error_sq`` ``‖Q(Δ_i)−Δ_i‖²/‖Δ_i‖²`` of this rank's own
-    contribution."""
+    contribution (``None`` when the core's ``diagnostics`` was off, and then both norms are 0)."""
 
     fragment: int = 0
     wait_ms: float = 0.0
@@ -178,6 +179,11 @@ class StreamingDiLoCo(OuterStep):
         self._inflight: _InFlight | None = None
         self._comm: Communicator | None = None  # of the last call (a pending stage is finished with it on save)
         self.last_issued_bytes = 0  # link bytes this rank issued at the last step (peak-per-step diagnostics)
+        self.last_launched: int | None = None  # the fragment launched at the last step, if any
+        #: compute the diagnostics of the fragment merged next (pseudo-gradient and divergence norms, quantization
+        #: error: a decode of this rank's payload); off, its stats carry zeros and ``quant_rel_error_sq=None``. The
+        #: strategy turns it on for logging steps only, keeping merges cheap
+        self.diagnostics = True
         self.link_bytes_total = 0  # link bytes this rank has sent (final merge included)
 
     # -------------------------------------------------------------------------------------------- set-up
@@ -212,6 +218,7 @@ class StreamingDiLoCo(OuterStep):
         out = None
         self._comm = comm
         self.last_issued_bytes = 0
+        self.last_launched = None
         fl = self._inflight
         if fl is not None:
             age = step - fl.launch_step
@@ -221,6 +228,7 @@ class StreamingDiLoCo(OuterStep):
                 out = self._complete(params, comm)
         p = self._due.get(step % self.sync_every) if step > 0 else None  # fragment_due, one dict look-up
         if p is not None:
+            self.last_launched = p
             self._launch(params, comm, step, p)
             if self.overlap_steps == 0:
                 out = self._complete(params, comm)
@@ -237,14 +245,15 @@ class StreamingDiLoCo(OuterStep):
             b = buf * self.momentum + proxy
             start = anchor - self.lr * (proxy + self.momentum * b if self.nesterov else b)
             self._write(start, params, p)
-        fl = _InFlight(p, step, delta.clone(), start)
+        quantized = self.quantizer is not None and comm.world_size > 1
+        fl = _InFlight(p, step, delta if quantized else delta.clone(), start)  # the quantized mean only reads it
         self._inflight = fl
         before = comm.link_bytes_total
-        if self.quantizer is None or comm.world_size == 1:
+        if not quantized:
             fl.pending = comm.all_reduce_mean_async(delta)  # delta is owned by the collective from here on
         else:
-            fl.pending = QuantizedMean(delta, comm, self.quantizer, measure_error=True)
-            fl.quant_error_sq = fl.pending.own_error_sq / sqn(delta).clamp_min(1e-30)
+            fl.pending = fl.encoded = QuantizedMean(delta, comm, self.quantizer)
+            fl.quant_error_sq = None  # measured at the merge, if asked (``diagnostics``)
         self._count(fl, comm.link_bytes_total - before)
         if self.overlap_steps // 2 == 0:
             self._stage_two(fl, comm)
@@ -277,8 +286,10 @@ class StreamingDiLoCo(OuterStep):
         t0 = time.perf_counter()
         mean = self._wait_mean(fl, comm)
         wait_ms = (time.perf_counter() - t0) * 1e3
-        divergence_sq = sqn(fl.local_delta - mean)
-        common = dict(fragment=p, wait_ms=wait_ms, quant_rel_error_sq=fl.quant_error_sq)
+        diag = self.diagnostics
+        divergence_sq = sqn(fl.local_delta - mean) if diag else torch.zeros(())
+        common = dict(fragment=p, wait_ms=wait_ms, quant_rel_error_sq=self._quant_error(fl) if diag
+                      else fl.quant_error_sq)
         if not finite(mean):
             self._write(self.anchors[p], params, p)
             return StreamingStats(fl.link_bytes, torch.zeros(()), divergence_sq, skipped=True, **common)
@@ -295,7 +306,15 @@ class StreamingDiLoCo(OuterStep):
         else:
             new = torch.lerp(anchor, self._flat(params, p), self.mixing)
         self._write(new, params, p)
-        return StreamingStats(fl.link_bytes, sqn(mean), divergence_sq, **common)
+        return StreamingStats(fl.link_bytes, sqn(mean) if diag else torch.zeros(()), divergence_sq, **common)
+
+    @staticmethod
+    def _quant_error(fl: _InFlight) -> Tensor:
+        """``‖Q(Δ_i)−Δ_i‖²/‖Δ_i‖²`` of this rank's contribution to ``fl`` (0 unquantized), measured once."""
+        if fl.quant_error_sq is None:
+            assert fl.encoded is not None
+            fl.quant_error_sq = fl.encoded.own_error_sq() / sqn(fl.local_delta).clamp_min(1e-30)
+        return fl.quant_error_sq
 
     def drain(self, params: list[Tensor], comm: Communicator | None = None) -> StreamingStats | None:
         """Merge the fragment still in flight now (its stats), or ``None`` when nothing is in flight."""
@@ -330,7 +349,7 @@ class StreamingDiLoCo(OuterStep):
         if fl is not None:
             mean = self._wait_mean(fl, self._comm)
             inflight = {"fragment": fl.fragment, "launch_step": fl.launch_step, "mean": mean.clone(),
-                        "local_delta": fl.local_delta.clone(), "quant_error_sq": fl.quant_error_sq.clone(),
+                        "local_delta": fl.local_delta.clone(), "quant_error_sq": self._quant_error(fl).clone(),
                         "link_bytes": fl.link_bytes,
                         "start": None if fl.start is None else fl.start.clone()}
         return {

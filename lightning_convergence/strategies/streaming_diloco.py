@@ -18,8 +18,9 @@ from typing_extensions import override
 
 from lightning_convergence._metrics import log_metrics
 from lightning_convergence._nonfinite import act_on_nonfinite, check_nonfinite_policy
+from lightning_convergence.averaging.base import flatten, unflatten_into
 from lightning_convergence.averaging.streaming import StreamingDiLoCo
-from lightning_convergence.comm import Communicator, SingleProcessCommunicator, TorchDistCommunicator
+from lightning_convergence.comm import Communicator, SingleProcessCommunicator, TorchDistCommunicator, done
 from lightning_convergence.strategies.local_sgd import LocalSGDStrategy
 
 __all__ = ["StreamingDiLoCoStrategy", "layer_blocks", "register_strategies"]
@@ -54,8 +55,10 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
 
     Deviations from :class:`LocalSGDStrategy`: the outer collectives run on a dedicated process group created at setup
     (``dist.new_group``), so the asynchronous all-reduce in flight never orders against validation or logging
-    collectives; float buffers are averaged (blocking, default group) when the last fragment of a round merges; the
-    inner optimizer's state is kept (``optimizer_state="keep"``); no DDP warm-up phase; the final merge is one last
+    collectives; no collective blocks a merge: each launch also starts, on that group, a small all-reduce of "did
+    this rank drop a non-finite step" (acted on at the merge), and the round's last launch carries the float buffers
+    too (at its merge each rank's buffers become the launch-time mean plus their own change since); the inner
+    optimizer's state is kept (``optimizer_state="keep"``); no DDP warm-up phase; the final merge is one last
     quantized outer step of every fragment (:meth:`StreamingDiLoCo.finalize`), not a float32 average.
 
     Args:
@@ -109,6 +112,8 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
         self._outer_group: Any = None
         self._peak_step_bytes = 0
         self._warned = False
+        # the side all-reduce riding with the fragment in flight: (pending mean of [flag, buffers?], buffers sent)
+        self._side: tuple[Any, Tensor | None] | None = None
 
     @override
     def setup(self, trainer: Any) -> None:
@@ -129,26 +134,65 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
 
     def _sync_round(self) -> None:
         assert self._params is not None and self._outer_comm is not None
-        stats = self.outer.sync(self._params, self._outer_comm, self._step)
+        comm = self._outer_comm
+        self.outer.diagnostics = self._log_due()  # type: ignore[attr-defined]  # norms and a decode: when logged
+        stats = self.outer.sync(self._params, comm, self._step)
         issued = self.outer.last_issued_bytes  # type: ignore[attr-defined]
+        launched = self.outer.last_launched  # type: ignore[attr-defined]
+        if launched is not None and self._world > 1:
+            before = comm.link_bytes_total
+            self._launch_side(launched)
+            issued += comm.link_bytes_total - before
         self._peak_step_bytes = max(self._peak_step_bytes, issued)
         if stats is None:
             return
-        if self._world > 1:  # a merge happens at the same step on every rank: share dropped steps there
-            self._share_nonfinite()
+        if self._side is not None:
+            self._merge_side()
         self._rounds += 1
         if stats.skipped:
             self._skipped += 1
             self._warned = act_on_nonfinite(self.lightning_module.trainer, "StreamingDiLoCoStrategy",
                                             self.on_nonfinite, f"outer pseudo-gradient (fragment {stats.fragment})",
                                             warned=self._warned)
-        if stats.fragment == self.outer.num_fragments - 1:  # type: ignore[attr-defined]
-            self._mix_extras()  # float buffers, once per round (after the last fragment)
         self._maybe_log(stats)
+
+    def _launch_side(self, fragment: int) -> None:
+        """Start the all-reduce that travels with a launch: this rank's non-finite flag (steps dropped since the last
+        launch) and, at the round's last fragment, the float buffers. It is waited for at the fragment's merge."""
+        assert self._outer_comm is not None
+        flag = torch.tensor([1.0 if self._nonfinite_pending else 0.0], device=self.root_device)
+        self._nonfinite_pending = False
+        last = fragment == self.outer.num_fragments - 1  # type: ignore[attr-defined]
+        sent = flatten(self._buffers).to(self.root_device) if last and self.sync_buffers and self._buffers else None
+        vec = flag if sent is None else torch.cat([flag, sent])
+        self._side = (self._outer_comm.all_reduce_mean_async(vec), sent)
+
+    def _merge_side(self) -> None:
+        assert self._side is not None
+        pending, sent = self._side
+        self._side = None
+        mean = pending.wait()
+        if sent is not None:  # running statistics kept moving during the overlap: keep this rank's change since
+            unflatten_into(mean[1:] + (flatten(self._buffers).to(mean.device) - sent), self._buffers)
+        if float(mean[0]) > 0:  # some rank dropped a non-finite step before the launch
+            later = self._nonfinite_pending  # one dropped since the launch is shared at the next launch
+            self._act_on_nonfinite()
+            self._nonfinite_pending = later
+
+    @override
+    def on_train_end(self) -> None:
+        if self._side is not None:  # training ended with a fragment in flight: the final merge averages everything
+            self._side[0].wait()
+            self._side = None
+        super().on_train_end()
+
+    def _log_due(self) -> bool:
+        trainer = self.lightning_module.trainer
+        return self._step - self._last_log_step >= max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
 
     def _maybe_log(self, stats: Any) -> None:
         trainer = self.lightning_module.trainer
-        due = self._step - self._last_log_step >= max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
+        due = self._log_due()
         super()._maybe_log(stats)  # the local-SGD keys
         if not due:
             return
@@ -168,6 +212,12 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
         state = super().rank_state_dict()
         if not state.get("empty"):
             state["peak_step_bytes"] = self._peak_step_bytes
+            side = None
+            if self._side is not None:  # wait for it here (collective point), so the merge after resume is the same
+                mean, sent = self._side[0].wait(), self._side[1]
+                self._side = (done(mean), sent)
+                side = {"mean": mean.clone(), "sent": None if sent is None else sent.clone()}
+            state["side"] = side
         return state
 
     @override
@@ -176,6 +226,8 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
             device = self._params[0].device
             state = dict(state, outer=_to_device(state["outer"], device))
             self._peak_step_bytes = int(state["peak_step_bytes"])
+            side = _to_device(state.get("side"), device)
+            self._side = None if side is None else (done(side["mean"]), side["sent"])
         super().load_rank_state_dict(state)
 
 

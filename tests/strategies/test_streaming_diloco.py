@@ -95,11 +95,15 @@ def test_global_state_identical_on_every_rank_after_every_outer_step(tmp_path, d
 @pytest.mark.parametrize("kwargs", [
     dict(num_fragments=2, sync_every=8, overlap_steps=3, quantization="fp4_e3m0", mixing=0.5, block_size=8),
     dict(num_fragments=2, sync_every=4, overlap_steps=1, quantization=None, eager=True),
+    dict(num_fragments=2, sync_every=4, overlap_steps=1, quantization="int8", block_size=8,
+         module_kwargs={"opt": "adam", "lr": 0.01, "batchnorm": True}),
 ])
 def test_resume_with_a_fragment_in_flight_continues_exactly(tmp_path, kwargs):
     # one epoch = 4 steps per rank; the checkpoint after step 4 holds fragment 0 (first config: stage one of the
-    # quantized all-reduce launched at 4) or fragment 1 (second: launched at 4, merged at 5) in flight
-    base = dict(module_kwargs={"opt": "adam", "lr": 0.01}, final_merge=False, **kwargs)
+    # quantized all-reduce launched at 4) or fragment 1 (second and third: launched at 4, merged at 5; the third
+    # also has BatchNorm's running statistics riding with it) in flight; "params" compares the buffers too
+    base = dict(module_kwargs={"opt": "adam", "lr": 0.01}, final_merge=False)
+    base.update(kwargs)
     straight = fit(StreamingDiLoCoStrategy, tmp_path / "straight", 8, **base)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="first", every_n_train_steps=4, save_top_k=-1)
     fit(StreamingDiLoCoStrategy, tmp_path / "first", 4, callbacks=[ckpt], **base)
@@ -126,7 +130,8 @@ def test_counted_link_bytes_match_hand_computation(tmp_path):
               num_fragments=2, sync_every=4, overlap_steps=1, quantization="fp4_e3m0", block_size=8)
     for r in range(2):
         assert out[r]["strategy_state"]["outer"]["link_bytes_total"] == 2 * 96 + 2 * 16
-        assert out[r]["strategy_state"]["peak_step_bytes"] == 96
+        # the peak step also carries the 4-byte non-finite flag riding with each launch (ring all-reduce, W=2: 4)
+        assert out[r]["strategy_state"]["peak_step_bytes"] == 96 + 4
     keys = set(out[0]["metrics"])
     for key in ("link_bytes_total", "fragment_sync_bytes", "peak_step_bytes", "sync_wait_ms", "quantization_error",
                 "pseudo_grad_norm", "nonfinite_skipped_total"):
@@ -177,15 +182,36 @@ class NaNOnRankOne(TinyNet):
         return loss
 
 
-@pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_nonfinite_pseudo_gradient_never_enters_the_outer_state(tmp_path, policy):
+@pytest.mark.parametrize("policy, overlap", [("stop", 0), ("skip", 0), ("stop", 1)])
+def test_nonfinite_pseudo_gradient_never_enters_the_outer_state(tmp_path, policy, overlap):
     out = _fit_ranks(tmp_path, 2, 8, module=NaNOnRankOne(opt="sgd", lr=0.05), num_fragments=2, sync_every=4,
-                     overlap_steps=0, quantization="fp4_e3m0", block_size=8, on_nonfinite=policy)
-    # rank 1 drops its non-finite step before it enters the replica; the finding is shared at the next merge, so
-    # both ranks take the same branch
+                     overlap_steps=overlap, quantization="fp4_e3m0", block_size=8, on_nonfinite=policy)
+    # rank 1 drops its non-finite step (step 3) before it enters the replica; the finding rides with the next launch
+    # (step 4) and is acted on at that fragment's merge (step 4 + τ) on every rank, so both take the same branch
     assert out[1]["strategy_state"]["nonfinite_skipped_total"] >= 1
     for r in range(2):
         state = out[r]["strategy_state"]
-        assert state["step"] == (4 if policy == "stop" else 8)  # 'stop' ends training at the step that found it
+        assert state["step"] == (4 + overlap if policy == "stop" else 8)  # 'stop' ends training at that merge
         for t in state["outer"]["anchors"] + state["outer"]["momentum_buffers"]:
             assert torch.isfinite(t).all()
+
+
+class CountingNet(TinyNet):
+    """TinyNet with a float buffer that grows by ``rank + 1`` at every training step (a stand-in for running stats)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("seen", torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        self.seen += self.global_rank + 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_float_buffers_ride_with_the_last_fragment_and_keep_the_change_since_launch(tmp_path):
+    # H=4, P=2, τ=1: fragment 1 (the round's last) launches at steps 4 and 8 with the buffers, merging at 5 and 9.
+    # Rank r adds r+1 per step. Step 4: 4 and 8 sent, mean 6; step 5: 5 and 10, merged to 6+1 = 7 and 6+2 = 8.
+    # Step 8: 10 and 14 sent, mean 12; step 9: 11 and 16, merged to 12+1 = 13 and 12+2 = 14.
+    out = _fit_ranks(tmp_path, 2, 9, module=CountingNet(opt="sgd", lr=0.05), num_fragments=2, sync_every=4,
+                     overlap_steps=1, quantization=None)
+    assert [float(out[r]["params"]["seen"]) for r in range(2)] == [13.0, 14.0]
