@@ -6,8 +6,9 @@ H=32, τ=4, α=0.5 and 4-bit (E3M0) outer gradients, the same in float32 (peak b
 with eager updates. Reports per rank: link bytes counted under each collective's algorithm; bytes on the wire
 (``/proc/net/dev`` of the namespace's loopback, validation excluded, divided by W); the peak link bytes of any one
 step; final validation loss of the merged model; training time to a target (1.03 × DDP's final validation loss;
-validation excluded); the median wall time of the steps at which a sync launches or merges relative to the median
-inner step. Each world size runs in one ``torchrun`` inside a network namespace whose loopback is rate-limited
+validation excluded); per sync phase (streaming: launch, forward at ⌊τ/2⌋, merge; DiLoCo and post-local SGD: the
+averaging step) the median wall time of its steps relative to the median inner step, the worst phase first. Each
+world size runs in one ``torchrun`` inside a network namespace whose loopback is rate-limited
 (``benchmarks/_netem.py``).
 
     python benchmarks/streaming_diloco.py [--steps N] [--world-sizes 2,4] [--sync-every H] [--runs fp4,diloco]
@@ -105,16 +106,20 @@ def _strategy(run: dict[str, Any], subgroup: Any, steps: int) -> Any:
                                    outer_lr=OUTER_LR, process_group_backend="gloo")
 
 
-def _sync_steps(run: dict[str, Any], steps: int, warmup: int) -> set[int]:
-    """Steps at which a sync launches or merges (DiLoCo and post-local: the averaging step)."""
+def _sync_steps(run: dict[str, Any], steps: int, warmup: int) -> dict[str, set[int]]:
+    """Steps at which a sync does work, by phase. Streaming: ``launch`` (quantize, start the reduce-scatter),
+    ``forward`` (reduce this rank's chunk, start the all-gather; at age ⌊τ/2⌋), ``merge`` (wait, outer step, mix).
+    DiLoCo and post-local SGD: ``merge`` (the blocking averaging step)."""
     if run["kind"] == "streaming":
         from lightning_convergence.averaging.streaming import fragment_due
 
         launch = {s for s in range(1, steps + 1) if fragment_due(s, H, P) is not None}
-        return launch | {s + TAU for s in launch if s + TAU <= steps}
+        return {"launch": launch, "forward": {s + TAU // 2 for s in launch if s + TAU // 2 <= steps},
+                "merge": {s + TAU for s in launch if s + TAU <= steps}}
     if run["kind"] in ("local", "post_local"):
-        return {s for s in range(1, steps + 1) if s % H == 0 and s > (warmup if run["kind"] == "post_local" else 0)}
-    return set()
+        first = warmup if run["kind"] == "post_local" else 0
+        return {"merge": {s for s in range(1, steps + 1) if s % H == 0 and s > first}}
+    return {}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -161,18 +166,33 @@ def worker(args: argparse.Namespace) -> None:
         else:
             warm = args.steps // 8 if run["kind"] == "post_local" else args.steps
             counted, peak = (warm + (args.steps - warm) // H) * full, full
-        sync = _sync_steps(run, args.steps, args.steps // 8)
+        phases = _sync_steps(run, args.steps, args.steps // 8)
+        sync = set().union(*phases.values())
         inner = [t for k, t in steps_clock.by_step.items() if k not in sync and k > 5]
         at_sync = [t for k, t in steps_clock.by_step.items() if k in sync]
+        by_phase = {ph: 1e3 * statistics.median([steps_clock.by_step[k] for k in ks if k in steps_clock.by_step])
+                    for ph, ks in phases.items() if any(k in steps_clock.by_step for k in ks)}
         results.append({**run, "W": w, "n_params": n_params, "bytes_counted": counted, "bytes_wire": wire,
                         "peak_step_bytes": peak, "final_val": float(final), "train_s": clock.elapsed,
                         "curve": clock.curve, "inner_ms": 1e3 * statistics.median(inner),
-                        "sync_ms": 1e3 * statistics.median(at_sync) if at_sync else None})
+                        "sync_ms": 1e3 * statistics.median(at_sync) if at_sync else None,
+                        "phase_ms": by_phase})
         if dist.get_rank() == 0:
-            print(f"[streaming bench W={w}] {run['name']}: val {final:.4f} train {clock.elapsed:.1f}s", flush=True)
+            ratios = " ".join(f"{ph} {ms / results[-1]['inner_ms']:.2f}x" for ph, ms in by_phase.items())
+            print(f"[streaming bench W={w}] {run['name']}: val {final:.4f} train {clock.elapsed:.1f}s "
+                  f"inner {results[-1]['inner_ms']:.1f} ms {ratios}", flush=True)
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results))
     dist.destroy_process_group()
+
+
+def _phases(r: dict[str, Any]) -> str:
+    """The worst sync phase's median step time over the median inner step, then each phase's (launch/forward/merge)."""
+    ph = r.get("phase_ms") or {}
+    if not ph:
+        return "-"
+    each = "/".join(f"{ph[k] / r['inner_ms']:.2f}" for k in ("launch", "forward", "merge") if k in ph)
+    return f"{max(ph.values()) / r['inner_ms']:.2f}" + (f" ({each})" if len(ph) > 1 else "")
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace, limited: bool) -> None:
@@ -191,7 +211,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, limited: boo
                 "-" if dil is None else f"{r['peak_step_bytes'] / dil['peak_step_bytes']:.3f}", f"{r['final_val']:.4f}",
                 f"{100 * (r['final_val'] / ddp['final_val'] - 1):+.2f}%", f"{r['train_s']:.1f}",
                 "-" if t is None else f"{t:.1f}", "-" if t is None or dil_t is None else f"{t / dil_t:.2f}",
-                f"{r['inner_ms']:.1f}", "-" if r["sync_ms"] is None else f"{r['sync_ms'] / r['inner_ms']:.2f}",
+                f"{r['inner_ms']:.1f}", _phases(r),
             ])
         link = f"{args.rate_mbit:g} Mbit/s tbf loopback (shared by all ranks)" if limited else "UNTHROTTLED loopback"
         title = (f"Streaming DiLoCo: char LM ({ddp['n_params']} params, {args.corpus} corpus), W={w}, "
@@ -200,7 +220,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, limited: boo
                  f"target = 1.03 x DDP final val = {target:.4f}; bytes per rank; times exclude validation")
         print_table(title, ["run", "MB counted", "MB wire", "fewer vs DDP", "peak KB/step", "peak/DiLoCo",
                             "final val", "gap vs DDP", "train s", "t->target s", "t->target/DiLoCo",
-                            "inner ms", "sync step/inner"], rows)
+                            "inner ms", "sync step/inner (L/F/M)"], rows)
 
 
 def main() -> None:
