@@ -169,13 +169,11 @@ def worker(args: argparse.Namespace) -> None:
         phases = _sync_steps(run, args.steps, args.steps // 8)
         sync = set().union(*phases.values())
         inner = [t for k, t in steps_clock.by_step.items() if k not in sync and k > 5]
-        at_sync = [t for k, t in steps_clock.by_step.items() if k in sync]
         by_phase = {ph: 1e3 * statistics.median([steps_clock.by_step[k] for k in ks if k in steps_clock.by_step])
                     for ph, ks in phases.items() if any(k in steps_clock.by_step for k in ks)}
         results.append({**run, "W": w, "n_params": n_params, "bytes_counted": counted, "bytes_wire": wire,
                         "peak_step_bytes": peak, "final_val": float(final), "train_s": clock.elapsed,
                         "curve": clock.curve, "inner_ms": 1e3 * statistics.median(inner),
-                        "sync_ms": 1e3 * statistics.median(at_sync) if at_sync else None,
                         "phase_ms": by_phase})
         if dist.get_rank() == 0:
             ratios = " ".join(f"{ph} {ms / results[-1]['inner_ms']:.2f}x" for ph, ms in by_phase.items())

@@ -288,8 +288,7 @@ class StreamingDiLoCo(OuterStep):
         wait_ms = (time.perf_counter() - t0) * 1e3
         diag = self.diagnostics
         divergence_sq = sqn(fl.local_delta - mean) if diag else torch.zeros(())
-        common = dict(fragment=p, wait_ms=wait_ms, quant_rel_error_sq=self._quant_error(fl) if diag
-                      else fl.quant_error_sq)
+        common = dict(fragment=p, wait_ms=wait_ms, quant_rel_error_sq=self._quant_error(fl) if diag else None)
         if not finite(mean):
             self._write(self.anchors[p], params, p)
             return StreamingStats(fl.link_bytes, torch.zeros(()), divergence_sq, skipped=True, **common)

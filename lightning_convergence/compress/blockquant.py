@@ -5,6 +5,8 @@ Imports torch only.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -25,37 +27,27 @@ def _grid(fmt: str, device: torch.device) -> Tensor:
     return torch.tensor(_FP4_GRIDS[fmt], dtype=torch.float32, device=device)
 
 
-_LUT_CACHE: dict[tuple[str, str], Tensor] = {}
-
-
+@functools.cache
 def _byte_lut(fmt: str, device: torch.device) -> Tensor:
     """[256, 2] float32: the two 4-bit values (low nibble first) each packed byte stands for, in units of the scale."""
-    key = (fmt, str(device))
-    if key not in _LUT_CACHE:
-        grid = _grid(fmt, device)
-        signed = torch.cat([grid, -grid])  # code = index + 8·[negative]
-        b = torch.arange(256, device=device)
-        _LUT_CACHE[key] = torch.stack([signed[b & 15], signed[b >> 4]], dim=1)
-    return _LUT_CACHE[key]
+    grid = _grid(fmt, device)
+    signed = torch.cat([grid, -grid])  # code = index + 8·[negative]
+    b = torch.arange(256, device=device)
+    return torch.stack([signed[b & 15], signed[b >> 4]], dim=1)
 
 
-_INDEX_LUT_CACHE: dict[tuple[str, str], tuple[int, Tensor]] = {}
-
-
+@functools.cache
 def _index_lut(fmt: str, device: torch.device) -> tuple[int, Tensor]:
     """``(K, lut)``: the smallest power of two ``K`` that makes every midpoint of the grid a multiple of ``1/K``, and
     ``lut[c]`` (uint8) = the number of midpoints ``m`` with ``K·m < c``, for ``c = 0 … K·grid_max``. For ``|y| ≤
     grid_max``, ``|y| > m ⟺ ⌈K·|y|⌉ > K·m``, so ``lut[⌈K·|y|⌉]`` is the nearest grid index (ties down)."""
-    key = (fmt, str(device))
-    if key not in _INDEX_LUT_CACHE:
-        grid = _FP4_GRIDS[fmt]
-        mids = [(a + b) / 2 for a, b in zip(grid, grid[1:])]
-        k = 1
-        while any(m * k != int(m * k) for m in mids):
-            k *= 2
-        lut = [sum(k * m < c for m in mids) for c in range(int(k * grid[-1]) + 1)]
-        _INDEX_LUT_CACHE[key] = (k, torch.tensor(lut, dtype=torch.uint8, device=device))
-    return _INDEX_LUT_CACHE[key]
+    grid = _FP4_GRIDS[fmt]
+    mids = [(a + b) / 2 for a, b in zip(grid, grid[1:])]
+    k = 1
+    while any(m * k != int(m * k) for m in mids):
+        k *= 2
+    lut = [sum(k * m < c for m in mids) for c in range(int(k * grid[-1]) + 1)]
+    return k, torch.tensor(lut, dtype=torch.uint8, device=device)
 
 
 def quantize_blocks(x: Tensor, fmt: str, block_size: int) -> tuple[Tensor, Tensor]:

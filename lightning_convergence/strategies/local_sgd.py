@@ -287,10 +287,14 @@ class LocalSGDStrategy(PerRankStateMixin, DDPStrategy):
         elif self.optimizer_state_mode == "reset":
             self.optimizers[0].state.clear()
 
+    def _log_due(self) -> bool:
+        """Whether a sync at this step is logged (``log_every_n_steps`` since the last logged one)."""
+        every = max(int(getattr(self.lightning_module.trainer, "log_every_n_steps", 50) or 1), 1)
+        return self._step - self._last_log_step >= every
+
     def _maybe_log(self, stats: SyncStats) -> None:
         trainer = self.lightning_module.trainer
-        every = max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
-        if self._step - self._last_log_step < every:
+        if not self._log_due():
             return
         self._last_log_step = self._step
         vals = torch.stack([stats.pseudo_grad_sq.float().cpu(), stats.divergence_sq.float().cpu()])

@@ -186,10 +186,6 @@ class StreamingDiLoCoStrategy(LocalSGDStrategy):
             self._side = None
         super().on_train_end()
 
-    def _log_due(self) -> bool:
-        trainer = self.lightning_module.trainer
-        return self._step - self._last_log_step >= max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
-
     def _maybe_log(self, stats: Any) -> None:
         trainer = self.lightning_module.trainer
         due = self._log_due()
