@@ -208,10 +208,12 @@ class CountingNet(TinyNet):
         return super().training_step(batch, batch_idx)
 
 
-def test_float_buffers_ride_with_the_last_fragment_and_keep_the_change_since_launch(tmp_path):
+@pytest.mark.parametrize("devices, expected", [(2, [13.0, 14.0]), (3, [17.0, 18.0, 19.0])])
+def test_float_buffers_ride_with_the_last_fragment_and_keep_the_change_since_launch(tmp_path, devices, expected):
     # H=4, P=2, τ=1: fragment 1 (the round's last) launches at steps 4 and 8 with the buffers, merging at 5 and 9.
-    # Rank r adds r+1 per step. Step 4: 4 and 8 sent, mean 6; step 5: 5 and 10, merged to 6+1 = 7 and 6+2 = 8.
-    # Step 8: 10 and 14 sent, mean 12; step 9: 11 and 16, merged to 12+1 = 13 and 12+2 = 14.
-    out = _fit_ranks(tmp_path, 2, 9, module=CountingNet(opt="sgd", lr=0.05), num_fragments=2, sync_every=4,
+    # Rank r adds r+1 per step. W=2: step 4 sends 4 and 8, mean 6; step 5: 5 and 10, merged to 6+1 = 7 and 6+2 = 8;
+    # step 8 sends 10 and 14, mean 12; step 9: 11 and 16, merged to 12+1 = 13 and 12+2 = 14. W=3: step 4 sends 4, 8,
+    # 12 (mean 8), step 5 merges to 9, 10, 11; step 8 sends 12, 16, 20 (mean 16), step 9 merges to 17, 18, 19.
+    out = _fit_ranks(tmp_path, devices, 9, module=CountingNet(opt="sgd", lr=0.05), num_fragments=2, sync_every=4,
                      overlap_steps=1, quantization=None)
-    assert [float(out[r]["params"]["seen"]) for r in range(2)] == [13.0, 14.0]
+    assert [float(out[r]["params"]["seen"]) for r in range(devices)] == expected
